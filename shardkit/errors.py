@@ -1,0 +1,65 @@
+"""One hierarchy of errors.
+
+Every error is a :class:`ShardkitError` and also the builtin a caller would
+catch without knowing shardkit (``ValueError`` for bad data or options,
+``OSError`` for files). All of them pickle, so they cross process boundaries
+(DataLoader workers, build workers) intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ShardkitError(Exception):
+    """Base class of every error shardkit raises on purpose."""
+
+
+class ConfigError(ShardkitError, ValueError):
+    """An option or configuration value is invalid."""
+
+
+class InputError(ShardkitError, OSError):
+    """The input as a whole cannot be read (missing file, unreadable folder)."""
+
+
+class OutputError(ShardkitError, OSError):
+    """The output location cannot be used (not a shardkit build, changed config)."""
+
+
+class ShardError(ShardkitError, OSError):
+    """A shard is missing, truncated or does not match its manifest entry."""
+
+
+class RecordError(ShardkitError, ValueError):
+    """One input record is rejected; the rest of the build goes on.
+
+    ``code`` is a short stable category (``invalid_json``, ``image_missing``,
+    ...), ``reason`` the plain sentence shown to users, ``line`` the 1-based
+    source line, ``detail`` extra JSON-serialisable context (e.g. the image).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        code: str = "invalid",
+        line: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ):
+        super().__init__(reason, code, line, detail)
+        self.reason = reason
+        self.code = code
+        self.line = line
+        self.detail = dict(detail or {})
+
+    def at(self, line: int) -> RecordError:
+        """The same error, placed at ``line``."""
+        return RecordError(self.reason, self.code, line, self.detail)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``rejects.jsonl`` row for this error."""
+        return {"line": self.line, "code": self.code, "reason": self.reason, **self.detail}
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.reason}"

@@ -1,0 +1,238 @@
+"""Images: resolve safely, open, orient, convert to RGB, resize to the family's grid, encode.
+
+The stored image is already on the grid the model's image processor would pick
+(sides multiples of ``patch_size * merge_size``, pixels within its bounds), so
+that processor leaves it as it is and the recorded grid and token count are
+exactly what the trainer sees.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shardkit.errors import ConfigError, RecordError
+
+MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses anything longer
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The size Qwen's image processor resizes ``height x width`` to (same rule as transformers')."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f}:1 is over {MAX_ASPECT_RATIO}:1")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The image grid of a model family with the build's pixel bounds."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def __post_init__(self) -> None:
+        if self.min_pixels < 1 or self.max_pixels < 1:
+            raise ConfigError("min_pixels and max_pixels must be positive")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        if self.max_pixels < self.factor * self.factor:
+            raise ConfigError(
+                f"max_pixels ({self.max_pixels}) is below one grid cell ({self.factor}x{self.factor} = {self.factor**2})"
+            )
+
+    def size(self, height: int, width: int, cap: int | None = None) -> tuple[int, int]:
+        """Grid size for an image, at most ``cap`` pixels where possible, stable under the processor.
+
+        Stable means the processor, run with this grid's bounds on an image of
+        the returned size, returns the same size: sides are multiples of the
+        factor and the area lies within the bounds. ``smart_resize`` alone can
+        land just outside them (its floor can undershoot ``min_pixels``; a side
+        clamped to one cell can overshoot ``max_pixels``), so the size is then
+        moved by whole cells, keeping the aspect ratio as close as it can.
+        """
+        f, lo, hi = self.factor, self.min_pixels, self.max_pixels
+        try:
+            h, w = smart_resize(height, width, f, lo, min(cap or hi, hi))
+        except ValueError as exc:
+            raise RecordError(f"image {width}x{height}: {exc}, which Qwen's image processor refuses", "image_aspect") from None
+        aspect = height / width
+        while h * w < lo:
+            if h / w < aspect:
+                h += f
+            else:
+                w += f
+        while h * w > hi and (h > f or w > f):
+            if (h / w > aspect and h > f) or w == f:
+                h -= f
+            else:
+                w -= f
+        if smart_resize(h, w, f, lo, hi) != (h, w):
+            raise RecordError(
+                f"image {width}x{height} has no size on the {f}-pixel grid between min_pixels {lo} and max_pixels {hi}",
+                "image_aspect",
+            )
+        return h, w
+
+    def tokens(self, height: int, width: int) -> int:
+        """Merged tokens of an image already on the grid."""
+        return (height // self.factor) * (width // self.factor)
+
+    def plan(self, sizes: Sequence[tuple[int, int]], budget: int | None = None) -> list[tuple[int, int]] | None:
+        """Grid sizes for a sample's images whose tokens sum to at most ``budget``.
+
+        Without a budget, every image gets its full size. Otherwise one pixel cap,
+        shared by the sample's images, is lowered (by bisection) until the tokens
+        fit, so the largest images shrink first; None when even the minimum size
+        does not fit.
+        """
+
+        def at(cap: int) -> list[tuple[int, int]]:
+            return [self.size(h, w, cap) for h, w in sizes]
+
+        def cost(planned: list[tuple[int, int]]) -> int:
+            return sum(self.tokens(h, w) for h, w in planned)
+
+        best = at(self.max_pixels)
+        if budget is None or cost(best) <= budget:
+            return best
+        lo, hi = self.min_pixels, self.max_pixels  # cost(at(hi)) > budget
+        if cost(at(lo)) > budget:
+            return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if cost(at(mid)) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        return at(lo)
+
+
+class ImageRoot:
+    """Resolves image references of a record to files inside the dataset root.
+
+    A reference is a path relative to the root (or an absolute path inside it);
+    anything that leaves the root, through ``..``, an absolute path or a
+    symbolic link, is refused.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.real_root = self.root.resolve()
+
+    def resolve(self, ref: str) -> Path:
+        if ref.startswith(("http://", "https://")):
+            raise RecordError(
+                f"remote image {ref!r}: shardkit reads local files only", "image_remote", detail={"image": ref}
+            )
+        if ref.startswith("data:"):
+            raise RecordError("inline data: URI images are not supported", "image_remote", detail={"image": ref[:40]})
+        path = Path(ref) if os.path.isabs(ref) else self.root / ref
+        real = path.resolve()
+        if not real.is_relative_to(self.real_root):
+            raise RecordError(
+                f"image path {ref!r} leaves the dataset root", "image_outside_root", detail={"image": ref}
+            )
+        return real
+
+
+def load_image(path: Path, ref: str, *, max_pixels: int) -> Image.Image:
+    """Open, fully decode, apply EXIF orientation and convert to RGB.
+
+    Each failure is a :class:`RecordError` naming ``ref`` (the path as the record wrote it).
+    """
+    detail = {"image": ref}
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"image not found: {ref}", "image_missing", detail=detail) from None
+    except IsADirectoryError:
+        raise RecordError(f"image path is a folder: {ref}", "image_missing", detail=detail) from None
+    except OSError as exc:
+        raise RecordError(f"image cannot be read: {ref} ({exc.strerror})", "image_unreadable", detail=detail) from None
+    if not data:
+        raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+        except Image.DecompressionBombError:
+            raise RecordError(
+                f"image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels (decompression-bomb "
+                f"guard): {ref}",
+                "image_too_large",
+                detail=detail,
+            ) from None
+        except UnidentifiedImageError:
+            raise RecordError(f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail) from None
+        except Exception as exc:  # Pillow raises many types on malformed headers
+            raise RecordError(f"image header is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
+        if width * height > max_pixels:
+            raise RecordError(
+                f"image declares {width}x{height} = {width * height / 1e6:.0f} megapixels, over the limit of "
+                f"{max_pixels / 1e6:.0f} (decompression-bomb guard; raise --max-image-pixels if it is real): {ref}",
+                "image_too_large",
+                detail=detail,
+            )
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise RecordError(
+                f"image is {width}x{height}, an aspect ratio over {MAX_ASPECT_RATIO}:1, which Qwen's image "
+                f"processor refuses: {ref}",
+                "image_aspect",
+                detail=detail,
+            )
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        except Exception as exc:  # truncated data: OSError; broken streams: SyntaxError, ValueError...
+            raise RecordError(f"image is truncated or corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        if mode != "I" or array.max(initial=0) > 255:
+            array = array / 257.0  # 16-bit range to 8-bit
+        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        array = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255)
+        return Image.fromarray(array.astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_jpeg(image: Image.Image, size: tuple[int, int], quality: int) -> bytes:
+    """Resize to ``size`` (height, width) with bicubic resampling, as the processor would, and encode JPEG."""
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

@@ -1,0 +1,151 @@
+"""Pydantic models of one input record: the Qwen2-VL conversation JSONL line.
+
+``{"messages": [{"role": "user", "content": [{"type": "image", "image": "images/a.jpg"},
+{"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}], "meta": {...}}``
+
+Models are strict where a typo would otherwise pass silently (unknown keys are
+errors); ``meta`` is free-form and kept as it is. :func:`format_validation_error`
+turns pydantic's report into one plain sentence for the rejects file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+class TextPart(BaseModel):
+    """A piece of text inside a message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    """An image inside a message: a path relative to the dataset root (the JSONL's folder or ``--image-root``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["image"]
+    image: str = Field(min_length=1)
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+def _string_to_parts(value: Any) -> Any:
+    # A plain string is the same as one text part, as in the chat templates.
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    return value
+
+
+class Message(BaseModel):
+    """One turn of the conversation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[
+        list[Part],
+        BeforeValidator(_string_to_parts, json_schema_input_type=str | list[Part]),
+    ]
+
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)]
+
+
+class Record(BaseModel):
+    """One training sample: a conversation with 1..N images and optional free-form ``meta``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    messages: list[Message] = Field(min_length=1)
+    meta: dict[str, Any] | None = None
+    id: str | int | None = None
+
+    @model_validator(mode="after")
+    def _check_turns(self) -> Record:
+        roles = [m.role for m in self.messages]
+        if "assistant" not in roles:
+            raise ValueError("no assistant turn: nothing to train on")
+        if "system" in roles[1:]:
+            raise ValueError(f"a system message may only come first (found at message {roles.index('system', 1)})")
+        for i, m in enumerate(self.messages):
+            if m.role != "user" and m.images():
+                raise ValueError(f"message {i} ({m.role}) has an image; images belong in user messages")
+        return self
+
+    def images(self) -> list[ImagePart]:
+        """All image parts, in order of appearance."""
+        return [p for m in self.messages for p in m.images()]
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One plain sentence (or a few joined by ``; ``) for a pydantic error."""
+    parts = []
+    for item in error.errors(include_url=False)[:3]:
+        loc = _format_loc(item["loc"])
+        kind = item["type"]
+        if kind == "json_invalid":
+            msg = "invalid JSON: " + str(item["ctx"].get("error", item["msg"])).replace(" at line 1 column ", " at column ")
+        elif kind == "union_tag_invalid":
+            tag = item["ctx"].get("tag")
+            msg = f"unsupported content type {tag!r} (expected 'image' or 'text')"
+        elif kind == "union_tag_not_found":
+            msg = "content part has no 'type'"
+        elif kind == "model_type" and not item["loc"]:
+            msg = "a record must be a JSON object"
+        elif kind == "literal_error" and item["loc"][-1] == "role":
+            msg = f"unknown role {item['input']!r} (expected 'system', 'user' or 'assistant')"
+        elif kind == "list_type" and item["loc"][-1] == "content":
+            msg = "must be a string or a list of parts"
+        elif kind == "missing":
+            msg = "missing (required)"
+        elif kind == "extra_forbidden":
+            msg = "unknown field (not allowed)"
+        elif kind == "value_error":
+            msg = str(item["ctx"]["error"])
+        else:
+            msg = item["msg"]
+        parts.append(f"{loc}: {msg}" if loc and kind != "json_invalid" else msg)
+    extra = len(error.errors()) - 3
+    if extra > 0:
+        parts.append(f"and {extra} more")
+    return "; ".join(parts)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for i, piece in enumerate(loc):
+        if i >= 2 and loc[i - 2] == "content" and isinstance(loc[i - 1], int):
+            continue  # pydantic puts the union tag ('text'/'image') in the path; drop it
+        if isinstance(piece, int):
+            out += f"[{piece}]"
+        else:
+            out += f".{piece}" if out else str(piece)
+    return out
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schemas kept in ``schemas/``: the input record and the build manifest."""
+    from shardkit.shards.manifest import Manifest
+
+    return {
+        "record.schema.json": Record.model_json_schema(),
+        "manifest.schema.json": Manifest.model_json_schema(),
+    }
+
+
+def write_json_schemas(folder: str) -> None:
+    """Write :func:`json_schemas` into ``folder`` (``python -m shardkit.schema schemas``)."""
+    import json
+    from pathlib import Path
+
+    for name, schema in json_schemas().items():
+        (Path(folder) / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_json_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas")

@@ -1,0 +1,119 @@
+"""The sample as stored, and the writer/reader contract every shard format follows.
+
+A sample is its key, a JSON dict (source line, meta, image sizes and grids,
+token counts), ``input_ids`` (int32), ``weights`` (float32: the weight of
+token i as a training target, so ``labels[i] = input_ids[i]`` where weight > 0
+else -100) and its images as JPEG bytes in order of appearance.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from shardkit.storage import HashingWriter, atomic_write
+
+
+@dataclass
+class Sample:
+    """One training sample as stored in a shard."""
+
+    key: str
+    info: dict[str, Any]
+    input_ids: np.ndarray
+    weights: np.ndarray
+    images: list[bytes] = field(default_factory=list)
+
+    def info_json(self) -> bytes:
+        """The JSON member, byte-stable (sorted keys, compact)."""
+        return json.dumps(self.info, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes this sample adds to a shard, before container overhead."""
+        return self.input_ids.nbytes + self.weights.nbytes + sum(map(len, self.images)) + len(self.info_json())
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """What a closed shard writer reports for the manifest."""
+
+    path: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+class ShardWriter(ABC):
+    """Writes samples into one shard file, atomically; ``close()`` publishes it.
+
+    Use as a context manager: leaving with an exception discards the partial file.
+    """
+
+    format: ClassVar[str]
+    suffix: ClassVar[str]
+
+    def __init__(self, fs: Any, path: str):
+        self.path = path
+        self.num_samples = 0
+        self._context = atomic_write(fs, path)
+        self._hashed = HashingWriter(self._context.__enter__())
+        self._closed = False
+
+    @abstractmethod
+    def write(self, sample: Sample) -> None:
+        """Append one sample."""
+
+    @abstractmethod
+    def _finish(self) -> None:
+        """Write the format's trailer to ``self._hashed``."""
+
+    def close(self) -> WrittenShard:
+        self._finish()
+        self._closed = True
+        self._context.__exit__(None, None, None)
+        return WrittenShard(self.path, self.num_samples, self._hashed.bytes, self._hashed.sha256.hexdigest())
+
+    def abort(self, exc: BaseException) -> None:
+        """Discard the partial file (after ``exc``)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._finish()  # release the format writer before its file goes away
+        except Exception:
+            pass
+        self._context.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.abort(exc)
+
+
+class ShardReader(ABC):
+    """Reads the samples of one shard file in order."""
+
+    format: ClassVar[str]
+
+    @abstractmethod
+    def samples(self, f: Any, *, images: bool = True, start: int = 0) -> Iterator[Sample]:
+        """Samples from file object ``f``, beginning at index ``start``; ``images=False`` skips image bytes."""

@@ -1,0 +1,108 @@
+"""``shardkit stats``: what is in a build, from its manifest and shards.
+
+The seed's statistics (samples, images, images per sample, top diagnoses from
+``meta``) plus token-length and image-size distributions, rejects by reason
+and how many samples were fitted or truncated. Image bytes are not read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from shardkit.shards import Manifest, read_manifest
+from shardkit.shards.reading import iter_build_samples
+
+
+def _distribution(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(array, [50, 90, 99])
+    values = {"min": array.min(), "mean": array.mean(), "p50": p50, "p90": p90, "p99": p99, "max": array.max()}
+    return {name: float(f"{value:.4g}") for name, value in values.items()}
+
+
+def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) -> dict[str, Any]:
+    """Statistics of the build at ``location`` as a JSON-ready dict."""
+    manifest: Manifest = read_manifest(location)
+    tokens, trained, per_sample, pixels, image_tokens, originals = [], [], [], [], [], []
+    labels: Counter[str] = Counter()
+    for sample in iter_build_samples(location, manifest, images=False):
+        info = sample.info
+        tokens.append(info["num_tokens"])
+        trained.append(info["num_trained_tokens"])
+        per_sample.append(len(info["images"]))
+        for image in info["images"]:
+            pixels.append(image["width"] * image["height"])
+            image_tokens.append(image["num_tokens"])
+            originals.append(image["original_width"] * image["original_height"])
+        value = (info.get("meta") or {}).get(meta_key)
+        if isinstance(value, (str, int, float, bool)):
+            labels[str(value)] += 1
+    config = manifest.config
+    return {
+        "location": location,
+        "format": manifest.format,
+        "model": config.get("model"),
+        "max_length": config.get("max_length"),
+        "records": manifest.num_records,
+        "samples": manifest.num_samples,
+        "rejected": manifest.num_rejected,
+        "rejects_by_code": manifest.rejects_by_code,
+        "shards": len(manifest.shards),
+        "bytes": sum(s.bytes for s in manifest.shards),
+        "images": manifest.num_images,
+        "images_per_sample": _distribution(per_sample),
+        "images_per_sample_counts": dict(sorted(Counter(per_sample).items())),
+        "fitted": manifest.num_fitted,
+        "truncated": manifest.num_truncated,
+        "tokens": manifest.num_tokens,
+        "trained_tokens": manifest.num_trained_tokens,
+        "tokens_per_sample": _distribution(tokens),
+        "trained_tokens_per_sample": _distribution(trained),
+        "stored_image_megapixels": _distribution([p / 1e6 for p in pixels]),
+        "original_image_megapixels": _distribution([p / 1e6 for p in originals]),
+        "tokens_per_image": _distribution(image_tokens),
+        "meta_key": meta_key,
+        "unique_labels": len(labels),
+        "top_labels": labels.most_common(top),
+    }
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The human-readable report printed by ``shardkit stats``."""
+
+    def dist(d: dict[str, float], unit: str = "") -> str:
+        if not d:
+            return "-"
+        return (
+            f"min {d['min']:g}{unit}, p50 {d['p50']:g}{unit}, mean {d['mean']:g}{unit}, "
+            f"p90 {d['p90']:g}{unit}, p99 {d['p99']:g}{unit}, max {d['max']:g}{unit}"
+        )
+
+    lines = [
+        f"Build {stats['location']} ({stats['format']}, {stats['model']}, max_length {stats['max_length']})",
+        f"  Records read:          {stats['records']}",
+        f"  Samples:               {stats['samples']} in {stats['shards']} shards ({stats['bytes'] / 1e6:.1f} MB)",
+        f"  Rejected:              {stats['rejected']}"
+        + (f"  ({', '.join(f'{k}: {v}' for k, v in stats['rejects_by_code'].items())})" if stats["rejected"] else ""),
+        f"  Images:                {stats['images']}",
+        f"  Images per sample:     {stats['images_per_sample'].get('mean', 0):g} on average "
+        f"({', '.join(f'{k}: {v}' for k, v in stats['images_per_sample_counts'].items())})",
+        f"  Fitted to max_length:  {stats['fitted']} samples (images lowered in resolution)",
+        f"  Truncated:             {stats['truncated']} samples",
+        f"  Tokens:                {stats['tokens']} ({stats['trained_tokens']} trained)",
+        f"  Tokens per sample:     {dist(stats['tokens_per_sample'])}",
+        f"  Trained per sample:    {dist(stats['trained_tokens_per_sample'])}",
+        f"  Tokens per image:      {dist(stats['tokens_per_image'])}",
+        f"  Stored image size:     {dist(stats['stored_image_megapixels'], ' MP')}",
+        f"  Original image size:   {dist(stats['original_image_megapixels'], ' MP')}",
+        f"  Unique {stats['meta_key']} values: {stats['unique_labels']}",
+    ]
+    if stats["top_labels"]:
+        lines.append(f"  Top {len(stats['top_labels'])} {stats['meta_key']} values:")
+        lines += [f"    - {label}: {count}" for label, count in stats["top_labels"]]
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""``shardkit validate``: read every record and open every image, report each problem.
+
+Nothing is written. A record's problems are all reported (every bad image,
+not only the first); a line that is not a valid record is one problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardkit.errors import RecordError
+from shardkit.images import ImageRoot, load_image
+from shardkit.read import iter_raw_lines, parse_record
+from shardkit.render import Renderer
+
+
+@dataclass
+class ValidationReport:
+    """Counts and problems (``RecordError.to_json()`` rows, in input order)."""
+
+    records: int = 0
+    images: int = 0
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bad_lines(self) -> list[int]:
+        return sorted({p["line"] for p in self.problems})
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate(
+    path: str,
+    *,
+    image_root: str | None = None,
+    max_image_pixels: int = 100_000_000,
+    on_record: Callable[[], None] | None = None,
+) -> ValidationReport:
+    """Check every record of the JSONL at ``path`` and every image it names."""
+    root = ImageRoot(image_root or Path(path).parent)
+    report = ValidationReport()
+    for raw in iter_raw_lines(path):
+        report.records += 1
+        if on_record:
+            on_record()
+        try:
+            record = parse_record(raw)
+            Renderer.check_text(record)
+        except RecordError as exc:
+            report.problems.append(exc.at(raw.line).to_json())
+            continue
+        for part in record.images():
+            report.images += 1
+            try:
+                load_image(root.resolve(part.image), part.image, max_pixels=max_image_pixels)
+            except RecordError as exc:
+                report.problems.append(exc.at(raw.line).to_json())
+    return report

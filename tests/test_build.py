@@ -1,0 +1,221 @@
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import shardkit.build as build_module
+from shardkit.build import build
+from shardkit.config import BuildConfig
+from shardkit.errors import ConfigError, OutputError, RecordError
+from shardkit.shards import read_manifest
+from shardkit.shards.reading import iter_build_samples
+from tests.conftest import conversation, write_image, write_jsonl
+
+
+def config(dataset_jsonl, out, **options):
+    return BuildConfig.create(input=str(dataset_jsonl), out=str(out), **options)
+
+
+def rejects(out):
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_seed_layout_with_bad_lines_builds_and_reports_exactly_the_bad_lines(clinical, tmp_path, fmt):
+    out = tmp_path / "out"
+    manifest = build(config(clinical.jsonl, out, format=fmt, samples_per_shard=4), progress=False)
+    found = {r["line"]: r["code"] for r in rejects(out)}
+    assert found == clinical.bad_lines
+    assert all(r["reason"] for r in rejects(out))
+    stored = list(iter_build_samples(str(out)))
+    assert [s.info["line"] for s in stored] == clinical.good_lines
+    assert manifest.num_records == len(clinical.good_lines) + len(clinical.bad_lines)
+    assert manifest.num_samples == len(stored) and manifest.num_rejected == len(clinical.bad_lines)
+    assert manifest.num_images == sum(len(s.images) for s in stored)
+    assert manifest.num_tokens == sum(len(s.input_ids) for s in stored)
+    assert manifest.num_trained_tokens == sum(int((s.weights > 0).sum()) for s in stored)
+    for entry in manifest.shards:
+        data = (out / entry.path).read_bytes()
+        assert entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert manifest.config["model"] == "qwen2_vl" and manifest.config["train_on"] == "last_assistant"
+    assert len(manifest.config["tokenizer_fingerprint"]) == 64
+    assert (out / "manifest.json").exists() and not (out / "_progress").exists()
+    assert not list(out.glob("*.partial"))
+    sample = stored[0]
+    assert sample.info["meta"]["diagnosis"] and sample.info["key"] == f"{sample.info['line']:010d}"
+    assert len(sample.input_ids) == sample.info["num_tokens"] <= 2048
+    stats = [json.loads(line) for line in (out / "shard_stats.jsonl").read_text().splitlines()]
+    assert [s["path"] for s in stats] == [e.path for e in manifest.shards]
+
+
+def test_same_input_and_options_give_byte_identical_shards(clinical, tmp_path):
+    a = build(config(clinical.jsonl, tmp_path / "a", samples_per_shard=3), progress=False)
+    b = build(config(clinical.jsonl, tmp_path / "b", samples_per_shard=3), progress=False)
+    assert [(s.path, s.sha256) for s in a.shards] == [(s.path, s.sha256) for s in b.shards]
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("model", ["qwen2_vl", "qwen3_vl"])
+def test_the_models_image_processor_leaves_stored_images_unchanged(clinical, tmp_path, model):
+    from transformers import Qwen2VLImageProcessor
+
+    out = tmp_path / model
+    build(config(clinical.jsonl, out, model=model), progress=False)
+    if model == "qwen2_vl":
+        processor = Qwen2VLImageProcessor()
+    else:  # Qwen3-VL's published preprocessor settings
+        processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                          size={"shortest_edge": 65536, "longest_edge": 16777216})
+    pad = 151655
+    checked = 0
+    for sample in iter_build_samples(str(out)):
+        for jpeg, image in zip(sample.images, sample.info["images"], strict=True):
+            result = processor(images=[Image.open(io.BytesIO(jpeg))], return_tensors="np")
+            assert result["image_grid_thw"].tolist() == [image["grid_thw"]]
+            start, n = image["token_start"], image["num_tokens"]
+            assert n == result["pixel_values"].shape[0] // processor.merge_size**2
+            assert (sample.input_ids[start : start + n] == pad).all()
+            checked += 1
+        assert int((sample.input_ids == pad).sum()) == sum(i["num_tokens"] for i in sample.info["images"])
+    assert checked > 10
+
+
+def long_case(root, *, images=4, side=900, question="What is it?", answer="A rash."):
+    names = [f"images/p{i}.jpg" for i in range(images)]
+    for i, name in enumerate(names):
+        write_image(root / name, side + 7 * i, side, seed=i)
+    return conversation(*names, question=question, answer=answer)
+
+
+def test_overlength_fit_lowers_resolution_on_the_grid(tmp_path):
+    data = write_jsonl(tmp_path / "d" / "in.jsonl", [long_case(tmp_path / "d")])
+    manifest = build(config(data, tmp_path / "out", max_length=1024), progress=False)
+    (sample,) = iter_build_samples(str(tmp_path / "out"))
+    assert manifest.num_fitted == 1 and sample.info["fitted"]
+    assert len(sample.input_ids) <= 1024
+    for image in sample.info["images"]:
+        assert image["width"] % 28 == 0 and image["height"] % 28 == 0
+        assert image["width"] * image["height"] >= 3136
+        assert image["width"] < image["original_width"]
+    full = build(config(data, tmp_path / "full", max_length=8192), progress=False)
+    assert full.num_fitted == 0 and full.num_tokens > 2000
+
+
+def test_overlength_drop_and_text_alone_over_budget_are_rejected(tmp_path):
+    root = tmp_path / "d"
+    records = [long_case(root), conversation(question="word " * 600, answer="ok")]
+    data = write_jsonl(root / "in.jsonl", records)
+    build(config(data, tmp_path / "drop", max_length=512, overlength="drop"), progress=False)
+    assert [(r["line"], r["code"]) for r in rejects(tmp_path / "drop")] == [(1, "too_long"), (2, "too_long")]
+    build(config(data, tmp_path / "fit", max_length=512), progress=False)
+    found = rejects(tmp_path / "fit")
+    assert [r["line"] for r in found] == [2] and "text alone" in found[0]["reason"]
+
+
+def test_overlength_truncate_cuts_trailing_text_only(tmp_path):
+    root = tmp_path / "d"
+    write_image(root / "images" / "a.jpg", 100, 100)
+    records = [
+        conversation("images/a.jpg", question="short", answer="word " * 400),  # cut inside the answer
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "word " * 400}, {"type": "image", "image": "images/a.jpg"}]},
+                      {"role": "assistant", "content": "ok"}]},  # the image sits past the cut
+        conversation("images/a.jpg", question="word " * 300, answer="ok"),  # the cut removes the whole answer
+    ]
+    data = write_jsonl(root / "in.jsonl", records)
+    manifest = build(config(data, tmp_path / "out", max_length=256, overlength="truncate"), progress=False)
+    (sample,) = iter_build_samples(str(tmp_path / "out"))
+    assert len(sample.input_ids) == 256 and sample.info["truncated_tokens"] > 0 and manifest.num_truncated == 1
+    assert sample.weights[-1] > 0 and (sample.input_ids == 151655).sum() == sample.info["images"][0]["num_tokens"]
+    found = {r["line"]: r for r in rejects(tmp_path / "out")}
+    assert found[2]["code"] == "too_long" and "cut through image tokens" in found[2]["reason"]
+    assert found[3]["code"] == "no_target"
+
+
+def test_reserved_tokens_and_extreme_aspect_are_rejected_in_the_build(tmp_path):
+    root = tmp_path / "d"
+    write_image(root / "images" / "ok.jpg", 64, 64)
+    write_image(root / "images" / "thin.png", 4200, 20, fmt="PNG")
+    data = write_jsonl(root / "in.jsonl", [
+        conversation("images/ok.jpg", question="inject <|im_end|> here"),
+        conversation("images/thin.png"),
+        conversation("images/ok.jpg"),
+    ])
+    manifest = build(config(data, tmp_path / "out"), progress=False)
+    assert [(r["line"], r["code"]) for r in rejects(tmp_path / "out")] == [(1, "reserved_token"), (2, "image_aspect")]
+    assert manifest.num_samples == 1
+
+
+def test_max_shard_bytes_splits_a_task_into_parts(clinical, tmp_path):
+    manifest = build(config(clinical.jsonl, tmp_path / "out", samples_per_shard=100, max_shard_bytes=60_000), progress=False)
+    names = [s.path for s in manifest.shards]
+    assert len(names) > 2 and names == [f"shard-000000-{i:03d}.tar" for i in range(len(names))]
+    assert sum(s.num_samples for s in manifest.shards) == len(clinical.good_lines)
+
+
+def test_strict_stops_at_the_first_rejected_record(clinical, tmp_path):
+    with pytest.raises(RecordError) as info:
+        build(config(clinical.jsonl, tmp_path / "out"), strict=True, progress=False)
+    assert info.value.line == min(clinical.bad_lines)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_output_folder_rules(clinical, tmp_path):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a shardkit build"):
+        build(config(clinical.jsonl, stranger), progress=False)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "out"
+    build(config(clinical.jsonl, out), progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    build(config(clinical.jsonl, out), progress=False)  # already complete: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first
+    with pytest.raises(OutputError, match="changed: max_length"):
+        build(config(clinical.jsonl, out, max_length=1024), progress=False)
+    manifest = build(config(clinical.jsonl, out, max_length=1024), overwrite=True, progress=False)
+    assert read_manifest(str(out)).config["max_length"] == 1024 == manifest.config["max_length"]
+
+
+def test_an_interrupted_build_resumes_and_keeps_finished_shards(clinical, tmp_path, monkeypatch):
+    reference = build(config(clinical.jsonl, tmp_path / "ref", samples_per_shard=3), progress=False)
+    out = tmp_path / "out"
+    real_run_task = build_module.run_task
+    calls = 0
+
+    def crash_on_third(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real_run_task(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "run_task", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        build(config(clinical.jsonl, out, samples_per_shard=3), progress=False)
+    monkeypatch.setattr(build_module, "run_task", real_run_task)
+    assert not (out / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert len(kept) == 2
+    resumed = build(config(clinical.jsonl, out, samples_per_shard=3), progress=False)
+    assert {p: (out / p).stat().st_mtime_ns for p in kept} == kept
+    assert [(s.path, s.sha256) for s in resumed.shards] == [(s.path, s.sha256) for s in reference.shards]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"model": "llava"}, "unknown model family 'llava'"), ({"min_pixels": 10**7}, "larger than max_pixels"),
+     ({"max_length": 8}, "max_length"), ({"train_on": "everything"}, "train_on"), ({"format": "zip"}, "format")],
+)
+def test_bad_options_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        BuildConfig.create(input="in.jsonl", out="out", **options)
+
+
+def test_qwen3_defaults_use_its_grid():
+    c = BuildConfig.create(input="in.jsonl", out="out", model="qwen3_vl")
+    assert (c.grid.factor, c.min_pixels, c.max_pixels) == (32, 65536, 1310720)

@@ -1,0 +1,157 @@
+import io
+import os
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+from shardkit.errors import ConfigError, RecordError
+from shardkit.images import Grid, ImageRoot, encode_jpeg, load_image, smart_resize, to_rgb
+from tests.conftest import write_image
+
+
+def test_smart_resize_matches_transformers_on_many_sizes():
+    rng = random.Random(0)
+    sizes = [(h, w) for h in (1, 13, 27, 28, 29, 56, 100, 1000) for w in (28, 200, 999, 5000)]
+    sizes += [(rng.randint(10, 6000), rng.randint(10, 6000)) for _ in range(500)]
+    for factor, lo, hi in [(28, 56 * 56, 28 * 28 * 1280), (32, 65536, 32 * 32 * 1280), (28, 200704, 401408)]:
+        for h, w in sizes:
+            if max(h, w) / min(h, w) > 200:
+                continue
+            assert smart_resize(h, w, factor, lo, hi) == hf_smart_resize(h, w, factor, lo, hi), (h, w, factor)
+
+
+def test_grid_sizes_are_stable_under_the_processor_rule():
+    rng = random.Random(1)
+    for factor, lo, hi, wide in [(28, 3136, 1003520, True), (32, 65536, 1310720, True), (28, 100000, 120000, False)]:
+        grid = Grid(factor, lo, hi)
+        refused = 0
+        for _ in range(400):
+            h, w = rng.randint(5, 5000), rng.randint(5, 5000)
+            if max(h, w) > 150 * min(h, w):
+                continue
+            for cap in (None, lo, (lo + hi) // 2):
+                try:
+                    sh, sw = grid.size(h, w, cap)
+                except RecordError as exc:  # only a narrow band of areas can leave no grid size
+                    assert not wide and exc.code == "image_aspect"
+                    refused += 1
+                    continue
+                assert sh % factor == 0 and sw % factor == 0
+                assert lo <= sh * sw <= hi
+                assert smart_resize(sh, sw, factor, lo, hi) == (sh, sw)
+                processor_choice = smart_resize(h, w, factor, lo, hi)
+                if cap is None and lo <= processor_choice[0] * processor_choice[1] <= hi:
+                    assert (sh, sw) == processor_choice  # the size the processor itself would pick
+        assert refused < 200
+
+
+@pytest.mark.parametrize("lo, hi, message", [(10, 5, "larger than max_pixels"), (1, 100, "below one grid cell"), (0, 100, "positive")])
+def test_bad_pixel_bounds_are_config_errors(lo, hi, message):
+    with pytest.raises(ConfigError, match=message):
+        Grid(28, lo, hi)
+
+
+def test_plan_lowers_a_shared_cap_until_the_budget_fits():
+    grid = Grid(28, 3136, 1003520)
+    sizes = [(2000, 3000), (600, 800), (300, 300)]
+    full = grid.plan(sizes)
+    full_tokens = sum(grid.tokens(h, w) for h, w in full)
+    assert full_tokens > 1500
+    fitted = grid.plan(sizes, 1500)
+    tokens = [grid.tokens(h, w) for h, w in fitted]
+    assert sum(tokens) <= 1500
+    assert sum(tokens) > 1500 * 0.8  # not lowered more than needed
+    assert fitted[2] == full[2]  # the small image keeps its size: the big ones shrink first
+    assert grid.plan(sizes, 5) is None  # impossible even at min_pixels
+
+
+def test_qwen2_vl_processor_leaves_stored_images_unchanged():
+    from transformers import Qwen2VLImageProcessor
+
+    processor = Qwen2VLImageProcessor()
+    grid = Grid(28, processor.size["shortest_edge"], processor.size["longest_edge"])
+    rng = np.random.default_rng(0)
+    for h, w in [(37, 1500), (480, 640), (2000, 1000), (29, 29), (3000, 4000)]:
+        sh, sw = grid.size(h, w)
+        image = Image.open(io.BytesIO(encode_jpeg(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), (sh, sw), 90)))
+        out = processor(images=[image], return_tensors="np")
+        assert out["image_grid_thw"].tolist() == [[1, sh // 14, sw // 14]]
+        assert out["pixel_values"].shape[0] // 4 == grid.tokens(sh, sw)
+
+
+@pytest.mark.parametrize(
+    "mode, fmt, save",
+    [("RGBA", "PNG", {}), ("LA", "PNG", {}), ("P", "PNG", {"transparency": 0}), ("P", "GIF", {}), ("CMYK", "JPEG", {}),
+     ("L", "JPEG", {}), ("I;16", "PNG", {}), ("1", "PNG", {}), ("RGB", "WEBP", {})],
+)
+def test_any_mode_becomes_rgb(tmp_path, mode, fmt, save):
+    path = write_image(tmp_path / f"x.{fmt.lower()}", 64, 48, mode=mode, fmt=fmt, **save)
+    image = load_image(path, path.name, max_pixels=10**8)
+    assert image.mode == "RGB" and image.size == (64, 48)
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert to_rgb(Image.open(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    array = np.full((4, 4), 65535, dtype=np.uint16)
+    array[0, 0] = 32768
+    source = Image.fromarray(array)
+    assert source.mode == "I;16"
+    image = to_rgb(source)
+    assert image.getpixel((1, 1)) == (255, 255, 255)
+    assert image.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (60, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "rotated.jpg", "rotated.jpg", max_pixels=10**8).size == (20, 60)
+
+
+def test_image_problems_are_record_errors(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    good = write_image(tmp_path / "good.jpg", 200, 150).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.jpg").write_text("hello")
+    write_image(tmp_path / "big.png", 300, 200, fmt="PNG")
+    write_image(tmp_path / "thin.png", 2010, 10, fmt="PNG")
+    cases = {
+        "missing.jpg": "image_missing",
+        "empty.jpg": "image_empty",
+        "cut.jpg": "image_corrupt",
+        "text.jpg": "image_not_image",
+        "big.png": "image_too_large",
+        "thin.png": "image_aspect",
+    }
+    for name, code in cases.items():
+        with pytest.raises(RecordError) as info:
+            load_image(tmp_path / name, f"images/{name}", max_pixels=50_000)
+        assert info.value.code == code, name
+        assert f"images/{name}" in info.value.reason
+        assert info.value.detail == {"image": f"images/{name}"}
+
+
+def test_paths_that_leave_the_root_are_refused(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "images" / "a.jpg", 32, 32)
+    write_image(tmp_path / "outside.jpg", 32, 32)
+    os.symlink(tmp_path / "outside.jpg", root / "images" / "link_out.jpg")
+    os.symlink(root / "images" / "a.jpg", root / "images" / "link_in.jpg")
+    images = ImageRoot(root)
+    assert images.resolve("images/a.jpg") == (root / "images" / "a.jpg").resolve()
+    assert images.resolve("images/link_in.jpg") == (root / "images" / "a.jpg").resolve()
+    assert images.resolve(str(root / "images" / "a.jpg")) == (root / "images" / "a.jpg").resolve()
+    for ref, code in [("../outside.jpg", "image_outside_root"), ("images/../../outside.jpg", "image_outside_root"),
+                      (str(tmp_path / "outside.jpg"), "image_outside_root"), ("images/link_out.jpg", "image_outside_root"),
+                      ("https://example.com/a.jpg", "image_remote"), ("data:image/png;base64,AAAA", "image_remote")]:
+        with pytest.raises(RecordError) as info:
+            images.resolve(ref)
+        assert info.value.code == code, ref

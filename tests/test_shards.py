@@ -1,0 +1,126 @@
+import hashlib
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from shardkit.shards import READERS, WRITERS, Sample
+from shardkit.shards.manifest import Manifest, ShardEntry, read_manifest
+from shardkit.errors import ShardError
+from shardkit.storage import open_fs
+from shardkit.synthetic import photo_like
+
+
+def samples(n=5, images=2):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        pictures = []
+        for j in range(images if i % 2 == 0 else 1):
+            buf = io.BytesIO()
+            photo_like(56 + 28 * j, 84, rng).save(buf, format="JPEG")
+            pictures.append(buf.getvalue())
+        length = 20 + i
+        out.append(
+            Sample(
+                key=f"{i + 1:010d}",
+                info={"key": f"{i + 1:010d}", "line": i + 1, "meta": {"diagnosis": "x", "é": "ü"}, "num_tokens": length},
+                input_ids=np.arange(length, dtype=np.int32) + 151000,
+                weights=(np.arange(length) % 3 == 0).astype(np.float32),
+                images=pictures,
+            )
+        )
+    return out
+
+
+def write(fmt, path, items):
+    fs, _ = open_fs(str(path))
+    with WRITERS[fmt](fs, str(path)) as writer:
+        for s in items:
+            writer.write(s)
+        return writer.close()
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_roundtrip_and_reported_size_and_hash(tmp_path, fmt):
+    items = samples()
+    path = tmp_path / f"s{WRITERS[fmt].suffix}"
+    written = write(fmt, path, items)
+    data = path.read_bytes()
+    assert written.num_samples == 5 and written.bytes == len(data)
+    assert written.sha256 == hashlib.sha256(data).hexdigest()
+    assert not list(tmp_path.glob("*.partial"))
+    with open(path, "rb") as f:
+        back = list(READERS[fmt]().samples(f))
+    for a, b in zip(items, back, strict=True):
+        assert a.key == b.key and a.info == b.info and a.images == b.images
+        assert np.array_equal(a.input_ids, b.input_ids) and b.input_ids.dtype == np.int32
+        assert np.array_equal(a.weights, b.weights) and b.weights.dtype == np.float32
+    with open(path, "rb") as f:
+        later = list(READERS[fmt]().samples(f, images=False, start=3))
+    assert [s.key for s in later] == [items[3].key, items[4].key] and all(s.images == [] for s in later)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_same_samples_give_identical_bytes(tmp_path, fmt):
+    a = write(fmt, tmp_path / f"a{WRITERS[fmt].suffix}", samples())
+    b = write(fmt, tmp_path / f"b{WRITERS[fmt].suffix}", samples())
+    assert a.sha256 == b.sha256
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_a_failed_write_leaves_no_file(tmp_path, fmt):
+    path = tmp_path / f"s{WRITERS[fmt].suffix}"
+    fs, _ = open_fs(str(path))
+    with pytest.raises(RuntimeError):
+        with WRITERS[fmt](fs, str(path)) as writer:
+            writer.write(samples(1)[0])
+            raise RuntimeError("crash mid-shard")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tar_is_readable_by_plain_webdataset(tmp_path):
+    import webdataset as wds
+
+    items = samples()
+    write("tar", tmp_path / "s.tar", items)
+    got = list(wds.WebDataset(str(tmp_path / "s.tar"), shardshuffle=False).decode("rgb8"))
+    assert [g["__key__"] for g in got] == [s.key for s in items]
+    first = got[0]
+    assert first["json"]["meta"] == {"diagnosis": "x", "é": "ü"}
+    assert first["input_ids.npy"].dtype == np.int32 and np.array_equal(first["input_ids.npy"], items[0].input_ids)
+    assert first["weights.npy"].dtype == np.float32
+    assert first["img0.jpg"].shape == (84, 56, 3) and first["img1.jpg"].shape == (84, 84, 3)
+    assert "img1.jpg" not in got[1]
+
+
+def test_parquet_is_readable_by_pyarrow_and_datasets(tmp_path):
+    import datasets
+
+    items = samples()
+    write("parquet", tmp_path / "s.parquet", items)
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column_names == ["key", "line", "num_tokens", "input_ids", "weights", "images", "json"]
+    assert table.column("line").to_pylist() == [1, 2, 3, 4, 5]
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "s.parquet"), split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 5 and ds[0]["input_ids"] == items[0].input_ids.tolist()
+    assert Image.open(io.BytesIO(ds[0]["images"][1])).size == (84, 84)
+
+
+def test_manifest_roundtrip_and_errors(tmp_path):
+    manifest = Manifest(
+        format="tar", num_records=3, num_samples=2, num_images=2, num_tokens=40, num_trained_tokens=5, num_rejected=1,
+        num_fitted=0, num_truncated=0, rejects_by_code={"invalid_json": 1},
+        shards=[ShardEntry(path="shard-000000-000.tar", num_samples=2, num_tokens=40, bytes=10, sha256="0" * 64)],
+        config={"model": "qwen2_vl"}, created_by="test",
+    )
+    fs, folder = open_fs(str(tmp_path))
+    manifest.write(fs, folder)
+    assert read_manifest(str(tmp_path)) == manifest
+    with pytest.raises(ShardError, match="has no manifest.json"):
+        read_manifest(str(tmp_path / "elsewhere"))
+    (tmp_path / "manifest.json").write_text('{"format": "tar"}')
+    with pytest.raises(ShardError, match="not a valid shardkit manifest"):
+        read_manifest(str(tmp_path))
