@@ -13,12 +13,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.shardkit-installed-${EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  echo "installing shardkit${EXTRAS:+[$EXTRAS]} into $VENV (first run takes a minute)" >&2
-  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    "$VENV/bin/python" -m pip install -q "$TORCH"
+  log="$VENV/install.log"
+  echo "installing shardkit${EXTRAS:+[$EXTRAS]} into $VENV (first run takes a minute or two; log: $log)" >&2
+  if ! {
+    "$VENV/bin/python" -m pip install --upgrade pip &&
+    { "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install "$TORCH"; } &&
+    "$VENV/bin/python" -m pip install -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+  } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "installation failed; the full log is $log" >&2
+    exit 1
   fi
-  "$VENV/bin/python" -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
