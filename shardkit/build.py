@@ -27,6 +27,8 @@ from shardkit.images import ImageRoot, encode_jpeg, load_image
 from shardkit.read import RawLine, iter_raw_lines, parse_record, summarize_input
 from shardkit.render import Renderer
 from shardkit.shards import MANIFEST_NAME, WRITERS, Manifest, Sample, ShardEntry, ShardWriter
+from shardkit.shards.index import INDEX_NAME, write_index
+from shardkit.shards.manifest import IndexFile
 from shardkit.storage import join, open_fs, write_bytes
 from shardkit.tokenizer import TokenizerInfo, load_tokenizer
 
@@ -190,7 +192,8 @@ def run_task(
     result = TaskResult(task.index)
     started = time.perf_counter()
     writer: ShardWriter | None = None
-    part_bytes = part_tokens = 0
+    part_bytes = 0
+    part_tokens: list[int] = []
 
     def close() -> None:
         assert writer is not None
@@ -199,9 +202,11 @@ def run_task(
             {
                 "path": written.path.rsplit("/", 1)[-1],
                 "num_samples": written.num_samples,
-                "num_tokens": part_tokens,
+                "num_tokens": sum(part_tokens),
                 "bytes": written.bytes,
                 "sha256": written.sha256,
+                "locations": written.locations,
+                "tokens": part_tokens,
             }
         )
 
@@ -224,10 +229,10 @@ def run_task(
             if writer is None:
                 name = f"shard-{task.index:06d}-{len(result.shards):03d}{writer_cls.suffix}"
                 writer = writer_cls(fs, join(folder, name))
-                part_bytes = part_tokens = 0
+                part_bytes, part_tokens = 0, []
             writer.write(sample)
             part_bytes += size
-            part_tokens += len(sample.input_ids)
+            part_tokens.append(len(sample.input_ids))
             result.images += len(sample.images)
             result.tokens += len(sample.input_ids)
             result.trained_tokens += sample.info["num_trained_tokens"]
@@ -305,7 +310,7 @@ def _remove_build(fs: Any, folder: str) -> None:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name == PROGRESS_DIR:
             fs.rm(path, recursive=True)
-        elif name.startswith("shard-") or name in (MANIFEST_NAME, REJECTS_FILE, SHARD_STATS_FILE, BUILD_FILE):
+        elif name.startswith("shard-") or name in (MANIFEST_NAME, INDEX_NAME, REJECTS_FILE, SHARD_STATS_FILE, BUILD_FILE):
             fs.rm(path)
 
 
@@ -361,9 +366,11 @@ def _finish(
 ) -> Manifest:
     rejects = [r for result in results for r in result.rejects]
     write_bytes(fs, join(folder, REJECTS_FILE), b"".join(json.dumps(r).encode() + b"\n" for r in rejects))
+    shards = [shard for result in results for shard in result.shards]
+    index = write_index(fs, folder, shards)
     stats = [
         {
-            **shard,
+            **{k: v for k, v in shard.items() if k in ShardEntry.model_fields},
             "task": result.index,
             "task_records": result.records,
             "task_rejects": len(result.rejects),
@@ -384,7 +391,8 @@ def _finish(
         num_fitted=sum(r.fitted for r in results),
         num_truncated=sum(r.truncated for r in results),
         rejects_by_code=dict(sorted(Counter(r["code"] for r in rejects).items())),
-        shards=[ShardEntry(**shard) for result in results for shard in result.shards],
+        shards=[ShardEntry(**{k: v for k, v in shard.items() if k in ShardEntry.model_fields}) for shard in shards],
+        index=IndexFile(**index),
         config={
             **config.identity(),
             "family": config.family.describe(),

@@ -3,6 +3,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -47,6 +48,10 @@ def test_seed_layout_with_bad_lines_builds_and_reports_exactly_the_bad_lines(cli
     sample = stored[0]
     assert sample.info["meta"]["diagnosis"] and sample.info["key"] == f"{sample.info['line']:010d}"
     assert len(sample.input_ids) == sample.info["num_tokens"] <= 2048
+    index = pq.read_table(out / "index.parquet")
+    assert index.column("num_tokens").to_pylist() == [len(s.input_ids) for s in stored]
+    assert manifest.index.num_rows == len(stored)
+    assert manifest.index.sha256 == hashlib.sha256((out / "index.parquet").read_bytes()).hexdigest()
     stats = [json.loads(line) for line in (out / "shard_stats.jsonl").read_text().splitlines()]
     assert [s["path"] for s in stats] == [e.path for e in manifest.shards]
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from shardkit.shards import READERS, WRITERS, Sample
-from shardkit.shards.manifest import Manifest, ShardEntry, read_manifest
+from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_manifest
 from shardkit.errors import ShardError
 from shardkit.storage import open_fs
 from shardkit.synthetic import photo_like
@@ -64,6 +64,19 @@ def test_roundtrip_and_reported_size_and_hash(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_samples_are_read_back_at_their_recorded_locations(tmp_path, fmt):
+    items = samples(150)  # more than one Parquet row group
+    path = tmp_path / f"s{WRITERS[fmt].suffix}"
+    written = write(fmt, path, items)
+    with open(path, "rb") as f:
+        shard = READERS[fmt]().open(f)
+        for i in [149, 0, 64, 63, 1, 100]:
+            got = shard.read_at(*written.locations[i])
+            assert got.key == items[i].key and got.images == items[i].images
+            assert np.array_equal(got.input_ids, items[i].input_ids)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
 def test_same_samples_give_identical_bytes(tmp_path, fmt):
     a = write(fmt, tmp_path / f"a{WRITERS[fmt].suffix}", samples())
     b = write(fmt, tmp_path / f"b{WRITERS[fmt].suffix}", samples())
@@ -114,6 +127,7 @@ def test_manifest_roundtrip_and_errors(tmp_path):
         format="tar", num_records=3, num_samples=2, num_images=2, num_tokens=40, num_trained_tokens=5, num_rejected=1,
         num_fitted=0, num_truncated=0, rejects_by_code={"invalid_json": 1},
         shards=[ShardEntry(path="shard-000000-000.tar", num_samples=2, num_tokens=40, bytes=10, sha256="0" * 64)],
+        index=IndexFile(path="index.parquet", num_rows=2, bytes=10, sha256="1" * 64),
         config={"model": "qwen2_vl"}, created_by="test",
     )
     fs, folder = open_fs(str(tmp_path))

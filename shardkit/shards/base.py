@@ -52,12 +52,17 @@ def npy_load(data: bytes) -> np.ndarray:
 
 @dataclass(frozen=True)
 class WrittenShard:
-    """What a closed shard writer reports for the manifest."""
+    """What a closed shard writer reports: manifest fields and where each sample lies.
+
+    ``locations[i]`` is ``(offset, size)`` of sample i: for tar, the byte range of
+    its members; for Parquet, its row number and 1.
+    """
 
     path: str
     num_samples: int
     bytes: int
     sha256: str
+    locations: list[tuple[int, int]]
 
 
 class ShardWriter(ABC):
@@ -71,14 +76,18 @@ class ShardWriter(ABC):
 
     def __init__(self, fs: Any, path: str):
         self.path = path
-        self.num_samples = 0
+        self.locations: list[tuple[int, int]] = []
         self._context = atomic_write(fs, path)
         self._hashed = HashingWriter(self._context.__enter__())
         self._closed = False
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.locations)
+
     @abstractmethod
     def write(self, sample: Sample) -> None:
-        """Append one sample."""
+        """Append one sample (and record its location)."""
 
     @abstractmethod
     def _finish(self) -> None:
@@ -88,7 +97,9 @@ class ShardWriter(ABC):
         self._finish()
         self._closed = True
         self._context.__exit__(None, None, None)
-        return WrittenShard(self.path, self.num_samples, self._hashed.bytes, self._hashed.sha256.hexdigest())
+        return WrittenShard(
+            self.path, self.num_samples, self._hashed.bytes, self._hashed.sha256.hexdigest(), self.locations
+        )
 
     def abort(self, exc: BaseException) -> None:
         """Discard the partial file (after ``exc``)."""
@@ -110,10 +121,22 @@ class ShardWriter(ABC):
 
 
 class ShardReader(ABC):
-    """Reads the samples of one shard file in order."""
+    """Reads the samples of one shard file: in order, or one at its recorded location."""
 
     format: ClassVar[str]
 
     @abstractmethod
     def samples(self, f: Any, *, images: bool = True, start: int = 0) -> Iterator[Sample]:
         """Samples from file object ``f``, beginning at index ``start``; ``images=False`` skips image bytes."""
+
+    @abstractmethod
+    def open(self, f: Any) -> OpenShard:
+        """Random access to the samples of seekable file ``f`` by their recorded locations."""
+
+
+class OpenShard(ABC):
+    """One shard opened for reading samples at their recorded ``(offset, size)``."""
+
+    @abstractmethod
+    def read_at(self, offset: int, size: int) -> Sample:
+        """The sample at a location recorded by the writer."""

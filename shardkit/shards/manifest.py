@@ -31,6 +31,16 @@ class ShardEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class IndexFile(BaseModel):
+    """The per-sample index file (see :mod:`shardkit.shards.index`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    num_rows: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Manifest(BaseModel):
     """A complete build."""
 
@@ -47,6 +57,7 @@ class Manifest(BaseModel):
     num_truncated: int
     rejects_by_code: dict[str, int]
     shards: list[ShardEntry]
+    index: IndexFile
     config: dict[str, Any]
     created_by: str
 

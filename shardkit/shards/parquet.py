@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardkit.shards.base import Sample, ShardReader, ShardWriter
+from shardkit.shards.base import OpenShard, Sample, ShardReader, ShardWriter
 
 ROWS_PER_GROUP = 64
 
@@ -52,8 +52,8 @@ class ParquetShardWriter(ShardWriter):
         self._rows: list[Sample] = []
 
     def write(self, sample: Sample) -> None:
+        self.locations.append((self.num_samples, 1))
         self._rows.append(sample)
-        self.num_samples += 1
         if len(self._rows) >= ROWS_PER_GROUP:
             self._flush()
 
@@ -84,22 +84,31 @@ class ParquetShardWriter(ShardWriter):
 class ParquetShardReader(ShardReader):
     format = "parquet"
 
+    def open(self, f: Any) -> OpenShard:
+        return _OpenParquet(pq.ParquetFile(f))
+
     def samples(self, f: Any, *, images: bool = True, start: int = 0) -> Iterator[Sample]:
-        parquet = pq.ParquetFile(f)
+        yield from self._rows(pq.ParquetFile(f), images=images, start=start)
+
+    @staticmethod
+    def _rows(parquet: pq.ParquetFile, *, images: bool, start: int, stop: int | None = None) -> Iterator[Sample]:
         columns = ["key", "input_ids", "weights", "json"] + (["images"] if images else [])
+        stop = parquet.metadata.num_rows if stop is None else stop
         first = 0
         for group in range(parquet.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
             if first + rows <= start:
                 first += rows
                 continue
+            if first >= stop:
+                return
             table = parquet.read_row_group(group, columns=columns)
             keys = table.column("key").to_pylist()
             infos = table.column("json").to_pylist()
             ids = table.column("input_ids")
             weights = table.column("weights")
             pictures = table.column("images").to_pylist() if images else None
-            for i in range(max(0, start - first), rows):
+            for i in range(max(0, start - first), min(rows, stop - first)):
                 yield Sample(
                     key=keys[i],
                     info=json.loads(infos[i]),
@@ -108,3 +117,24 @@ class ParquetShardReader(ShardReader):
                     images=pictures[i] if pictures is not None else [],
                 )
             first += rows
+
+
+class _OpenParquet(OpenShard):
+    """Reads whole row groups and keeps the last one, so neighbouring rows cost one read."""
+
+    def __init__(self, parquet: pq.ParquetFile):
+        self.parquet = parquet
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        self.starts = np.cumsum([0, *sizes])
+        self._group: int | None = None
+        self._rows: list[Sample] = []
+
+    def read_at(self, offset: int, size: int) -> Sample:
+        if not 0 <= offset < self.starts[-1]:
+            raise IndexError(f"row {offset} is outside the shard's {self.starts[-1]} rows")
+        group = int(np.searchsorted(self.starts, offset, side="right") - 1)
+        if group != self._group:
+            first = int(self.starts[group])
+            self._rows = list(ParquetShardReader._rows(self.parquet, images=True, start=first, stop=int(self.starts[group + 1])))
+            self._group = group
+        return self._rows[offset - int(self.starts[group])]

@@ -7,12 +7,13 @@ mode, so the same samples give byte-identical tars.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from shardkit.shards.base import Sample, ShardReader, ShardWriter, npy_bytes, npy_load
+from shardkit.shards.base import OpenShard, Sample, ShardReader, ShardWriter, npy_bytes, npy_load
 
 _IMAGE = re.compile(r"img(\d+)\.jpg")
 
@@ -36,8 +37,9 @@ class TarShardWriter(ShardWriter):
         }
         for i, image in enumerate(sample.images):
             members[f"img{i}.jpg"] = image
+        start = self._tar.tarstream.offset
         self._tar.write(members)
-        self.num_samples += 1
+        self.locations.append((start, self._tar.tarstream.offset - start))
 
     def _finish(self) -> None:
         self._tar.close()
@@ -57,6 +59,30 @@ class TarShardReader(ShardReader):
             if index < start:
                 continue
             yield _to_sample(group)
+
+
+    def open(self, f: Any) -> OpenShard:
+        return _OpenTar(f)
+
+
+class _OpenTar(OpenShard):
+    def __init__(self, f: Any):
+        self.f = f
+
+    def read_at(self, offset: int, size: int) -> Sample:
+        import tarfile
+
+        self.f.seek(offset)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise EOFError(f"{size - len(data)} bytes missing at offset {offset}")
+        group: dict[str, Any] = {}
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as members:
+            for member in members:
+                key, _, suffix = member.name.partition(".")
+                group["__key__"] = key
+                group[suffix] = members.extractfile(member).read()
+        return _to_sample(group)
 
 
 def _to_sample(group: dict[str, Any]) -> Sample:
