@@ -358,11 +358,24 @@ def build(
             else:
                 bar.update(len(task.lines))
             results.append(result)
-    return _finish(fs, folder, config, tokenizer_info, summary.records, results)
+    renderer = convert.renderer
+    special_tokens = {
+        "image_pad": renderer.image_pad_id,
+        "vision_start": renderer.ids[renderer.VISION_START],
+        "vision_end": renderer.ids[renderer.VISION_END],
+        "pad": tokenizer.pad_token_id,
+    }
+    return _finish(fs, folder, config, tokenizer_info, special_tokens, summary.records, results)
 
 
 def _finish(
-    fs: Any, folder: str, config: BuildConfig, tokenizer: TokenizerInfo, records: int, results: list[TaskResult]
+    fs: Any,
+    folder: str,
+    config: BuildConfig,
+    tokenizer: TokenizerInfo,
+    special_tokens: dict[str, int | None],
+    records: int,
+    results: list[TaskResult],
 ) -> Manifest:
     rejects = [r for result in results for r in result.rejects]
     write_bytes(fs, join(folder, REJECTS_FILE), b"".join(json.dumps(r).encode() + b"\n" for r in rejects))
@@ -398,6 +411,7 @@ def _finish(
             "family": config.family.describe(),
             "tokenizer": tokenizer.name,
             "tokenizer_fingerprint": tokenizer.fingerprint,
+            "special_tokens": special_tokens,
         },
         created_by=f"shardkit {__version__}",
     )

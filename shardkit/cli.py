@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = commands.add_parser(
+        "verify",
+        help="check every shard of a build against its manifest (size and sha256)",
+        description="Read every shard and the index of a build (folder or URL) and compare size and sha256 with the "
+        "manifest. Prints one line per problem; exit 0 when all match, 1 otherwise.",
+    )
+    p.add_argument("build", metavar="DIR_OR_URL")
+
+    p = commands.add_parser(
         "demo-data",
         help="generate a synthetic data set in the seed's layout",
         description="Write DIR/train_structured.jsonl and DIR/images/case_XX_YY.jpg: clinical cases with 1-6 "
@@ -173,6 +181,18 @@ def _stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from shardkit.load.source import verify_build
+    from shardkit.shards import read_manifest
+
+    problems = verify_build(args.build)
+    for problem in problems:
+        print(problem)
+    shards = len(read_manifest(args.build).shards)
+    print(f"{shards} shards and the index: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from shardkit.synthetic import make_clinical_dataset
 
@@ -183,7 +203,7 @@ def _demo_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"validate": _validate, "build": _build, "stats": _stats, "demo-data": _demo_data}
+COMMANDS = {"validate": _validate, "build": _build, "stats": _stats, "verify": _verify, "demo-data": _demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,43 @@ def conversation(*images: str, question: str = "What is shown?", answer: str = "
             {"role": "assistant", "content": answer},
         ]
     }
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """47 cases with 1-3 small photos each: quick to build, enough for many shards and batches."""
+    return make_clinical_dataset(
+        tmp_path_factory.mktemp("small"), cases=47, seed=3, megapixels=(0.004, 0.03), images_per_case=(1, 3)
+    )
+
+
+@pytest.fixture(scope="session")
+def builds(small_dataset, tmp_path_factory):
+    """``{format: folder}`` of Qwen2-VL builds of ``small_dataset`` in 10 uneven shards (5 samples, the last 2)."""
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+
+    out = {}
+    for fmt in ("tar", "parquet"):
+        folder = tmp_path_factory.mktemp(f"build-{fmt}")
+        build(BuildConfig.create(input=str(small_dataset.jsonl), out=str(folder), format=fmt, samples_per_shard=5), progress=False)
+        out[fmt] = str(folder)
+    return out
+
+
+def tiny_qwen2_vl_config(family: str = "qwen2_vl"):
+    """A tiny randomly initialisable Qwen2-VL / Qwen2.5-VL config with the real vocabulary size."""
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+        vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3}
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        vision = {"depth": 2, "hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64, "num_heads": 2,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                  "fullatt_block_indexes": [1], "in_chans": 3}
+    text = {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "rope_theta": 10000.0}
+    return Config(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                  vision_start_token_id=151652, vision_end_token_id=151653)

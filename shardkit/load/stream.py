@@ -1,0 +1,194 @@
+"""The streaming dataset: batches of samples for one rank, shuffled, split and resumable.
+
+:class:`ShardStream` reads a build (folder or fsspec URL, tar or Parquet) and
+yields lists of :class:`~shardkit.shards.Sample` following
+:mod:`shardkit.load.plan`. Its state is a small JSON dict::
+
+    {"version": 1, "epoch": 3, "levels": [{"world": 8, "workers": 4, "batches": 1200}],
+     "plan": {...settings...}, "num_samples": 123456}
+
+Restoring it continues with exactly the batches an uninterrupted run would
+have produced (same world size and workers), or, on another topology, with the
+samples not yet read in this epoch, none lost and none twice. Restoring
+re-reads nothing: the plan is arithmetic and samples are found by the index.
+
+The torch loader (:mod:`shardkit.load.torch`) and the Tinker batches
+(:mod:`shardkit.load.tinker`) are built on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+
+from shardkit.errors import ConfigError
+from shardkit.load.plan import Batching, EpochPlan, Level, Shuffle, describe, make_plan
+from shardkit.load.source import BuildSource
+from shardkit.shards import Sample
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` from ``torch.distributed`` when it is initialised, else ``(0, 1)``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardStream:
+    """Batches of samples of one rank.
+
+    Give ``batch_size`` (samples per batch) or ``max_tokens`` (a padded-token
+    budget: ``len(batch) * longest <= max_tokens``, samples of similar length
+    batched together). ``rank``/``world_size`` default to ``torch.distributed``.
+    ``workers`` is the number of processes that will read the stream (the
+    torch loader sets it); it is part of the plan, so resuming with the same
+    value gives the same batches.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        bucket_window: int = 512,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_window: int = 2048,
+        rank: int | None = None,
+        world_size: int | None = None,
+        verify: bool = False,
+    ):
+        self.source = BuildSource(location, verify=verify)
+        self.batching = Batching(batch_size, max_tokens, max_batch_size, bucket_window)
+        self.shuffle = Shuffle(shuffle, seed, shuffle_window)
+        auto_rank, auto_world = distributed_rank_world()
+        self.rank = auto_rank if rank is None else rank
+        self.world_size = auto_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
+        lengths = self.source.index.num_tokens
+        if max_tokens is not None and len(lengths) and int(lengths.max()) > max_tokens:
+            raise ConfigError(
+                f"max_tokens {max_tokens} is below the longest sample ({int(lengths.max())} tokens); "
+                "raise it to at least the build's max_length"
+            )
+        self.workers = 0
+        self.epoch = 0
+        self._levels: list[Level] = [Level(self.world_size, 1, 0)]
+        self._plan: EpochPlan | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return describe(self.shuffle, self.batching)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (no-op if it is the current epoch)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._levels = [Level(self.world_size, max(self.workers, 1), 0)]
+            self._plan = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: JSON-serialisable, the same on every rank."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "levels": [asdict(level) for level in self._levels],
+            "plan": self.settings,
+            "num_samples": len(self.source),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`, possibly of another topology)."""
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"unsupported loader state version {state.get('version')!r}")
+        if state["num_samples"] != len(self.source):
+            raise ConfigError(f"the state is for a build of {state['num_samples']} samples, this one has {len(self.source)}")
+        if state["plan"] != self.settings:
+            raise ConfigError(
+                f"the state was saved with other shuffle/batching settings ({state['plan']}); "
+                "resume with the same settings to get the same batches"
+            )
+        self.epoch = int(state["epoch"])
+        self._levels = [Level(**level) for level in state["levels"]]
+        self._plan = None
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self) -> EpochPlan:
+        """This rank's plan for the current epoch and topology."""
+        topology = (self.world_size, max(self.workers, 1))
+        last = self._levels[-1]
+        if (last.world, last.workers) != topology:
+            level = Level(*topology, 0)
+            self._levels = self._levels[:-1] + [level] if last.batches == 0 else self._levels + [level]
+            self._plan = None
+        fresh = [*self._levels[:-1], replace(self._levels[-1], batches=0)]
+        if self._plan is None or self._plan.epoch != self.epoch or list(self._plan.levels) != fresh:
+            self._plan = make_plan(
+                self.source.shard_sizes,
+                self.source.index.num_tokens if self.batching.max_tokens else None,
+                epoch=self.epoch,
+                levels=fresh,
+                rank=self.rank,
+                shuffle=self.shuffle,
+                batching=self.batching,
+            )
+        if self._levels[-1].batches > self._plan.steps:
+            raise ConfigError(
+                f"the state says {self._levels[-1].batches} batches were read, but this epoch has {self._plan.steps}"
+            )
+        return self._plan
+
+    def advance(self, batches: int = 1) -> None:
+        """Record that ``batches`` more batches were consumed; moves to the next epoch at the end."""
+        plan = self.plan()
+        done = self._levels[-1].batches + batches
+        if done > plan.steps:
+            raise ConfigError(f"advanced past the end of epoch {self.epoch} ({plan.steps} batches)")
+        self._levels[-1] = replace(self._levels[-1], batches=done)
+        if done == plan.steps:
+            self.set_epoch(self.epoch + 1)
+
+    def remaining_steps(self) -> int:
+        """Batches left in the current epoch for this rank."""
+        return self.plan().steps - self._levels[-1].batches
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, batch: np.ndarray) -> list[Sample]:
+        return [self.source.get(int(i)) for i in batch]
+
+    def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[list[Sample]]:
+        """The rest of this epoch's batches for one reader: batch ``j`` goes to reader ``j mod workers``.
+
+        Does not record progress (readers run in worker processes); the
+        consumer calls :meth:`advance`.
+        """
+        plan = self.plan()
+        start = self._levels[-1].batches
+        for j in range(start + worker, plan.steps, workers):
+            yield self.read(plan.sequence[j])
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        """The rest of the current epoch in this process, recording progress as batches are taken."""
+        self.workers = 0
+        for batch in self.batches():
+            self.advance()
+            yield batch

@@ -1,0 +1,231 @@
+"""Model-ready Qwen2-VL / Qwen2.5-VL batches, and a DataLoader with exact resume.
+
+:class:`Qwen2VLCollator` turns samples into exactly what
+``Qwen2VLForConditionalGeneration`` takes: ``input_ids``, ``attention_mask``,
+``labels`` (-100 where the weight is 0 and on padding), ``pixel_values``,
+``image_grid_thw`` and ``mm_token_type_ids`` (transformers 5 needs it for
+M-RoPE). ``pixel_values`` equal ``Qwen2VLImageProcessor``'s output on the
+stored images, because those are already on the grid: the collator only
+decodes the JPEG, cuts it into patches and normalises.
+
+With ``pixels="uint8"`` the batch carries ``pixel_patches`` instead (one byte
+per value, no temporal copy: an eighth of the float32 size), and
+:meth:`Qwen2VLCollator.to_device` normalises and expands them on the device.
+
+:class:`TorchLoader` runs the collator in DataLoader worker processes over a
+:class:`~shardkit.load.stream.ShardStream` and keeps its resume state.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shardkit.load.stream import ShardStream
+from shardkit.shards import Manifest, Sample
+
+IGNORE_INDEX = -100
+
+
+def image_patches(jpeg: bytes, patch_size: int, merge_size: int) -> np.ndarray:
+    """A stored image as uint8 patches ``(num_patches, 3, patch, patch)`` in the processor's patch order."""
+    array = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    height, width, _ = array.shape
+    p, m = patch_size, merge_size
+    grid_h, grid_w = height // p, width // p
+    x = array.reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (rows/m, cols/m, m, m, channel, p, p)
+    return np.ascontiguousarray(x.reshape(grid_h * grid_w, 3, p, p))
+
+
+def expand_patches(
+    patches: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    temporal_patch_size: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 patches -> the processor's ``pixel_values``: rescale, normalise, repeat the frame in time.
+
+    Runs wherever ``patches`` lives (on the GPU, it costs almost nothing).
+    """
+    n, channels, p, _ = patches.shape
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=patches.device).view(1, channels, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=patches.device).view(1, channels, 1, 1)
+    x = (patches.to(torch.float32) * (1 / 255) - mean_t) / std_t
+    x = x.unsqueeze(2).expand(n, channels, temporal_patch_size, p, p)
+    return x.reshape(n, channels * temporal_patch_size * p * p).to(dtype)
+
+
+def _transformers_needs_token_types() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+class Qwen2VLCollator:
+    """Samples of a Qwen2-VL family build -> a model-ready batch (right-padded)."""
+
+    def __init__(
+        self,
+        *,
+        patch_size: int = 14,
+        merge_size: int = 2,
+        temporal_patch_size: int = 2,
+        image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        image_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        image_token_id: int = 151655,
+        pad_token_id: int = 151643,
+        pixels: Literal["float32", "uint8"] = "float32",
+        mm_token_type_ids: bool | None = None,
+    ):
+        if pixels not in ("float32", "uint8"):
+            raise ValueError(f"pixels must be 'float32' or 'uint8', got {pixels!r}")
+        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
+        self.pixels = pixels
+        self.mm_token_type_ids = _transformers_needs_token_types() if mm_token_type_ids is None else mm_token_type_ids
+
+    @classmethod
+    def for_build(cls, manifest: Manifest, **options: Any) -> Qwen2VLCollator:
+        """A collator with the grid, normalisation and token ids recorded in ``manifest``."""
+        family = manifest.config["family"]
+        tokens = manifest.config.get("special_tokens", {})
+        defaults: dict[str, Any] = {
+            "patch_size": family["patch_size"],
+            "merge_size": family["merge_size"],
+            "temporal_patch_size": family["temporal_patch_size"],
+            "image_mean": family["image_mean"],
+            "image_std": family["image_std"],
+        }
+        if "image_pad" in tokens:
+            defaults["image_token_id"] = tokens["image_pad"]
+        if tokens.get("pad") is not None:
+            defaults["pad_token_id"] = tokens["pad"]
+        return cls(**{**defaults, **options})
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        longest = max(len(s.input_ids) for s in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+        patches, grids = [], []
+        for row, sample in enumerate(samples):
+            ids = torch.from_numpy(sample.input_ids.astype(np.int64))
+            n = len(ids)
+            input_ids[row, :n] = ids
+            attention_mask[row, :n] = 1
+            labels[row, :n] = torch.where(torch.from_numpy(sample.weights > 0), ids, IGNORE_INDEX)
+            for jpeg, info in zip(sample.images, sample.info["images"], strict=True):
+                patches.append(image_patches(jpeg, self.patch_size, self.merge_size))
+                grids.append(info["grid_thw"])
+        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.mm_token_type_ids:
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.long) * attention_mask
+        if patches:
+            uint8 = torch.from_numpy(np.concatenate(patches))
+            if self.pixels == "uint8":
+                batch["pixel_patches"] = uint8
+            else:
+                batch["pixel_values"] = expand_patches(uint8, self.image_mean, self.image_std, self.temporal_patch_size)
+            batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
+        return batch
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Move a batch to ``device``; uint8 ``pixel_patches`` become ``pixel_values`` there."""
+        out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "pixel_patches"}
+        if "pixel_patches" in batch:
+            patches = batch["pixel_patches"].to(device, non_blocking=True)
+            out["pixel_values"] = expand_patches(patches, self.image_mean, self.image_std, self.temporal_patch_size, dtype)
+        elif "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(dtype)
+        return out
+
+
+class _ReaderDataset(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: its share of the rank's batches, collated."""
+
+    def __init__(self, stream: ShardStream, collate: Any):
+        self.stream = stream
+        self.collate = collate
+
+    def __iter__(self) -> Iterator[Any]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for batch in self.stream.batches(worker=worker, workers=workers):
+            yield self.collate(batch)
+
+
+def _keep(batch: Any) -> Any:
+    return batch
+
+
+class TorchLoader:
+    """Collated batches of one rank from ``num_workers`` DataLoader processes, with exact resume.
+
+    Iterating yields the rest of the current epoch; each batch handed out
+    counts as consumed, so :meth:`state_dict` taken after a training step
+    resumes with the next batch. ``collate`` defaults to the build's
+    :class:`Qwen2VLCollator`.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        *,
+        collate: Any = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
+        self.stream = stream
+        self.collate = collate or Qwen2VLCollator.for_build(stream.source.manifest)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        stream.workers = num_workers
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        self.stream.workers = self.num_workers
+        return self.stream.remaining_steps()
+
+    def __iter__(self) -> Iterator[Any]:
+        self.stream.workers = self.num_workers
+        self.stream.plan()
+        if self.num_workers == 0:
+            for batch in self.stream.batches():
+                out = self.collate(batch)
+                self.stream.advance()
+                yield out
+            return
+        loader = torch.utils.data.DataLoader(
+            _ReaderDataset(self.stream, self.collate),
+            batch_size=None,
+            collate_fn=_keep,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+        for out in loader:
+            self.stream.advance()
+            yield out

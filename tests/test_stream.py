@@ -1,0 +1,145 @@
+"""The streaming dataset over real builds: split, shuffle, exact and elastic resume, bad shards."""
+
+import json
+import shutil
+
+import pytest
+
+from shardkit.cli import main
+from shardkit.errors import ConfigError, ShardError
+from shardkit.load import ShardStream, verify_build
+from shardkit.shards import read_manifest
+
+
+def keys(batches):
+    return [[s.key for s in batch] for batch in batches]
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_one_epoch_reads_every_sample_once_in_a_seeded_order(builds, small_dataset, fmt):
+    stream = ShardStream(builds[fmt], batch_size=4, seed=1)
+    epoch0 = keys(stream)
+    flat = [k for b in epoch0 for k in b]
+    assert sorted(flat) == sorted(f"{line:010d}" for line in small_dataset.good_lines)
+    assert stream.epoch == 1  # the finished epoch moved the stream on
+    assert keys(ShardStream(builds[fmt], batch_size=4, seed=1)) == epoch0
+    epoch1 = keys(stream)
+    assert sorted(k for b in epoch1 for k in b) == sorted(flat) and epoch1 != epoch0
+    assert keys(ShardStream(builds[fmt], batch_size=4, seed=2)) != epoch0
+    in_order = [k for b in keys(ShardStream(builds[fmt], batch_size=4, shuffle=False)) for k in b]
+    assert in_order == sorted(in_order)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_restoring_mid_epoch_gives_the_same_remaining_batches(builds, fmt):
+    uninterrupted = keys(_epoch(builds[fmt], 2))
+    stream = ShardStream(builds[fmt], batch_size=3, seed=5)
+    stream.set_epoch(2)
+    it = iter(stream)
+    first = keys([next(it) for _ in range(6)])
+    state = json.loads(json.dumps(stream.state_dict()))  # survives JSON
+    assert state["epoch"] == 2 and state["levels"] == [{"world": 1, "workers": 1, "batches": 6}]
+    resumed = ShardStream(builds[fmt], batch_size=3, seed=5)
+    resumed.load_state_dict(state)
+    assert first + keys(resumed) == uninterrupted
+
+
+def _epoch(location, epoch, **options):
+    stream = ShardStream(location, batch_size=3, seed=5, **options)
+    stream.set_epoch(epoch)
+    return list(stream)
+
+
+def test_resuming_deep_into_an_epoch_reads_only_what_it_returns(builds, monkeypatch):
+    stream = ShardStream(builds["tar"], batch_size=2, seed=0)
+    steps = stream.remaining_steps()
+    for _ in range(int(steps * 0.9)):
+        stream.advance()
+    state = stream.state_dict()
+    resumed = ShardStream(builds["tar"], batch_size=2, seed=0)
+    resumed.load_state_dict(state)
+    reads = []
+    original = resumed.source.get
+    monkeypatch.setattr(resumed.source, "get", lambda i: reads.append(i) or original(i))
+    first = next(iter(resumed))
+    assert len(reads) == len(first) == 2  # no replay of the 90% before
+
+
+def test_ranks_split_an_epoch_into_disjoint_equal_parts(builds, small_dataset):
+    world = 3
+    per_rank = [keys(ShardStream(builds["parquet"], batch_size=2, rank=r, world_size=world, seed=9)) for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1
+    assert len({sum(map(len, p)) for p in per_rank}) == 1
+    flat = [k for p in per_rank for b in p for k in b]
+    assert len(flat) == len(set(flat))
+    assert len(small_dataset.good_lines) - len(flat) < world * 2
+
+
+def test_elastic_resume_on_another_world_size_finishes_the_epoch(builds, small_dataset):
+    location = builds["tar"]
+    first = [ShardStream(location, batch_size=2, rank=r, world_size=2, seed=3) for r in range(2)]
+    taken = []
+    for stream in first:
+        it = iter(stream)
+        taken += [k for _ in range(5) for k in (s.key for s in next(it))]
+    state = first[0].state_dict()
+    assert state == first[1].state_dict()  # every rank holds the same state
+    rest = []
+    for r in range(3):
+        stream = ShardStream(location, batch_size=2, rank=r, world_size=3, seed=3)
+        stream.load_state_dict(state)
+        rest += [s.key for b in stream for s in b]
+    seen = taken + rest
+    assert len(seen) == len(set(seen))
+    assert len(small_dataset.good_lines) - len(seen) < 3 * 2
+
+
+def test_token_budget_batches(builds):
+    manifest = read_manifest(builds["tar"])
+    stream = ShardStream(builds["tar"], max_tokens=4 * manifest.config["max_length"], seed=0)
+    batches = list(stream)
+    assert all(len(b) * max(len(s.input_ids) for s in b) <= 4 * 2048 for b in batches)
+    assert sum(map(len, batches)) == manifest.num_samples
+    with pytest.raises(ConfigError, match="below the longest sample"):
+        ShardStream(builds["tar"], max_tokens=64)
+
+
+def test_state_from_other_settings_is_refused(builds):
+    state = ShardStream(builds["tar"], batch_size=2).state_dict()
+    with pytest.raises(ConfigError, match="other shuffle/batching settings"):
+        ShardStream(builds["tar"], batch_size=3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_truncated_or_corrupt_shards_fail_naming_the_shard(builds, tmp_path, fmt):
+    copy = tmp_path / "copy"
+    shutil.copytree(builds[fmt], copy)
+    manifest = read_manifest(str(copy))
+    victim = copy / manifest.shards[3].path
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    with pytest.raises(ShardError, match=manifest.shards[3].path):
+        list(ShardStream(str(copy), batch_size=4, shuffle=False))
+    problems = verify_build(str(copy))
+    assert len(problems) == 1 and manifest.shards[3].path in problems[0]
+
+
+def test_verify_catches_a_changed_byte(builds, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(builds["tar"], copy)
+    assert verify_build(str(copy)) == []
+    assert main(["verify", str(copy)]) == 0
+    manifest = read_manifest(str(copy))
+    victim = copy / manifest.shards[1].path
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="sha256"):
+        list(ShardStream(str(copy), batch_size=4, shuffle=False, verify=True))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    assert manifest.shards[1].path in capsys.readouterr().out
+
+
+def test_missing_build_is_a_clear_error(tmp_path):
+    with pytest.raises(ShardError, match="no manifest.json"):
+        ShardStream(str(tmp_path), batch_size=1)
