@@ -113,7 +113,7 @@ class Converter:
                 "token_start": start,
                 "num_tokens": n,
             }
-            for ref, (oh, ow), (h, w), (start, n) in zip(refs, originals, planned, expanded.image_spans)
+            for ref, (oh, ow), (h, w), (start, n) in zip(refs, originals, planned, expanded.image_spans, strict=True)
         ]
         info: dict[str, Any] = {
             "key": sample_key(raw.line),
@@ -127,7 +127,7 @@ class Converter:
         }
         if record.id is not None:
             info["id"] = record.id
-        jpegs = [encode_jpeg(p, size, config.jpeg_quality) for p, size in zip(pictures, planned)]
+        jpegs = [encode_jpeg(p, size, config.jpeg_quality) for p, size in zip(pictures, planned, strict=True)]
         return Sample(info["key"], info, input_ids, weights, jpegs)
 
 
@@ -310,7 +310,13 @@ def _remove_build(fs: Any, folder: str) -> None:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name == PROGRESS_DIR:
             fs.rm(path, recursive=True)
-        elif name.startswith("shard-") or name in (MANIFEST_NAME, INDEX_NAME, REJECTS_FILE, SHARD_STATS_FILE, BUILD_FILE):
+        elif name.startswith("shard-") or name in (
+            MANIFEST_NAME,
+            INDEX_NAME,
+            REJECTS_FILE,
+            SHARD_STATS_FILE,
+            BUILD_FILE,
+        ):
             fs.rm(path)
 
 
@@ -340,7 +346,9 @@ def build(
         return read_manifest(config.out)
     convert = Converter(config, tokenizer)
     results: list[TaskResult] = []
-    with tqdm(total=summary.records, unit="rec", desc="build", disable=None if progress is None else not progress) as bar:
+    with tqdm(
+        total=summary.records, unit="rec", desc="build", disable=None if progress is None else not progress
+    ) as bar:
         rejected = 0
 
         def on_record(ok: bool) -> None:

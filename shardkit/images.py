@@ -56,7 +56,8 @@ class Grid:
             raise ConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
         if self.max_pixels < self.factor * self.factor:
             raise ConfigError(
-                f"max_pixels ({self.max_pixels}) is below one grid cell ({self.factor}x{self.factor} = {self.factor**2})"
+                f"max_pixels ({self.max_pixels}) is below one grid cell "
+                f"({self.factor}x{self.factor} = {self.factor**2})"
             )
 
     def size(self, height: int, width: int, cap: int | None = None) -> tuple[int, int]:
@@ -73,7 +74,9 @@ class Grid:
         try:
             h, w = smart_resize(height, width, f, lo, min(cap or hi, hi))
         except ValueError as exc:
-            raise RecordError(f"image {width}x{height}: {exc}, which Qwen's image processor refuses", "image_aspect") from None
+            raise RecordError(
+                f"image {width}x{height}: {exc}, which Qwen's image processor refuses", "image_aspect"
+            ) from None
         aspect = height / width
         while h * w < lo:
             if h / w < aspect:

@@ -87,7 +87,9 @@ def format_validation_error(error: ValidationError) -> str:
         loc = _format_loc(item["loc"])
         kind = item["type"]
         if kind == "json_invalid":
-            msg = "invalid JSON: " + str(item["ctx"].get("error", item["msg"])).replace(" at line 1 column ", " at column ")
+            msg = "invalid JSON: " + str(item["ctx"].get("error", item["msg"])).replace(
+                " at line 1 column ", " at column "
+            )
         elif kind == "union_tag_invalid":
             tag = item["ctx"].get("tag")
             msg = f"unsupported content type {tag!r} (expected 'image' or 'text')"

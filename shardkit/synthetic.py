@@ -98,7 +98,10 @@ def make_clinical_dataset(
         answer = f"Symptoms: {symptoms}.\n\nDiagnosis: {diagnosis}\n\nConfirmation/Key evidence: {evidence}."
         record = {
             "messages": [
-                {"role": "user", "content": [*({"type": "image", "image": n} for n in used), {"type": "text", "text": user_text}]},
+                {
+                    "role": "user",
+                    "content": [*({"type": "image", "image": n} for n in used), {"type": "text", "text": user_text}],
+                },
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]},
             ],
             "meta": {
@@ -143,7 +146,9 @@ def _png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _bad_records(root: Path) -> list[tuple[bytes, str]]:
@@ -161,7 +166,12 @@ def _bad_records(root: Path) -> list[tuple[bytes, str]]:
         (b'{"messages": [{"role": "user", "content": "unclosed"', "invalid_json"),
         (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "invalid_utf8"),
         (json.dumps({"meta": {"case_id": "x"}}).encode(), "invalid_record"),  # no messages
-        (json.dumps({"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "ok"}]}).encode(), "invalid_record"),
+        (
+            json.dumps(
+                {"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+            ).encode(),
+            "invalid_record",
+        ),
         (_record({"type": "video", "video": "images/clip.mp4"}), "invalid_record"),
         (json.dumps({"messages": [{"role": "user", "content": "Is anyone there?"}]}).encode(), "invalid_record"),
         (_record(_image("images/does_not_exist.jpg")), "image_missing"),

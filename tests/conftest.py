@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from shardkit.synthetic import make_clinical_dataset, photo_like
 from shardkit.tokenizer import load_tokenizer
@@ -29,12 +28,12 @@ def qwen2_vl_template() -> str:
 @pytest.fixture(scope="session")
 def clinical(tmp_path_factory):
     """A small seed-layout data set (small photos, for speed) with one broken record per kind of problem."""
-    return make_clinical_dataset(
-        tmp_path_factory.mktemp("clinical"), cases=10, megapixels=(0.05, 0.6), bad_lines=True
-    )
+    return make_clinical_dataset(tmp_path_factory.mktemp("clinical"), cases=10, megapixels=(0.05, 0.6), bad_lines=True)
 
 
-def write_image(path: Path, width: int, height: int, *, mode: str = "RGB", fmt: str = "JPEG", seed: int = 0, **save) -> Path:
+def write_image(
+    path: Path, width: int, height: int, *, mode: str = "RGB", fmt: str = "JPEG", seed: int = 0, **save
+) -> Path:
     """Write a real picture with Pillow in ``mode`` and ``fmt``."""
     image = photo_like(width, height, np.random.default_rng(seed))
     if mode != "RGB":
@@ -55,7 +54,10 @@ def write_jsonl(path: Path, records: list) -> Path:
 def conversation(*images: str, question: str = "What is shown?", answer: str = "A test pattern.") -> dict:
     return {
         "messages": [
-            {"role": "user", "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": question}]},
+            {
+                "role": "user",
+                "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": question}],
+            },
             {"role": "assistant", "content": answer},
         ]
     }
@@ -78,24 +80,68 @@ def builds(small_dataset, tmp_path_factory):
     out = {}
     for fmt in ("tar", "parquet"):
         folder = tmp_path_factory.mktemp(f"build-{fmt}")
-        build(BuildConfig.create(input=str(small_dataset.jsonl), out=str(folder), format=fmt, samples_per_shard=5), progress=False)
+        build(
+            BuildConfig.create(input=str(small_dataset.jsonl), out=str(folder), format=fmt, samples_per_shard=5),
+            progress=False,
+        )
         out[fmt] = str(folder)
     return out
 
 
-def tiny_qwen2_vl_config(family: str = "qwen2_vl"):
-    """A tiny randomly initialisable Qwen2-VL / Qwen2.5-VL config with the real vocabulary size."""
+def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.02):
+    """A tiny randomly initialisable Qwen2-VL / Qwen2.5-VL config with the real vocabulary size.
+
+    A larger ``initializer_range`` gives the frozen output layer room for confident
+    predictions, so that a LoRA adapter alone can fit a small set.
+    """
     if family == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
-        vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3}
+
+        vision = {
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_chans": 3,
+        }
     else:
         from transformers import Qwen2_5_VLConfig as Config
-        vision = {"depth": 2, "hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64, "num_heads": 2,
-                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
-                  "fullatt_block_indexes": [1], "in_chans": 3}
-    text = {"vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "rope_theta": 10000.0}
-    return Config(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                  vision_start_token_id=151652, vision_end_token_id=151653)
+
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "out_hidden_size": 64,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+            "in_chans": 3,
+        }
+    text = {
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_theta": 10000.0,
+        "initializer_range": initializer_range,
+    }
+    return Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        initializer_range=initializer_range,
+    )

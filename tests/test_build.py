@@ -2,7 +2,6 @@ import hashlib
 import io
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -72,8 +71,13 @@ def test_the_models_image_processor_leaves_stored_images_unchanged(clinical, tmp
     if model == "qwen2_vl":
         processor = Qwen2VLImageProcessor()
     else:  # Qwen3-VL's published preprocessor settings
-        processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                          size={"shortest_edge": 65536, "longest_edge": 16777216})
+        processor = Qwen2VLImageProcessor(
+            patch_size=16,
+            merge_size=2,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+            size={"shortest_edge": 65536, "longest_edge": 16777216},
+        )
     pad = 151655
     checked = 0
     for sample in iter_build_samples(str(out)):
@@ -125,8 +129,15 @@ def test_overlength_truncate_cuts_trailing_text_only(tmp_path):
     write_image(root / "images" / "a.jpg", 100, 100)
     records = [
         conversation("images/a.jpg", question="short", answer="word " * 400),  # cut inside the answer
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "word " * 400}, {"type": "image", "image": "images/a.jpg"}]},
-                      {"role": "assistant", "content": "ok"}]},  # the image sits past the cut
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "word " * 400}, {"type": "image", "image": "images/a.jpg"}],
+                },
+                {"role": "assistant", "content": "ok"},
+            ]
+        },  # the image sits past the cut
         conversation("images/a.jpg", question="word " * 300, answer="ok"),  # the cut removes the whole answer
     ]
     data = write_jsonl(root / "in.jsonl", records)
@@ -143,18 +154,23 @@ def test_reserved_tokens_and_extreme_aspect_are_rejected_in_the_build(tmp_path):
     root = tmp_path / "d"
     write_image(root / "images" / "ok.jpg", 64, 64)
     write_image(root / "images" / "thin.png", 4200, 20, fmt="PNG")
-    data = write_jsonl(root / "in.jsonl", [
-        conversation("images/ok.jpg", question="inject <|im_end|> here"),
-        conversation("images/thin.png"),
-        conversation("images/ok.jpg"),
-    ])
+    data = write_jsonl(
+        root / "in.jsonl",
+        [
+            conversation("images/ok.jpg", question="inject <|im_end|> here"),
+            conversation("images/thin.png"),
+            conversation("images/ok.jpg"),
+        ],
+    )
     manifest = build(config(data, tmp_path / "out"), progress=False)
     assert [(r["line"], r["code"]) for r in rejects(tmp_path / "out")] == [(1, "reserved_token"), (2, "image_aspect")]
     assert manifest.num_samples == 1
 
 
 def test_max_shard_bytes_splits_a_task_into_parts(clinical, tmp_path):
-    manifest = build(config(clinical.jsonl, tmp_path / "out", samples_per_shard=100, max_shard_bytes=60_000), progress=False)
+    manifest = build(
+        config(clinical.jsonl, tmp_path / "out", samples_per_shard=100, max_shard_bytes=60_000), progress=False
+    )
     names = [s.path for s in manifest.shards]
     assert len(names) > 2 and names == [f"shard-000000-{i:03d}.tar" for i in range(len(names))]
     assert sum(s.num_samples for s in manifest.shards) == len(clinical.good_lines)
@@ -213,8 +229,13 @@ def test_an_interrupted_build_resumes_and_keeps_finished_shards(clinical, tmp_pa
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"model": "llava"}, "unknown model family 'llava'"), ({"min_pixels": 10**7}, "larger than max_pixels"),
-     ({"max_length": 8}, "max_length"), ({"train_on": "everything"}, "train_on"), ({"format": "zip"}, "format")],
+    [
+        ({"model": "llava"}, "unknown model family 'llava'"),
+        ({"min_pixels": 10**7}, "larger than max_pixels"),
+        ({"max_length": 8}, "max_length"),
+        ({"train_on": "everything"}, "train_on"),
+        ({"format": "zip"}, "format"),
+    ],
 )
 def test_bad_options_are_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):

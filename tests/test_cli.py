@@ -46,7 +46,20 @@ def test_build_exit_codes(clinical, tmp_path, capsys):
 
 
 def test_installed_command_help():
-    result = subprocess.run([sys.executable, "-m", "shardkit.cli", "build", "--help"], capture_output=True, text=True, check=True)
-    for option in ("--format", "--model", "--tokenizer", "--max-length", "--min-pixels", "--max-pixels", "--train-on",
-                   "--samples-per-shard", "--max-shard-bytes", "--strict", "--overlength"):
+    result = subprocess.run(
+        [sys.executable, "-m", "shardkit.cli", "build", "--help"], capture_output=True, text=True, check=True
+    )
+    for option in (
+        "--format",
+        "--model",
+        "--tokenizer",
+        "--max-length",
+        "--min-pixels",
+        "--max-pixels",
+        "--train-on",
+        "--samples-per-shard",
+        "--max-shard-bytes",
+        "--strict",
+        "--overlength",
+    ):
         assert option in result.stdout

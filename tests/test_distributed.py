@@ -22,10 +22,25 @@ def test_two_ranks_cover_an_epoch_disjointly_and_equally(tmp_path):
     out = tmp_path / "build"
     build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=6), progress=False)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         str(Path(__file__).with_name("distributed_epoch.py")), str(out), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            str(Path(__file__).with_name("distributed_epoch.py")),
+            str(out),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

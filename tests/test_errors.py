@@ -24,6 +24,11 @@ def test_errors_inherit_builtin_and_pickle(error, builtin):
 def test_record_error_keeps_its_fields_across_pickle():
     error = RecordError("image not found: a.jpg", "image_missing", detail={"image": "a.jpg"}).at(12)
     copy = pickle.loads(pickle.dumps(error))
-    assert (copy.reason, copy.code, copy.line, copy.detail) == ("image not found: a.jpg", "image_missing", 12, {"image": "a.jpg"})
+    assert (copy.reason, copy.code, copy.line, copy.detail) == (
+        "image not found: a.jpg",
+        "image_missing",
+        12,
+        {"image": "a.jpg"},
+    )
     assert str(copy) == "line 12: image not found: a.jpg"
     assert copy.to_json() == {"line": 12, "code": "image_missing", "reason": "image not found: a.jpg", "image": "a.jpg"}

@@ -48,7 +48,9 @@ def test_grid_sizes_are_stable_under_the_processor_rule():
         assert refused < 200
 
 
-@pytest.mark.parametrize("lo, hi, message", [(10, 5, "larger than max_pixels"), (1, 100, "below one grid cell"), (0, 100, "positive")])
+@pytest.mark.parametrize(
+    "lo, hi, message", [(10, 5, "larger than max_pixels"), (1, 100, "below one grid cell"), (0, 100, "positive")]
+)
 def test_bad_pixel_bounds_are_config_errors(lo, hi, message):
     with pytest.raises(ConfigError, match=message):
         Grid(28, lo, hi)
@@ -76,7 +78,9 @@ def test_qwen2_vl_processor_leaves_stored_images_unchanged():
     rng = np.random.default_rng(0)
     for h, w in [(37, 1500), (480, 640), (2000, 1000), (29, 29), (3000, 4000)]:
         sh, sw = grid.size(h, w)
-        image = Image.open(io.BytesIO(encode_jpeg(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), (sh, sw), 90)))
+        image = Image.open(
+            io.BytesIO(encode_jpeg(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), (sh, sw), 90))
+        )
         out = processor(images=[image], return_tensors="np")
         assert out["image_grid_thw"].tolist() == [[1, sh // 14, sw // 14]]
         assert out["pixel_values"].shape[0] // 4 == grid.tokens(sh, sw)
@@ -84,8 +88,17 @@ def test_qwen2_vl_processor_leaves_stored_images_unchanged():
 
 @pytest.mark.parametrize(
     "mode, fmt, save",
-    [("RGBA", "PNG", {}), ("LA", "PNG", {}), ("P", "PNG", {"transparency": 0}), ("P", "GIF", {}), ("CMYK", "JPEG", {}),
-     ("L", "JPEG", {}), ("I;16", "PNG", {}), ("1", "PNG", {}), ("RGB", "WEBP", {})],
+    [
+        ("RGBA", "PNG", {}),
+        ("LA", "PNG", {}),
+        ("P", "PNG", {"transparency": 0}),
+        ("P", "GIF", {}),
+        ("CMYK", "JPEG", {}),
+        ("L", "JPEG", {}),
+        ("I;16", "PNG", {}),
+        ("1", "PNG", {}),
+        ("RGB", "WEBP", {}),
+    ],
 )
 def test_any_mode_becomes_rgb(tmp_path, mode, fmt, save):
     path = write_image(tmp_path / f"x.{fmt.lower()}", 64, 48, mode=mode, fmt=fmt, **save)
@@ -149,9 +162,14 @@ def test_paths_that_leave_the_root_are_refused(tmp_path):
     assert images.resolve("images/a.jpg") == (root / "images" / "a.jpg").resolve()
     assert images.resolve("images/link_in.jpg") == (root / "images" / "a.jpg").resolve()
     assert images.resolve(str(root / "images" / "a.jpg")) == (root / "images" / "a.jpg").resolve()
-    for ref, code in [("../outside.jpg", "image_outside_root"), ("images/../../outside.jpg", "image_outside_root"),
-                      (str(tmp_path / "outside.jpg"), "image_outside_root"), ("images/link_out.jpg", "image_outside_root"),
-                      ("https://example.com/a.jpg", "image_remote"), ("data:image/png;base64,AAAA", "image_remote")]:
+    for ref, code in [
+        ("../outside.jpg", "image_outside_root"),
+        ("images/../../outside.jpg", "image_outside_root"),
+        (str(tmp_path / "outside.jpg"), "image_outside_root"),
+        ("images/link_out.jpg", "image_outside_root"),
+        ("https://example.com/a.jpg", "image_remote"),
+        ("data:image/png;base64,AAAA", "image_remote"),
+    ]:
         with pytest.raises(RecordError) as info:
             images.resolve(ref)
         assert info.value.code == code, ref

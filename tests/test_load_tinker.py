@@ -22,7 +22,10 @@ from tests.conftest import conversation, write_image, write_jsonl
 @pytest.fixture(scope="module")
 def qwen3_build(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen3")
-    build(BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8), progress=False)
+    build(
+        BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8),
+        progress=False,
+    )
     return out
 
 
@@ -31,8 +34,13 @@ def cookbook_datum(record, images, tokenizer, reduction):
     from tinker_cookbook.supervised.data import conversation_to_datum
     from transformers import Qwen2VLImageProcessor
 
-    processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                      size={"shortest_edge": 65536, "longest_edge": 16777216})
+    processor = Qwen2VLImageProcessor(
+        patch_size=16,
+        merge_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+    )
     renderer = get_renderer("qwen3_vl_instruct", tokenizer, processor)
     pictures = iter(images)
     messages = []
@@ -41,7 +49,9 @@ def cookbook_datum(record, images, tokenizer, reduction):
         if isinstance(content, list):
             content = [{"type": "image", "image": next(pictures)} if p["type"] == "image" else p for p in content]
         messages.append({"role": m["role"], "content": content})
-    return conversation_to_datum(messages, renderer, max_length=None, train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE, reduction=reduction)
+    return conversation_to_datum(
+        messages, renderer, max_length=None, train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE, reduction=reduction
+    )
 
 
 def flat_chunks(model_input):
@@ -84,16 +94,23 @@ def test_trailing_image_and_multi_turn(tmp_path, tokenizer):
     write_image(root / "images" / "a.jpg", 300, 260)
     write_image(root / "images" / "b.jpg", 256, 256)
     records = [
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "image", "image": "images/a.jpg"}]},
-                      {"role": "assistant", "content": "A rash."},
-                      {"role": "user", "content": [{"type": "image", "image": "images/b.jpg"}]},
-                      {"role": "assistant", "content": "Also a rash."}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Look"}, {"type": "image", "image": "images/a.jpg"}],
+                },
+                {"role": "assistant", "content": "A rash."},
+                {"role": "user", "content": [{"type": "image", "image": "images/b.jpg"}]},
+                {"role": "assistant", "content": "Also a rash."},
+            ]
+        },
         conversation("images/b.jpg", question="One more?", answer="No."),
     ]
     data = write_jsonl(root / "in.jsonl", records)
     build(BuildConfig.create(input=str(data), out=str(tmp_path / "out"), model="qwen3_vl"), progress=False)
     samples = [s for b in ShardStream(str(tmp_path / "out"), batch_size=2, shuffle=False) for s in b]
-    for sample, record in zip(samples, records):
+    for sample, record in zip(samples, records, strict=True):
         images = [Image.open(io.BytesIO(j)) for j in sample.images]
         assert_same_datum(sample_to_datum(sample), cookbook_datum(record, images, tokenizer, "mean"))
 

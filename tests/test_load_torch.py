@@ -25,7 +25,9 @@ def processor():
     return Qwen2VLImageProcessor()
 
 
-def test_batch_equals_the_processor_and_the_chat_template(builds, small_dataset, tokenizer, qwen2_vl_template, processor):
+def test_batch_equals_the_processor_and_the_chat_template(
+    builds, small_dataset, tokenizer, qwen2_vl_template, processor
+):
     stream = ShardStream(builds["tar"], batch_size=5, seed=0)
     samples = next(iter(stream))
     batch = Qwen2VLCollator.for_build(stream.source.manifest)(samples)
@@ -49,7 +51,9 @@ def test_batch_equals_the_processor_and_the_chat_template(builds, small_dataset,
         weights = torch.from_numpy(sample.weights)
         assert batch["labels"][row, :n].tolist() == torch.where(weights > 0, torch.tensor(expected), -100).tolist()
         assert (batch["labels"][row, n:] == -100).all()
-        assert batch["mm_token_type_ids"][row].tolist() == [int(t == pad) for t in expected] + [0] * (batch["input_ids"].shape[1] - n)
+        assert batch["mm_token_type_ids"][row].tolist() == [int(t == pad) for t in expected] + [0] * (
+            batch["input_ids"].shape[1] - n
+        )
         trained = tokenizer.decode(batch["input_ids"][row][batch["labels"][row] != -100].tolist())
         assert trained == json.loads(records[sample.info["line"]])["messages"][-1]["content"][0]["text"] + "<|im_end|>"
 
@@ -123,7 +127,9 @@ def test_loader_with_workers_resumes_exactly(builds, workers):
 
 def test_workers_and_main_process_give_the_same_samples(builds):
     main = {k for b in TorchLoader(ShardStream(builds["tar"], batch_size=2), collate=keyed) for k in b}
-    workers = {k for b in TorchLoader(ShardStream(builds["tar"], batch_size=2), collate=keyed, num_workers=3) for k in b}
+    workers = {
+        k for b in TorchLoader(ShardStream(builds["tar"], batch_size=2), collate=keyed, num_workers=2) for k in b
+    }
     assert main == workers and len(main) == read_manifest(builds["tar"]).num_samples
 
 

@@ -59,7 +59,9 @@ def test_token_budget_batches_never_exceed_the_budget():
 
 def test_max_batch_size_caps_token_batches():
     lengths = np.full(40, 10)
-    (sequence,) = rank_sequences(np.arange(40), 1, 1, Batching(max_tokens=1000, max_batch_size=7), lengths, seed=None, key=(0,))
+    (sequence,) = rank_sequences(
+        np.arange(40), 1, 1, Batching(max_tokens=1000, max_batch_size=7), lengths, seed=None, key=(0,)
+    )
     assert [len(b) for b in sequence] == [7, 7, 7, 7, 7, 5]
 
 
@@ -73,7 +75,9 @@ def test_bad_batching_is_a_config_error():
 
 
 def plan_batches(levels, rank, batching, lengths=None, epoch=0):
-    plan = make_plan(SIZES, lengths, epoch=epoch, levels=levels, rank=rank, shuffle=Shuffle(seed=7, window=6), batching=batching)
+    plan = make_plan(
+        SIZES, lengths, epoch=epoch, levels=levels, rank=rank, shuffle=Shuffle(seed=7, window=6), batching=batching
+    )
     return plan
 
 
@@ -86,10 +90,27 @@ def test_elastic_resume_loses_and_repeats_nothing(batching):
         steps = plan_batches([first], 0, batching, lengths).steps
         done = rnd.randint(0, steps)
         second = Level(rnd.randint(1, 4), rnd.randint(1, 3))
-        before = [make_plan(SIZES, lengths, epoch=0, levels=[first], rank=r, shuffle=Shuffle(seed=7, window=6), batching=batching).sequence[:done] for r in range(first.world)]
-        after = [make_plan(SIZES, lengths, epoch=0, levels=[Level(first.world, first.workers, done), second], rank=r,
-                           shuffle=Shuffle(seed=7, window=6), batching=batching) for r in range(second.world)]
-        seen = [int(i) for seq in before for b in seq for i in b] + [int(i) for p in after for b in p.sequence for i in b]
+        before = [
+            make_plan(
+                SIZES, lengths, epoch=0, levels=[first], rank=r, shuffle=Shuffle(seed=7, window=6), batching=batching
+            ).sequence[:done]
+            for r in range(first.world)
+        ]
+        after = [
+            make_plan(
+                SIZES,
+                lengths,
+                epoch=0,
+                levels=[Level(first.world, first.workers, done), second],
+                rank=r,
+                shuffle=Shuffle(seed=7, window=6),
+                batching=batching,
+            )
+            for r in range(second.world)
+        ]
+        seen = [int(i) for seq in before for b in seq for i in b] + [
+            int(i) for p in after for b in p.sequence for i in b
+        ]
         assert len(seen) == len(set(seen)), "a sample was read twice"
         assert after[0].consumed_before == sum(len(b) for seq in before for b in seq)
         missing = after[0].remaining_at_level - sum(len(b) for p in after for b in p.sequence)

@@ -11,29 +11,67 @@ from shardkit.schema import Record
 
 CONVERSATIONS = [
     # the seed's shape: images then text, one answer
-    {"messages": [
-        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "image", "image": "b.jpg"},
-                                     {"type": "text", "text": "Clinical case 01.\nSymptoms: itchy rash.\nWhat is the diagnosis?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Symptoms: itchy rash.\n\nDiagnosis: Scabies\n\nConfirmation/Key evidence: burrows."}]},
-    ]},
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": "a.jpg"},
+                    {"type": "image", "image": "b.jpg"},
+                    {"type": "text", "text": "Clinical case 01.\nSymptoms: itchy rash.\nWhat is the diagnosis?"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "text",
+                        "text": "Symptoms: itchy rash.\n\nDiagnosis: Scabies\n\nConfirmation/Key evidence: burrows.",
+                    }
+                ],
+            },
+        ]
+    },
     # system prompt, multi-turn, image between texts, string contents
-    {"messages": [
-        {"role": "system", "content": "You are a careful dermatologist."},
-        {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": "a.jpg"}, {"type": "text", "text": " what is it?"}]},
-        {"role": "assistant", "content": "A ring-shaped lesion."},
-        {"role": "user", "content": [{"type": "image", "image": "c.jpg"}, {"type": "text", "text": "And now?"}]},
-        {"role": "assistant", "content": "It has grown: tinea corporis."},
-    ]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a careful dermatologist."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Look: "},
+                    {"type": "image", "image": "a.jpg"},
+                    {"type": "text", "text": " what is it?"},
+                ],
+            },
+            {"role": "assistant", "content": "A ring-shaped lesion."},
+            {"role": "user", "content": [{"type": "image", "image": "c.jpg"}, {"type": "text", "text": "And now?"}]},
+            {"role": "assistant", "content": "It has grown: tinea corporis."},
+        ]
+    },
     # whitespace at the edges of contents, where header and content tokens can merge
-    {"messages": [
-        {"role": "user", "content": "\n\n  leading blank lines"},
-        {"role": "assistant", "content": "\n\nAnswer after blank lines.  \n"},
-    ]},
+    {
+        "messages": [
+            {"role": "user", "content": "\n\n  leading blank lines"},
+            {"role": "assistant", "content": "\n\nAnswer after blank lines.  \n"},
+        ]
+    },
     # unicode, emoji, CJK, several text parts in the answer
-    {"messages": [
-        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "Qu'est-ce que c'est ? 这是什么？ 🩺"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Une éruption "}, {"type": "text", "text": "cutanée — 皮疹 🙂"}]},
-    ]},
+    {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": "a.jpg"},
+                    {"type": "text", "text": "Qu'est-ce que c'est ? 这是什么？ 🩺"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "Une éruption "}, {"type": "text", "text": "cutanée — 皮疹 🙂"}],
+            },
+        ]
+    },
 ]
 
 IMAGE_TOKENS = {"a.jpg": 12, "b.jpg": 30, "c.jpg": 4}
@@ -50,7 +88,9 @@ def test_qwen2_vl_tokens_equal_apply_chat_template(tokenizer, qwen2_vl_template,
     record = Record.model_validate(data)
     renderer = get_family(family).renderer(tokenizer)
     expanded = renderer.render(record, TrainOn.LAST_ASSISTANT).expand(image_tokens(record))
-    reference = tokenizer.apply_chat_template(data["messages"], chat_template=qwen2_vl_template, tokenize=True, return_dict=False)
+    reference = tokenizer.apply_chat_template(
+        data["messages"], chat_template=qwen2_vl_template, tokenize=True, return_dict=False
+    )
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     counts = iter(image_tokens(record))
     expected = [t for token in reference for t in ([pad] * next(counts) if token == pad else [token])]
@@ -75,7 +115,10 @@ def test_weights_follow_train_on(tokenizer, family):
         return renderer.render(record, train_on).expand(image_tokens(record))
 
     assert weighted_text(tokenizer, render(TrainOn.LAST_ASSISTANT)) == "It has grown: tinea corporis.<|im_end|>"
-    assert weighted_text(tokenizer, render(TrainOn.ALL_ASSISTANT)) == "A ring-shaped lesion.<|im_end|>It has grown: tinea corporis.<|im_end|>"
+    assert (
+        weighted_text(tokenizer, render(TrainOn.ALL_ASSISTANT))
+        == "A ring-shaped lesion.<|im_end|>It has grown: tinea corporis.<|im_end|>"
+    )
     everything = render(TrainOn.ALL)
     text = weighted_text(tokenizer, everything)
     assert "You are a careful dermatologist." in text and "Look: " in text and "And now?" in text
@@ -89,13 +132,20 @@ def test_weights_follow_train_on(tokenizer, family):
 def test_default_system_prompt_is_never_trained(tokenizer):
     record = Record.model_validate(CONVERSATIONS[0])
     expanded = get_family("qwen2_vl").renderer(tokenizer).render(record, TrainOn.ALL).expand(image_tokens(record))
-    assert tokenizer.decode(expanded.input_ids[:10].tolist()).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert tokenizer.decode(expanded.input_ids[:10].tolist()).startswith(
+        "<|im_start|>system\nYou are a helpful assistant."
+    )
     assert "helpful" not in weighted_text(tokenizer, expanded)
 
 
 def test_text_with_control_tokens_is_rejected(tokenizer):
     record = Record.model_validate(
-        {"messages": [{"role": "user", "content": "sneaky <|image_pad|> token"}, {"role": "assistant", "content": "ok"}]}
+        {
+            "messages": [
+                {"role": "user", "content": "sneaky <|image_pad|> token"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
     )
     with pytest.raises(RecordError) as info:
         get_family("qwen2_vl").renderer(tokenizer).render(record, TrainOn.LAST_ASSISTANT)
@@ -122,7 +172,10 @@ def qwen3_image_processor():
     from transformers import Qwen2VLImageProcessor
 
     return Qwen2VLImageProcessor(
-        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        patch_size=16,
+        merge_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
         size={"shortest_edge": 65536, "longest_edge": 16777216},
     )
 
@@ -133,14 +186,19 @@ def tinker_messages(data: dict) -> list[dict]:
         content = message["content"]
         if isinstance(content, list):
             content = [
-                {"type": "image", "image": Image.new("RGB", SIZES[p["image"]][::-1], (90, 40, 20))} if p["type"] == "image" else p
+                {"type": "image", "image": Image.new("RGB", SIZES[p["image"]][::-1], (90, 40, 20))}
+                if p["type"] == "image"
+                else p
                 for p in content
             ]
         out.append({"role": message["role"], "content": content})
     return out
 
 
-@pytest.mark.parametrize("train_on, tinker_name", [(TrainOn.LAST_ASSISTANT, "LAST_ASSISTANT_MESSAGE"), (TrainOn.ALL_ASSISTANT, "ALL_ASSISTANT_MESSAGES")])
+@pytest.mark.parametrize(
+    "train_on, tinker_name",
+    [(TrainOn.LAST_ASSISTANT, "LAST_ASSISTANT_MESSAGE"), (TrainOn.ALL_ASSISTANT, "ALL_ASSISTANT_MESSAGES")],
+)
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
 def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name):
     import tinker
@@ -153,7 +211,9 @@ def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name
     ours = family.renderer(tokenizer).render(record, train_on).expand(counts)
 
     reference = get_renderer("qwen3_vl_instruct", tokenizer, qwen3_image_processor())
-    model_input, weights = reference.build_supervised_example(tinker_messages(data), train_on_what=TrainOnWhat[tinker_name])
+    model_input, weights = reference.build_supervised_example(
+        tinker_messages(data), train_on_what=TrainOnWhat[tinker_name]
+    )
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     tokens, expected_counts = [], []
     for chunk in model_input.chunks:

@@ -18,7 +18,12 @@ def test_exported_json_schemas_are_in_sync():
 def test_string_and_list_content_are_the_same():
     a = Record.model_validate({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     b = Record.model_validate(
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]}
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "yo"}]},
+            ]
+        }
     )
     assert a == b
     assert a.messages[0].content == [TextPart(type="text", text="hi")]
@@ -29,7 +34,14 @@ def test_images_in_order_and_meta_kept():
         {
             "messages": [
                 {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "x"}, {"type": "image", "image": "b.jpg"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "a.jpg"},
+                        {"type": "text", "text": "x"},
+                        {"type": "image", "image": "b.jpg"},
+                    ],
+                },
                 {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": [{"type": "image", "image": "c.jpg"}]},
                 {"role": "assistant", "content": "ok"},
@@ -48,14 +60,43 @@ def test_images_in_order_and_meta_kept():
         ({"meta": {}}, "messages: missing (required)"),
         ({"messages": []}, "messages: List should have at least 1 item"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role: unknown role 'bot'"),
-        ({"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]}, "messages[0].content[0]: unsupported content type 'video'"),
-        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0]: content part has no 'type'"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "txt": "x"}]}]}, "messages[0].content[0].txt: unknown field"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]},
+            "messages[0].content[0]: unsupported content type 'video'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"text": "x"}]}]},
+            "messages[0].content[0]: content part has no 'type'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "txt": "x"}]}]},
+            "messages[0].content[0].txt: unknown field",
+        ),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: must be a string or a list of parts"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}, {"role": "assistant", "content": "z"}]}, "a system message may only come first"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "image", "image": "a.jpg"}]}]}, "images belong in user messages"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "mesages": []}, "mesages: unknown field"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "system", "content": "y"},
+                    {"role": "assistant", "content": "z"},
+                ]
+            },
+            "a system message may only come first",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "image", "image": "a.jpg"}]},
+                ]
+            },
+            "images belong in user messages",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "mesages": []},
+            "mesages: unknown field",
+        ),
         ([1, 2], "a record must be a JSON object"),
     ],
 )

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from shardkit.errors import ShardError
 from shardkit.shards import READERS, WRITERS, Sample
 from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_manifest
-from shardkit.errors import ShardError
 from shardkit.storage import open_fs
 from shardkit.synthetic import photo_like
 
@@ -26,7 +26,12 @@ def samples(n=5, images=2):
         out.append(
             Sample(
                 key=f"{i + 1:010d}",
-                info={"key": f"{i + 1:010d}", "line": i + 1, "meta": {"diagnosis": "x", "é": "ü"}, "num_tokens": length},
+                info={
+                    "key": f"{i + 1:010d}",
+                    "line": i + 1,
+                    "meta": {"diagnosis": "x", "é": "ü"},
+                    "num_tokens": length,
+                },
                 input_ids=np.arange(length, dtype=np.int32) + 151000,
                 weights=(np.arange(length) % 3 == 0).astype(np.float32),
                 images=pictures,
@@ -117,18 +122,29 @@ def test_parquet_is_readable_by_pyarrow_and_datasets(tmp_path):
     table = pq.read_table(tmp_path / "s.parquet")
     assert table.column_names == ["key", "line", "num_tokens", "input_ids", "weights", "images", "json"]
     assert table.column("line").to_pylist() == [1, 2, 3, 4, 5]
-    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "s.parquet"), split="train", cache_dir=str(tmp_path / "cache"))
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(tmp_path / "s.parquet"), split="train", cache_dir=str(tmp_path / "cache")
+    )
     assert len(ds) == 5 and ds[0]["input_ids"] == items[0].input_ids.tolist()
     assert Image.open(io.BytesIO(ds[0]["images"][1])).size == (84, 84)
 
 
 def test_manifest_roundtrip_and_errors(tmp_path):
     manifest = Manifest(
-        format="tar", num_records=3, num_samples=2, num_images=2, num_tokens=40, num_trained_tokens=5, num_rejected=1,
-        num_fitted=0, num_truncated=0, rejects_by_code={"invalid_json": 1},
+        format="tar",
+        num_records=3,
+        num_samples=2,
+        num_images=2,
+        num_tokens=40,
+        num_trained_tokens=5,
+        num_rejected=1,
+        num_fitted=0,
+        num_truncated=0,
+        rejects_by_code={"invalid_json": 1},
         shards=[ShardEntry(path="shard-000000-000.tar", num_samples=2, num_tokens=40, bytes=10, sha256="0" * 64)],
         index=IndexFile(path="index.parquet", num_rows=2, bytes=10, sha256="1" * 64),
-        config={"model": "qwen2_vl"}, created_by="test",
+        config={"model": "qwen2_vl"},
+        created_by="test",
     )
     fs, folder = open_fs(str(tmp_path))
     manifest.write(fs, folder)

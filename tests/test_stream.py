@@ -67,7 +67,9 @@ def test_resuming_deep_into_an_epoch_reads_only_what_it_returns(builds, monkeypa
 
 def test_ranks_split_an_epoch_into_disjoint_equal_parts(builds, small_dataset):
     world = 3
-    per_rank = [keys(ShardStream(builds["parquet"], batch_size=2, rank=r, world_size=world, seed=9)) for r in range(world)]
+    per_rank = [
+        keys(ShardStream(builds["parquet"], batch_size=2, rank=r, world_size=world, seed=9)) for r in range(world)
+    ]
     assert len({len(p) for p in per_rank}) == 1
     assert len({sum(map(len, p)) for p in per_rank}) == 1
     flat = [k for p in per_rank for b in p for k in b]

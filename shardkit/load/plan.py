@@ -91,7 +91,9 @@ def epoch_order(shard_sizes: Sequence[int], shuffle: Shuffle, epoch: int) -> np.
     return stream[np.lexsort((keys, np.arange(total) // shuffle.window))]
 
 
-def _batches(part: np.ndarray, batching: Batching, lengths: np.ndarray | None, rng: np.random.Generator | None) -> list[np.ndarray]:
+def _batches(
+    part: np.ndarray, batching: Batching, lengths: np.ndarray | None, rng: np.random.Generator | None
+) -> list[np.ndarray]:
     if batching.batch_size is not None:
         return [part[i : i + batching.batch_size] for i in range(0, len(part), batching.batch_size)]
     assert lengths is not None and batching.max_tokens is not None

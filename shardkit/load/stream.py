@@ -119,7 +119,9 @@ class ShardStream:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"unsupported loader state version {state.get('version')!r}")
         if state["num_samples"] != len(self.source):
-            raise ConfigError(f"the state is for a build of {state['num_samples']} samples, this one has {len(self.source)}")
+            raise ConfigError(
+                f"the state is for a build of {state['num_samples']} samples, this one has {len(self.source)}"
+            )
         if state["plan"] != self.settings:
             raise ConfigError(
                 f"the state was saved with other shuffle/batching settings ({state['plan']}); "
@@ -165,6 +167,18 @@ class ShardStream:
         self._levels[-1] = replace(self._levels[-1], batches=done)
         if done == plan.steps:
             self.set_epoch(self.epoch + 1)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Batches per rank in a whole ``epoch`` on the current topology (progress aside)."""
+        return make_plan(
+            self.source.shard_sizes,
+            self.source.index.num_tokens if self.batching.max_tokens else None,
+            epoch=epoch,
+            levels=[Level(self.world_size, max(self.workers, 1), 0)],
+            rank=self.rank,
+            shuffle=self.shuffle,
+            batching=self.batching,
+        ).steps
 
     def remaining_steps(self) -> int:
         """Batches left in the current epoch for this rank."""

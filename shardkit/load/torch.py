@@ -137,12 +137,16 @@ class Qwen2VLCollator:
             batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
         return batch
 
-    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def to_device(
+        self, batch: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> dict[str, torch.Tensor]:
         """Move a batch to ``device``; uint8 ``pixel_patches`` become ``pixel_values`` there."""
         out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "pixel_patches"}
         if "pixel_patches" in batch:
             patches = batch["pixel_patches"].to(device, non_blocking=True)
-            out["pixel_values"] = expand_patches(patches, self.image_mean, self.image_std, self.temporal_patch_size, dtype)
+            out["pixel_values"] = expand_patches(
+                patches, self.image_mean, self.image_std, self.temporal_patch_size, dtype
+            )
         elif "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(dtype)
         return out

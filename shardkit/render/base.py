@@ -85,7 +85,7 @@ class Rendered:
         input_ids = np.repeat(self.tokens, repeats)
         weights = np.repeat(self.weights, repeats)
         starts = self.image_slots + np.concatenate([[0], np.cumsum(np.asarray(image_tokens) - 1)[:-1]]).astype(np.int64)
-        spans = [(int(s), int(n)) for s, n in zip(starts, image_tokens)]
+        spans = [(int(s), int(n)) for s, n in zip(starts, image_tokens, strict=True)]
         return Expanded(input_ids.astype(np.int32), weights.astype(np.float32), spans)
 
 

@@ -54,7 +54,12 @@ def write_index(fs: Any, folder: str, shards: list[dict[str, Any]]) -> dict[str,
     pq.write_table(table, out, compression="zstd")
     data = out.getvalue()
     write_bytes(fs, join(folder, INDEX_NAME), data)
-    return {"path": INDEX_NAME, "num_rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "path": INDEX_NAME,
+        "num_rows": table.num_rows,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def read_index(fs: Any, folder: str, expected_rows: int) -> SampleIndex:

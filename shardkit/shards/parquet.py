@@ -44,8 +44,15 @@ class ParquetShardWriter(ShardWriter):
         self._writer = pq.ParquetWriter(
             self._hashed,
             SCHEMA,
-            compression={"key": "zstd", "line": "zstd", "num_tokens": "zstd", "input_ids": "zstd",
-                         "weights": "zstd", "images": "none", "json": "zstd"},
+            compression={
+                "key": "zstd",
+                "line": "zstd",
+                "num_tokens": "zstd",
+                "input_ids": "zstd",
+                "weights": "zstd",
+                "images": "none",
+                "json": "zstd",
+            },
             use_dictionary=False,
             write_statistics=["key", "line", "num_tokens"],
         )
@@ -135,6 +142,8 @@ class _OpenParquet(OpenShard):
         group = int(np.searchsorted(self.starts, offset, side="right") - 1)
         if group != self._group:
             first = int(self.starts[group])
-            self._rows = list(ParquetShardReader._rows(self.parquet, images=True, start=first, stop=int(self.starts[group + 1])))
+            self._rows = list(
+                ParquetShardReader._rows(self.parquet, images=True, start=first, stop=int(self.starts[group + 1]))
+            )
             self._group = group
         return self._rows[offset - int(self.starts[group])]

@@ -60,7 +60,6 @@ class TarShardReader(ShardReader):
                 continue
             yield _to_sample(group)
 
-
     def open(self, f: Any) -> OpenShard:
         return _OpenTar(f)
 

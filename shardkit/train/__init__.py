@@ -1,0 +1,1 @@
+"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``)."""

@@ -1,0 +1,395 @@
+"""The local torch trainer: Qwen2-VL / Qwen2.5-VL from shards, one process or many (torchrun).
+
+Full fine-tune or LoRA (peft, an optional extra), AdamW, linear warmup then
+cosine decay, gradient clipping, gradient accumulation with the loss averaged
+over every target token of the step (across micro-batches and ranks), bf16
+autocast on CUDA, optional gradient checkpointing. Under ``torchrun`` it runs
+DDP (nccl on GPU, gloo on CPU); only rank 0 writes logs and checkpoints.
+
+A checkpoint holds the trainable weights, the optimizer, the scheduler, the
+step and the loader's resume state; ``resume=True`` continues from the latest
+one and gives the same losses as a run that was never interrupted.
+
+Output folder::
+
+    train_config.json   the options of the run
+    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s
+    loss.png            the loss curve (when matplotlib is installed)
+    checkpoints/step-000100/   trainable.safetensors, optimizer.pt, scheduler.pt, state.json
+    final/              the fine-tuned model (save_pretrained), or the LoRA adapter
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardkit.errors import ConfigError
+from shardkit.load import ShardStream
+from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.schema import format_validation_error
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+class TrainConfig(BaseModel):
+    """Options of a local training run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str
+    model: str
+    output: str
+    lora_rank: int | None = Field(None, ge=1)
+    lora_alpha: int | None = Field(None, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    batch_tokens: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    save_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size is not None and self.batch_tokens is not None:
+            raise ValueError("give --batch-size or --batch-tokens, not both")
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give --epochs or --max-steps, not both")
+        return self
+
+    @classmethod
+    def create(cls, **options: Any) -> TrainConfig:
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+    @property
+    def total_epochs(self) -> int | None:
+        return None if self.max_steps else (self.epochs or 1)
+
+
+# -- distributed -------------------------------------------------------------------------
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when launched by torchrun; ``(rank, world, device)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    return 0, 1, device
+
+
+def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value)
+    return value
+
+
+# -- model -------------------------------------------------------------------------------
+
+
+def load_model(path: str) -> torch.nn.Module:
+    """A Qwen2-VL or Qwen2.5-VL model from a local folder or a Hugging Face id."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ConfigError(f"cannot load model {path!r}: {exc}") from None
+    if config.model_type not in classes:
+        raise ConfigError(
+            f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL and Qwen2.5-VL "
+            "(train Qwen3-VL builds with --backend tinker)"
+        )
+    return classes[config.model_type].from_pretrained(path, dtype=torch.float32)
+
+
+def _check_model_fits_build(model: torch.nn.Module, manifest_config: dict[str, Any]) -> None:
+    vision = model.config.vision_config
+    family = manifest_config["family"]
+    if (vision.patch_size, vision.spatial_merge_size) != (family["patch_size"], family["merge_size"]):
+        raise ConfigError(
+            f"the build's images are on a {family['patch_size']}x{family['merge_size']} patch grid "
+            f"({family['name']}), the model's vision tower uses {vision.patch_size}x{vision.spatial_merge_size}"
+        )
+
+
+def _wrap_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--lora-rank needs peft: pip install 'shardkit[lora]'") from None
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha or 2 * config.lora_rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=LORA_TARGETS,
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def _checkpoints(output: Path) -> list[Path]:
+    folder = output / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
+
+
+def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, loader_state, keep: int) -> None:
+    from safetensors.torch import save_file
+
+    final = output / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    state = {"step": step, "loader": loader_state, "torch_rng": torch.get_rng_state().tolist()}
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoints(output)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "trainable.safetensors")
+    missing = set(_trainable_state(model)) - set(weights)
+    if missing:
+        raise ConfigError(f"{path} does not match this model ({len(missing)} trainable tensors missing)")
+    model.load_state_dict(weights, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    return state
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+def _windows(loader: TorchLoader, size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """The rest of the loader's epoch in groups of ``size`` batches (the last may be smaller)."""
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run training; returns the metrics of the steps run in this call (rank 0's view).
+
+    ``on_step(step, metrics)`` is called after each optimizer step (and its checkpoint).
+    """
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    rank, world, device = _setup_distributed()
+    output = Path(config.output)
+    torch.manual_seed(config.seed)
+
+    stream = ShardStream(
+        config.data,
+        batch_size=None if config.batch_tokens else (config.batch_size or 1),
+        max_tokens=config.batch_tokens,
+        seed=config.seed,
+    )
+    manifest = stream.source.manifest
+    collator = Qwen2VLCollator.for_build(manifest, pixels="uint8")
+    loader = TorchLoader(stream, collate=collator, num_workers=config.num_workers)
+
+    model = load_model(config.model)
+    _check_model_fits_build(model, manifest.config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.lora_rank:
+        model = _wrap_lora(model, config)
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    steps_per_epoch = math.ceil(stream.steps_in_epoch(0) / config.grad_accum)
+    if not steps_per_epoch:
+        raise ConfigError(f"{config.data} gives this rank no batch: too few samples for {world} ranks")
+    total_steps = config.max_steps or steps_per_epoch * (config.epochs or 1)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+
+    step = 0
+    if config.resume and (found := _checkpoints(output)):
+        state = _load_checkpoint(found[-1], model, optimizer, scheduler)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+        logger.info("resumed from %s (step %d, epoch %d)", found[-1], step, loader.epoch)
+    elif config.resume:
+        logger.info("no checkpoint in %s: starting from the beginning", output)
+
+    ddp = world > 1
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    inner = model.module if ddp else model
+
+    metrics_path = output / "metrics.jsonl"
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2, sort_keys=True))
+        if metrics_path.exists():  # a resumed run rewrites the steps after its checkpoint
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or None)
+    model.train()
+    started = time.perf_counter()
+    while step < total_steps and (config.total_epochs is None or loader.epoch < config.total_epochs):
+        epoch = loader.epoch
+        for window in _windows(loader, config.grad_accum):
+            step_start = time.perf_counter()
+            local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+            targets = _all_reduce_sum(torch.tensor(float(local_targets), device=device))
+            loss_sum = torch.zeros((), device=device)
+            samples = tokens = 0
+            for i, batch in enumerate(window):
+                inputs = collator.to_device(batch, device)
+                if int(inputs["input_ids"].max()) >= inner.config.text_config.vocab_size:
+                    raise ConfigError(
+                        "the build's token ids exceed the model's vocabulary: was it built with this model's tokenizer?"
+                    )
+                sync = ddp and i < len(window) - 1
+                with model.no_sync() if sync else nullcontext(), autocast:
+                    # loss = sum of token losses / targets of the whole step; DDP averages over ranks, so scale by world
+                    out = model(**inputs, num_items_in_batch=targets / world)
+                    out.loss.backward()
+                loss_sum += out.loss.detach() / world
+                samples += int(inputs["input_ids"].shape[0])
+                tokens += int(inputs["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = float(_all_reduce_sum(loss_sum))
+            counts = _all_reduce_sum(torch.tensor([samples, tokens], dtype=torch.float64, device=device)).tolist()
+            seconds = time.perf_counter() - step_start
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples": int(counts[0]),
+                "tokens": int(counts[1]),
+                "samples_per_s": counts[0] / seconds,
+                "tokens_per_s": counts[1] / seconds,
+                "elapsed_s": time.perf_counter() - started,
+            }
+            history.append(record)
+            if rank == 0:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    samples_s=f"{record['samples_per_s']:.1f}",
+                    tokens_s=f"{record['tokens_per_s']:.0f}",
+                )
+                bar.update(1)
+                if step % config.save_every == 0 or step == total_steps:
+                    _save_checkpoint(
+                        output, step, inner, optimizer, scheduler, loader.state_dict(), config.keep_checkpoints
+                    )
+            if on_step:
+                on_step(step, record)
+            if step >= total_steps:
+                break
+    bar.close()
+    if rank == 0:
+        _save_final(output, inner)
+        _plot_loss(metrics_path, output / "loss.png")
+    if ddp:
+        torch.distributed.barrier()
+    return history
+
+
+def _save_final(output: Path, model: torch.nn.Module) -> None:
+    final = output / "final"
+    tmp = output / "final.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    logger.info("saved %s", final)
+
+
+def _plot_loss(metrics: Path, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss curve (pip install 'shardkit[plot]')")
+        return
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#1f77b4")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean over target tokens)")
+    ax.set_title("shardkit train")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,218 @@
+"""The Tinker trainer: LoRA fine-tuning of a Qwen3-VL model through Thinking Machines' Tinker API.
+
+Datums come from :class:`~shardkit.load.tinker.DatumBatches` (a build made
+with ``--model qwen3_vl``). Each step submits ``forward_backward`` with the
+``cross_entropy`` loss and ``optim_step`` back to back, and only then waits for
+the previous step's results, so the service always has the next step queued
+(the pipelining the SDK documentation recommends). The learning rate follows
+linear warmup then cosine decay.
+
+Every ``save_every`` steps the weights and optimizer are saved on Tinker
+(``save_state``) and ``tinker_state.json`` records that path with the step and
+the loader's resume state; ``resume=True`` continues from it exactly. Needs
+``TINKER_API_KEY`` in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardkit.errors import ConfigError
+from shardkit.load import ShardStream
+from shardkit.load.tinker import DatumBatches
+from shardkit.schema import format_validation_error
+from shardkit.storage import open_fs, write_bytes
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "tinker_state.json"
+
+
+class TinkerTrainConfig(BaseModel):
+    """Options of a Tinker training run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str
+    base_model: str
+    output: str
+    lora_rank: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    save_every: int = Field(100, ge=1)
+    seed: int = 0
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> TinkerTrainConfig:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give --epochs or --max-steps, not both")
+        return self
+
+    @classmethod
+    def create(cls, **options: Any) -> TinkerTrainConfig:
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+
+def learning_rate(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warmup to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total`` (step is 0-based)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def default_service() -> Any:
+    """A ``tinker.ServiceClient``; fails fast with a clear message when ``TINKER_API_KEY`` is not set."""
+    if not os.environ.get("TINKER_API_KEY"):
+        raise ConfigError(
+            "--backend tinker needs TINKER_API_KEY in the environment (create a key in the Tinker console)"
+        )
+    try:
+        import tinker
+    except ImportError:
+        raise ConfigError("--backend tinker needs the Tinker SDK: pip install 'shardkit[tinker]'") from None
+    return tinker.ServiceClient()
+
+
+def _result(value: Any) -> Any:
+    return value.result() if hasattr(value, "result") else value
+
+
+def _mean_nll(output: Any, datums: list[Any]) -> float:
+    """Weighted mean negative log-likelihood of a step, as tinker-cookbook reports it."""
+    total = weight = 0.0
+    for result, datum in zip(output.loss_fn_outputs, datums, strict=True):
+        logprobs = result["logprobs"].data
+        weights = datum.loss_fn_inputs["weights"].data
+        total += sum(lp * w for lp, w in zip(logprobs, weights, strict=True))
+        weight += sum(weights)
+    return -total / weight if weight else float("nan")
+
+
+def train_tinker(
+    config: TinkerTrainConfig,
+    *,
+    service: Any = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the Tinker loop; returns the metrics of the steps run in this call.
+
+    ``service`` defaults to :func:`default_service` (tests pass a stand-in).
+    """
+    import tinker
+
+    service = service or default_service()
+    stream = ShardStream(config.data, batch_size=config.batch_size, seed=config.seed)
+    family = stream.source.manifest.config["family"]["name"]
+    if family != "qwen3_vl":
+        raise ConfigError(f"{config.data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
+    batches = DatumBatches(stream)
+    if not stream.steps_in_epoch(0):
+        raise ConfigError(f"{config.data} has fewer samples than one batch of {config.batch_size}")
+    total_steps = config.max_steps or stream.steps_in_epoch(0) * (config.epochs or 1)
+    warmup = round(config.warmup_ratio * total_steps)
+
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    state_path = output / STATE_FILE
+    metrics_path = output / "metrics.jsonl"
+    step = 0
+    if config.resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["base_model"] != config.base_model:
+            raise ConfigError(f"{state_path} is a run of {state['base_model']}, not {config.base_model}")
+        client = _result(service.create_training_client_from_state_with_optimizer(state["tinker_path"]))
+        batches.load_state_dict(state["loader"])
+        step = state["step"]
+        logger.info("resumed from %s at step %d", state["tinker_path"], step)
+    else:
+        client = _result(
+            service.create_lora_training_client(base_model=config.base_model, rank=config.lora_rank, seed=config.seed)
+        )
+    if metrics_path.exists():  # drop steps after the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    history: list[dict[str, Any]] = []
+    pending: dict[str, Any] | None = None
+
+    def finish(submitted: dict[str, Any]) -> None:
+        output_fb = submitted["forward_backward"].result()
+        submitted["optim_step"].result()
+        seconds = time.perf_counter() - submitted["started"]
+        record = {
+            "step": submitted["step"],
+            "epoch": submitted["epoch"],
+            "loss": _mean_nll(output_fb, submitted["datums"]),
+            "lr": submitted["lr"],
+            "samples": len(submitted["datums"]),
+            "tokens": submitted["tokens"],
+            "samples_per_s": len(submitted["datums"]) / seconds,
+            "tokens_per_s": submitted["tokens"] / seconds,
+        }
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.info("step %d loss %.4f", record["step"], record["loss"])
+        if submitted["save"] is not None:
+            saved = submitted["save"].result()
+            state = {
+                "step": submitted["step"],
+                "base_model": config.base_model,
+                "tinker_path": saved.path,
+                "loader": submitted["loader"],
+            }
+            fs, folder = open_fs(str(output))
+            write_bytes(fs, str(state_path), json.dumps(state, indent=2).encode())
+        if on_step:
+            on_step(record["step"], record)
+
+    while step < total_steps and (config.max_steps or batches.epoch < (config.epochs or 1)):
+        epoch = batches.epoch
+        for datums in batches:
+            lr = learning_rate(step, total_steps, warmup, config.lr)
+            started = time.perf_counter()
+            forward_backward = client.forward_backward(datums, "cross_entropy")
+            optim_step = client.optim_step(tinker.types.AdamParams(learning_rate=lr, weight_decay=config.weight_decay))
+            step += 1
+            # a save queued right after this step's update holds exactly the weights after it
+            save = (
+                client.save_state(f"step-{step:06d}") if step % config.save_every == 0 or step == total_steps else None
+            )
+            submitted = {
+                "step": step,
+                "epoch": epoch,
+                "lr": lr,
+                "datums": datums,
+                "tokens": sum(d.model_input.length + 1 for d in datums),
+                "forward_backward": forward_backward,
+                "optim_step": optim_step,
+                "loader": batches.state_dict(),
+                "save": save,
+                "started": started,
+            }
+            if pending is not None:  # the next step is already queued on the service
+                finish(pending)
+            pending = submitted
+            if step >= total_steps:
+                break
+    if pending is not None:
+        finish(pending)
+    return history

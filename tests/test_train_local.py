@@ -1,0 +1,158 @@
+"""The local torch trainer on CPU with a tiny randomly initialised Qwen2-VL (real vocabulary size)."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shardkit.build import build
+from shardkit.cli import main
+from shardkit.config import BuildConfig
+from shardkit.synthetic import make_clinical_dataset
+from shardkit.train.local import TrainConfig, train
+from tests.conftest import tiny_qwen2_vl_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(initializer_range=0.2)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def memorisable(tmp_path_factory):
+    """8 short cases, one small image each (4 image tokens): a set a tiny model can learn by heart."""
+    root = tmp_path_factory.mktemp("memo")
+    data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
+    out = root / "build"
+    build(
+        BuildConfig.create(input=str(data.jsonl), out=str(out), max_pixels=56 * 56, samples_per_shard=4), progress=False
+    )
+    return str(out)
+
+
+def run(tmp_path, data, model, name="run", **options):
+    defaults = {"lr": 1e-2, "batch_size": 4, "num_workers": 0, "warmup_ratio": 0.1, "seed": 0}
+    config = TrainConfig.create(data=data, model=model, output=str(tmp_path / name), **{**defaults, **options})
+    return config, train(config)
+
+
+def test_full_fine_tune_memorises_and_writes_its_outputs(tmp_path, memorisable, tiny_model):
+    config, history = run(tmp_path, memorisable, tiny_model, max_steps=30, save_every=10)
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 30 and all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+    output = tmp_path / "run"
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert rows[0]["samples"] == 4 and rows[0]["tokens_per_s"] > 0 and rows[-1]["lr"] < rows[3]["lr"]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+    assert (output / "loss.png").stat().st_size > 1000
+    from transformers import Qwen2VLForConditionalGeneration
+
+    final = Qwen2VLForConditionalGeneration.from_pretrained(output / "final")
+    assert final.config.text_config.vocab_size == 151936
+
+
+def test_lora_learns_and_saves_an_adapter(tmp_path, memorisable, tiny_model):
+    _, history = run(tmp_path, memorisable, tiny_model, max_steps=25, lora_rank=16, save_every=25)
+    losses = [h["loss"] for h in history]
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+
+
+def test_an_interrupted_run_resumes_with_the_same_losses(tmp_path, memorisable, tiny_model):
+    options = {
+        "max_steps": 6,
+        "save_every": 2,
+        "batch_size": 2,
+        "num_workers": 1,
+        "grad_accum": 2,
+        "lr": 1e-2,
+        "warmup_ratio": 0.1,
+    }
+    _, uninterrupted = run(tmp_path, memorisable, tiny_model, name="whole", **options)
+
+    def crash(step, record):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    config = TrainConfig.create(data=memorisable, model=tiny_model, output=str(tmp_path / "broken"), **options)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_step=crash)
+    resumed = train(config.model_copy(update={"resume": True}))
+    assert [h["step"] for h in resumed] == [5, 6]
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in uninterrupted[4:]], rel=1e-6, abs=1e-7)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):
+    output = tmp_path / "ddp"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "shardkit.cli",
+            "-q",
+            "train",
+            "--data",
+            memorisable,
+            "--model",
+            tiny_model,
+            "--output",
+            str(output),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--lr",
+            "1e-3",
+            "--save-every",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["samples"] == 4 for r in rows)  # 2 per rank, counted over both ranks
+    assert (output / "final" / "config.json").exists() and (output / "checkpoints" / "step-000003").exists()
+    assert result.stdout.count("trained to step 3") == 1  # only rank 0 reports
+
+
+def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
+    assert main(["train", "--data", memorisable, "--output", str(tmp_path / "o")]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert (
+        main(["train", "--data", memorisable, "--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "o")])
+        == 2
+    )
+    assert "cannot load model" in capsys.readouterr().err

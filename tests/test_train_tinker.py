@@ -1,0 +1,181 @@
+"""The Tinker training loop.
+
+The Tinker service cannot be reached from here, so these tests run the loop
+against an in-process STAND-IN for ``tinker.ServiceClient`` and its training
+client: it implements the same methods (create_lora_training_client,
+create_training_client_from_state_with_optimizer, forward_backward, optim_step,
+save_state, futures with .result()) and records every call and Datum it
+receives. It proves the loop's order, pipelining, schedule and resume; the
+Datums themselves are proven equal to tinker-cookbook's in test_load_tinker.py.
+"""
+
+import json
+
+import pytest
+import tinker
+
+from shardkit.build import build
+from shardkit.cli import main
+from shardkit.config import BuildConfig
+from shardkit.errors import ConfigError
+from shardkit.load import ShardStream
+from shardkit.load.tinker import DatumBatches
+from shardkit.train.tinker import TinkerTrainConfig, default_service, learning_rate, train_tinker
+
+
+class Future:
+    def __init__(self, events, name, value):
+        self.events, self.name, self.value = events, name, value
+
+    def result(self):
+        self.events.append(("result", self.name))
+        return self.value
+
+
+class StandInTrainingClient:
+    """Records what the loop sends; answers with log-probabilities that improve with every step."""
+
+    def __init__(self, events, steps_done=0):
+        self.events = events
+        self.steps_done = steps_done
+        self.datums = []
+
+    def forward_backward(self, datums, loss_fn):
+        assert loss_fn == "cross_entropy"
+        self.datums.append(datums)
+        step = len(self.datums)
+        self.events.append(("forward_backward", step))
+        logprob = -5.0 / (1 + self.steps_done)
+        outputs = [
+            {
+                "logprobs": tinker.TensorData(
+                    data=[logprob] * d.loss_fn_inputs["weights"].shape[0],
+                    dtype="float32",
+                    shape=d.loss_fn_inputs["weights"].shape,
+                )
+            }
+            for d in datums
+        ]
+        return Future(
+            self.events,
+            f"fb{step}",
+            tinker.types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs, metrics={}),
+        )
+
+    def optim_step(self, params):
+        self.steps_done += 1
+        self.events.append(("optim_step", params.learning_rate))
+        return Future(self.events, f"opt{len(self.datums)}", object())
+
+    def save_state(self, name):
+        self.events.append(("save_state", name))
+        path = f"tinker://stand-in/{self.steps_done}/{name}"
+        return Future(self.events, name, type("Saved", (), {"path": path})())
+
+
+class StandInService:
+    def __init__(self):
+        self.events, self.clients, self.restored_from = [], [], None
+
+    def create_lora_training_client(self, base_model, rank, seed):
+        self.base_model, self.rank = base_model, rank
+        self.clients.append(StandInTrainingClient(self.events))
+        return self.clients[-1]
+
+    def create_training_client_from_state_with_optimizer(self, path):
+        self.restored_from = path
+        self.clients.append(StandInTrainingClient(self.events, steps_done=int(path.split("/")[3])))
+        return self.clients[-1]
+
+
+@pytest.fixture(scope="module")
+def qwen3_build(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen3-train")
+    build(
+        BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8),
+        progress=False,
+    )
+    return str(out)
+
+
+def config(data, output, **options):
+    defaults = {
+        "base_model": "Qwen/Qwen3-VL-30B-A3B-Instruct",
+        "batch_size": 8,
+        "epochs": 1,
+        "lr": 1e-4,
+        "warmup_ratio": 0.2,
+    }
+    return TinkerTrainConfig.create(data=data, output=str(output), **{**defaults, **options})
+
+
+def tokens(batches):
+    return [[d.loss_fn_inputs["target_tokens"].data for d in batch] for batch in batches]
+
+
+def test_one_epoch_sends_every_batch_in_order_pipelined(qwen3_build, tmp_path):
+    service = StandInService()
+    history = train_tinker(config(qwen3_build, tmp_path, save_every=2), service=service)
+    expected = list(DatumBatches(ShardStream(qwen3_build, batch_size=8, seed=0)))
+    client = service.clients[0]
+    steps = len(expected)
+    assert tokens(client.datums) == tokens(expected) and len(history) == steps == 6  # 47 samples, 8 a batch
+    assert service.base_model == "Qwen/Qwen3-VL-30B-A3B-Instruct" and service.rank == 32
+    lrs = [e[1] for e in service.events if e[0] == "optim_step"]
+    assert lrs == pytest.approx([learning_rate(s, steps, 1, 1e-4) for s in range(steps)]) and lrs[0] == 1e-4
+    # pipelining: step 2 is submitted before step 1's result is awaited
+    order = service.events
+    assert order.index(("forward_backward", 2)) < order.index(("result", "fb1"))
+    # a save comes right after its step's update, before the next step is submitted
+    save = order.index(("save_state", "step-000002"))
+    assert order[save - 1] == ("optim_step", lrs[1]) and save < order.index(("forward_backward", 3))
+    losses = [h["loss"] for h in history]
+    assert losses[0] == pytest.approx(5.0) and losses == sorted(losses, reverse=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    state = json.loads((tmp_path / "tinker_state.json").read_text())
+    assert state["step"] == 6 and state["tinker_path"].endswith("step-000006") and state["loader"]["epoch"] == 1
+
+
+def test_a_stopped_run_resumes_from_its_saved_state(qwen3_build, tmp_path):
+    whole = StandInService()
+    train_tinker(config(qwen3_build, tmp_path / "whole", save_every=2), service=whole)
+
+    def stop(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    first = StandInService()
+    with pytest.raises(KeyboardInterrupt):
+        train_tinker(config(qwen3_build, tmp_path / "run", save_every=2), service=first, on_step=stop)
+    second = StandInService()
+    history = train_tinker(config(qwen3_build, tmp_path / "run", save_every=2, resume=True), service=second)
+    assert second.restored_from.endswith("step-000002")
+    assert [h["step"] for h in history] == [3, 4, 5, 6]
+    assert tokens(second.clients[0].datums) == tokens(whole.clients[0].datums[2:])
+    assert [h["lr"] for h in history] == pytest.approx([e[1] for e in whole.events if e[0] == "optim_step"][2:])
+
+
+def test_needs_an_api_key_and_a_qwen3_build(monkeypatch, builds, qwen3_build, tmp_path, capsys):
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="TINKER_API_KEY"):
+        default_service()
+    assert (
+        main(
+            [
+                "train",
+                "--backend",
+                "tinker",
+                "--base-model",
+                "Qwen/Qwen3-VL-8B-Instruct",
+                "--data",
+                qwen3_build,
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "TINKER_API_KEY" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="build with --model qwen3_vl"):
+        train_tinker(config(builds["tar"], tmp_path), service=StandInService())
