@@ -2,42 +2,36 @@
 
 The input is cut into tasks of ``samples_per_shard`` consecutive records; a task
 writes its shards (``shard-TTTTTT-PPP``, more than one part only when
-``max_shard_bytes`` is reached) and then a small result file under
-``_progress/``. Shard boundaries therefore follow input order alone, and a
-build that stops part-way resumes by skipping the tasks whose result exists.
-The manifest is written last, from the task results, so its presence means
-the build is complete.
+``max_shard_bytes`` is reached). Tasks run in this process, in a pool of
+worker processes or on a Ray cluster (:mod:`shardkit.engines`); shard
+boundaries follow input order alone, so the shards are byte-identical whatever
+runs them. A finished task is recorded in the build folder
+(:mod:`shardkit.shards.folder`), so a build killed at any point resumes by
+skipping the recorded tasks; the manifest is written last.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from shardkit import __version__
 from shardkit.config import BuildConfig, Overlength
-from shardkit.errors import OutputError, RecordError
-from shardkit.images import ImageRoot, encode_jpeg, load_image
+from shardkit.engines import run_tasks
+from shardkit.errors import RecordError
+from shardkit.images import ImageRoot, decode_image, encode_jpeg
 from shardkit.read import RawLine, iter_raw_lines, parse_record, summarize_input
 from shardkit.render import Renderer
-from shardkit.shards import MANIFEST_NAME, WRITERS, Manifest, Sample, ShardEntry, ShardWriter
-from shardkit.shards.index import INDEX_NAME, write_index
-from shardkit.shards.manifest import IndexFile
-from shardkit.storage import join, open_fs, write_bytes
+from shardkit.shards import WRITERS, Manifest, Sample, ShardWriter, read_manifest
+from shardkit.shards.folder import assemble, claim, finished_tasks, save_result
+from shardkit.storage import join, open_fs, parent
 from shardkit.tokenizer import TokenizerInfo, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-BUILD_FILE = "build.json"
-PROGRESS_DIR = "_progress"
-REJECTS_FILE = "rejects.jsonl"
-SHARD_STATS_FILE = "shard_stats.jsonl"
 
 
 class Converter:
@@ -47,7 +41,7 @@ class Converter:
         self.config = config
         self.renderer: Renderer = config.family.renderer(tokenizer)
         self.grid = config.grid
-        self.root = ImageRoot(config.image_root or Path(config.input).parent)
+        self.root = ImageRoot(config.image_root or parent(config.input))
 
     def __call__(self, raw: RawLine) -> Sample:
         try:
@@ -65,7 +59,7 @@ class Converter:
                 f"too long: the text alone is {text_tokens} tokens, over max_length {config.max_length}", "too_long"
             )
         refs = [part.image for part in record.images()]
-        pictures = [load_image(self.root.resolve(ref), ref, max_pixels=config.max_image_pixels) for ref in refs]
+        pictures = [decode_image(self.root.read(ref), ref, max_pixels=config.max_image_pixels) for ref in refs]
         originals = [(p.height, p.width) for p in pictures]
         full = grid.plan(originals)
         planned = full
@@ -144,24 +138,10 @@ class Task:
     lines: list[RawLine]
 
 
-@dataclass
-class TaskResult:
-    """What a finished task wrote; saved under ``_progress/`` so a restart can skip it."""
-
-    index: int
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    rejects: list[dict[str, Any]] = field(default_factory=list)
-    records: int = 0
-    images: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    fitted: int = 0
-    truncated: int = 0
-    seconds: float = 0.0
-
-    @property
-    def samples(self) -> int:
-        return sum(s["num_samples"] for s in self.shards)
+def _new_result(index: int) -> dict[str, Any]:
+    """What a finished task reports (JSON): its shards with sample locations, rejects and counts."""
+    keys = ("records", "images", "tokens", "trained_tokens", "fitted", "truncated")
+    return {"index": index, "shards": [], "rejects": [], **dict.fromkeys(keys, 0), "seconds": 0.0}
 
 
 def iter_tasks(path: str, records_per_task: int) -> Iterator[Task]:
@@ -185,11 +165,11 @@ def run_task(
     *,
     strict: bool = False,
     on_record: Callable[[bool], None] | None = None,
-) -> TaskResult:
+) -> dict[str, Any]:
     """Convert a task's records and write its shard parts; rejected records are collected, not fatal."""
     config = convert.config
     writer_cls: type[ShardWriter] = WRITERS[config.format.value]
-    result = TaskResult(task.index)
+    result = _new_result(task.index)
     started = time.perf_counter()
     writer: ShardWriter | None = None
     part_bytes = 0
@@ -198,7 +178,7 @@ def run_task(
     def close() -> None:
         assert writer is not None
         written = writer.close()
-        result.shards.append(
+        result["shards"].append(
             {
                 "path": written.path.rsplit("/", 1)[-1],
                 "num_samples": written.num_samples,
@@ -212,13 +192,13 @@ def run_task(
 
     try:
         for raw in task.lines:
-            result.records += 1
+            result["records"] += 1
             try:
                 sample = convert(raw)
             except RecordError as exc:
                 if strict:
                     raise
-                result.rejects.append(exc.to_json())
+                result["rejects"].append(exc.to_json())
                 if on_record:
                     on_record(False)
                 continue
@@ -227,17 +207,17 @@ def run_task(
                 close()
                 writer = None
             if writer is None:
-                name = f"shard-{task.index:06d}-{len(result.shards):03d}{writer_cls.suffix}"
+                name = f"shard-{task.index:06d}-{len(result['shards']):03d}{writer_cls.suffix}"
                 writer = writer_cls(fs, join(folder, name))
                 part_bytes, part_tokens = 0, []
             writer.write(sample)
             part_bytes += size
             part_tokens.append(len(sample.input_ids))
-            result.images += len(sample.images)
-            result.tokens += len(sample.input_ids)
-            result.trained_tokens += sample.info["num_trained_tokens"]
-            result.fitted += bool(sample.info["fitted"])
-            result.truncated += bool(sample.info["truncated_tokens"])
+            result["images"] += len(sample.images)
+            result["tokens"] += len(sample.input_ids)
+            result["trained_tokens"] += sample.info["num_trained_tokens"]
+            result["fitted"] += bool(sample.info["fitted"])
+            result["truncated"] += bool(sample.info["truncated_tokens"])
             if on_record:
                 on_record(True)
         if writer is not None:
@@ -247,25 +227,34 @@ def run_task(
         if writer is not None:
             writer.abort(exc)
         raise
-    result.seconds = round(time.perf_counter() - started, 3)
+    result["seconds"] = round(time.perf_counter() - started, 3)
     return result
 
 
-def _progress_path(folder: str, index: int) -> str:
-    return join(folder, PROGRESS_DIR, f"task-{index:06d}.json")
+_CONVERTERS: dict[str, Converter] = {}
 
 
-def _load_result(fs: Any, folder: str, index: int) -> TaskResult | None:
-    path = _progress_path(folder, index)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        result = TaskResult(**json.loads(f.read()))
-    for shard in result.shards:  # a result is trusted only while all its shards are there, whole
-        shard_path = join(folder, shard["path"])
-        if not fs.exists(shard_path) or fs.size(shard_path) != shard["bytes"]:
-            return None
-    return result
+@dataclass(frozen=True)
+class TaskRunner:
+    """Runs one task wherever the engine puts it; the converter is built once per process."""
+
+    config: BuildConfig
+    strict: bool = False
+
+    def converter(self) -> Converter:
+        key = self.config.model_dump_json()
+        if key not in _CONVERTERS:
+            _CONVERTERS[key] = Converter(self.config, load_tokenizer(self.config.tokenizer)[0])
+        return _CONVERTERS[key]
+
+    def __call__(self, task: Task, on_record: Callable[[bool], None] | None = None) -> dict[str, Any]:
+        fs, folder = open_fs(self.config.out)
+        return run_task(task, self.converter(), fs, folder, strict=self.strict, on_record=on_record)
+
+
+def _absolute_paths(config: BuildConfig) -> dict[str, str]:
+    paths = {"input": config.input, "out": config.out, "image_root": config.image_root}
+    return {k: os.path.abspath(v) for k, v in paths.items() if v and "://" not in v}
 
 
 def _identity(config: BuildConfig, input_sha256: str, tokenizer: TokenizerInfo) -> dict[str, Any]:
@@ -277,75 +266,39 @@ def _identity(config: BuildConfig, input_sha256: str, tokenizer: TokenizerInfo) 
     }
 
 
-def prepare_output(fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool) -> bool:
-    """Make ``folder`` ready for this build; True when it already holds the complete build.
-
-    A new or empty folder is claimed with ``build.json``. A folder holding a
-    build with the same identity is resumed (or found complete); a different
-    identity is refused unless ``overwrite``; anything else is refused.
-    """
-    build_file = join(folder, BUILD_FILE)
-    if fs.exists(folder) and fs.ls(folder, detail=False):
-        if not fs.exists(build_file):
-            raise OutputError(f"{folder} exists and is not a shardkit build; choose a new or empty folder")
-        with fs.open(build_file, "rb") as f:
-            previous = json.loads(f.read()).get("identity", {})
-        if previous == identity and not overwrite:
-            return fs.exists(join(folder, MANIFEST_NAME))
-        if previous != identity and not overwrite:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise OutputError(
-                f"{folder} holds a build made with other options or input (changed: {', '.join(changed)}); "
-                "pass --overwrite to replace it, or choose another folder"
-            )
-        _remove_build(fs, folder)
-    fs.makedirs(folder, exist_ok=True)
-    write_bytes(fs, build_file, json.dumps({"identity": identity}, sort_keys=True, indent=2).encode())
-    return False
-
-
-def _remove_build(fs: Any, folder: str) -> None:
-    """Delete the files a shardkit build writes (and nothing else)."""
-    for path in fs.ls(folder, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name == PROGRESS_DIR:
-            fs.rm(path, recursive=True)
-        elif name.startswith("shard-") or name in (
-            MANIFEST_NAME,
-            INDEX_NAME,
-            REJECTS_FILE,
-            SHARD_STATS_FILE,
-            BUILD_FILE,
-        ):
-            fs.rm(path)
-
-
 def build(
     config: BuildConfig,
     *,
     strict: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
+    workers: int = 1,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> Manifest:
     """Build shards and the manifest from ``config.input`` into ``config.out``.
 
     Rejected records are written to ``rejects.jsonl`` and do not stop the
     build unless ``strict``, where the first one raises :class:`RecordError`.
-    ``progress``: show a progress bar (None: when stderr is a terminal).
+    ``workers`` processes (``engine="local"``) or Ray tasks (``engine="ray"``)
+    convert the tasks. ``progress``: show a progress bar (None: when stderr is
+    a terminal).
     """
     from tqdm import tqdm
 
+    if engine != "local":  # remote workers do not share this process's working directory
+        config = config.model_copy(update=_absolute_paths(config))
     fs, folder = open_fs(config.out)
     summary = summarize_input(config.input)
     tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
-    identity = _identity(config, summary.sha256, tokenizer_info)
-    if prepare_output(fs, folder, identity, overwrite=overwrite):
+    if claim(fs, folder, _identity(config, summary.sha256, tokenizer_info), overwrite=overwrite):
         logger.info("%s already holds this complete build; nothing to do", config.out)
-        from shardkit.shards import read_manifest
-
         return read_manifest(config.out)
-    convert = Converter(config, tokenizer)
-    results: list[TaskResult] = []
+    runner = TaskRunner(config, strict)
+    renderer = runner.converter().renderer  # built here, so forked workers share it
+    done = finished_tasks(fs, folder)
+    tasks = 0
+
     with tqdm(
         total=summary.records, unit="rec", desc="build", disable=None if progress is None else not progress
     ) as bar:
@@ -358,74 +311,47 @@ def build(
             if not ok:
                 bar.set_postfix(rejected=rejected, refresh=False)
 
-        for task in iter_tasks(config.input, config.samples_per_shard):
-            result = _load_result(fs, folder, task.index)
-            if result is None:
-                result = run_task(task, convert, fs, folder, strict=strict, on_record=on_record)
-                write_bytes(fs, _progress_path(folder, task.index), json.dumps(asdict(result)).encode())
-            else:
-                bar.update(len(task.lines))
-            results.append(result)
-    renderer = convert.renderer
+        def todo() -> Iterator[Task]:
+            nonlocal tasks
+            for task in iter_tasks(config.input, config.samples_per_shard):
+                tasks = task.index + 1
+                if task.index in done:
+                    bar.update(len(task.lines))
+                else:
+                    yield task
+
+        if workers <= 1 and engine == "local":
+            results = (runner(task, on_record) for task in todo())
+        else:
+            results = run_tasks(runner, todo(), engine=engine, workers=workers, ray_address=ray_address)
+        for result in results:
+            save_result(fs, folder, result)
+            if workers > 1 or engine != "local":
+                rejected += len(result["rejects"])
+                bar.update(result["records"])
+                bar.set_postfix(rejected=rejected, refresh=False)
+
     special_tokens = {
         "image_pad": renderer.image_pad_id,
         "vision_start": renderer.ids[renderer.VISION_START],
         "vision_end": renderer.ids[renderer.VISION_END],
         "pad": tokenizer.pad_token_id,
     }
-    return _finish(fs, folder, config, tokenizer_info, special_tokens, summary.records, results)
-
-
-def _finish(
-    fs: Any,
-    folder: str,
-    config: BuildConfig,
-    tokenizer: TokenizerInfo,
-    special_tokens: dict[str, int | None],
-    records: int,
-    results: list[TaskResult],
-) -> Manifest:
-    rejects = [r for result in results for r in result.rejects]
-    write_bytes(fs, join(folder, REJECTS_FILE), b"".join(json.dumps(r).encode() + b"\n" for r in rejects))
-    shards = [shard for result in results for shard in result.shards]
-    index = write_index(fs, folder, shards)
-    stats = [
-        {
-            **{k: v for k, v in shard.items() if k in ShardEntry.model_fields},
-            "task": result.index,
-            "task_records": result.records,
-            "task_rejects": len(result.rejects),
-            "task_seconds": result.seconds,
-        }
-        for result in results
-        for shard in result.shards
-    ]
-    write_bytes(fs, join(folder, SHARD_STATS_FILE), b"".join(json.dumps(s).encode() + b"\n" for s in stats))
-    manifest = Manifest(
+    manifest = assemble(
+        fs,
+        folder,
+        tasks,
+        records=summary.records,
         format=config.format.value,
-        num_records=records,
-        num_samples=sum(r.samples for r in results),
-        num_images=sum(r.images for r in results),
-        num_tokens=sum(r.tokens for r in results),
-        num_trained_tokens=sum(r.trained_tokens for r in results),
-        num_rejected=len(rejects),
-        num_fitted=sum(r.fitted for r in results),
-        num_truncated=sum(r.truncated for r in results),
-        rejects_by_code=dict(sorted(Counter(r["code"] for r in rejects).items())),
-        shards=[ShardEntry(**{k: v for k, v in shard.items() if k in ShardEntry.model_fields}) for shard in shards],
-        index=IndexFile(**index),
         config={
             **config.identity(),
             "family": config.family.describe(),
-            "tokenizer": tokenizer.name,
-            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "tokenizer": tokenizer_info.name,
+            "tokenizer_fingerprint": tokenizer_info.fingerprint,
             "special_tokens": special_tokens,
         },
         created_by=f"shardkit {__version__}",
     )
-    manifest.write(fs, folder)
-    if fs.exists(join(folder, PROGRESS_DIR)):
-        fs.rm(join(folder, PROGRESS_DIR), recursive=True)
     logger.info(
         "built %d samples in %d shards (%d rejected) into %s",
         manifest.num_samples,

@@ -126,6 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jpeg-quality", type=_positive, default=90, help="quality of the stored JPEGs (default: %(default)s)"
     )
+    p.add_argument(
+        "--workers", type=_positive, help="worker processes, or Ray tasks in flight / 2 (default: all cores)"
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where tasks run: this machine or a Ray cluster (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to join, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS or a local Ray)",
+    )
     p.add_argument("--strict", action="store_true", help="stop with exit 1 at the first rejected record")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out made with other options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

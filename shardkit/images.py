@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import posixpath
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shardkit.errors import ConfigError, RecordError
+from shardkit.storage import is_local, open_fs
 
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses anything longer
 
@@ -130,47 +132,73 @@ class Grid:
 
 
 class ImageRoot:
-    """Resolves image references of a record to files inside the dataset root.
+    """Reads the images a record names, from files inside the dataset root.
 
-    A reference is a path relative to the root (or an absolute path inside it);
-    anything that leaves the root, through ``..``, an absolute path or a
-    symbolic link, is refused.
+    The root is a local folder or an fsspec URL (``s3://bucket/data``). A
+    reference is a path relative to the root (or, locally, an absolute path
+    inside it); anything that leaves the root, through ``..``, an absolute path
+    or a symbolic link, is refused.
     """
 
     def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-        self.real_root = self.root.resolve()
+        self.fs, self.path = open_fs(str(root))
+        self.local = is_local(self.fs)
+        self.real_root = Path(self.path).resolve() if self.local else None
 
-    def resolve(self, ref: str) -> Path:
+    def resolve(self, ref: str) -> str:
+        """The file a reference names; :class:`RecordError` when it leaves the root."""
         if ref.startswith(("http://", "https://")):
             raise RecordError(
                 f"remote image {ref!r}: shardkit reads local files only", "image_remote", detail={"image": ref}
             )
         if ref.startswith("data:"):
             raise RecordError("inline data: URI images are not supported", "image_remote", detail={"image": ref[:40]})
-        path = Path(ref) if os.path.isabs(ref) else self.root / ref
-        real = path.resolve()
-        if not real.is_relative_to(self.real_root):
-            raise RecordError(
-                f"image path {ref!r} leaves the dataset root", "image_outside_root", detail={"image": ref}
-            )
-        return real
+        outside = RecordError(
+            f"image path {ref!r} leaves the dataset root", "image_outside_root", detail={"image": ref}
+        )
+        if self.local:
+            path = Path(ref) if os.path.isabs(ref) else Path(self.path) / ref
+            real = path.resolve()
+            if not real.is_relative_to(self.real_root):
+                raise outside
+            return str(real)
+        if "://" in ref:
+            ref_fs, ref_path = open_fs(ref)
+            if type(ref_fs) is not type(self.fs):
+                raise outside
+            candidate = posixpath.normpath(ref_path)
+        elif ref.startswith("/"):
+            raise outside
+        else:
+            candidate = posixpath.normpath(posixpath.join(self.path, ref))
+        if not candidate.startswith(self.path.rstrip("/") + "/"):
+            raise outside
+        return candidate
+
+    def read(self, ref: str) -> bytes:
+        """The bytes of the image ``ref`` names; missing, unreadable and empty files are :class:`RecordError` s."""
+        path = self.resolve(ref)
+        detail = {"image": ref}
+        try:
+            data = Path(path).read_bytes() if self.local else self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise RecordError(f"image not found: {ref}", "image_missing", detail=detail) from None
+        except IsADirectoryError:
+            raise RecordError(f"image path is a folder: {ref}", "image_missing", detail=detail) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise RecordError(f"image cannot be read: {ref} ({reason})", "image_unreadable", detail=detail) from None
+        if not data:
+            raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
+        return data
 
 
-def load_image(path: Path, ref: str, *, max_pixels: int) -> Image.Image:
-    """Open, fully decode, apply EXIF orientation and convert to RGB.
+def decode_image(data: bytes, ref: str, *, max_pixels: int) -> Image.Image:
+    """Open, check, fully decode, apply EXIF orientation and convert to RGB.
 
-    Each failure is a :class:`RecordError` naming ``ref`` (the path as the record wrote it).
+    Each failure is a :class:`RecordError` naming ``ref`` (where the image came from).
     """
     detail = {"image": ref}
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RecordError(f"image not found: {ref}", "image_missing", detail=detail) from None
-    except IsADirectoryError:
-        raise RecordError(f"image path is a folder: {ref}", "image_missing", detail=detail) from None
-    except OSError as exc:
-        raise RecordError(f"image cannot be read: {ref} ({exc.strerror})", "image_unreadable", detail=detail) from None
     if not data:
         raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Reading the input JSONL: raw lines with their 1-based numbers, then validated records.
+"""Reading the input JSONL (a local file or an fsspec URL): raw lines with their 1-based numbers, then records.
 
 Lines are read as bytes, so a line of invalid UTF-8 is one rejected record
 rather than a crash; blank lines are skipped.
@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from shardkit.errors import InputError, RecordError
 from shardkit.schema import Record, format_validation_error
+from shardkit.storage import open_input
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,13 @@ class InputSummary:
 
 def _open(path: str | Path):
     try:
-        return open(path, "rb")
+        return open_input(str(path))
     except FileNotFoundError:
         raise InputError(f"input not found: {path}") from None
     except IsADirectoryError:
         raise InputError(f"input is a folder, not a JSONL file: {path}") from None
     except OSError as exc:
-        raise InputError(f"cannot read input {path}: {exc.strerror}") from None
+        raise InputError(f"cannot read input {path}: {exc.strerror or exc}") from None
 
 
 def iter_raw_lines(path: str | Path) -> Iterator[RawLine]:

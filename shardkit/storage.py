@@ -34,6 +34,18 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
+def parent(location: str) -> str:
+    """The folder holding ``location`` (a local path or a URL)."""
+    head = location.rstrip("/").rsplit("/", 1)[0] if "/" in location.rstrip("/") else "."
+    return head or "/"
+
+
+def open_input(location: str) -> IO[bytes]:
+    """Open a local path or fsspec URL for reading bytes."""
+    fs, path = open_fs(location)
+    return fs.open(path, "rb")
+
+
 class HashingWriter:
     """A write-only file wrapper that counts bytes and hashes them as they pass."""
 
@@ -62,25 +74,65 @@ class HashingWriter:
         """Closing is the owner's job (it publishes the file); writers that close their sink are ignored."""
 
 
+class AtomicFile:
+    """A file that appears complete at ``commit()`` or not at all (``discard()``).
+
+    Locally it is written beside its final name and renamed; on object stores
+    the upload is published by ``close`` and aborted by ``discard``.
+    """
+
+    def __init__(self, fs: Any, path: str):
+        self.fs, self.path = fs, path
+        self.local = is_local(fs)
+        if self.local:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file: IO[bytes] = open(path + PARTIAL_SUFFIX, "wb")
+        else:
+            self.file = fs.open(path, "wb")
+
+    def commit(self, *, unless_sha256: str | None = None) -> None:
+        """Publish the file; with ``unless_sha256``, keep an existing local file that already has those bytes."""
+        if not self.local:
+            self.file.close()
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        tmp = self.path + PARTIAL_SUFFIX
+        if unless_sha256 and os.path.exists(self.path) and file_sha256(self.path) == unless_sha256:
+            os.remove(tmp)  # a complete copy from an interrupted run: keep it as it is
+        else:
+            os.replace(tmp, self.path)
+
+    def discard(self) -> None:
+        """Drop what was written."""
+        if self.local:
+            self.file.close()
+            if os.path.exists(self.path + PARTIAL_SUFFIX):
+                os.remove(self.path + PARTIAL_SUFFIX)
+        elif hasattr(self.file, "discard"):
+            self.file.discard()
+            self.file.closed = True
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @contextmanager
 def atomic_write(fs: Any, path: str) -> Iterator[IO[bytes]]:
     """Write ``path`` so that it appears complete or not at all."""
-    if not is_local(fs):
-        with fs.open(path, "wb") as f:
-            yield f
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + PARTIAL_SUFFIX
+    target = AtomicFile(fs, path)
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield target.file
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        target.discard()
         raise
+    target.commit()
 
 
 def write_bytes(fs: Any, path: str, data: bytes) -> None:

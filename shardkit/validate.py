@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from shardkit.errors import RecordError
-from shardkit.images import ImageRoot, load_image
+from shardkit.images import ImageRoot, decode_image
 from shardkit.read import iter_raw_lines, parse_record
 from shardkit.render import Renderer
+from shardkit.storage import parent
 
 
 @dataclass
@@ -42,7 +42,7 @@ def validate(
     on_record: Callable[[], None] | None = None,
 ) -> ValidationReport:
     """Check every record of the JSONL at ``path`` and every image it names."""
-    root = ImageRoot(image_root or Path(path).parent)
+    root = ImageRoot(image_root or parent(path))
     report = ValidationReport()
     for raw in iter_raw_lines(path):
         report.records += 1
@@ -57,7 +57,7 @@ def validate(
         for part in record.images():
             report.images += 1
             try:
-                load_image(root.resolve(part.image), part.image, max_pixels=max_image_pixels)
+                decode_image(root.read(part.image), part.image, max_pixels=max_image_pixels)
             except RecordError as exc:
                 report.problems.append(exc.at(raw.line).to_json())
     return report

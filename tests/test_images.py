@@ -8,7 +8,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from shardkit.errors import ConfigError, RecordError
-from shardkit.images import Grid, ImageRoot, encode_jpeg, load_image, smart_resize, to_rgb
+from shardkit.images import Grid, ImageRoot, decode_image, encode_jpeg, smart_resize, to_rgb
 from tests.conftest import write_image
 
 
@@ -102,7 +102,7 @@ def test_qwen2_vl_processor_leaves_stored_images_unchanged():
 )
 def test_any_mode_becomes_rgb(tmp_path, mode, fmt, save):
     path = write_image(tmp_path / f"x.{fmt.lower()}", 64, 48, mode=mode, fmt=fmt, **save)
-    image = load_image(path, path.name, max_pixels=10**8)
+    image = decode_image(path.read_bytes(), path.name, max_pixels=10**8)
     assert image.mode == "RGB" and image.size == (64, 48)
 
 
@@ -126,18 +126,23 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
-    assert load_image(tmp_path / "rotated.jpg", "rotated.jpg", max_pixels=10**8).size == (20, 60)
+    assert decode_image((tmp_path / "rotated.jpg").read_bytes(), "rotated.jpg", max_pixels=10**8).size == (20, 60)
 
 
 def test_image_problems_are_record_errors(tmp_path):
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    good = write_image(tmp_path / "good.jpg", 200, 150).read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
-    (tmp_path / "text.jpg").write_text("hello")
-    write_image(tmp_path / "big.png", 300, 200, fmt="PNG")
-    write_image(tmp_path / "thin.png", 2010, 10, fmt="PNG")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "empty.jpg").write_bytes(b"")
+    good = write_image(images / "good.jpg", 200, 150).read_bytes()
+    (images / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (images / "text.jpg").write_text("hello")
+    write_image(images / "big.png", 300, 200, fmt="PNG")
+    write_image(images / "thin.png", 2010, 10, fmt="PNG")
+    (images / "folder.jpg").mkdir()
+    root = ImageRoot(tmp_path)
     cases = {
         "missing.jpg": "image_missing",
+        "folder.jpg": "image_missing",
         "empty.jpg": "image_empty",
         "cut.jpg": "image_corrupt",
         "text.jpg": "image_not_image",
@@ -145,11 +150,12 @@ def test_image_problems_are_record_errors(tmp_path):
         "thin.png": "image_aspect",
     }
     for name, code in cases.items():
+        ref = f"images/{name}"
         with pytest.raises(RecordError) as info:
-            load_image(tmp_path / name, f"images/{name}", max_pixels=50_000)
+            decode_image(root.read(ref), ref, max_pixels=50_000)
         assert info.value.code == code, name
-        assert f"images/{name}" in info.value.reason
-        assert info.value.detail == {"image": f"images/{name}"}
+        assert ref in info.value.reason
+        assert info.value.detail == {"image": ref}
 
 
 def test_paths_that_leave_the_root_are_refused(tmp_path):
@@ -159,9 +165,10 @@ def test_paths_that_leave_the_root_are_refused(tmp_path):
     os.symlink(tmp_path / "outside.jpg", root / "images" / "link_out.jpg")
     os.symlink(root / "images" / "a.jpg", root / "images" / "link_in.jpg")
     images = ImageRoot(root)
-    assert images.resolve("images/a.jpg") == (root / "images" / "a.jpg").resolve()
-    assert images.resolve("images/link_in.jpg") == (root / "images" / "a.jpg").resolve()
-    assert images.resolve(str(root / "images" / "a.jpg")) == (root / "images" / "a.jpg").resolve()
+    target = str((root / "images" / "a.jpg").resolve())
+    assert images.resolve("images/a.jpg") == target
+    assert images.resolve("images/link_in.jpg") == target
+    assert images.resolve(str(root / "images" / "a.jpg")) == target
     for ref, code in [
         ("../outside.jpg", "image_outside_root"),
         ("images/../../outside.jpg", "image_outside_root"),

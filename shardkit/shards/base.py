@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from shardkit.storage import HashingWriter, atomic_write
+from shardkit.storage import AtomicFile, HashingWriter
 
 
 @dataclass
@@ -77,8 +77,8 @@ class ShardWriter(ABC):
     def __init__(self, fs: Any, path: str):
         self.path = path
         self.locations: list[tuple[int, int]] = []
-        self._context = atomic_write(fs, path)
-        self._hashed = HashingWriter(self._context.__enter__())
+        self._file = AtomicFile(fs, path)
+        self._hashed = HashingWriter(self._file.file)
         self._closed = False
 
     @property
@@ -94,9 +94,10 @@ class ShardWriter(ABC):
         """Write the format's trailer to ``self._hashed``."""
 
     def close(self) -> WrittenShard:
+        """Publish the shard (an identical one left by an interrupted run is kept untouched)."""
         self._finish()
         self._closed = True
-        self._context.__exit__(None, None, None)
+        self._file.commit(unless_sha256=self._hashed.sha256.hexdigest())
         return WrittenShard(
             self.path, self.num_samples, self._hashed.bytes, self._hashed.sha256.hexdigest(), self.locations
         )
@@ -110,7 +111,7 @@ class ShardWriter(ABC):
             self._finish()  # release the format writer before its file goes away
         except Exception:
             pass
-        self._context.__exit__(type(exc), exc, exc.__traceback__)
+        self._file.discard()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -10,8 +10,6 @@ reading any data. About 12 bytes per sample compressed.
 
 from __future__ import annotations
 
-import hashlib
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardkit.errors import ShardError
-from shardkit.storage import join, write_bytes
+from shardkit.storage import HashingWriter, join
 
 INDEX_NAME = "index.parquet"
 
@@ -38,28 +36,56 @@ class SampleIndex:
         return len(self.shard)
 
 
-def write_index(fs: Any, folder: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write the index for ``shards`` (each with ``locations`` and ``tokens``); returns its manifest entry."""
-    counts = [len(s["tokens"]) for s in shards]
-    locations = np.asarray([loc for s in shards for loc in s["locations"]], dtype=np.int64).reshape(-1, 2)
-    table = pa.table(
-        {
-            "shard": pa.array(np.repeat(np.arange(len(shards), dtype=np.int32), counts)),
-            "offset": pa.array(locations[:, 0]),
-            "size": pa.array(locations[:, 1]),
-            "num_tokens": pa.array(np.asarray([t for s in shards for t in s["tokens"]], dtype=np.int32)),
+SCHEMA = pa.schema([("shard", pa.int32()), ("offset", pa.int64()), ("size", pa.int64()), ("num_tokens", pa.int32())])
+
+
+class IndexWriter:
+    """Writes the index into an open binary file, a row group per million samples (bounded memory)."""
+
+    FLUSH_ROWS = 1 << 20
+
+    def __init__(self, f: Any):
+        self._hashed = HashingWriter(f)
+        self._writer = pq.ParquetWriter(self._hashed, SCHEMA, compression="zstd")
+        self._pending: list[tuple[int, list[list[int]], list[int]]] = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def add(self, shard: int, locations: list[list[int]], tokens: list[int]) -> None:
+        """Append the samples of shard number ``shard`` (manifest order)."""
+        self._pending.append((shard, locations, tokens))
+        self._pending_rows += len(tokens)
+        if self._pending_rows >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        counts = [len(tokens) for _, _, tokens in self._pending]
+        locations = np.asarray([loc for _, locs, _ in self._pending for loc in locs], dtype=np.int64).reshape(-1, 2)
+        table = pa.table(
+            {
+                "shard": np.repeat(np.asarray([s for s, _, _ in self._pending], dtype=np.int32), counts),
+                "offset": locations[:, 0],
+                "size": locations[:, 1],
+                "num_tokens": np.asarray([t for _, _, tokens in self._pending for t in tokens], dtype=np.int32),
+            },
+            schema=SCHEMA,
+        )
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> dict[str, Any]:
+        """Finish the file; its manifest entry."""
+        self._flush()
+        self._writer.close()
+        return {
+            "path": INDEX_NAME,
+            "num_rows": self.rows,
+            "bytes": self._hashed.bytes,
+            "sha256": self._hashed.sha256.hexdigest(),
         }
-    )
-    out = io.BytesIO()
-    pq.write_table(table, out, compression="zstd")
-    data = out.getvalue()
-    write_bytes(fs, join(folder, INDEX_NAME), data)
-    return {
-        "path": INDEX_NAME,
-        "num_rows": table.num_rows,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
 
 
 def read_index(fs: Any, folder: str, expected_rows: int) -> SampleIndex:
