@@ -43,17 +43,20 @@ def bundled_tokenizer_dir() -> Path:
     return folder
 
 
-@functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str | None = None) -> tuple[Any, TokenizerInfo]:
-    """The tokenizer for ``name`` (None: the offline default) and its manifest info.
+    """The tokenizer for ``name`` (None: the offline default) and its manifest info; loaded once per process.
 
     The fingerprint is the sha256 of the serialized backend (vocabulary, merges,
     added tokens, normalizer), so two builds agree on it exactly when they
     tokenize alike.
     """
+    return _load(name or DEFAULT_TOKENIZER)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str) -> tuple[Any, TokenizerInfo]:
     from transformers import AutoTokenizer
 
-    name = name or DEFAULT_TOKENIZER
     source = str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

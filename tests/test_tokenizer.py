@@ -1,7 +1,7 @@
 import pytest
 
 from shardkit.errors import ConfigError
-from shardkit.tokenizer import bundled_tokenizer_dir, load_tokenizer
+from shardkit.tokenizer import _load, bundled_tokenizer_dir, load_tokenizer
 
 
 def test_default_is_the_real_qwen_vocabulary():
@@ -28,4 +28,4 @@ def test_a_local_folder_gives_the_same_fingerprint():
 def test_an_unknown_tokenizer_is_a_clear_config_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="cannot load tokenizer"):
-        load_tokenizer.__wrapped__(str(tmp_path / "no-such-tokenizer"))
+        _load.__wrapped__(str(tmp_path / "no-such-tokenizer"))

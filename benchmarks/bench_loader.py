@@ -1,0 +1,178 @@
+"""The torch loader against the seed's approach, the image hot path, resume and loader memory.
+
+Targets (ratios measured in this run):
+  3. model-ready batches per second >= 10 x the seed's approach: a torch Dataset that, per __getitem__, reads the
+     JSONL record, opens the original images and runs the chat template, the tokenizer and Qwen2VLImageProcessor
+     (the same DataLoader workers for both).
+  4. the image hot path (stored JPEG to normalised patches) >= 3 x Qwen2VLImageProcessor on the same stored images.
+  6. time to the first batch after restoring at 90% of an epoch <= 2 x the time to the first batch of a fresh epoch.
+  7. the loader's resident memory stays flat over an epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import WORK, best_of, machine, save, seed_dataset
+from PIL import Image
+
+from shardkit.build import build
+from shardkit.config import BuildConfig
+from shardkit.load import ShardStream
+from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches
+from shardkit.shards.reading import iter_build_samples
+from shardkit.tokenizer import load_tokenizer
+
+WORKERS = 2
+BATCH = 2
+QWEN2_VL_TEMPLATE = (
+    Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "qwen2_vl_chat_template.jinja"
+).read_text()
+
+
+class SeedDataset(torch.utils.data.Dataset):
+    """What users do today (the seed document's Qwen2VLDataset), without a video processor (no torchvision)."""
+
+    def __init__(self, jsonl: Path, tokenizer, processor):
+        self.base = jsonl.parent
+        self.lines = [line for line in jsonl.read_text().splitlines() if line.strip()]
+        self.tokenizer, self.processor = tokenizer, processor
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __getitem__(self, index):
+        record = json.loads(self.lines[index])
+        messages = record["messages"]
+        images = [Image.open(self.base / p["image"]) for m in messages if isinstance(m["content"], list)
+                  for p in m["content"] if p["type"] == "image"]  # fmt: skip
+        text = self.tokenizer.apply_chat_template(messages, chat_template=QWEN2_VL_TEMPLATE, tokenize=False)
+        vision = self.processor(images=images, return_tensors="pt")
+        counts = iter((vision["image_grid_thw"].prod(-1) // 4).tolist())
+        text = "".join(part + ("<|image_pad|>" * next(counts) if i < len(images) else "")
+                       for i, part in enumerate(text.split("<|image_pad|>")))  # fmt: skip
+        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **vision}
+
+
+def seed_collate(batch):
+    pad = torch.nn.utils.rnn.pad_sequence
+    return {
+        "input_ids": pad([b["input_ids"] for b in batch], batch_first=True, padding_value=151643),
+        "attention_mask": pad([b["attention_mask"] for b in batch], batch_first=True, padding_value=0),
+        "labels": pad([b["labels"] for b in batch], batch_first=True, padding_value=-100),
+        "pixel_values": torch.cat([b["pixel_values"] for b in batch]),
+        "image_grid_thw": torch.cat([b["image_grid_thw"] for b in batch]),
+    }
+
+
+def steady_rate(loader, prepare=None) -> float:
+    """Batches per second over an epoch, from the first batch on (worker start-up excluded for every loader)."""
+    it = iter(loader)
+    first = next(it)
+    if prepare:
+        prepare(first)
+    start, batches = time.perf_counter(), 0
+    for batch in it:
+        if prepare:
+            prepare(batch)
+        batches += 1
+    return batches / (time.perf_counter() - start)
+
+
+def current_rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def main() -> dict:
+    from transformers import Qwen2VLImageProcessor
+
+    dataset = seed_dataset()
+    tokenizer = load_tokenizer()[0]
+    processor = Qwen2VLImageProcessor()
+    out = WORK / "loader-bench"
+    if not (out / "manifest.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        build(BuildConfig.create(input=str(dataset.jsonl), out=str(out), samples_per_shard=8), progress=False)
+
+    # 3. model-ready batches per second
+    seed_loader = torch.utils.data.DataLoader(SeedDataset(dataset.jsonl, tokenizer, processor), batch_size=BATCH,
+                                              num_workers=WORKERS, collate_fn=seed_collate)  # fmt: skip
+    seed_rate = max(steady_rate(seed_loader) for _ in range(2))
+    ours = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), num_workers=WORKERS)
+    float_rate = max(steady_rate(ours) for _ in range(3))
+    # what the trainer does: uint8 patches from the workers, normalised where the model runs (here the CPU)
+    collator = Qwen2VLCollator.for_build(ours.stream.source.manifest, pixels="uint8")
+    compact = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), collate=collator, num_workers=WORKERS)
+    uint8_rate = max(steady_rate(compact, lambda b: collator.to_device(b, "cpu")) for _ in range(3))
+    ours_rate = max(float_rate, uint8_rate)
+
+    # 4. the image hot path on the same stored images
+    jpegs = [j for s in iter_build_samples(str(out)) for j in s.images]
+    mean, std = processor.image_mean, processor.image_std
+    hot_s = best_of(lambda: [expand_patches(torch.from_numpy(image_patches(j, 14, 2)), mean, std) for j in jpegs])
+    uint8_s = best_of(lambda: [image_patches(j, 14, 2) for j in jpegs])
+    processor_s = best_of(lambda: [processor(images=[Image.open(io.BytesIO(j))], return_tensors="np") for j in jpegs])
+    megapixels = sum(np.prod(Image.open(io.BytesIO(j)).size) for j in jpegs) / 1e6
+
+    # 6. resume deep into an epoch
+    def first_batch(state=None):
+        loader = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), num_workers=WORKERS)
+        if state:
+            loader.load_state_dict(state)
+        start = time.perf_counter()
+        next(iter(loader))
+        return time.perf_counter() - start
+
+    probe = ShardStream(str(out), batch_size=BATCH, seed=0)
+    probe.workers = WORKERS
+    probe.advance(int(probe.remaining_steps() * 0.9))
+    state = probe.state_dict()
+    fresh_s = min(first_batch() for _ in range(3))
+    resume_s = min(first_batch(state) for _ in range(3))
+
+    # 7. loader memory over epochs (one process, so the numbers are this process's)
+    loader = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), num_workers=0)
+    rss = []
+    for _epoch in range(4):
+        for _ in loader:
+            pass
+        rss.append(current_rss_mib())  # after each epoch; the first one warms the allocator up
+    samples = [s for b in ShardStream(str(out), batch_size=BATCH, shuffle=False) for s in b]
+    tokens_per_batch = sum(len(s.input_ids) for s in samples) / len(samples) * BATCH
+    images_per_batch = sum(len(s.images) for s in samples) / len(samples) * BATCH
+    return {
+        "workers": WORKERS,
+        "batch_size": BATCH,
+        "seed_batches_per_s": seed_rate,
+        "shardkit_float32_batches_per_s": float_rate,
+        "shardkit_uint8_then_normalise_batches_per_s": uint8_rate,
+        "ratio_loader_vs_seed": ours_rate / seed_rate,
+        "hot_path_images": len(jpegs),
+        "hot_path_megapixels": megapixels,
+        "processor_ms_per_image": processor_s / len(jpegs) * 1e3,
+        "shardkit_float32_ms_per_image": hot_s / len(jpegs) * 1e3,
+        "shardkit_uint8_ms_per_image": uint8_s / len(jpegs) * 1e3,
+        "ratio_hot_path_vs_processor": processor_s / hot_s,
+        "ratio_hot_path_uint8_vs_processor": processor_s / uint8_s,
+        "first_batch_fresh_s": fresh_s,
+        "first_batch_after_resume_at_90pct_s": resume_s,
+        "ratio_resume_vs_fresh_first_batch": resume_s / fresh_s,
+        "loader_rss_mib_by_epoch": rss,
+        "ratio_loader_rss_last_vs_first": rss[-1] / rss[0],  # end of epoch 4 against end of epoch 1
+        "tokens_per_s": tokens_per_batch * ours_rate,
+        "images_per_s": images_per_batch * ours_rate,
+    }
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    result = {"machine": machine(), "loader": main()}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    save("loader", result)

@@ -1,0 +1,129 @@
+"""Run every benchmark, check the targets, write results/summary.json and results/chart.png, update the README.
+
+    python benchmarks/run_all.py            # about 6 minutes on a 2-core machine
+    python benchmarks/run_all.py --no-readme
+
+Each benchmark runs in its own process (so memory figures are its own) and
+compares shardkit with a baseline measured in the same run: these machines are
+noisy and only ratios mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+HERE = Path(__file__).resolve().parent
+README = HERE.parent / "README.md"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+# (number, what, section, key, comparison, target)
+TARGETS = [
+    (1, "build per core vs codec floor (plain Pillow loop)", "build", "ratio_build_vs_codec_floor", ">=", 0.85),
+    (2, "build, 2 workers vs 1", "build", "ratio_2_workers_vs_1", ">=", 1.7),
+    (3, "torch loader batches/s vs the seed's Dataset", "loader", "ratio_loader_vs_seed", ">=", 10),
+    (4, "image hot path vs Qwen2VLImageProcessor", "loader", "ratio_hot_path_vs_processor", ">=", 3),
+    (5, "Tinker Datums/s vs cookbook conversation_to_datum", "tinker", "ratio_datums_vs_cookbook", ">=", 20),
+    (6, "first batch after resume at 90% vs fresh", "loader", "ratio_resume_vs_fresh_first_batch", "<=", 2),
+    (7, "build peak RSS, 10x input vs 1x", "build", "ratio_build_rss_10x_input", "<", 1.2),
+    (7, "loader RSS, end of epoch 4 vs epoch 1", "loader", "ratio_loader_rss_last_vs_first", "<", 1.05),
+]
+
+
+def passed(value: float, comparison: str, target: float) -> bool:
+    return {">=": value >= target, "<=": value <= target, "<": value < target}[comparison]
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    margins = [r["value"] / r["target"] if r["comparison"] == ">=" else r["target"] / r["value"] for r in rows]
+    labels = [f"{r['number']}. {r['what']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    colors = ["#2ca02c" if r["passed"] else "#d62728" for r in rows]
+    ax.barh(range(len(rows)), margins, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("measured / target (right of the line: target met)")
+    for i, r in enumerate(rows):
+        ax.text(margins[i], i, f"  {r['value']:.2f} ({r['comparison']} {r['target']})", va="center", fontsize=8)
+    ax.set_title("shardkit benchmarks (ratios measured in one run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows: list[dict], info: dict, sections: dict) -> str:
+    build, loader, tinker = sections["build"], sections["loader"], sections["tinker"]
+    lines = [
+        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB), "
+        f"Python {info['python']}, torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
+        f"with `python benchmarks/run_all.py` (the raw figures are in `benchmarks/results/`).",
+        "",
+        "| # | measure | target | measured | |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['number']} | {r['what']} | {r['comparison']} {r['target']} | {r['value']:.2f} | "
+                     f"{'met' if r['passed'] else '**missed**'} |")  # fmt: skip
+    lines += [
+        "",
+        f"Build, one worker: {build['build_images_per_s_1_worker']:.1f} images/s, "
+        f"{build['build_tokens_per_s_1_worker']:.0f} tokens/s, {build['read_mb_per_s_1_worker']:.1f} MB/s read, "
+        f"{build['written_mb_per_s_1_worker']:.1f} MB/s written; bytes per sample: tar "
+        f"{build['bytes_per_sample_tar'] / 1e3:.0f} kB, Parquet {build['bytes_per_sample_parquet'] / 1e3:.0f} kB. "
+        f"Torch loader ({loader['workers']} workers): {loader['images_per_s']:.0f} images/s, "
+        f"{loader['tokens_per_s']:.0f} tokens/s; image hot path {loader['shardkit_float32_ms_per_image']:.1f} ms "
+        f"(float32) or {loader['shardkit_uint8_ms_per_image']:.1f} ms (uint8) against "
+        f"{loader['processor_ms_per_image']:.1f} ms per image. Tinker: {tinker['shardkit_datums_per_s']:.0f} "
+        f"Datums/s against {tinker['cookbook_datums_per_s']:.1f}.",
+        "",
+        "![benchmarks](benchmarks/results/chart.png)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README's table")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    sections = {}
+    for name in ("build", "loader", "tinker"):
+        print(f"== bench_{name}.py", flush=True)
+        subprocess.run(
+            [sys.executable, str(HERE / f"bench_{name}.py")], check=True, cwd=HERE, stdout=subprocess.DEVNULL
+        )
+        sections[name] = json.loads((RESULTS / f"{name}.json").read_text())[name]
+    rows = []
+    for number, what, section, key, comparison, target in TARGETS:
+        value = sections[section][key]
+        rows.append({"number": number, "what": what, "key": key, "value": value, "comparison": comparison,
+                     "target": target, "passed": passed(value, comparison, target)})  # fmt: skip
+    info = machine()
+    summary = {"machine": info, "targets": rows, "seconds": round(time.perf_counter() - started, 1), **sections}
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    chart(rows, RESULTS / "chart.png")
+    text = table(rows, info, sections)
+    print(text)
+    if not args.no_readme:
+        readme = README.read_text()
+        head, rest = readme.split(START, 1)
+        README.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    print(f"all targets met: {all(r['passed'] for r in rows)}; {summary['seconds']} s")
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
