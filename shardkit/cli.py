@@ -191,6 +191,11 @@ def _parser() -> argparse.ArgumentParser:
         help="torch: a token budget per batch (padded), similar lengths batched together",
     )
     p.add_argument(
+        "--pack",
+        action="store_true",
+        help="torch: pack whole samples into one sequence of up to --batch-tokens tokens per batch, no padding",
+    )
+    p.add_argument(
         "--grad-accum", type=_positive, default=1, help="torch: batches per optimizer step (default: %(default)s)"
     )
     p.add_argument(
@@ -359,6 +364,7 @@ def _train(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             batch_size=args.batch_size,
             batch_tokens=args.batch_tokens,
+            pack=args.pack,
             grad_accum=args.grad_accum,
             warmup_ratio=args.warmup_ratio,
             max_grad_norm=args.max_grad_norm,

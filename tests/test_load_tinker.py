@@ -14,6 +14,7 @@ from PIL import Image
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
+from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.tinker import DatumBatches, sample_to_datum
 from tests.conftest import conversation, write_image, write_jsonl
@@ -126,3 +127,8 @@ def test_datum_batches_resume(qwen3_build):
     again = DatumBatches(ShardStream(str(qwen3_build), batch_size=4, seed=2))
     again.load_state_dict(first.state_dict())
     assert taken + lines(again) == whole
+
+
+def test_datum_batches_refuse_a_packed_stream(qwen3_build):
+    with pytest.raises(ConfigError, match="one Datum per sample"):
+        DatumBatches(ShardStream(str(qwen3_build), pack_tokens=4096))

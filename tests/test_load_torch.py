@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from shardkit.load import ShardStream
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches
+from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches, mrope_positions
 from shardkit.shards import read_manifest
 from tests.conftest import tiny_qwen2_vl_config
 
@@ -98,6 +98,112 @@ def test_a_tiny_qwen2_vl_trains_on_a_batch(builds, family):
     assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0  # the images reached the loss
 
 
+def tiny_model(family, attn="sdpa"):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(0)  # sharp enough that attention across samples shows clearly in the losses
+    model = cls(tiny_qwen2_vl_config(family, initializer_range=0.2))
+    model.set_attn_implementation(attn)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_mrope_positions_equal_the_models_rope_index_on_every_sample(builds, family):
+    model = tiny_model(family)
+    stream = ShardStream(builds["tar"], batch_size=1, shuffle=False)
+    collate = Qwen2VLCollator.for_build(stream.source.manifest)
+    for (sample,) in stream:
+        alone = collate([sample])
+        expected, _ = model.model.get_rope_index(
+            alone["input_ids"], alone["mm_token_type_ids"], alone["image_grid_thw"]
+        )
+        ours = mrope_positions(len(sample.input_ids), sample.info["images"], 2)
+        assert torch.equal(torch.from_numpy(ours), expected[:, 0]), sample.key
+
+
+def packed_batch(builds, **options):
+    """The first batch of two packed sequences, and the build's collator."""
+    stream = ShardStream(builds["tar"], pack_tokens=600, sequences_per_batch=2, seed=0)
+    return next(iter(stream)), Qwen2VLCollator.for_build(stream.source.manifest, **options)
+
+
+def spans(sequences):
+    """(row, start, sample) of every sample of a packed batch."""
+    out = []
+    for row, sequence in enumerate(sequences):
+        start = 0
+        for sample in sequence:
+            out.append((row, start, sample))
+            start += len(sample.input_ids)
+    return out
+
+
+def test_packed_batch_holds_each_sample_as_alone_with_reset_positions(builds):
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    sequences, collate = packed_batch(builds)
+    batch = collate(sequences)
+    samples = [s for sequence in sequences for s in sequence]
+    assert len(sequences) == 2 and len(samples) > 4 and "attention_mask" not in batch and batch["use_cache"] is False
+    rows, length = batch["input_ids"].shape
+    assert length == max(sum(len(s.input_ids) for s in sequence) for sequence in sequences)
+    assert batch["position_ids"].shape == (4, rows, length)
+    for row, start, sample in spans(sequences):
+        alone = collate([sample])
+        n = len(sample.input_ids)
+        assert torch.equal(batch["input_ids"][row, start : start + n], alone["input_ids"][0])
+        assert batch["labels"][row, start] == -100  # the previous sample does not predict this one's start
+        assert torch.equal(batch["labels"][row, start + 1 : start + n], alone["labels"][0, 1:])
+        assert torch.equal(batch["position_ids"][0, row, start : start + n], torch.arange(n))
+        positions = mrope_positions(n, sample.info["images"], 2)
+        assert torch.equal(batch["position_ids"][1:, row, start : start + n], torch.from_numpy(positions))
+    for row, sequence in enumerate(sequences):
+        end = sum(len(s.input_ids) for s in sequence)
+        assert (batch["input_ids"][row, end:] == collate.pad_token_id).all()
+        assert (batch["labels"][row, end:] == -100).all()
+    # images in token order: the features land on their own tokens
+    alone = [collate([s]) for s in samples]
+    assert torch.equal(batch["pixel_values"], torch.cat([a["pixel_values"] for a in alone]))
+    assert torch.equal(batch["image_grid_thw"], torch.cat([a["image_grid_thw"] for a in alone]))
+    # flash-attention's sequence boundaries: what transformers derives from the position resets, the samples
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"][0])
+    assert torch.equal(batch["cu_seq_lens_q"], cu_q) and torch.equal(batch["cu_seq_lens_k"], cu_k)
+    assert batch["max_length_q"] == batch["max_length_k"] == int(max_q)
+    starts = [row * length + start for row, start, _ in spans(sequences)]
+    assert batch["cu_seq_lens_q"].tolist() == [*starts, rows * length]
+    assert collate.count(batch) == (len(samples), sum(len(s.input_ids) for s in samples))
+    _, small = packed_batch(builds, pixels="uint8")
+    moved = small.to_device(small(sequences), "cpu")
+    assert torch.equal(moved["pixel_values"], batch["pixel_values"]) and moved["max_length_q"] == batch["max_length_q"]
+
+
+def per_sample_losses(logits, labels, sequences):
+    losses = []
+    for row, start, sample in spans(sequences):
+        end = start + len(sample.input_ids)
+        losses.append(
+            float(torch.nn.functional.cross_entropy(logits[row, start : end - 1], labels[row, start + 1 : end]))
+        )
+    return losses
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_packed_losses_equal_each_sample_alone(builds, family, attn):
+    model = tiny_model(family, attn)
+    sequences, collate = packed_batch(builds)
+    batch = collate(sequences)
+    with torch.no_grad():
+        packed = per_sample_losses(model(**batch).logits, batch["labels"], sequences)
+        alone = [float(model(**collate([s])).loss) for _, _, s in spans(sequences)]
+        # with a cache transformers drops the packed-sequence mask: samples then see their predecessors
+        leaky = per_sample_losses(model(**{**batch, "use_cache": True}).logits, batch["labels"], sequences)
+    assert packed == pytest.approx(alone, abs=1e-4)
+    firsts = [start == 0 for _, start, _ in spans(sequences)]
+    assert all(abs(a - b) > 1e-2 for a, b, first in zip(leaky, alone, firsts, strict=True) if not first)
+
+
 def batch_keys(loader):
     return [tuple(k) for k in loader]
 
@@ -106,10 +212,17 @@ def keyed(samples):
     return [s.key for s in samples]
 
 
+def keyed_packed(sequences):
+    return [tuple(s.key for s in sequence) for sequence in sequences]
+
+
+@pytest.mark.parametrize(
+    "options, collate", [({"batch_size": 3}, keyed), ({"pack_tokens": 500, "sequences_per_batch": 2}, keyed_packed)]
+)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_loader_with_workers_resumes_exactly(builds, workers):
+def test_loader_with_workers_resumes_exactly(builds, workers, options, collate):
     def loader():
-        return TorchLoader(ShardStream(builds["tar"], batch_size=3, seed=4), collate=keyed, num_workers=workers)
+        return TorchLoader(ShardStream(builds["tar"], seed=4, **options), collate=collate, num_workers=workers)
 
     uninterrupted = batch_keys(loader())
     first = loader()
@@ -138,3 +251,6 @@ def test_default_collate_gives_model_batches_through_workers(builds):
     batch = next(iter(loader))
     assert {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw"} <= set(batch)
     assert batch["input_ids"].numel() <= 4096
+    packed = next(iter(TorchLoader(ShardStream(builds["tar"], pack_tokens=1024, seed=0), num_workers=2)))
+    assert {"input_ids", "position_ids", "cu_seq_lens_q", "labels", "pixel_values", "image_grid_thw"} <= set(packed)
+    assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] <= 1024

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from shardkit.errors import ConfigError
-from shardkit.load.plan import Batching, Level, Shuffle, epoch_order, make_plan, rank_sequences
+from shardkit.load.plan import (
+    Batching,
+    Level,
+    Shuffle,
+    batch_samples,
+    describe,
+    epoch_order,
+    make_plan,
+    pack_sequences,
+    rank_sequences,
+)
 
 SIZES = [5, 5, 5, 7, 3, 5, 5, 5, 2, 9]
 
@@ -65,6 +75,41 @@ def test_max_batch_size_caps_token_batches():
     assert [len(b) for b in sequence] == [7, 7, 7, 7, 7, 5]
 
 
+def test_first_fit_decreasing_packs_whole_samples_under_the_capacity():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        lengths = rng.integers(1, 400, size=200)
+        samples = rng.permutation(200)[: rng.integers(1, 200)]
+        sequences = pack_sequences(samples, lengths, 1000)
+        assert sorted(np.concatenate(sequences).tolist()) == sorted(samples.tolist())
+        fill = [int(lengths[s].sum()) for s in sequences]
+        assert max(fill) <= 1000
+        assert len(sequences) <= 11 / 9 * np.ceil(lengths[samples].sum() / 1000) + 1  # FFD's bound
+        for i, s in enumerate(sequences):  # first fit: no sample would have fitted in an earlier sequence
+            assert all(1000 - fill[j] < lengths[s].min() for j in range(i))
+    assert [s.tolist() for s in pack_sequences(np.array([0, 1, 2]), np.array([5, 9, 6]), 10)] == [[1], [2], [0]]
+    assert [s.tolist() for s in pack_sequences(np.array([0, 1, 2]), np.array([7, 6, 3]), 10)] == [[0, 2], [1]]
+
+
+@pytest.mark.parametrize("world, workers, per_batch", [(1, 1, 1), (2, 3, 2), (3, 2, 4)])
+def test_packed_batches_are_sequences_under_the_budget_with_every_sample_once(world, workers, per_batch):
+    lengths = np.random.default_rng(0).integers(20, 600, size=sum(SIZES) * 5)
+    order = epoch_order([s * 5 for s in SIZES], Shuffle(seed=0), 0)
+    batching = Batching(pack_tokens=1024, sequences_per_batch=per_batch, bucket_window=32)
+    sequences = rank_sequences(order, world, workers, batching, lengths, seed=0, key=(0, 0))
+    assert len({len(s) for s in sequences}) == 1
+    batches = [b for s in sequences for b in s]
+    assert all(isinstance(b, list) and 1 <= len(b) <= per_batch for b in batches)
+    assert all(lengths[seq].sum() <= 1024 for b in batches for seq in b)
+    seen = np.concatenate([batch_samples(b) for b in batches])
+    assert len(seen) == len(set(seen.tolist()))
+    if world == 1:
+        assert sorted(seen.tolist()) == sorted(order.tolist())  # one rank reads everything
+    assert lengths[seen].sum() / (1024 * sum(len(b) for b in batches)) > 0.9  # the sequences are well filled
+    again = rank_sequences(order, world, workers, batching, lengths, seed=0, key=(0, 0))
+    assert [[q.tolist() for q in b] for s in again for b in s] == [[q.tolist() for q in b] for b in batches]
+
+
 def test_bad_batching_is_a_config_error():
     with pytest.raises(ConfigError):
         Batching()
@@ -72,6 +117,22 @@ def test_bad_batching_is_a_config_error():
         Batching(batch_size=2, max_tokens=10)
     with pytest.raises(ConfigError):
         Batching(batch_size=0)
+    with pytest.raises(ConfigError):
+        Batching(max_tokens=10, pack_tokens=10)
+    with pytest.raises(ConfigError):
+        Batching(max_tokens=10, sequences_per_batch=2)
+    with pytest.raises(ConfigError):
+        Batching(pack_tokens=10, sequences_per_batch=0)
+
+
+def test_settings_without_packing_are_those_of_states_saved_before_packing():
+    assert describe(Shuffle(), Batching(batch_size=2))["batching"] == {
+        "batch_size": 2,
+        "max_tokens": None,
+        "max_batch_size": None,
+        "bucket_window": 512,
+    }
+    assert describe(Shuffle(), Batching(pack_tokens=64))["batching"]["pack_tokens"] == 64
 
 
 def plan_batches(levels, rank, batching, lengths=None, epoch=0):
@@ -81,8 +142,15 @@ def plan_batches(levels, rank, batching, lengths=None, epoch=0):
     return plan
 
 
-@pytest.mark.parametrize("batching", [Batching(batch_size=2), Batching(max_tokens=900, bucket_window=8)])
-def test_elastic_resume_loses_and_repeats_nothing(batching):
+@pytest.mark.parametrize(
+    "batching, per_batch",
+    [
+        (Batching(batch_size=2), 2),
+        (Batching(max_tokens=900, bucket_window=8), 9),
+        (Batching(pack_tokens=900, sequences_per_batch=2, bucket_window=8), 18),
+    ],
+)
+def test_elastic_resume_loses_and_repeats_nothing(batching, per_batch):
     lengths = np.random.default_rng(1).integers(100, 300, size=sum(SIZES))
     rnd = random.Random(0)
     for _ in range(30):
@@ -108,19 +176,20 @@ def test_elastic_resume_loses_and_repeats_nothing(batching):
             )
             for r in range(second.world)
         ]
-        seen = [int(i) for seq in before for b in seq for i in b] + [
-            int(i) for p in after for b in p.sequence for i in b
+        seen = [int(i) for seq in before for b in seq for i in batch_samples(b)] + [
+            int(i) for p in after for b in p.sequence for i in batch_samples(b)
         ]
         assert len(seen) == len(set(seen)), "a sample was read twice"
-        assert after[0].consumed_before == sum(len(b) for seq in before for b in seq)
-        missing = after[0].remaining_at_level - sum(len(b) for p in after for b in p.sequence)
+        assert after[0].consumed_before == sum(len(batch_samples(b)) for seq in before for b in seq)
+        missing = after[0].remaining_at_level - sum(len(batch_samples(b)) for p in after for b in p.sequence)
         # what is left is only the last level's remainder: under one batch per rank and worker
-        limit = second.world * second.workers * (batching.batch_size or 9)
+        limit = second.world * second.workers * per_batch
         assert 0 <= missing < limit and len({p.steps for p in after}) == 1
 
 
-def test_same_topology_continues_the_same_sequence():
-    batching = Batching(batch_size=3)
-    whole = plan_batches([Level(2, 2)], 1, batching).sequence
-    continued = plan_batches([Level(2, 2, 4)], 1, batching).sequence
-    assert [b.tolist() for b in whole] == [b.tolist() for b in continued]
+@pytest.mark.parametrize("batching", [Batching(batch_size=3), Batching(pack_tokens=700, sequences_per_batch=2)])
+def test_same_topology_continues_the_same_sequence(batching):
+    lengths = np.random.default_rng(2).integers(100, 300, size=sum(SIZES))
+    whole = plan_batches([Level(2, 2)], 1, batching, lengths).sequence
+    continued = plan_batches([Level(2, 2, 4)], 1, batching, lengths).sequence
+    assert [batch_samples(b).tolist() for b in whole] == [batch_samples(b).tolist() for b in continued]

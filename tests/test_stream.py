@@ -145,3 +145,48 @@ def test_verify_catches_a_changed_byte(builds, tmp_path, capsys):
 def test_missing_build_is_a_clear_error(tmp_path):
     with pytest.raises(ShardError, match="no manifest.json"):
         ShardStream(str(tmp_path), batch_size=1)
+
+
+def test_packed_stream_gives_sequences_of_whole_samples_and_resumes_exactly(builds, small_dataset):
+    def stream():
+        return ShardStream(builds["parquet"], pack_tokens=600, sequences_per_batch=2, seed=3, bucket_window=16)
+
+    batches = [[[s.key for s in seq] for seq in batch] for batch in stream()]
+    lengths = {s.key: len(s.input_ids) for batch in stream() for seq in batch for s in seq}
+    assert all(1 <= len(b) <= 2 and all(sum(lengths[k] for k in seq) <= 600 for seq in b) for b in batches)
+    flat = [k for b in batches for seq in b for k in seq]
+    assert sorted(flat) == sorted(f"{line:010d}" for line in small_dataset.good_lines)
+    assert sum(len(b) for b in batches) < len(flat) / 2  # several samples a sequence
+
+    first = stream()
+    it = iter(first)
+    taken = [[[s.key for s in seq] for seq in next(it)] for _ in range(2)]
+    resumed = stream()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert taken + [[[s.key for s in seq] for seq in b] for b in resumed] == batches
+    with pytest.raises(ConfigError, match="other shuffle/batching settings"):
+        ShardStream(builds["parquet"], pack_tokens=700, seed=3).load_state_dict(first.state_dict())
+    with pytest.raises(ConfigError, match="pack_tokens 64 is below the longest sample"):
+        ShardStream(builds["parquet"], pack_tokens=64)
+
+
+def test_padding_stats_count_what_the_batches_hold(builds):
+    stats = {}
+    for name, options in {
+        "plain": {"batch_size": 4},
+        "budget": {"max_tokens": 800},
+        "packed": {"pack_tokens": 800, "sequences_per_batch": 2},
+    }.items():
+        stream = ShardStream(builds["tar"], seed=1, **options)
+        stats[name] = stream.padding_stats()
+        rows = []
+        for batch in stream:
+            sequences = batch if isinstance(batch[0], list) else [[s] for s in batch]
+            rows.append([sum(len(s.input_ids) for s in seq) for seq in sequences])
+        expected_padded = sum(len(r) * max(r) for r in rows)
+        assert stats[name]["padded_tokens"] == expected_padded
+        assert stats[name]["tokens"] == sum(map(sum, rows)) == int(stream.source.index.num_tokens.sum())
+        assert stats[name]["batches"] == len(rows) and stats[name]["samples"] == len(stream.source)
+        assert stats[name]["pad_fraction"] == pytest.approx(1 - stats[name]["tokens"] / expected_padded)
+    assert stats["packed"]["pad_fraction"] < stats["plain"]["pad_fraction"]
+    assert stats["budget"]["pad_fraction"] < stats["plain"]["pad_fraction"]

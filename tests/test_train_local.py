@@ -94,6 +94,20 @@ def test_an_interrupted_run_resumes_with_the_same_losses(tmp_path, memorisable, 
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable, tiny_model):
+    # a first step over the whole epoch: the same samples and weights as one padded batch of all 8
+    _, padded = run(tmp_path, memorisable, tiny_model, name="padded", max_steps=1, batch_size=8)
+    output = tmp_path / "packed"
+    options = ["--lr", "1e-2", "--warmup-ratio", "0.1", "--num-workers", "0", "--save-every", "100"]
+    args = ["train", "--data", memorisable, "--model", tiny_model, "--output", str(output), *options]
+    assert main([*args, "--pack", "--batch-tokens", "512", "--grad-accum", "2", "--max-steps", "12"]) == 0
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5)
+    assert all(r["samples"] == 8 and r["tokens"] == padded[0]["tokens"] for r in rows)  # no padding counted
+    losses = [r["loss"] for r in rows]
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,3 +170,5 @@ def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
         == 2
     )
     assert "cannot load model" in capsys.readouterr().err
+    assert main(["train", "--data", memorisable, "--model", "m", "--output", str(tmp_path / "o"), "--pack"]) == 2
+    assert "--pack needs --batch-tokens" in capsys.readouterr().err

@@ -15,9 +15,11 @@ The rule, per epoch:
    this epoch.
 3. **Workers.** A rank's run is cut into ``workers`` contiguous parts; each part
    becomes batches: ``batch_size`` samples, or, with a token budget, samples
-   sorted by length within windows of ``bucket_window`` and packed so that
-   ``len(batch) * longest <= max_tokens``. The rank's batch sequence takes the
-   parts' batches in turn.
+   sorted by length within windows of ``bucket_window`` and grouped so that
+   ``len(batch) * longest <= max_tokens``, or, with packing, the samples of each
+   window packed first-fit decreasing into sequences of at most ``pack_tokens``
+   tokens (a sample is never split), ``sequences_per_batch`` sequences a batch.
+   The rank's batch sequence takes the parts' batches in turn.
 4. **Equal steps.** Every rank stops after the same number of batches (the
    smallest rank's), so distributed training never waits on a missing batch.
 
@@ -39,20 +41,36 @@ from shardkit.errors import ConfigError
 
 @dataclass(frozen=True)
 class Batching:
-    """How samples are grouped: ``batch_size`` samples, or a ``max_tokens`` budget (padded tokens)."""
+    """How samples are grouped: ``batch_size`` samples, a ``max_tokens`` budget (padded tokens), or
+    ``sequences_per_batch`` packed sequences of at most ``pack_tokens`` tokens each.
+
+    A packed batch is a list of sequences, each an array of sample ids; any
+    other batch is one array of sample ids.
+    """
 
     batch_size: int | None = None
     max_tokens: int | None = None
     max_batch_size: int | None = None
     bucket_window: int = 512
+    pack_tokens: int | None = None
+    sequences_per_batch: int = 1
 
     def __post_init__(self) -> None:
-        if (self.batch_size is None) == (self.max_tokens is None):
-            raise ConfigError("give exactly one of batch_size and max_tokens")
-        for name in ("batch_size", "max_tokens", "max_batch_size", "bucket_window"):
+        if sum(x is not None for x in (self.batch_size, self.max_tokens, self.pack_tokens)) != 1:
+            raise ConfigError("give exactly one of batch_size, max_tokens and pack_tokens")
+        for name in ("batch_size", "max_tokens", "max_batch_size", "bucket_window", "pack_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if self.sequences_per_batch < 1:
+            raise ConfigError(f"sequences_per_batch must be positive, got {self.sequences_per_batch}")
+        if self.sequences_per_batch != 1 and self.pack_tokens is None:
+            raise ConfigError("sequences_per_batch needs pack_tokens")
+
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens one sample may have: ``max_tokens`` or ``pack_tokens`` (None when batching by count)."""
+        return self.max_tokens or self.pack_tokens
 
 
 @dataclass(frozen=True)
@@ -91,15 +109,61 @@ def epoch_order(shard_sizes: Sequence[int], shuffle: Shuffle, epoch: int) -> np.
     return stream[np.lexsort((keys, np.arange(total) // shuffle.window))]
 
 
+Batch = np.ndarray | list[np.ndarray]  # sample ids, or packed sequences of sample ids
+
+
+def batch_samples(batch: Batch) -> np.ndarray:
+    """The sample ids of a batch, packed or not, in reading order."""
+    return np.concatenate(batch) if isinstance(batch, list) else batch
+
+
+def padded_tokens(batch: Batch, lengths: np.ndarray) -> int:
+    """Tokens of ``batch`` once collated into rows padded to the longest: samples, or packed sequences."""
+    rows = [int(lengths[s].sum()) for s in batch] if isinstance(batch, list) else lengths[batch].tolist()
+    return len(rows) * max(rows)
+
+
+def pack_sequences(samples: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """``samples`` packed first-fit decreasing into sequences of at most ``capacity`` tokens.
+
+    Each sample is whole in exactly one sequence; a sample longer than
+    ``capacity`` is alone in its sequence.
+    """
+    order = samples[np.argsort(-lengths[samples], kind="stable")]
+    room = np.empty(len(order), dtype=np.int64)  # free tokens of each sequence opened so far
+    sequences: list[list[int]] = []
+    for sample in order:
+        length = int(lengths[sample])
+        fits = np.flatnonzero(room[: len(sequences)] >= length)
+        if len(fits):
+            target = int(fits[0])
+        else:
+            target = len(sequences)
+            sequences.append([])
+            room[target] = capacity
+        sequences[target].append(int(sample))
+        room[target] -= length
+    return [np.asarray(s, dtype=np.int64) for s in sequences]
+
+
 def _batches(
     part: np.ndarray, batching: Batching, lengths: np.ndarray | None, rng: np.random.Generator | None
-) -> list[np.ndarray]:
+) -> list[Batch]:
     if batching.batch_size is not None:
         return [part[i : i + batching.batch_size] for i in range(0, len(part), batching.batch_size)]
-    assert lengths is not None and batching.max_tokens is not None
-    out: list[np.ndarray] = []
+    assert lengths is not None
+    out: list[Batch] = []
     for w in range(0, len(part), batching.bucket_window):
         window = part[w : w + batching.bucket_window]
+        if batching.pack_tokens is not None:
+            sequences = pack_sequences(window, lengths, batching.pack_tokens)
+            step = batching.sequences_per_batch
+            packed: list[Batch] = [sequences[i : i + step] for i in range(0, len(sequences), step)]
+            if rng is not None:
+                packed = [packed[i] for i in rng.permutation(len(packed))]
+            out += packed
+            continue
+        assert batching.max_tokens is not None
         window = window[np.argsort(lengths[window], kind="stable")]
         batches, current, longest = [], [], 0
         for sample in window:
@@ -119,8 +183,8 @@ def _batches(
     return out
 
 
-def _interleave(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
-    out: list[np.ndarray] = []
+def _interleave(parts: list[list[Batch]]) -> list[Batch]:
+    out: list[Batch] = []
     for turn in range(max((len(p) for p in parts), default=0)):
         out += [p[turn] for p in parts if turn < len(p)]
     return out
@@ -135,7 +199,7 @@ def rank_sequences(
     *,
     seed: int | None,
     key: Sequence[int],
-) -> list[list[np.ndarray]]:
+) -> list[list[Batch]]:
     """Each rank's batch sequence over ``remaining`` (module rule, steps 2 to 4).
 
     ``seed`` None keeps buckets in length order; otherwise their batch order is
@@ -161,7 +225,7 @@ class EpochPlan:
     epoch: int
     rank: int
     levels: tuple[Level, ...]  # the current level with 0 batches: the plan does not depend on progress
-    sequence: list[np.ndarray]  # this rank's batches in the current level, from its start
+    sequence: list[Batch]  # this rank's batches in the current level, from its start
     consumed_before: int  # samples consumed in earlier levels, all ranks together
     remaining_at_level: int  # samples not yet consumed when the current level started
 
@@ -195,7 +259,9 @@ def make_plan(
             if not 0 <= rank < level.world:
                 raise ConfigError(f"rank {rank} is outside world size {level.world}")
             return EpochPlan(epoch, rank, tuple(levels), sequences[rank], consumed, len(remaining))
-        done = np.concatenate([b for s in sequences for b in s[: level.batches]] or [np.zeros(0, np.int64)])
+        done = np.concatenate(
+            [batch_samples(b) for s in sequences for b in s[: level.batches]] or [np.zeros(0, np.int64)]
+        )
         consumed += len(done)
         remaining = remaining[~np.isin(remaining, done)]
     raise AssertionError("unreachable")
@@ -203,4 +269,7 @@ def make_plan(
 
 def describe(shuffle: Shuffle, batching: Batching) -> dict:
     """The plan settings a resume state must match."""
-    return {"shuffle": asdict(shuffle), "batching": asdict(batching)}
+    settings = asdict(batching)
+    if batching.pack_tokens is None:  # as before packing existed, so that older states still load
+        del settings["pack_tokens"], settings["sequences_per_batch"]
+    return {"shuffle": asdict(shuffle), "batching": settings}

@@ -1,8 +1,9 @@
 """The streaming dataset: batches of samples for one rank, shuffled, split and resumable.
 
 :class:`ShardStream` reads a build (folder or fsspec URL, tar or Parquet) and
-yields lists of :class:`~shardkit.shards.Sample` following
-:mod:`shardkit.load.plan`. Its state is a small JSON dict::
+yields lists of :class:`~shardkit.shards.Sample` (with packing, lists of packed
+sequences of samples) following :mod:`shardkit.load.plan`. Its state is a small
+JSON dict::
 
     {"version": 1, "epoch": 3, "levels": [{"world": 8, "workers": 4, "batches": 1200}],
      "plan": {...settings...}, "num_samples": 123456}
@@ -26,7 +27,17 @@ from typing import Any
 import numpy as np
 
 from shardkit.errors import ConfigError
-from shardkit.load.plan import Batching, EpochPlan, Level, Shuffle, describe, make_plan
+from shardkit.load.plan import (
+    Batch,
+    Batching,
+    EpochPlan,
+    Level,
+    Shuffle,
+    batch_samples,
+    describe,
+    make_plan,
+    padded_tokens,
+)
 from shardkit.load.source import BuildSource
 from shardkit.shards import Sample
 
@@ -49,9 +60,12 @@ def distributed_rank_world() -> tuple[int, int]:
 class ShardStream:
     """Batches of samples of one rank.
 
-    Give ``batch_size`` (samples per batch) or ``max_tokens`` (a padded-token
+    Give ``batch_size`` (samples per batch), ``max_tokens`` (a padded-token
     budget: ``len(batch) * longest <= max_tokens``, samples of similar length
-    batched together). ``rank``/``world_size`` default to ``torch.distributed``.
+    batched together) or ``pack_tokens`` (``sequences_per_batch`` sequences of
+    whole samples, at most ``pack_tokens`` tokens each; a batch is then a list
+    of sequences, each a list of samples). ``rank``/``world_size`` default to
+    ``torch.distributed``.
     ``workers`` is the number of processes that will read the stream (the
     torch loader sets it); it is part of the plan, so resuming with the same
     value gives the same batches.
@@ -65,6 +79,8 @@ class ShardStream:
         max_tokens: int | None = None,
         max_batch_size: int | None = None,
         bucket_window: int = 512,
+        pack_tokens: int | None = None,
+        sequences_per_batch: int = 1,
         shuffle: bool = True,
         seed: int = 0,
         shuffle_window: int = 2048,
@@ -73,7 +89,14 @@ class ShardStream:
         verify: bool = False,
     ):
         self.source = BuildSource(location, verify=verify)
-        self.batching = Batching(batch_size, max_tokens, max_batch_size, bucket_window)
+        self.batching = Batching(
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            max_batch_size=max_batch_size,
+            bucket_window=bucket_window,
+            pack_tokens=pack_tokens,
+            sequences_per_batch=sequences_per_batch,
+        )
         self.shuffle = Shuffle(shuffle, seed, shuffle_window)
         auto_rank, auto_world = distributed_rank_world()
         self.rank = auto_rank if rank is None else rank
@@ -81,9 +104,11 @@ class ShardStream:
         if not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} is outside world size {self.world_size}")
         lengths = self.source.index.num_tokens
-        if max_tokens is not None and len(lengths) and int(lengths.max()) > max_tokens:
+        limit = self.batching.token_limit
+        if limit is not None and len(lengths) and int(lengths.max()) > limit:
+            name = "max_tokens" if max_tokens is not None else "pack_tokens"
             raise ConfigError(
-                f"max_tokens {max_tokens} is below the longest sample ({int(lengths.max())} tokens); "
+                f"{name} {limit} is below the longest sample ({int(lengths.max())} tokens); "
                 "raise it to at least the build's max_length"
             )
         self.workers = 0
@@ -145,7 +170,7 @@ class ShardStream:
         if self._plan is None or self._plan.epoch != self.epoch or list(self._plan.levels) != fresh:
             self._plan = make_plan(
                 self.source.shard_sizes,
-                self.source.index.num_tokens if self.batching.max_tokens else None,
+                self._lengths(),
                 epoch=self.epoch,
                 levels=fresh,
                 rank=self.rank,
@@ -172,7 +197,7 @@ class ShardStream:
         """Batches per rank in a whole ``epoch`` on the current topology (progress aside)."""
         return make_plan(
             self.source.shard_sizes,
-            self.source.index.num_tokens if self.batching.max_tokens else None,
+            self._lengths(),
             epoch=epoch,
             levels=[Level(self.world_size, max(self.workers, 1), 0)],
             rank=self.rank,
@@ -180,16 +205,50 @@ class ShardStream:
             batching=self.batching,
         ).steps
 
+    def padding_stats(self, epoch: int | None = None) -> dict[str, Any]:
+        """Padding of this rank's batches over a whole epoch (the current one by default), as collated.
+
+        ``tokens`` are the samples' tokens, ``padded_tokens`` those of the
+        collated rows (each batch padded to its longest row: a sample, or a
+        packed sequence), ``pad_fraction`` the share of padding in them.
+        """
+        lengths = self.source.index.num_tokens
+        batches = make_plan(
+            self.source.shard_sizes,
+            lengths,
+            epoch=self.epoch if epoch is None else epoch,
+            levels=[Level(self.world_size, max(self.workers, 1), 0)],
+            rank=self.rank,
+            shuffle=self.shuffle,
+            batching=self.batching,
+        ).sequence
+        samples = [batch_samples(b) for b in batches]
+        tokens = sum(int(lengths[s].sum()) for s in samples)
+        padded = sum(padded_tokens(b, lengths) for b in batches)
+        return {
+            "batches": len(batches),
+            "samples": sum(len(s) for s in samples),
+            "tokens": tokens,
+            "padded_tokens": padded,
+            "pad_fraction": 1 - tokens / padded if padded else 0.0,
+        }
+
+    def _lengths(self) -> np.ndarray | None:
+        return None if self.batching.token_limit is None else self.source.index.num_tokens
+
     def remaining_steps(self) -> int:
         """Batches left in the current epoch for this rank."""
         return self.plan().steps - self._levels[-1].batches
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read(self, batch: np.ndarray) -> list[Sample]:
+    def read(self, batch: Batch) -> list[Sample] | list[list[Sample]]:
+        """The samples of a plan batch: a list, or one list per packed sequence."""
+        if isinstance(batch, list):
+            return [[self.source.get(int(i)) for i in sequence] for sequence in batch]
         return [self.source.get(int(i)) for i in batch]
 
-    def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[list[Sample]]:
+    def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[list[Sample] | list[list[Sample]]]:
         """The rest of this epoch's batches for one reader: batch ``j`` goes to reader ``j mod workers``.
 
         Does not record progress (readers run in worker processes); the
@@ -200,7 +259,7 @@ class ShardStream:
         for j in range(start + worker, plan.steps, workers):
             yield self.read(plan.sequence[j])
 
-    def __iter__(self) -> Iterator[list[Sample]]:
+    def __iter__(self) -> Iterator[list[Sample] | list[list[Sample]]]:
         """The rest of the current epoch in this process, recording progress as batches are taken."""
         self.workers = 0
         for batch in self.batches():

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import tinker
 
+from shardkit.errors import ConfigError
 from shardkit.load.stream import ShardStream
 from shardkit.shards import Sample
 
@@ -64,6 +65,8 @@ class DatumBatches:
     """Batches of ``tinker.Datum`` from a :class:`ShardStream`, with its resume state."""
 
     def __init__(self, stream: ShardStream, *, reduction: Literal["mean", "none"] = "mean"):
+        if stream.batching.pack_tokens is not None:
+            raise ConfigError("Tinker takes one Datum per sample: batch the stream by batch_size or max_tokens")
         self.stream = stream
         self.reduction = reduction
 

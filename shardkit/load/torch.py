@@ -12,6 +12,26 @@ With ``pixels="uint8"`` the batch carries ``pixel_patches`` instead (one byte
 per value, no temporal copy: an eighth of the float32 size), and
 :meth:`Qwen2VLCollator.to_device` normalises and expands them on the device.
 
+Packed batches (a list of sequences, each a list of samples, from a stream with
+``pack_tokens``) become rows of whole samples one after another, with no
+``attention_mask`` and instead:
+
+- ``position_ids`` of shape ``(4, rows, length)``: row 0 the text positions,
+  restarting at 0 with each sample; rows 1-3 each sample's M-RoPE positions
+  (temporal, height, width) exactly as ``get_rope_index`` computes them for the
+  sample alone. Given ``position_ids``, the model uses them as they are; from
+  the restarts in row 0 transformers builds a block-diagonal causal mask
+  (eager, sdpa) or finds the sequences for flash-attention (one row a batch);
+- ``cu_seq_lens_q``/``cu_seq_lens_k`` and ``max_length_q``/``max_length_k``:
+  the samples' boundaries for flash-attention's variable-length kernel, any
+  number of rows;
+- ``labels`` -100 on each sample's first token, so that no sample is trained to
+  predict the next one's start;
+- ``use_cache`` False: with a cache, transformers skips the packed-sequence mask.
+
+Padding after the last sample of a row continues that sample's positions: it
+comes after every real token, so causal attention never lets a real token see it.
+
 :class:`TorchLoader` runs the collator in DataLoader worker processes over a
 :class:`~shardkit.load.stream.ShardStream` and keeps its resume state.
 """
@@ -67,6 +87,32 @@ def expand_patches(
     return out.view(n, channels * temporal_patch_size * p * p).to(dtype)
 
 
+def mrope_positions(length: int, images: Sequence[dict[str, Any]], merge_size: int) -> np.ndarray:
+    """A sample's M-RoPE position ids ``(3, length)`` (temporal, height, width), as the model computes them.
+
+    ``images`` are the sample's ``info["images"]`` (``token_start``,
+    ``num_tokens``, ``grid_thw``). Text tokens count up on all three axes; an
+    image's tokens sit on its merged grid from the current position, and the
+    text after it continues from the current position plus the grid's longer side.
+    """
+    out = np.empty((3, length), dtype=np.int64)
+    position = cursor = 0
+    for image in images:
+        start, count = image["token_start"], image["num_tokens"]
+        out[:, cursor:start] = position + np.arange(start - cursor)
+        position += start - cursor
+        t, h, w = image["grid_thw"][0], image["grid_thw"][1] // merge_size, image["grid_thw"][2] // merge_size
+        if t * h * w != count:
+            raise ValueError(f"an image of grid {image['grid_thw']} has {count} tokens, expected {t * h * w}")
+        out[0, start : start + count] = position
+        out[1, start : start + count] = position + np.repeat(np.arange(h), w * t)
+        out[2, start : start + count] = position + np.tile(np.arange(w), h * t)
+        position += max(h, w)
+        cursor = start + count
+    out[:, cursor:] = position + np.arange(length - cursor)
+    return out
+
+
 def _transformers_needs_token_types() -> bool:
     import transformers
 
@@ -115,24 +161,65 @@ class Qwen2VLCollator:
             defaults["pad_token_id"] = tokens["pad"]
         return cls(**{**defaults, **options})
 
-    def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[Sample] | Sequence[Sequence[Sample]]) -> dict[str, Any]:
+        """A batch of samples (one row each), or of packed sequences (one row each, see the module doc)."""
+        if not isinstance(samples[0], Sample):
+            return self._packed(samples)  # type: ignore[arg-type]
         longest = max(len(s.input_ids) for s in samples)
         input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
         labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
-        patches, grids = [], []
         for row, sample in enumerate(samples):
-            ids = torch.from_numpy(sample.input_ids.astype(np.int64))
-            n = len(ids)
-            input_ids[row, :n] = ids
+            n = len(sample.input_ids)
+            input_ids[row, :n], labels[row, :n] = _ids_and_labels(sample)
             attention_mask[row, :n] = 1
-            labels[row, :n] = torch.where(torch.from_numpy(sample.weights > 0), ids, IGNORE_INDEX)
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.mm_token_type_ids:
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.long) * attention_mask
+        return self._add_images(batch, samples)
+
+    def _packed(self, sequences: Sequence[Sequence[Sample]]) -> dict[str, Any]:
+        longest = max(sum(len(s.input_ids) for s in sequence) for sequence in sequences)
+        rows = len(sequences)
+        input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.empty((4, rows, longest), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            start = 0
+            for sample in sequence:
+                n = len(sample.input_ids)
+                end = start + n
+                input_ids[row, start:end], labels[row, start:end] = _ids_and_labels(sample)
+                labels[row, start] = IGNORE_INDEX
+                position_ids[0, row, start:end] = torch.arange(n)
+                position_ids[1:, row, start:end] = torch.from_numpy(
+                    mrope_positions(n, sample.info["images"], self.merge_size)
+                )
+                start = end
+            padding = torch.arange(1, longest - start + 1)
+            position_ids[:, row, start:] = position_ids[:, row, start - 1 : start] + padding
+        starts = torch.nonzero(position_ids[0].reshape(-1) == 0).view(-1).to(torch.int32)
+        cu_seq_lens = torch.cat([starts, torch.tensor([rows * longest], dtype=torch.int32)])
+        max_length = int(cu_seq_lens.diff().max())
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens.clone(),
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+            "use_cache": False,
+        }
+        return self._add_images(batch, [s for sequence in sequences for s in sequence])
+
+    def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
+        """Add the samples' images, in token order, to ``batch``."""
+        patches, grids = [], []
+        for sample in samples:
             for jpeg, info in zip(sample.images, sample.info["images"], strict=True):
                 patches.append(image_patches(jpeg, self.patch_size, self.merge_size))
                 grids.append(info["grid_thw"])
-        batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.mm_token_type_ids:
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.long) * attention_mask
         if patches:
             uint8 = torch.from_numpy(np.concatenate(patches))
             if self.pixels == "uint8":
@@ -142,11 +229,22 @@ class Qwen2VLCollator:
             batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
         return batch
 
+    def count(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """``(samples, tokens)`` of a collated batch, padding left out."""
+        if "attention_mask" in batch:
+            return int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum())
+        samples = len(batch["cu_seq_lens_q"]) - 1
+        return samples, int((batch["input_ids"] != self.pad_token_id).sum())
+
     def to_device(
-        self, batch: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype = torch.float32
-    ) -> dict[str, torch.Tensor]:
+        self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
         """Move a batch to ``device``; uint8 ``pixel_patches`` become ``pixel_values`` there."""
-        out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "pixel_patches"}
+        out = {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if k != "pixel_patches"
+        }
         if "pixel_patches" in batch:
             patches = batch["pixel_patches"].to(device, non_blocking=True)
             out["pixel_values"] = expand_patches(
@@ -155,6 +253,11 @@ class Qwen2VLCollator:
         elif "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(dtype)
         return out
+
+
+def _ids_and_labels(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.from_numpy(sample.input_ids.astype(np.int64))
+    return ids, torch.where(torch.from_numpy(sample.weights > 0), ids, IGNORE_INDEX)
 
 
 class _ReaderDataset(torch.utils.data.IterableDataset):

@@ -3,7 +3,9 @@
 Full fine-tune or LoRA (peft, an optional extra), AdamW, linear warmup then
 cosine decay, gradient clipping, gradient accumulation with the loss averaged
 over every target token of the step (across micro-batches and ranks), bf16
-autocast on CUDA, optional gradient checkpointing. Under ``torchrun`` it runs
+autocast on CUDA, optional gradient checkpointing, optional packing (``pack``:
+samples packed whole into one sequence of up to ``batch_tokens`` tokens per
+micro-batch, attention kept within each sample). Under ``torchrun`` it runs
 DDP (nccl on GPU, gloo on CPU); only rank 0 writes logs and checkpoints.
 
 A checkpoint holds the trainable weights, the optimizer, the scheduler, the
@@ -62,6 +64,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
     batch_tokens: int | None = Field(None, ge=1)
+    pack: bool = False
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -76,6 +79,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> TrainConfig:
         if self.batch_size is not None and self.batch_tokens is not None:
             raise ValueError("give --batch-size or --batch-tokens, not both")
+        if self.pack and self.batch_tokens is None:
+            raise ValueError("--pack needs --batch-tokens: the length of each packed sequence")
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give --epochs or --max-steps, not both")
         return self
@@ -240,7 +245,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     stream = ShardStream(
         config.data,
         batch_size=None if config.batch_tokens else (config.batch_size or 1),
-        max_tokens=config.batch_tokens,
+        max_tokens=None if config.pack else config.batch_tokens,
+        pack_tokens=config.batch_tokens if config.pack else None,
         seed=config.seed,
     )
     manifest = stream.source.manifest
@@ -304,6 +310,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             loss_sum = torch.zeros((), device=device)
             samples = tokens = 0
             for i, batch in enumerate(window):
+                batch_samples, batch_tokens = collator.count(batch)
                 inputs = collator.to_device(batch, device)
                 if int(inputs["input_ids"].max()) >= inner.config.text_config.vocab_size:
                     raise ConfigError(
@@ -315,8 +322,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                     out = model(**inputs, num_items_in_batch=targets / world)
                     out.loss.backward()
                 loss_sum += out.loss.detach() / world
-                samples += int(inputs["input_ids"].shape[0])
-                tokens += int(inputs["attention_mask"].sum())
+                samples += batch_samples
+                tokens += batch_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
