@@ -27,8 +27,9 @@ from shardkit.tokenizer import load_tokenizer
 
 
 def shardkit_build(dataset, out, *, workers=1, fmt="tar"):
+    """A fresh build; 2 records a shard, so that 40 cases make 20 tasks to share between workers."""
     shutil.rmtree(out, ignore_errors=True)
-    config = BuildConfig.create(input=str(dataset.jsonl), out=str(out), format=fmt, samples_per_shard=8)
+    config = BuildConfig.create(input=str(dataset.jsonl), out=str(out), format=fmt, samples_per_shard=2)
     return build(config, progress=False, workers=workers)
 
 

@@ -89,6 +89,16 @@ def table(rows: list[dict], info: dict, sections: dict) -> str:
         f"{loader['processor_ms_per_image']:.1f} ms per image. Tinker: {tinker['shardkit_datums_per_s']:.0f} "
         f"Datums/s against {tinker['cookbook_datums_per_s']:.1f}.",
         "",
+        "Padding and tiny-model training tokens/s at equal capacity (4096 tokens a batch):",
+        "",
+        "| batching | pad fraction | batches per epoch | training tokens/s |",
+        "|---|---|---|---|",
+        *(
+            f"| {name.replace('_', ' ')} | {m['pad_fraction']:.1%} | {m['batches_per_epoch']} | "
+            f"{m['train_tokens_per_s']:.0f} |"
+            for name, m in loader["batching"].items()
+        ),
+        "",
         "![benchmarks](benchmarks/results/chart.png)",
     ]
     return "\n".join(lines)

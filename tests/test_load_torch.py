@@ -11,7 +11,7 @@ from PIL import Image
 from shardkit.load import ShardStream
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches, mrope_positions
 from shardkit.shards import read_manifest
-from tests.conftest import tiny_qwen2_vl_config
+from shardkit.testing import tiny_qwen2_vl_config
 
 
 def stored_images(samples):

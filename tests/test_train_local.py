@@ -12,8 +12,8 @@ from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.synthetic import make_clinical_dataset
+from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import tiny_qwen2_vl_config
 
 
 @pytest.fixture(scope="module")

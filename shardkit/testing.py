@@ -1,0 +1,62 @@
+"""Tiny randomly initialised Qwen2-VL models, for tests and benchmarks on machines without model weights."""
+
+from __future__ import annotations
+
+
+def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.02):
+    """A tiny randomly initialisable Qwen2-VL / Qwen2.5-VL config with the real vocabulary size.
+
+    A larger ``initializer_range`` gives the frozen output layer room for confident
+    predictions, so that a LoRA adapter alone can fit a small set.
+    """
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config
+
+        vision = {
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 64,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "in_chans": 3,
+        }
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "out_hidden_size": 64,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+            "in_chans": 3,
+        }
+    text = {
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_theta": 10000.0,
+        "initializer_range": initializer_range,
+    }
+    return Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        initializer_range=initializer_range,
+    )
