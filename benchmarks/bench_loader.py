@@ -136,8 +136,10 @@ def main() -> dict:
         shutil.rmtree(out, ignore_errors=True)
         build(BuildConfig.create(input=str(dataset.jsonl), out=str(out), samples_per_shard=8), progress=False)
 
-    # 3. model-ready batches per second
-    seed_loader = torch.utils.data.DataLoader(SeedDataset(dataset.jsonl, tokenizer, processor), batch_size=BATCH,
+    # 3. model-ready batches per second; the seed loads Qwen/Qwen2-VL-2B-Instruct's processor, whose published
+    # preprocessor_config.json bounds images to 3136..12845056 pixels (so originals keep their size)
+    seed_processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)
+    seed_loader = torch.utils.data.DataLoader(SeedDataset(dataset.jsonl, tokenizer, seed_processor), batch_size=BATCH,
                                               num_workers=WORKERS, collate_fn=seed_collate)  # fmt: skip
     seed_rate = max(steady_rate(seed_loader) for _ in range(2))
     ours = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), num_workers=WORKERS)

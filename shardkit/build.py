@@ -23,7 +23,7 @@ from shardkit import __version__
 from shardkit.config import BuildConfig, Overlength
 from shardkit.engines import run_tasks
 from shardkit.errors import RecordError
-from shardkit.images import ImageRoot, decode_image, encode_jpeg
+from shardkit.images import ImageRoot, SourceImage, encode_jpeg
 from shardkit.read import RawLine, iter_raw_lines, parse_record, summarize_input
 from shardkit.render import Renderer
 from shardkit.shards import WRITERS, Manifest, Sample, ShardWriter, read_manifest
@@ -59,8 +59,8 @@ class Converter:
                 f"too long: the text alone is {text_tokens} tokens, over max_length {config.max_length}", "too_long"
             )
         refs = [part.image for part in record.images()]
-        pictures = [decode_image(self.root.read(ref), ref, max_pixels=config.max_image_pixels) for ref in refs]
-        originals = [(p.height, p.width) for p in pictures]
+        sources = [SourceImage(self.root.read(ref), ref, max_pixels=config.max_image_pixels) for ref in refs]
+        originals = [(source.height, source.width) for source in sources]
         full = grid.plan(originals)
         planned = full
         if config.overlength is Overlength.FIT:
@@ -121,7 +121,10 @@ class Converter:
         }
         if record.id is not None:
             info["id"] = record.id
-        jpegs = [encode_jpeg(p, size, config.jpeg_quality) for p, size in zip(pictures, planned, strict=True)]
+        jpegs = [
+            encode_jpeg(source.decode(size), size, config.jpeg_quality)
+            for source, size in zip(sources, planned, strict=True)
+        ]
         return Sample(info["key"], info, input_ids, weights, jpegs)
 
 

@@ -24,6 +24,7 @@ from shardkit.errors import ConfigError, RecordError
 from shardkit.storage import is_local, open_fs
 
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses anything longer
+ORIENTATION_TAG = 0x0112
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -193,30 +194,39 @@ class ImageRoot:
         return data
 
 
-def decode_image(data: bytes, ref: str, *, max_pixels: int) -> Image.Image:
-    """Open, check, fully decode, apply EXIF orientation and convert to RGB.
+class SourceImage:
+    """An image opened and checked from its header alone: size, orientation, no pixels decoded yet.
 
-    Each failure is a :class:`RecordError` naming ``ref`` (where the image came from).
+    Construction raises :class:`RecordError` for what the header already
+    shows: not an image, a corrupt header, a decompression bomb
+    (``max_pixels``), an aspect ratio Qwen refuses. :meth:`decode` then
+    decodes, reducing a JPEG in the DCT domain when a much smaller size is
+    wanted (as Pillow's ``thumbnail`` does), which saves most of the decoding
+    of large photos.
     """
-    detail = {"image": ref}
-    if not data:
-        raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-        except Image.DecompressionBombError:
-            raise RecordError(
-                f"image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels (decompression-bomb "
-                f"guard): {ref}",
-                "image_too_large",
-                detail=detail,
-            ) from None
-        except UnidentifiedImageError:
-            raise RecordError(f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail) from None
-        except Exception as exc:  # Pillow raises many types on malformed headers
-            raise RecordError(f"image header is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
+
+    def __init__(self, data: bytes, ref: str, *, max_pixels: int):
+        self.ref = ref
+        detail = {"image": ref}
+        if not data:
+            raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                self.image = Image.open(io.BytesIO(data))
+                width, height = self.image.size
+                orientation = self.image.getexif().get(ORIENTATION_TAG, 1)
+            except Image.DecompressionBombError:
+                raise RecordError(
+                    f"image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels "
+                    f"(decompression-bomb guard): {ref}",
+                    "image_too_large",
+                    detail=detail,
+                ) from None
+            except UnidentifiedImageError:
+                raise RecordError(f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail) from None
+            except Exception as exc:  # Pillow raises many types on malformed headers
+                raise RecordError(f"image header is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
         if width * height > max_pixels:
             raise RecordError(
                 f"image declares {width}x{height} = {width * height / 1e6:.0f} megapixels, over the limit of "
@@ -231,12 +241,30 @@ def decode_image(data: bytes, ref: str, *, max_pixels: int) -> Image.Image:
                 "image_aspect",
                 detail=detail,
             )
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except Exception as exc:  # truncated data: OSError; broken streams: SyntaxError, ValueError...
-            raise RecordError(f"image is truncated or corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
-    return to_rgb(image)
+        self.transposed = orientation in (5, 6, 7, 8)  # EXIF rotations by 90 or 270 degrees
+        self.height, self.width = (width, height) if self.transposed else (height, width)
+
+    def decode(self, size: tuple[int, int] | None = None) -> Image.Image:
+        """The oriented RGB picture; with ``size`` (height, width) it may come out smaller, never below ``size``."""
+        image = self.image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                if size is not None and image.format == "JPEG":
+                    height, width = size
+                    image.draft("RGB", (height, width) if self.transposed else (width, height))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+            except Exception as exc:  # truncated data: OSError; broken streams: SyntaxError, ValueError...
+                raise RecordError(
+                    f"image is truncated or corrupt: {self.ref} ({exc})", "image_corrupt", detail={"image": self.ref}
+                ) from None
+        return to_rgb(image)
+
+
+def decode_image(data: bytes, ref: str, *, max_pixels: int) -> Image.Image:
+    """Open, check, fully decode, apply EXIF orientation and convert to RGB (:class:`RecordError` naming ``ref``)."""
+    return SourceImage(data, ref, max_pixels=max_pixels).decode()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

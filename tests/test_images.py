@@ -8,7 +8,8 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from shardkit.errors import ConfigError, RecordError
-from shardkit.images import Grid, ImageRoot, decode_image, encode_jpeg, smart_resize, to_rgb
+from shardkit.images import Grid, ImageRoot, SourceImage, decode_image, encode_jpeg, smart_resize, to_rgb
+from shardkit.synthetic import photo_like
 from tests.conftest import write_image
 
 
@@ -180,3 +181,25 @@ def test_paths_that_leave_the_root_are_refused(tmp_path):
         with pytest.raises(RecordError) as info:
             images.resolve(ref)
         assert info.value.code == code, ref
+
+
+@pytest.mark.parametrize("mode, orientation", [("RGB", None), ("RGB", 6), ("L", None), ("CMYK", 8)])
+def test_large_jpegs_decode_reduced_but_never_below_the_target(tmp_path, mode, orientation):
+    image = photo_like(1600, 1200, np.random.default_rng(0)).convert(mode)
+    save = {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save["exif"] = exif.tobytes()
+    path = tmp_path / "big.jpg"
+    image.save(path, **save)
+    source = SourceImage(path.read_bytes(), "big.jpg", max_pixels=10**8)
+    expected = (1600, 1200) if orientation in (6, 8) else (1200, 1600)
+    assert (source.height, source.width) == expected
+    reduced = source.decode((expected[0] // 3, expected[1] // 3))
+    assert reduced.mode == "RGB"
+    assert reduced.height >= expected[0] // 3 and reduced.width >= expected[1] // 3
+    assert reduced.width * reduced.height < expected[0] * expected[1] / 2  # decoded at a reduced scale
+    assert (reduced.height > reduced.width) == (expected[0] > expected[1])  # still oriented
+    full = SourceImage(path.read_bytes(), "big.jpg", max_pixels=10**8).decode()
+    assert (full.height, full.width) == expected
