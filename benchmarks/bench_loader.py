@@ -153,9 +153,16 @@ def main() -> dict:
     # 4. the image hot path on the same stored images
     jpegs = [j for s in iter_build_samples(str(out)) for j in s.images]
     mean, std = processor.image_mean, processor.image_std
-    hot_s = best_of(lambda: [expand_patches(torch.from_numpy(image_patches(j, 14, 2)), mean, std) for j in jpegs])
-    uint8_s = best_of(lambda: [image_patches(j, 14, 2) for j in jpegs])
-    processor_s = best_of(lambda: [processor(images=[Image.open(io.BytesIO(j))], return_tensors="np") for j in jpegs])
+    runs = {
+        "float32": lambda: [expand_patches(torch.from_numpy(image_patches(j, 14, 2)), mean, std) for j in jpegs],
+        "uint8": lambda: [image_patches(j, 14, 2) for j in jpegs],
+        "processor": lambda: [processor(images=[Image.open(io.BytesIO(j))], return_tensors="np") for j in jpegs],
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(4):  # interleaved, the best of each: noise only ever slows a run down
+        for name, run in runs.items():
+            best[name] = min(best[name], best_of(run, 1))
+    hot_s, uint8_s, processor_s = best["float32"], best["uint8"], best["processor"]
     megapixels = sum(np.prod(Image.open(io.BytesIO(j)).size) for j in jpegs) / 1e6
 
     # 6. resume deep into an epoch

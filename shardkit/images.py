@@ -224,7 +224,9 @@ class SourceImage:
                     detail=detail,
                 ) from None
             except UnidentifiedImageError:
-                raise RecordError(f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail) from None
+                raise RecordError(
+                    f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail
+                ) from None
             except Exception as exc:  # Pillow raises many types on malformed headers
                 raise RecordError(f"image header is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
         if width * height > max_pixels:

@@ -74,6 +74,12 @@ def test_build_from_and_to_s3_then_stream_it(s3, clinical, tmp_path):
     stream = ShardStream("s3://bucket/shards", batch_size=3, seed=1)
     keys = sorted(s.key for batch in stream for s in batch)
     assert keys == sorted(f"{line:010d}" for line in clinical.good_lines)
+    # whole shards cached on local disk at first use (what docs/SCALING.md recommends for training)
+    cache = tmp_path / "cache"
+    cached = ShardStream("simplecache::s3://bucket/shards", batch_size=3, seed=1)
+    cached.source.fs.storage = [str(cache)]
+    assert sorted(s.key for batch in cached for s in batch) == keys
+    assert len(list(cache.iterdir())) >= len(manifest.shards)
 
 
 def test_remote_image_paths_cannot_leave_the_root(s3):
