@@ -26,6 +26,7 @@ from shardkit.errors import RecordError
 from shardkit.images import ImageRoot, SourceImage, encode_jpeg
 from shardkit.read import RawLine, iter_raw_lines, parse_record, summarize_input
 from shardkit.render import Renderer
+from shardkit.schema import ImagePart, Record
 from shardkit.shards import WRITERS, Manifest, Sample, ShardWriter, read_manifest
 from shardkit.shards.folder import assemble, claim, finished_tasks, save_result
 from shardkit.storage import join, open_fs, parent
@@ -116,6 +117,7 @@ class Converter:
             "num_tokens": int(len(input_ids)),
             "num_trained_tokens": trained,
             "images": images_info,
+            "messages": stored_messages(record),
             "fitted": planned != full,
             "truncated_tokens": truncated,
         }
@@ -126,6 +128,23 @@ class Converter:
             for source, size in zip(sources, planned, strict=True)
         ]
         return Sample(info["key"], info, input_ids, weights, jpegs)
+
+
+def stored_messages(record: Record) -> list[dict[str, Any]]:
+    """The conversation as stored with a sample: text parts as they are, image parts by their index."""
+    images = iter(range(len(record.images())))
+    return [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "image", "index": next(images)}
+                if isinstance(p, ImagePart)
+                else {"type": "text", "text": p.text}
+                for p in m.content
+            ],
+        }
+        for m in record.messages
+    ]
 
 
 def sample_key(line: int) -> str:
