@@ -52,6 +52,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
         "samples": manifest.num_samples,
         "rejected": manifest.num_rejected,
         "rejects_by_code": manifest.rejects_by_code,
+        "duplicates": manifest.rejects_by_code.get("duplicate", 0),
         "shards": len(manifest.shards),
         "bytes": sum(s.bytes for s in manifest.shards),
         "images": manifest.num_images,
@@ -89,6 +90,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"  Samples:               {stats['samples']} in {stats['shards']} shards ({stats['bytes'] / 1e6:.1f} MB)",
         f"  Rejected:              {stats['rejected']}"
         + (f"  ({', '.join(f'{k}: {v}' for k, v in stats['rejects_by_code'].items())})" if stats["rejected"] else ""),
+        f"  Duplicates removed:    {stats['duplicates']}",
         f"  Images:                {stats['images']}",
         f"  Images per sample:     {stats['images_per_sample'].get('mean', 0):g} on average "
         f"({', '.join(f'{k}: {v}' for k, v in stats['images_per_sample_counts'].items())})",
