@@ -8,7 +8,7 @@ strictness) is passed to :func:`shardkit.build.build` separately.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -36,10 +36,22 @@ class Overlength(StrEnum):
     """Cut trailing text; never image tokens (rejected if the cut would reach an image)."""
 
 
-class BuildConfig(BaseModel):
-    """What to build and how; ``min_pixels``/``max_pixels`` default to the family's processor."""
+class Options(BaseModel):
+    """Base of shardkit's option sets: frozen, unknown keys refused, errors as one plain :class:`ConfigError`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def create(cls, **options: Any) -> Self:
+        """Like the constructor, with option errors as one :class:`ConfigError`."""
+        try:
+            return cls(**options)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+
+class BuildConfig(Options):
+    """What to build and how; ``min_pixels``/``max_pixels`` default to the family's processor."""
 
     input: str
     out: str
@@ -77,14 +89,6 @@ class BuildConfig(BaseModel):
         object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
         Grid(family.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
         return self
-
-    @classmethod
-    def create(cls, **options: Any) -> BuildConfig:
-        """Like the constructor, with option errors as one :class:`ConfigError`."""
-        try:
-            return cls(**options)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
 
     @property
     def family(self) -> Family:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,13 @@ def write_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format=fmt, **save)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the servers and process groups tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -1,7 +1,6 @@
 """Two processes on one machine (torchrun, gloo): an epoch split into disjoint, equal, complete parts."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +8,7 @@ from pathlib import Path
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.synthetic import make_clinical_dataset
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def test_two_ranks_cover_an_epoch_disjointly_and_equally(tmp_path):

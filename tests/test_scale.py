@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from shardkit.config import BuildConfig
 from shardkit.load import ShardStream
 from shardkit.shards import read_manifest
 from shardkit.synthetic import make_clinical_dataset
+from tests.conftest import free_port
 
 
 def shard_hashes(folder):
@@ -34,12 +34,6 @@ def test_worker_processes_give_byte_identical_shards(clinical, tmp_path, fmt):
     assert shard_hashes(tmp_path / "one") == shard_hashes(tmp_path / "two")
     assert one.index == two.index and one.num_rejected == two.num_rejected == len(clinical.bad_lines)
     assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "two" / "rejects.jsonl").read_bytes()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The local torch trainer on CPU with a tiny randomly initialised Qwen2-VL (real vocabulary size)."""
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from shardkit.config import BuildConfig
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +106,6 @@ def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable,
     assert all(r["samples"] == 8 and r["tokens"] == padded[0]["tokens"] for r in rows)  # no padding counted
     losses = [r["loss"] for r in rows]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):

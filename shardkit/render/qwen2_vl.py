@@ -11,6 +11,8 @@ the newline after ``<|im_end|>`` do not.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from shardkit.render.base import Family, Piece, Renderer, TrainOn
 from shardkit.schema import Record
 
@@ -46,13 +48,4 @@ QWEN2_VL = Family(
     max_pixels=28 * 28 * 1280,
 )
 
-QWEN2_5_VL = Family(
-    name="qwen2_5_vl",
-    renderer=Qwen2VLRenderer,
-    patch_size=14,
-    merge_size=2,
-    image_mean=CLIP_MEAN,
-    image_std=CLIP_STD,
-    min_pixels=56 * 56,
-    max_pixels=28 * 28 * 1280,
-)
+QWEN2_5_VL = replace(QWEN2_VL, name="qwen2_5_vl")  # same chat template, grid and normalisation

@@ -35,22 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from shardkit.config import Options
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
-from shardkit.schema import format_validation_error
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Options):
     """Options of a local training run."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: str
     model: str
@@ -84,13 +82,6 @@ class TrainConfig(BaseModel):
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give --epochs or --max-steps, not both")
         return self
-
-    @classmethod
-    def create(cls, **options: Any) -> TrainConfig:
-        try:
-            return cls(**options)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
 
     @property
     def total_epochs(self) -> int | None:

@@ -24,12 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from shardkit.config import Options
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.tinker import DatumBatches
-from shardkit.schema import format_validation_error
 from shardkit.storage import open_fs, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "tinker_state.json"
 
 
-class TinkerTrainConfig(BaseModel):
+class TinkerTrainConfig(Options):
     """Options of a Tinker training run."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: str
     base_model: str
@@ -61,13 +59,6 @@ class TinkerTrainConfig(BaseModel):
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give --epochs or --max-steps, not both")
         return self
-
-    @classmethod
-    def create(cls, **options: Any) -> TinkerTrainConfig:
-        try:
-            return cls(**options)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
 
 
 def learning_rate(step: int, total: int, warmup: int, base: float) -> float:
