@@ -232,6 +232,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build", metavar="DIR_OR_URL")
 
     p = commands.add_parser(
+        "export",
+        help="write a build in another trainer's data format",
+        description="llamafactory: DIR/NAME.jsonl in LLaMA-Factory's sharegpt format, pointing at the build's "
+        "resized images (copied to DIR/images/NAME/), and NAME's entry merged into DIR/dataset_info.json. Samples "
+        "LLaMA-Factory would misread are listed and left out.",
+    )
+    p.add_argument("target", choices=["llamafactory"], help="the trainer")
+    p.add_argument("build", metavar="BUILD", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the data set folder (LLaMA-Factory's dataset_dir)")
+    p.add_argument("--name", default="shardkit", help="the data set's name in dataset_info.json (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser(
         "demo-data",
         help="generate a synthetic data set in the seed's layout",
         description="Write DIR/train_structured.jsonl and DIR/images/case_XX_YY.jpg: clinical cases with 1-6 "
@@ -394,6 +407,24 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if problems else EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    from shardkit.export import export_llamafactory
+
+    summary = export_llamafactory(args.build, args.out, name=args.name, progress=False if args.no_progress else None)
+    for problem in summary.skipped:
+        print(f"line {problem['line']}: left out: {problem['reason']}")
+    print(
+        f"{summary.samples} samples, {summary.images} images -> {args.out}/{summary.name}.jsonl "
+        f"(dataset {summary.name!r} in {args.out}/dataset_info.json)"
+        + (f"; {len(summary.skipped)} samples left out" if summary.skipped else "")
+    )
+    print(
+        f"in the LLaMA-Factory config: dataset_dir: {args.out}, dataset: {summary.name}, and image_max_pixels: "
+        f"{summary.largest_image_pixels} or more, so that it keeps the images as they are"
+    )
+    return EXIT_OK
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from shardkit.synthetic import make_clinical_dataset
 
@@ -421,6 +452,7 @@ COMMANDS = {
     "stats": _stats,
     "verify": _verify,
     "train": _train,
+    "export": _export,
     "demo-data": _demo_data,
 }
 
