@@ -206,6 +206,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="torch: trade compute for activation memory")
     p.add_argument(
+        "--augment",
+        action="store_true",
+        help="torch: randomly rotate (up to 10 degrees) and change brightness and contrast (up to 20%%) of each image "
+        "at load time, drawn anew each epoch; resume stays exact",
+    )
+    p.add_argument(
         "--num-workers", type=int, default=2, help="torch: DataLoader worker processes per rank (default: %(default)s)"
     )
     p.add_argument(
@@ -382,6 +388,7 @@ def _train(args: argparse.Namespace) -> int:
             warmup_ratio=args.warmup_ratio,
             max_grad_norm=args.max_grad_norm,
             gradient_checkpointing=args.gradient_checkpointing,
+            augment=args.augment,
             seed=args.seed,
             num_workers=args.num_workers,
             save_every=args.save_every,
