@@ -240,6 +240,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="torch: trade compute for activation memory")
     p.add_argument(
+        "--augment",
+        action="store_true",
+        help="torch: randomly rotate (up to 10 degrees) and change brightness and contrast (up to 20%%) of each image "
+        "at load time, drawn anew each epoch; resume stays exact",
+    )
+    p.add_argument(
         "--num-workers", type=int, default=2, help="torch: DataLoader worker processes per rank (default: %(default)s)"
     )
     p.add_argument(
@@ -264,6 +270,19 @@ def _parser() -> argparse.ArgumentParser:
         "manifest. Prints one line per problem; exit 0 when all match, 1 otherwise.",
     )
     p.add_argument("build", metavar="DIR_OR_URL")
+
+    p = commands.add_parser(
+        "export",
+        help="write a build in another trainer's data format",
+        description="llamafactory: DIR/NAME.jsonl in LLaMA-Factory's sharegpt format, pointing at the build's "
+        "resized images (copied to DIR/images/NAME/), and NAME's entry merged into DIR/dataset_info.json. Samples "
+        "LLaMA-Factory would misread are listed and left out.",
+    )
+    p.add_argument("target", choices=["llamafactory"], help="the trainer")
+    p.add_argument("build", metavar="BUILD", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the data set folder (LLaMA-Factory's dataset_dir)")
+    p.add_argument("--name", default="shardkit", help="the data set's name in dataset_info.json (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser(
         "demo-data",
@@ -429,6 +448,7 @@ def _train(args: argparse.Namespace) -> int:
             warmup_ratio=args.warmup_ratio,
             max_grad_norm=args.max_grad_norm,
             gradient_checkpointing=args.gradient_checkpointing,
+            augment=args.augment,
             seed=args.seed,
             num_workers=args.num_workers,
             save_every=args.save_every,
@@ -452,6 +472,24 @@ def _verify(args: argparse.Namespace) -> int:
     shards = len(read_manifest(args.build).shards)
     print(f"{shards} shards and the index: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
     return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from shardkit.export import export_llamafactory
+
+    summary = export_llamafactory(args.build, args.out, name=args.name, progress=False if args.no_progress else None)
+    for problem in summary.skipped:
+        print(f"line {problem['line']}: left out: {problem['reason']}")
+    print(
+        f"{summary.samples} samples, {summary.images} images -> {args.out}/{summary.name}.jsonl "
+        f"(dataset {summary.name!r} in {args.out}/dataset_info.json)"
+        + (f"; {len(summary.skipped)} samples left out" if summary.skipped else "")
+    )
+    print(
+        f"in the LLaMA-Factory config: dataset_dir: {args.out}, dataset: {summary.name}, and image_max_pixels: "
+        f"{summary.largest_image_pixels} or more, so that it keeps the images as they are"
+    )
+    return EXIT_OK
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -481,6 +519,7 @@ COMMANDS = {
     "stats": _stats,
     "verify": _verify,
     "train": _train,
+    "export": _export,
     "demo-data": _demo_data,
 }
 

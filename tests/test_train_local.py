@@ -108,6 +108,18 @@ def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable,
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
 
 
+def test_augmented_training_sees_other_pixels(tmp_path, memorisable, tiny_model):
+    _, plain = run(tmp_path, memorisable, tiny_model, name="plain", max_steps=2)
+    output = tmp_path / "augmented"
+    options = ["--lr", "1e-2", "--batch-size", "4", "--warmup-ratio", "0.1", "--num-workers", "0", "--max-steps", "2"]
+    args = ["train", "--data", memorisable, "--model", tiny_model, "--output", str(output), *options]
+    assert main([*args, "--augment"]) == 0
+    assert json.loads((output / "train_config.json").read_text())["augment"] is True
+    losses = [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(map(torch.isfinite, map(torch.tensor, losses)))
+    assert losses[0] != pytest.approx(plain[0]["loss"], rel=1e-6)  # the same samples, other pixels
+
+
 def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):
     output = tmp_path / "ddp"
     result = subprocess.run(

@@ -47,15 +47,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shardkit.load.augment import Augment
 from shardkit.load.stream import ShardStream
 from shardkit.shards import Manifest, Sample
 
 IGNORE_INDEX = -100
 
 
-def image_patches(jpeg: bytes, patch_size: int, merge_size: int) -> np.ndarray:
-    """A stored image as uint8 patches ``(num_patches, 3, patch, patch)`` in the processor's patch order."""
-    array = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+def image_patches(image: bytes | Image.Image, patch_size: int, merge_size: int) -> np.ndarray:
+    """A stored image (JPEG bytes, or decoded) as uint8 patches ``(num_patches, 3, patch, patch)``, processor order."""
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    array = np.asarray(image.convert("RGB"))
     height, width, _ = array.shape
     p, m = patch_size, merge_size
     grid_h, grid_w = height // p, width // p
@@ -135,7 +138,13 @@ def _transformers_needs_token_types() -> bool:
 
 
 class Qwen2VLCollator:
-    """Samples of a Qwen2-VL family build -> a model-ready batch (right-padded)."""
+    """Samples of a Qwen2-VL family build -> a model-ready batch (right-padded).
+
+    With ``augment``, each image is changed at random before it is cut into
+    patches, as drawn for the sample, the image and :attr:`epoch` (which
+    :class:`TorchLoader` sets; see :mod:`shardkit.load.augment`); rotation
+    leaves the normalisation mean, zero after normalising, in the corners.
+    """
 
     def __init__(
         self,
@@ -149,6 +158,7 @@ class Qwen2VLCollator:
         pad_token_id: int = 151643,
         pixels: Literal["float32", "uint8"] = "float32",
         mm_token_type_ids: bool | None = None,
+        augment: Augment | None = None,
     ):
         if pixels not in ("float32", "uint8"):
             raise ValueError(f"pixels must be 'float32' or 'uint8', got {pixels!r}")
@@ -157,6 +167,12 @@ class Qwen2VLCollator:
         self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
         self.pixels = pixels
         self.mm_token_type_ids = _transformers_needs_token_types() if mm_token_type_ids is None else mm_token_type_ids
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation the next batches get."""
+        self.epoch = epoch
 
     @classmethod
     def for_build(cls, manifest: Manifest, **options: Any) -> Qwen2VLCollator:
@@ -231,9 +247,14 @@ class Qwen2VLCollator:
     def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
         """Add the samples' images, in token order, to ``batch``."""
         patches, grids = [], []
+        fill = tuple(round(255 * m) for m in self.image_mean)
         for sample in samples:
-            for jpeg, info in zip(sample.images, sample.info["images"], strict=True):
-                patches.append(image_patches(jpeg, self.patch_size, self.merge_size))
+            for index, (jpeg, info) in enumerate(zip(sample.images, sample.info["images"], strict=True)):
+                image: bytes | Image.Image = jpeg
+                if self.augment is not None:
+                    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
+                    image = self.augment(decoded, epoch=self.epoch, key=sample.key, index=index, fill=fill)
+                patches.append(image_patches(image, self.patch_size, self.merge_size))
                 grids.append(info["grid_thw"])
         if patches:
             uint8 = torch.from_numpy(np.concatenate(patches))
@@ -299,7 +320,8 @@ class TorchLoader:
     Iterating yields the rest of the current epoch; each batch handed out
     counts as consumed, so :meth:`state_dict` taken after a training step
     resumes with the next batch. ``collate`` defaults to the build's
-    :class:`Qwen2VLCollator`.
+    :class:`Qwen2VLCollator`; a ``collate`` with a ``set_epoch`` method is
+    told the epoch of the batches it is given (for augmentation).
     """
 
     def __init__(
@@ -339,6 +361,8 @@ class TorchLoader:
     def __iter__(self) -> Iterator[Any]:
         self.stream.workers = self.num_workers
         self.stream.plan()
+        if hasattr(self.collate, "set_epoch"):
+            self.collate.set_epoch(self.stream.epoch)  # before worker processes take their copy
         if self.num_workers == 0:
             for batch in self.stream.batches():
                 out = self.collate(batch)

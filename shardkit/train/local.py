@@ -5,8 +5,10 @@ cosine decay, gradient clipping, gradient accumulation with the loss averaged
 over every target token of the step (across micro-batches and ranks), bf16
 autocast on CUDA, optional gradient checkpointing, optional packing (``pack``:
 samples packed whole into one sequence of up to ``batch_tokens`` tokens per
-micro-batch, attention kept within each sample). Under ``torchrun`` it runs
-DDP (nccl on GPU, gloo on CPU); only rank 0 writes logs and checkpoints.
+micro-batch, attention kept within each sample), optional load-time image
+augmentation (``augment``: :class:`~shardkit.load.augment.Augment`'s default
+strengths, seeded by ``seed``). Under ``torchrun`` it runs DDP (nccl on GPU,
+gloo on CPU); only rank 0 writes logs and checkpoints.
 
 A checkpoint holds the trainable weights, the optimizer, the scheduler, the
 step and the loader's resume state; ``resume=True`` continues from the latest
@@ -40,6 +42,7 @@ from pydantic import Field, model_validator
 from shardkit.config import Options
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
+from shardkit.load.augment import Augment
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class TrainConfig(Options):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    augment: bool = False
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     save_every: int = Field(500, ge=1)
@@ -241,7 +245,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         seed=config.seed,
     )
     manifest = stream.source.manifest
-    collator = Qwen2VLCollator.for_build(manifest, pixels="uint8")
+    augment = Augment(seed=config.seed) if config.augment else None
+    collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
     loader = TorchLoader(stream, collate=collator, num_workers=config.num_workers)
 
     model = load_model(config.model)

@@ -1,0 +1,167 @@
+"""Export a build for LLaMA-Factory: its sharegpt JSONL pointing at the build's resized images.
+
+``export_llamafactory(build, DIR, name=NAME)`` writes::
+
+    DIR/
+      images/NAME/KEY_I.jpg   image I of sample KEY: the stored JPEG bytes, already on the model's grid
+      NAME.jsonl              {"messages": [{"role": "user", "content": "<image>text ..."}, ...],
+                               "images": ["images/NAME/KEY_0.jpg", ...]}
+      dataset_info.json       the entry for NAME, merged into the entries already there
+
+A message's content is its text with ``<image>`` where its images were, in
+order, as LLaMA-Factory matches placeholders to ``images``; image paths are
+relative to DIR, which LLaMA-Factory resolves against its ``dataset_dir``
+(give ``dataset_dir: DIR`` and ``dataset: NAME``). Images stay out of
+LLaMA-Factory's own resizing when its ``image_max_pixels`` is at least the
+largest stored image (:attr:`ExportSummary.largest_image_pixels`).
+
+A sample LLaMA-Factory would misread is left out and reported, never written:
+text containing a placeholder (``<image>``, ``<video>``, ``<audio>``: it would
+be counted as one), or turns that are not user/assistant in alternation from
+a user turn to an assistant one after an optional system message (LLaMA-Factory
+skips those).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from shardkit.errors import ConfigError, InputError, OutputError, RecordError, ShardError
+from shardkit.shards import Sample, read_manifest
+from shardkit.shards.reading import iter_build_samples
+from shardkit.storage import atomic_write, join, open_fs, write_bytes
+
+logger = logging.getLogger(__name__)
+
+DATASET_INFO = "dataset_info.json"
+IMAGE_PLACEHOLDER = "<image>"
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, "<video>", "<audio>")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What an export wrote, and the samples it left out (``{"line", "code", "reason", "key"}`` each)."""
+
+    name: str
+    samples: int
+    images: int
+    largest_image_pixels: int
+    skipped: list[dict[str, Any]]
+
+
+def dataset_info_entry(name: str) -> dict[str, Any]:
+    """The ``dataset_info.json`` entry of an exported data set: sharegpt, OpenAI-style role/content messages."""
+    return {
+        "file_name": f"{name}.jsonl",
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+        },
+    }
+
+
+def llamafactory_messages(sample: Sample) -> list[dict[str, str]]:
+    """The sample's conversation as LLaMA-Factory messages; :class:`RecordError` if it would misread them."""
+    stored = sample.info.get("messages")
+    if stored is None:
+        raise InputError("the build holds no conversation text (built before shardkit stored it): rebuild it")
+    messages, images = [], 0
+    for i, message in enumerate(stored):
+        pieces = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                pieces.append(IMAGE_PLACEHOLDER)
+                images += 1
+                continue
+            found = [p for p in PLACEHOLDERS if p in part["text"]]
+            if found:
+                raise RecordError(
+                    f"messages[{i}] text contains {found[0]!r}, LLaMA-Factory's placeholder: it would count it "
+                    "as a media item and misalign the images",
+                    "llamafactory_placeholder",
+                )
+            pieces.append(part["text"])
+        messages.append({"role": message["role"], "content": "".join(pieces)})
+    if images != len(sample.images):
+        raise ShardError(f"sample {sample.key} has {len(sample.images)} images but {images} in its messages")
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    if not turns or turns != ["user", "assistant"] * (len(turns) // 2):
+        raise RecordError(
+            f"turns {', '.join(roles)}: LLaMA-Factory's sharegpt format takes an optional system message, then "
+            "user and assistant turns in alternation, ending with an assistant turn",
+            "llamafactory_turns",
+        )
+    return messages
+
+
+def export_llamafactory(build: str, out: str, *, name: str, progress: bool | None = None) -> ExportSummary:
+    """Write the build at ``build`` (folder or fsspec URL) as LLaMA-Factory data set ``name`` into ``out``.
+
+    Every file is written atomically, ``dataset_info.json`` last; an entry
+    already there for ``name`` is replaced, other entries are kept.
+    ``progress``: show a progress bar (None: when stderr is a terminal).
+    """
+    from tqdm import tqdm
+
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"data set name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
+        )
+    manifest = read_manifest(build)
+    fs, folder = open_fs(out)
+    info_path = join(folder, DATASET_INFO)
+    dataset_info = _read_dataset_info(fs, info_path)
+    samples = images = largest = 0
+    skipped: list[dict[str, Any]] = []
+    with (
+        tqdm(
+            total=manifest.num_samples, unit="sample", desc="export", disable=None if progress is None else not progress
+        ) as bar,
+        atomic_write(fs, join(folder, f"{name}.jsonl")) as jsonl,
+    ):
+        for sample in iter_build_samples(build, manifest):
+            bar.update(1)
+            try:
+                messages = llamafactory_messages(sample)
+            except RecordError as exc:
+                skipped.append({**exc.at(sample.info["line"]).to_json(), "key": sample.key})
+                continue
+            paths = [f"images/{name}/{sample.key}_{i}.jpg" for i in range(len(sample.images))]
+            for path, jpeg, image in zip(paths, sample.images, sample.info["images"], strict=True):
+                write_bytes(fs, join(folder, path), jpeg)
+                largest = max(largest, image["width"] * image["height"])
+            line = {"messages": messages, "images": paths}
+            jsonl.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+            samples += 1
+            images += len(paths)
+    if name in dataset_info:
+        logger.info("replacing the entry %r of %s", name, info_path)
+    dataset_info[name] = dataset_info_entry(name)
+    write_bytes(fs, info_path, (json.dumps(dataset_info, indent=2, ensure_ascii=False) + "\n").encode())
+    return ExportSummary(name, samples, images, largest, skipped)
+
+
+def _read_dataset_info(fs: Any, path: str) -> dict[str, Any]:
+    """The entries of an existing ``dataset_info.json`` ({} if there is none)."""
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "rb") as f:
+        text = f.read()
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise OutputError(f"{path} is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(entries, dict):
+        raise OutputError(f"{path} is not a JSON object of data set entries; fix or remove it")
+    return entries
