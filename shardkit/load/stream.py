@@ -265,3 +265,26 @@ class ShardStream:
         for batch in self.batches():
             self.advance()
             yield batch
+
+
+class StreamBatches:
+    """Base of the loaders over a :class:`ShardStream`: epoch and resume state are the stream's."""
+
+    stream: ShardStream
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return self.stream.remaining_steps()

@@ -18,7 +18,7 @@ import numpy as np
 import tinker
 
 from shardkit.errors import ConfigError
-from shardkit.load.stream import ShardStream
+from shardkit.load.stream import ShardStream, StreamBatches
 from shardkit.shards import Sample
 
 
@@ -61,7 +61,7 @@ def sample_to_datum(sample: Sample, *, reduction: Literal["mean", "none"] = "mea
     )
 
 
-class DatumBatches:
+class DatumBatches(StreamBatches):
     """Batches of ``tinker.Datum`` from a :class:`ShardStream`, with its resume state."""
 
     def __init__(self, stream: ShardStream, *, reduction: Literal["mean", "none"] = "mean"):
@@ -69,22 +69,6 @@ class DatumBatches:
             raise ConfigError("Tinker takes one Datum per sample: batch the stream by batch_size or max_tokens")
         self.stream = stream
         self.reduction = reduction
-
-    @property
-    def epoch(self) -> int:
-        return self.stream.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
-
-    def __len__(self) -> int:
-        return self.stream.remaining_steps()
 
     def __iter__(self) -> Iterator[list[tinker.Datum]]:
         for batch in self.stream:

@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from shardkit.load.augment import Augment
-from shardkit.load.stream import ShardStream
+from shardkit.load.stream import ShardStream, StreamBatches
 from shardkit.shards import Manifest, Sample
 
 IGNORE_INDEX = -100
@@ -314,7 +314,7 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
-class TorchLoader:
+class TorchLoader(StreamBatches):
     """Collated batches of one rank from ``num_workers`` DataLoader processes, with exact resume.
 
     Iterating yields the rest of the current epoch; each batch handed out
@@ -339,19 +339,6 @@ class TorchLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         stream.workers = num_workers
-
-    @property
-    def epoch(self) -> int:
-        return self.stream.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
 
     def __len__(self) -> int:
         """Batches left in the current epoch."""
