@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun(processes: int) -> list[str]:
+    """The start of a ``torchrun`` command for ``processes`` processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+
+
+def qwen3_image_processor():
+    """Qwen3-VL's published preprocessor settings, built offline (the model files cannot be downloaded here)."""
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+    )  # fmt: skip
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -12,7 +12,7 @@ from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError, OutputError, RecordError
 from shardkit.shards import read_manifest
 from shardkit.shards.reading import iter_build_samples
-from tests.conftest import conversation, write_image, write_jsonl
+from tests.conftest import conversation, qwen3_image_processor, write_image, write_jsonl
 
 
 def config(dataset_jsonl, out, **options):
@@ -70,14 +70,8 @@ def test_the_models_image_processor_leaves_stored_images_unchanged(clinical, tmp
     build(config(clinical.jsonl, out, model=model), progress=False)
     if model == "qwen2_vl":
         processor = Qwen2VLImageProcessor()
-    else:  # Qwen3-VL's published preprocessor settings
-        processor = Qwen2VLImageProcessor(
-            patch_size=16,
-            merge_size=2,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-            size={"shortest_edge": 65536, "longest_edge": 16777216},
-        )
+    else:
+        processor = qwen3_image_processor()
     pad = 151655
     checked = 0
     for sample in iter_build_samples(str(out)):

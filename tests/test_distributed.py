@@ -2,13 +2,12 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.synthetic import make_clinical_dataset
-from tests.conftest import free_port
+from tests.conftest import torchrun
 
 
 def test_two_ranks_cover_an_epoch_disjointly_and_equally(tmp_path):
@@ -17,17 +16,7 @@ def test_two_ranks_cover_an_epoch_disjointly_and_equally(tmp_path):
     build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=6), progress=False)
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
+            *torchrun(2),
             str(Path(__file__).with_name("distributed_epoch.py")),
             str(out),
             str(tmp_path),

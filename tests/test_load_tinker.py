@@ -17,7 +17,7 @@ from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.tinker import DatumBatches, sample_to_datum
-from tests.conftest import conversation, write_image, write_jsonl
+from tests.conftest import conversation, qwen3_image_processor, write_image, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,8 @@ def qwen3_build(small_dataset, tmp_path_factory):
 def cookbook_datum(record, images, tokenizer, reduction):
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
     from tinker_cookbook.supervised.data import conversation_to_datum
-    from transformers import Qwen2VLImageProcessor
 
-    processor = Qwen2VLImageProcessor(
-        patch_size=16,
-        merge_size=2,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        size={"shortest_edge": 65536, "longest_edge": 16777216},
-    )
+    processor = qwen3_image_processor()
     renderer = get_renderer("qwen3_vl_instruct", tokenizer, processor)
     pictures = iter(images)
     messages = []

@@ -8,6 +8,7 @@ from PIL import Image
 from shardkit.errors import RecordError
 from shardkit.render import TrainOn, get_family
 from shardkit.schema import Record
+from tests.conftest import qwen3_image_processor
 
 CONVERSATIONS = [
     # the seed's shape: images then text, one answer
@@ -165,19 +166,6 @@ def test_a_tokenizer_without_vision_tokens_is_refused():
 # --- Qwen3-VL against tinker-cookbook ------------------------------------------------------
 
 SIZES = {"a.jpg": (256, 320), "b.jpg": (512, 288), "c.jpg": (256, 256)}  # (height, width), on the 32-pixel grid
-
-
-def qwen3_image_processor():
-    """The real Qwen3-VL preprocessor settings, built offline (the model files cannot be downloaded here)."""
-    from transformers import Qwen2VLImageProcessor
-
-    return Qwen2VLImageProcessor(
-        patch_size=16,
-        merge_size=2,
-        image_mean=[0.5] * 3,
-        image_std=[0.5] * 3,
-        size={"shortest_edge": 65536, "longest_edge": 16777216},
-    )
 
 
 def tinker_messages(data: dict) -> list[dict]:

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from shardkit.config import BuildConfig
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import free_port
+from tests.conftest import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +123,7 @@ def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):
     output = tmp_path / "ddp"
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
+            *torchrun(2),
             "-m",
             "shardkit.cli",
             "-q",
