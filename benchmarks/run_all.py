@@ -45,6 +45,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     margins = [r["value"] / r["target"] if r["comparison"] == ">=" else r["target"] / r["value"] for r in rows]
     labels = [f"{r['number']}. {r['what']}" for r in rows]
@@ -55,6 +56,9 @@ def chart(rows: list[dict], path: Path) -> None:
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(min(0.8, min(margins) * 0.9), max(margins) * 2.2)
     ax.set_xlabel("measured / target (right of the line: target met)")
     for i, r in enumerate(rows):
         ax.text(margins[i], i, f"  {r['value']:.2f} ({r['comparison']} {r['target']})", va="center", fontsize=8)
