@@ -53,6 +53,9 @@ class Converter:
             return self._convert(raw)
         except RecordError as exc:
             raise exc.at(raw.line) from None
+        except Exception as exc:  # a case no check foresaw: this record is rejected, the build goes on
+            logger.debug("unexpected error on %s %d", self.input.unit, raw.line, exc_info=True)
+            raise RecordError(f"unexpected error: {type(exc).__name__}: {exc}", "internal_error", raw.line) from None
 
     def _convert(self, raw: RawItem) -> Sample:
         config, grid = self.config, self.grid
@@ -73,11 +76,10 @@ class Converter:
         if config.overlength is Overlength.FIT:
             planned = grid.plan(originals, config.max_length - text_tokens)
             if planned is None:
-                least = grid.plan(originals, 0) or []
+                least = sum(grid.tokens(*grid.size(h, w, grid.min_pixels)) for h, w in originals)
                 raise RecordError(
                     f"too long: {text_tokens} text tokens plus its {len(refs)} images at min_pixels "
-                    f"({sum(grid.tokens(h, w) for h, w in least) if least else 'many'} tokens) exceed max_length "
-                    f"{config.max_length}",
+                    f"({least} tokens) exceed max_length {config.max_length}",
                     "too_long",
                 )
         image_tokens = [grid.tokens(h, w) for h, w in planned]
@@ -331,7 +333,7 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
                     )
                     digest.update(content + b"\0")
             return item.line, digest.digest()
-        except RecordError:
+        except Exception:  # an invalid record: the build rejects it with its reason
             return item.line, None
 
     first: dict[bytes, int] = {}
@@ -351,11 +353,14 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
 
 
 def _identity(config: BuildConfig, input_sha256: str, tokenizer: TokenizerInfo) -> dict[str, Any]:
+    """What decides a build's bytes: options, input, tokenizer, image folder (recorded, and compared on reuse)."""
     return {
         **config.identity(),
         "input_sha256": input_sha256,
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "family": config.family.describe(),
+        "image_root": config.image_root
+        and (config.image_root if "://" in config.image_root else os.path.abspath(config.image_root)),
     }
 
 
@@ -388,7 +393,8 @@ def build(
     fs, folder = open_fs(config.out)
     summary = source.summary()
     tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
-    if claim(fs, folder, _identity(config, summary.sha256, tokenizer_info), overwrite=overwrite):
+    identity = _identity(config, summary.sha256, tokenizer_info)
+    if claim(fs, folder, identity, overwrite=overwrite):
         logger.info("%s already holds this complete build; nothing to do", config.out)
         return read_manifest(config.out)
     runner = TaskRunner(config, strict)
@@ -450,13 +456,7 @@ def build(
         tasks,
         records=records,
         format=config.format.value,
-        config={
-            **config.identity(),
-            "family": config.family.describe(),
-            "tokenizer": tokenizer_info.name,
-            "tokenizer_fingerprint": tokenizer_info.fingerprint,
-            "special_tokens": special_tokens,
-        },
+        config={**identity, "tokenizer": tokenizer_info.name, "special_tokens": special_tokens},
         created_by=f"shardkit {__version__}",
     )
     logger.info(

@@ -307,9 +307,15 @@ def _validate(args: argparse.Namespace) -> int:
     with tqdm(unit="rec", desc="validate", disable=None, file=sys.stderr) as bar:
         report = validate(
             args.input,
+            input_format=args.input_format,
             image_root=args.image_root,
             max_image_pixels=args.max_image_pixels,
+            allow_remote=args.allow_remote,
             on_record=lambda: bar.update(1),
+            prompt=args.prompt,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            text_column=args.text_column,
         )
     if args.json:
         print(

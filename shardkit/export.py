@@ -137,6 +137,10 @@ def export_llamafactory(build: str, out: str, *, name: str, progress: bool | Non
             except RecordError as exc:
                 skipped.append({**exc.at(sample.info["line"]).to_json(), "key": sample.key})
                 continue
+            if not _NAME.match(sample.key):  # a key names files: nothing that could climb out of --out
+                raise ShardError(
+                    f"sample key {sample.key!r} in {build} is not a plain name; the shard is not shardkit's"
+                )
             paths = [f"images/{name}/{sample.key}_{i}.jpg" for i in range(len(sample.images))]
             for path, jpeg, image in zip(paths, sample.images, sample.info["images"], strict=True):
                 write_bytes(fs, join(folder, path), jpeg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import math
 import os
@@ -17,7 +18,6 @@ import posixpath
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,9 @@ from shardkit.errors import ConfigError, RecordError
 from shardkit.storage import is_local, open_fs
 
 MAX_ASPECT_RATIO = 200  # Qwen's smart_resize refuses anything longer
+# shardkit checks every image's declared size against --max-image-pixels itself, from the header, before
+# decoding it; Pillow's own, fixed guard (about 179 MP) would make a larger limit impossible.
+Image.MAX_IMAGE_PIXELS = None
 ORIENTATION_TAG = 0x0112
 
 
@@ -268,8 +271,14 @@ def fetch(url: str, *, timeout: float, max_bytes: int, retries: int) -> bytes:
                     f"remote image not fetched (HTTP {exc.code}): {url}", "image_missing", detail=detail
                 ) from None
             reason = f"HTTP {exc.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # timeouts, resets, TLS
             reason = str(getattr(exc, "reason", exc))
+        except RecordError:
+            raise
+        except ValueError as exc:  # a URL urllib cannot even send, or a malformed Content-Length
+            raise RecordError(
+                f"remote image URL cannot be fetched ({exc}): {url}", "image_remote", detail=detail
+            ) from None
         if attempt < retries:
             time.sleep(0.2 * 2**attempt)
     raise RecordError(
@@ -293,25 +302,13 @@ class SourceImage:
         detail = {"image": ref}
         if not data:
             raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                self.image = Image.open(io.BytesIO(data))
-                width, height = self.image.size
-                orientation = self.image.getexif().get(ORIENTATION_TAG, 1)
-            except Image.DecompressionBombError:
-                raise RecordError(
-                    f"image declares over {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels "
-                    f"(decompression-bomb guard): {ref}",
-                    "image_too_large",
-                    detail=detail,
-                ) from None
-            except UnidentifiedImageError:
-                raise RecordError(
-                    f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail
-                ) from None
-            except Exception as exc:  # Pillow raises many types on malformed headers
-                raise RecordError(f"image header is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
+        try:
+            self.image = Image.open(io.BytesIO(data))
+            width, height = self.image.size
+        except UnidentifiedImageError:
+            raise RecordError(f"not an image (unrecognised format): {ref}", "image_not_image", detail=detail) from None
+        except Exception as exc:  # Pillow raises many types on malformed headers
+            raise RecordError(f"image header is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
         if width * height > max_pixels:
             raise RecordError(
                 f"image declares {width}x{height} = {width * height / 1e6:.0f} megapixels, over the limit of "
@@ -326,25 +323,40 @@ class SourceImage:
                 "image_aspect",
                 detail=detail,
             )
-        self.transposed = orientation in (5, 6, 7, 8)  # EXIF rotations by 90 or 270 degrees
+        try:
+            self.orientation = _orientation(self.image)
+        except Exception as exc:
+            raise RecordError(f"image metadata is corrupt: {ref} ({exc})", "image_corrupt", detail=detail) from None
+        self.transposed = self.orientation in (5, 6, 7, 8)  # EXIF rotations by 90 or 270 degrees
         self.height, self.width = (width, height) if self.transposed else (height, width)
 
     def decode(self, size: tuple[int, int] | None = None) -> Image.Image:
         """The oriented RGB picture; with ``size`` (height, width) it may come out smaller, never below ``size``."""
         image = self.image
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                if size is not None and image.format == "JPEG":
-                    height, width = size
-                    image.draft("RGB", (height, width) if self.transposed else (width, height))
-                image.load()
+        try:
+            if size is not None and image.format == "JPEG":
+                height, width = size
+                image.draft("RGB", (height, width) if self.transposed else (width, height))
+            image.load()
+            if self.orientation != 1:  # exif_transpose copies even an upright image
                 image = ImageOps.exif_transpose(image)
-            except Exception as exc:  # truncated data: OSError; broken streams: SyntaxError, ValueError...
-                raise RecordError(
-                    f"image is truncated or corrupt: {self.ref} ({exc})", "image_corrupt", detail={"image": self.ref}
-                ) from None
+        except Exception as exc:  # truncated data: OSError; broken streams: SyntaxError, ValueError...
+            raise RecordError(
+                f"image is truncated or corrupt: {self.ref} ({exc})", "image_corrupt", detail={"image": self.ref}
+            ) from None
         return to_rgb(image)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright), read without decoding pixels."""
+    if image.format == "PNG":  # Pillow's getexif() decodes a PNG to look for EXIF after its pixel data
+        raw = image.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(ORIENTATION_TAG, 1)
+    return image.getexif().get(ORIENTATION_TAG, 1)
 
 
 def decode_image(data: bytes, ref: str, *, max_pixels: int) -> Image.Image:

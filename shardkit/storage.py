@@ -112,7 +112,10 @@ class AtomicFile:
                 os.remove(self.path + PARTIAL_SUFFIX)
         elif hasattr(self.file, "discard"):
             self.file.discard()
-            self.file.closed = True
+            try:
+                self.file.closed = True  # so that closing it later publishes nothing
+            except AttributeError:  # files that cannot be marked closed never publish unless closed
+                pass
 
 
 def file_sha256(path: str) -> str:

@@ -239,3 +239,11 @@ def test_bad_options_are_config_errors(options, message):
 def test_qwen3_defaults_use_its_grid():
     c = BuildConfig.create(input="in.jsonl", out="out", model="qwen3_vl")
     assert (c.grid.factor, c.min_pixels, c.max_pixels) == (32, 65536, 1310720)
+
+
+def test_a_sample_that_cannot_fit_even_at_min_pixels_says_how_many_tokens_it_needs(tmp_path):
+    root = tmp_path / "d"
+    data = write_jsonl(root / "in.jsonl", [long_case(root, images=2, side=700)])
+    build(config(data, tmp_path / "out", max_length=300, min_pixels=448 * 448), progress=False)
+    (reject,) = rejects(tmp_path / "out")
+    assert reject["code"] == "too_long" and "(512 tokens)" in reject["reason"]  # 2 images of 16 x 16 cells

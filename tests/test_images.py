@@ -204,3 +204,25 @@ def test_large_jpegs_decode_reduced_but_never_below_the_target(tmp_path, mode, o
     assert (reduced.height > reduced.width) == (expected[0] > expected[1])  # still oriented
     full = SourceImage(path.read_bytes(), "big.jpg", max_pixels=10**8).decode()
     assert (full.height, full.width) == expected
+
+
+def test_a_bomb_is_refused_from_its_header_without_decoding(tmp_path):
+    import resource
+
+    from shardkit.synthetic import _png_declaring
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for declared in (20_000, 60_000):  # 400 MP and 3.6 GP, in a few hundred bytes
+        with pytest.raises(RecordError) as info:
+            SourceImage(_png_declaring(declared, declared), "bomb.png", max_pixels=100_000_000)
+        assert info.value.code == "image_too_large" and f"{declared}x{declared}" in info.value.reason
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing was decoded
+
+
+def test_the_pixel_limit_can_go_above_pillows_own():
+    from shardkit.synthetic import _png_declaring
+
+    header = _png_declaring(15_000, 13_000)  # 195 MP, over Pillow's own 179 MP guard
+    assert SourceImage(header, "wide.png", max_pixels=300_000_000).width == 15_000
+    with pytest.raises(RecordError, match="over the limit of 100"):
+        SourceImage(header, "wide.png", max_pixels=100_000_000)

@@ -156,6 +156,16 @@ def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):
     assert (output / "final" / "config.json").exists() and (output / "checkpoints" / "step-000003").exists()
     assert result.stdout.count("trained to step 3") == 1  # only rank 0 reports
 
+    # both ranks resume from rank 0's checkpoint and stay in step (a rank left at step 0 would hang the run)
+    launcher = torchrun(2)  # a fresh port
+    train_args = result.args[len(launcher) : result.args.index("--save-every")]
+    longer = [*launcher, *(a if a != "3" else "5" for a in train_args)]
+    again = subprocess.run([*longer, "--save-every", "5", "--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert again.stdout.count("trained to step 5") == 1
+
 
 def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
     assert main(["train", "--data", memorisable, "--output", str(tmp_path / "o")]) == 2

@@ -24,8 +24,7 @@ def run_local(runner: Callable[[Any], Any], tasks: Iterable[Any], workers: int) 
     runner prepared in this process (the tokenizer) is shared, not reloaded.
     """
     if workers <= 1:
-        for task in tasks:
-            yield runner(task)
+        yield from map(runner, tasks)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pending: set[Future] = set()

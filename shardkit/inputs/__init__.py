@@ -15,7 +15,7 @@ from shardkit.errors import ConfigError, InputError
 from shardkit.inputs.base import InputFormat, InputSummary, RawItem, data_uri
 from shardkit.inputs.folder import LABELS, ImageFolder
 from shardkit.inputs.hf import HFDataset
-from shardkit.inputs.jsonl import QwenJsonl, ShareGPT, iter_lines
+from shardkit.inputs.jsonl import QwenJsonl, ShareGPT, is_json_array, iter_lines
 from shardkit.storage import open_fs
 
 FORMATS: dict[str, type[InputFormat]] = {f.name: f for f in (QwenJsonl, ShareGPT, ImageFolder, HFDataset)}
@@ -37,9 +37,7 @@ def detect(location: str) -> str:
         return "folder"
     if not fs.exists(path):
         raise InputError(f"input not found: {location}")
-    with fs.open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
-    if head.startswith(b"["):
+    if is_json_array(location):
         return "sharegpt"
     first = next(iter_lines(location), None)
     try:

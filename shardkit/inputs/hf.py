@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from shardkit.errors import InputError, RecordError
 from shardkit.inputs.base import InputFormat, InputSummary, RawItem, data_uri, hash_files, validate_record
 from shardkit.inputs.folder import DEFAULT_PROMPT
-from shardkit.storage import open_fs
+from shardkit.storage import open_fs, parent
 
 IMAGE_NAMES = ("image", "img", "picture", "photo")
 LABEL_NAMES = ("label", "labels", "class", "fine_label", "coarse_label")
@@ -109,14 +109,14 @@ class HFDataset(InputFormat):
         row, columns = item.data["row"], item.data["columns"]
         value = row[columns["image"]]
         data = value.get("bytes") if isinstance(value, dict) else value
-        if isinstance(value, dict) and not data and value.get("path"):
-            image = value["path"]  # an Image feature that points to a file instead of holding it
-        elif isinstance(data, bytes | bytearray) and data:
+        if isinstance(data, bytes | bytearray) and data:
             image = data_uri(bytes(data))
+        elif isinstance(value, dict) and value.get("path"):
+            image = value["path"]  # an Image feature that points to a file instead of holding it
+        elif isinstance(value, str) and value:
+            image = value  # a column of image paths
         else:
-            raise RecordError(
-                f"row {item.line}: the image column {columns['image']!r} is empty", "image_missing", item.line
-            )
+            raise RecordError(f"the image column {columns['image']!r} is empty", "image_missing", item.line)
         if columns["text"]:
             reply = row[columns["text"]]
         else:
@@ -124,7 +124,7 @@ class HFDataset(InputFormat):
             if columns["classes"] and isinstance(reply, int) and 0 <= reply < len(columns["classes"]):
                 reply = columns["classes"][reply]
         if reply is None or str(reply) == "":
-            raise RecordError(f"row {item.line}: no label or text", "invalid_record", item.line)
+            raise RecordError("no label or text", "invalid_record", item.line)
         prompt = self.options.get("prompt") or DEFAULT_PROMPT
         record = {
             "messages": [
@@ -137,7 +137,7 @@ class HFDataset(InputFormat):
 
     def image_root(self) -> str:
         fs, path = open_fs(self.location)
-        return self.location if fs.isdir(path) else self.location.rsplit("/", 1)[0] if "/" in self.location else "."
+        return self.location if fs.isdir(path) else parent(self.location)
 
 
 def _arrow(f: Any) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:

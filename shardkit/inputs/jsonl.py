@@ -29,6 +29,12 @@ def iter_lines(path: str) -> Iterator[RawItem]:
                 yield RawItem(number, data)
 
 
+def is_json_array(path: str) -> bool:
+    """Whether the file holds one JSON array (rather than JSON lines)."""
+    with open_location(path) as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
 class QwenJsonl(InputFormat):
     """``{"messages": [{"role": ..., "content": str | [{"type": "image" | "text", ...}]}], "meta": {...}}`` per line."""
 
@@ -59,9 +65,7 @@ class ShareGPT(InputFormat):
     name = "sharegpt"
 
     def items(self) -> Iterator[RawItem]:
-        with open_location(self.location) as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
-        if not head.startswith(b"["):
+        if not is_json_array(self.location):
             yield from iter_lines(self.location)
             return
         with open_location(self.location) as f:
@@ -99,10 +103,10 @@ class ShareGPT(InputFormat):
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict):
                 raise RecordError(f"messages[{i}] is not an object", "invalid_record", line)
-            role = ROLES.get(turn.get("role", turn.get("from")))
+            found = turn.get("role", turn.get("from"))
+            role = ROLES.get(found) if isinstance(found, str) else None
             text = turn.get("content", turn.get("value"))
             if role is None:
-                found = turn.get("role", turn.get("from"))
                 raise RecordError(f"messages[{i}]: unsupported role {found!r}", "invalid_record", line)
             if not isinstance(text, str):
                 raise RecordError(f"messages[{i}]: content must be a string", "invalid_record", line)

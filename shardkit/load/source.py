@@ -4,8 +4,8 @@ A :class:`BuildSource` opens a build by folder or URL, reads its manifest and
 index, and returns samples by id (position in manifest order) by seeking to
 their recorded location. Shards are opened lazily and a few stay open. A
 truncated or corrupt shard raises :class:`ShardError` naming the shard; with
-``verify=True`` each shard's sha256 is checked against the manifest before its
-first sample is returned. Nothing is ever unpickled.
+``verify=True`` every shard's size and sha256 are checked against the manifest
+once, before any sample is returned. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ class BuildSource:
 
     def __init__(self, location: str, *, verify: bool = False):
         self.location = location
-        self.verify = verify
         self.manifest: Manifest = read_manifest(location)
         fs, self.folder = open_fs(location)
         self.index: SampleIndex = read_index(fs, self.folder, self.manifest.num_samples)
         self.reader = get_reader(self.manifest.format)
         self._open: OrderedDict[int, tuple[Any, OpenShard]] = OrderedDict()
-        self._verified: set[int] = set()
         self._pid = os.getpid()
+        if verify and (problems := verify_build(location, self.manifest)):
+            raise ShardError("; ".join(problems))
 
     @property
     def fs(self) -> Any:
@@ -63,9 +63,6 @@ class BuildSource:
             return self._open[number][1]
         entry = self.manifest.shards[number]
         path = join(self.folder, entry.path)
-        if self.verify and number not in self._verified:
-            verify_shard(self.fs, path, entry.bytes, entry.sha256)
-            self._verified.add(number)
         try:
             f = self.fs.open(path, "rb")
         except FileNotFoundError:
@@ -116,9 +113,9 @@ def verify_shard(fs: Any, path: str, size: int, sha256: str) -> None:
         raise ShardError(f"{path} does not match its sha256 in the manifest: corrupt or replaced")
 
 
-def verify_build(location: str) -> list[str]:
+def verify_build(location: str, manifest: Manifest | None = None) -> list[str]:
     """Check every shard and the index of a build against its manifest; the problems found (empty: all good)."""
-    manifest = read_manifest(location)
+    manifest = manifest or read_manifest(location)
     fs, folder = open_fs(location)
     problems = []
     files = [(s.path, s.bytes, s.sha256) for s in manifest.shards]

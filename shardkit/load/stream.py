@@ -193,8 +193,8 @@ class ShardStream:
         if done == plan.steps:
             self.set_epoch(self.epoch + 1)
 
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Batches per rank in a whole ``epoch`` on the current topology (progress aside)."""
+    def whole_epoch(self, epoch: int) -> EpochPlan:
+        """This rank's plan for a whole ``epoch`` on the current topology, progress aside."""
         return make_plan(
             self.source.shard_sizes,
             self._lengths(),
@@ -203,7 +203,11 @@ class ShardStream:
             rank=self.rank,
             shuffle=self.shuffle,
             batching=self.batching,
-        ).steps
+        )
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Batches per rank in a whole ``epoch`` on the current topology (progress aside)."""
+        return self.whole_epoch(epoch).steps
 
     def padding_stats(self, epoch: int | None = None) -> dict[str, Any]:
         """Padding of this rank's batches over a whole epoch (the current one by default), as collated.
@@ -213,15 +217,7 @@ class ShardStream:
         packed sequence), ``pad_fraction`` the share of padding in them.
         """
         lengths = self.source.index.num_tokens
-        batches = make_plan(
-            self.source.shard_sizes,
-            lengths,
-            epoch=self.epoch if epoch is None else epoch,
-            levels=[Level(self.world_size, max(self.workers, 1), 0)],
-            rank=self.rank,
-            shuffle=self.shuffle,
-            batching=self.batching,
-        ).sequence
+        batches = self.whole_epoch(self.epoch if epoch is None else epoch).sequence
         samples = [batch_samples(b) for b in batches]
         tokens = sum(int(lengths[s].sum()) for s in samples)
         padded = sum(padded_tokens(b, lengths) for b in batches)

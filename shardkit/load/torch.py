@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shardkit.errors import ShardError
 from shardkit.load.augment import Augment
 from shardkit.load.stream import ShardStream, StreamBatches
 from shardkit.shards import Manifest, Sample
@@ -54,17 +55,25 @@ from shardkit.shards import Manifest, Sample
 IGNORE_INDEX = -100
 
 
-def image_patches(image: bytes | Image.Image, patch_size: int, merge_size: int) -> np.ndarray:
-    """A stored image (JPEG bytes, or decoded) as uint8 patches ``(num_patches, 3, patch, patch)``, processor order."""
+def image_patches(
+    image: bytes | Image.Image, patch_size: int, merge_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """A stored image (JPEG bytes, or decoded) as uint8 patches ``(num_patches, 3, patch, patch)``, processor order.
+
+    ``out``, if given, is a C-contiguous buffer of that shape to write the patches into (no extra copy).
+    """
     if isinstance(image, bytes):
         image = Image.open(io.BytesIO(image))
-    array = np.asarray(image.convert("RGB"))
+    array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     height, width, _ = array.shape
     p, m = patch_size, merge_size
     grid_h, grid_w = height // p, width // p
     x = array.reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
     x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (rows/m, cols/m, m, m, channel, p, p)
-    return np.ascontiguousarray(x.reshape(grid_h * grid_w, 3, p, p))
+    if out is None:
+        out = np.empty((grid_h * grid_w, 3, p, p), dtype=np.uint8)
+    out.reshape(x.shape)[...] = x
+    return out
 
 
 def expand_patches(
@@ -246,23 +255,30 @@ class Qwen2VLCollator:
 
     def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
         """Add the samples' images, in token order, to ``batch``."""
-        patches, grids = [], []
+        grids = [info["grid_thw"] for sample in samples for info in sample.info["images"]]
+        if not grids:
+            return batch
+        p = self.patch_size
+        counts = [t * h * w for t, h, w in grids]
+        buffer = np.empty((sum(counts), 3, p, p), dtype=np.uint8)  # every image's patches, written in place
+        slots = iter(np.split(buffer, np.cumsum(counts)[:-1]))
         fill = tuple(round(255 * m) for m in self.image_mean)
         for sample in samples:
-            for index, (jpeg, info) in enumerate(zip(sample.images, sample.info["images"], strict=True)):
+            if len(sample.images) != len(sample.info["images"]):
+                raise ShardError(f"sample {sample.key} holds {len(sample.images)} images, its metadata describes "
+                                 f"{len(sample.info['images'])}")  # fmt: skip
+            for index, jpeg in enumerate(sample.images):
                 image: bytes | Image.Image = jpeg
                 if self.augment is not None:
                     decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
                     image = self.augment(decoded, epoch=self.epoch, key=sample.key, index=index, fill=fill)
-                patches.append(image_patches(image, self.patch_size, self.merge_size))
-                grids.append(info["grid_thw"])
-        if patches:
-            uint8 = torch.from_numpy(np.concatenate(patches))
-            if self.pixels == "uint8":
-                batch["pixel_patches"] = uint8
-            else:
-                batch["pixel_values"] = expand_patches(uint8, self.image_mean, self.image_std, self.temporal_patch_size)
-            batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
+                image_patches(image, p, self.merge_size, out=next(slots))
+        uint8 = torch.from_numpy(buffer)
+        if self.pixels == "uint8":
+            batch["pixel_patches"] = uint8
+        else:
+            batch["pixel_values"] = expand_patches(uint8, self.image_mean, self.image_std, self.temporal_patch_size)
+        batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
         return batch
 
     def count(self, batch: dict[str, Any]) -> tuple[int, int]:

@@ -72,10 +72,6 @@ class Rendered:
         """Tokens other than image pads (vision start/end markers included)."""
         return len(self.tokens) - len(self.image_slots)
 
-    def num_tokens(self, image_tokens: Sequence[int]) -> int:
-        """Length of the sample once each image takes ``image_tokens[i]`` pads."""
-        return self.num_text_tokens + int(sum(image_tokens))
-
     def expand(self, image_tokens: Sequence[int]) -> Expanded:
         """Replace each placeholder by its image's run of pad tokens."""
         if len(image_tokens) != len(self.image_slots):

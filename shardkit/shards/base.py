@@ -8,6 +8,7 @@ else -100) and its images as JPEG bytes in order of appearance.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from abc import ABC, abstractmethod
@@ -30,14 +31,15 @@ class Sample:
     weights: np.ndarray
     images: list[bytes] = field(default_factory=list)
 
+    @functools.cached_property
     def info_json(self) -> bytes:
-        """The JSON member, byte-stable (sorted keys, compact)."""
+        """The JSON member, byte-stable (sorted keys, compact); computed once (``info`` is not changed after)."""
         return json.dumps(self.info, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
 
     @property
     def payload_bytes(self) -> int:
         """Bytes this sample adds to a shard, before container overhead."""
-        return self.input_ids.nbytes + self.weights.nbytes + sum(map(len, self.images)) + len(self.info_json())
+        return self.input_ids.nbytes + self.weights.nbytes + sum(map(len, self.images)) + len(self.info_json)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -127,8 +129,8 @@ class ShardReader(ABC):
     format: ClassVar[str]
 
     @abstractmethod
-    def samples(self, f: Any, *, images: bool = True, start: int = 0) -> Iterator[Sample]:
-        """Samples from file object ``f``, beginning at index ``start``; ``images=False`` skips image bytes."""
+    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
+        """The samples of file object ``f`` in order; ``images=False`` skips image bytes."""
 
     @abstractmethod
     def open(self, f: Any) -> OpenShard:

@@ -11,6 +11,7 @@ reading what comes before.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from shardkit.shards.base import OpenShard, Sample, ShardReader, ShardWriter
 
-ROWS_PER_GROUP = 64
+ROWS_PER_GROUP = 16
 
 SCHEMA = pa.schema(
     [
@@ -76,7 +77,7 @@ class ParquetShardWriter(ShardWriter):
                 "input_ids": [s.input_ids for s in rows],
                 "weights": [s.weights for s in rows],
                 "images": [s.images for s in rows],
-                "json": [s.info_json().decode() for s in rows],
+                "json": [s.info_json.decode() for s in rows],
             },
             schema=SCHEMA,
         )
@@ -94,56 +95,49 @@ class ParquetShardReader(ShardReader):
     def open(self, f: Any) -> OpenShard:
         return _OpenParquet(pq.ParquetFile(f))
 
-    def samples(self, f: Any, *, images: bool = True, start: int = 0) -> Iterator[Sample]:
-        yield from self._rows(pq.ParquetFile(f), images=images, start=start)
-
-    @staticmethod
-    def _rows(parquet: pq.ParquetFile, *, images: bool, start: int, stop: int | None = None) -> Iterator[Sample]:
-        columns = ["key", "input_ids", "weights", "json"] + (["images"] if images else [])
-        stop = parquet.metadata.num_rows if stop is None else stop
-        first = 0
+    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
+        parquet = pq.ParquetFile(f)
+        columns = COLUMNS + (["images"] if images else [])
         for group in range(parquet.num_row_groups):
-            rows = parquet.metadata.row_group(group).num_rows
-            if first + rows <= start:
-                first += rows
-                continue
-            if first >= stop:
-                return
             table = parquet.read_row_group(group, columns=columns)
-            keys = table.column("key").to_pylist()
-            infos = table.column("json").to_pylist()
-            ids = table.column("input_ids")
-            weights = table.column("weights")
-            pictures = table.column("images").to_pylist() if images else None
-            for i in range(max(0, start - first), min(rows, stop - first)):
-                yield Sample(
-                    key=keys[i],
-                    info=json.loads(infos[i]),
-                    input_ids=np.asarray(ids[i].values, dtype=np.int32),
-                    weights=np.asarray(weights[i].values, dtype=np.float32),
-                    images=pictures[i] if pictures is not None else [],
-                )
-            first += rows
+            for row in range(table.num_rows):
+                yield _sample(table, row)
+
+
+COLUMNS = ["key", "input_ids", "weights", "json"]
+
+
+def _sample(table: pa.Table, row: int) -> Sample:
+    """One row of a row group as a :class:`Sample` (no images when the table has no ``images`` column)."""
+    images = table.column("images")[row].as_py() if "images" in table.column_names else []
+    return Sample(
+        key=table.column("key")[row].as_py(),
+        info=json.loads(table.column("json")[row].as_py()),
+        input_ids=np.asarray(table.column("input_ids")[row].values, dtype=np.int32),
+        weights=np.asarray(table.column("weights")[row].values, dtype=np.float32),
+        images=images,
+    )
 
 
 class _OpenParquet(OpenShard):
-    """Reads whole row groups and keeps the last one, so neighbouring rows cost one read."""
+    """Random rows: a row costs the read of its row group, and the last few groups stay decoded."""
+
+    CACHED_GROUPS = 4
 
     def __init__(self, parquet: pq.ParquetFile):
         self.parquet = parquet
         sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         self.starts = np.cumsum([0, *sizes])
-        self._group: int | None = None
-        self._rows: list[Sample] = []
+        self._groups: OrderedDict[int, pa.Table] = OrderedDict()
 
     def read_at(self, offset: int, size: int) -> Sample:
         if not 0 <= offset < self.starts[-1]:
             raise IndexError(f"row {offset} is outside the shard's {self.starts[-1]} rows")
         group = int(np.searchsorted(self.starts, offset, side="right") - 1)
-        if group != self._group:
-            first = int(self.starts[group])
-            self._rows = list(
-                ParquetShardReader._rows(self.parquet, images=True, start=first, stop=int(self.starts[group + 1]))
-            )
-            self._group = group
-        return self._rows[offset - int(self.starts[group])]
+        if group in self._groups:
+            self._groups.move_to_end(group)
+        else:
+            self._groups[group] = self.parquet.read_row_group(group, columns=[*COLUMNS, "images"])
+            if len(self._groups) > self.CACHED_GROUPS:
+                self._groups.popitem(last=False)
+        return _sample(self._groups[group], offset - int(self.starts[group]))

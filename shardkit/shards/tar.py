@@ -31,7 +31,7 @@ class TarShardWriter(ShardWriter):
     def write(self, sample: Sample) -> None:
         members: dict[str, Any] = {
             "__key__": sample.key,
-            "json": sample.info_json(),
+            "json": sample.info_json,
             "input_ids.npy": npy_bytes(sample.input_ids),
             "weights.npy": npy_bytes(sample.weights),
         }
@@ -48,16 +48,14 @@ class TarShardWriter(ShardWriter):
 class TarShardReader(ShardReader):
     format = "tar"
 
-    def samples(self, f: Any, *, images: bool = True, start: int = 0) -> Iterator[Sample]:
+    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
         from webdataset.tariterators import group_by_keys, tar_file_iterator
 
         def wanted(name: str) -> bool:
             return images or not name.endswith(".jpg")
 
         files = ({**item, "__url__": None} for item in tar_file_iterator(f, select_files=wanted))
-        for index, group in enumerate(group_by_keys(files, lcase=False)):
-            if index < start:
-                continue
+        for group in group_by_keys(files, lcase=False):
             yield _to_sample(group)
 
     def open(self, f: Any) -> OpenShard:

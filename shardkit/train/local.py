@@ -44,6 +44,7 @@ from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.augment import Augment
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.train import keep_metrics_until
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,21 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, loade
         shutil.rmtree(old)
 
 
+def _latest_checkpoint(output: Path, rank: int) -> Path | None:
+    """The checkpoint rank 0 sees as the latest, the same on every rank (rank 0 alone writes checkpoints)."""
+    choice = [str(_checkpoints(output)[-1]) if rank == 0 and _checkpoints(output) else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    path = Path(choice[0])
+    if not (path / "state.json").exists():
+        raise ConfigError(
+            f"rank {rank} cannot read checkpoint {path}: with several nodes, --output must be shared storage"
+        )
+    return path
+
+
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -269,11 +285,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
 
     step = 0
-    if config.resume and (found := _checkpoints(output)):
-        state = _load_checkpoint(found[-1], model, optimizer, scheduler)
+    if config.resume and (latest := _latest_checkpoint(output, rank)) is not None:
+        state = _load_checkpoint(latest, model, optimizer, scheduler)
         step = state["step"]
         loader.load_state_dict(state["loader"])
-        logger.info("resumed from %s (step %d, epoch %d)", found[-1], step, loader.epoch)
+        logger.info("resumed from %s (step %d, epoch %d)", latest, step, loader.epoch)
     elif config.resume:
         logger.info("no checkpoint in %s: starting from the beginning", output)
 
@@ -288,9 +304,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2, sort_keys=True))
-        if metrics_path.exists():  # a resumed run rewrites the steps after its checkpoint
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+        keep_metrics_until(metrics_path, step)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     history: list[dict[str, Any]] = []

@@ -31,6 +31,7 @@ from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.tinker import DatumBatches
 from shardkit.storage import open_fs, write_bytes
+from shardkit.train import keep_metrics_until
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ def train_tinker(
         client = _result(
             service.create_lora_training_client(base_model=config.base_model, rank=config.lora_rank, seed=config.seed)
         )
-    if metrics_path.exists():  # drop steps after the checkpoint we resume from
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+    keep_metrics_until(metrics_path, step)
 
     history: list[dict[str, Any]] = []
     pending: dict[str, Any] | None = None
