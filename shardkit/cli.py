@@ -240,6 +240,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="torch: trade compute for activation memory")
     p.add_argument(
+        "--attn-implementation",
+        choices=["eager", "sdpa", "flash_attention_2"],
+        help="torch: the attention kernel (default: transformers'; flash_attention_2 makes --pack skip padding work)",
+    )
+    p.add_argument(
         "--augment",
         action="store_true",
         help="torch: randomly rotate (up to 10 degrees) and change brightness and contrast (up to 20%%) of each image "
@@ -454,6 +459,7 @@ def _train(args: argparse.Namespace) -> int:
             warmup_ratio=args.warmup_ratio,
             max_grad_norm=args.max_grad_norm,
             gradient_checkpointing=args.gradient_checkpointing,
+            attn_implementation=args.attn_implementation,
             augment=args.augment,
             seed=args.seed,
             num_workers=args.num_workers,

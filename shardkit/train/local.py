@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -71,6 +71,7 @@ class TrainConfig(Options):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     augment: bool = False
     seed: int = 0
     num_workers: int = Field(2, ge=0)
@@ -121,7 +122,7 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 # -- model -------------------------------------------------------------------------------
 
 
-def load_model(path: str) -> torch.nn.Module:
+def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Module:
     """A Qwen2-VL or Qwen2.5-VL model from a local folder or a Hugging Face id."""
     from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -135,7 +136,8 @@ def load_model(path: str) -> torch.nn.Module:
             f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL and Qwen2.5-VL "
             "(train Qwen3-VL builds with --backend tinker)"
         )
-    return classes[config.model_type].from_pretrained(path, dtype=torch.float32)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return classes[config.model_type].from_pretrained(path, dtype=torch.float32, **options)
 
 
 def _check_model_fits_build(model: torch.nn.Module, manifest_config: dict[str, Any]) -> None:
@@ -265,7 +267,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
     loader = TorchLoader(stream, collate=collator, num_workers=config.num_workers)
 
-    model = load_model(config.model)
+    model = load_model(config.model, config.attn_implementation)
     _check_model_fits_build(model, manifest.config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
