@@ -40,12 +40,6 @@ def parent(location: str) -> str:
     return head or "/"
 
 
-def open_input(location: str) -> IO[bytes]:
-    """Open a local path or fsspec URL for reading bytes."""
-    fs, path = open_fs(location)
-    return fs.open(path, "rb")
-
-
 class HashingWriter:
     """A write-only file wrapper that counts bytes and hashes them as they pass."""
 
@@ -99,7 +93,7 @@ class AtomicFile:
         os.fsync(self.file.fileno())
         self.file.close()
         tmp = self.path + PARTIAL_SUFFIX
-        if unless_sha256 and os.path.exists(self.path) and file_sha256(self.path) == unless_sha256:
+        if unless_sha256 and os.path.exists(self.path) and _sha256_of(self.path) == unless_sha256:
             os.remove(tmp)  # a complete copy from an interrupted run: keep it as it is
         else:
             os.replace(tmp, self.path)
@@ -118,12 +112,19 @@ class AtomicFile:
                 pass
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def hash_stream(f: IO[bytes], digest: Any = None) -> tuple[int, Any]:
+    """Feed the rest of ``f`` to ``digest`` (a new sha256 by default); the bytes read and the digest."""
+    digest = digest or hashlib.sha256()
+    read = 0
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+        read += len(chunk)
+    return read, digest
+
+
+def _sha256_of(path: str) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hash_stream(f)[1].hexdigest()
 
 
 @contextmanager

@@ -45,6 +45,18 @@ def write_image(
     return path
 
 
+@pytest.fixture(scope="session")
+def qwen3_build(small_dataset, tmp_path_factory) -> str:
+    """A Qwen3-VL build of ``small_dataset`` (8 samples a shard), for the Tinker tests."""
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("qwen3")
+    config = BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8)
+    build(config, progress=False)
+    return str(out)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for the servers and process groups tests start)."""
     with socket.socket() as s:

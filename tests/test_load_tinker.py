@@ -20,16 +20,6 @@ from shardkit.load.tinker import DatumBatches, sample_to_datum
 from tests.conftest import conversation, qwen3_image_processor, write_image, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def qwen3_build(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("qwen3")
-    build(
-        BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8),
-        progress=False,
-    )
-    return out
-
-
 def cookbook_datum(record, images, tokenizer, reduction):
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
     from tinker_cookbook.supervised.data import conversation_to_datum

@@ -14,9 +14,7 @@ import json
 import pytest
 import tinker
 
-from shardkit.build import build
 from shardkit.cli import main
-from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.tinker import DatumBatches
@@ -86,16 +84,6 @@ class StandInService:
         self.restored_from = path
         self.clients.append(StandInTrainingClient(self.events, steps_done=int(path.split("/")[3])))
         return self.clients[-1]
-
-
-@pytest.fixture(scope="module")
-def qwen3_build(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("qwen3-train")
-    build(
-        BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8),
-        progress=False,
-    )
-    return str(out)
 
 
 def config(data, output, **options):

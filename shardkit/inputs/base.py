@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from shardkit.errors import InputError, RecordError
 from shardkit.schema import Record, format_validation_error
-from shardkit.storage import open_input
+from shardkit.storage import hash_stream, open_fs
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,15 @@ def hash_files(paths: list[str]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         with open_location(path) as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+            hash_stream(f, digest)
     return digest.hexdigest()
 
 
 def open_location(path: str):
     """Open an input file (local or fsspec URL) with a clear :class:`InputError` when it cannot be."""
     try:
-        return open_input(path)
+        fs, location = open_fs(path)
+        return fs.open(location, "rb")
     except FileNotFoundError:
         raise InputError(f"input not found: {path}") from None
     except IsADirectoryError:

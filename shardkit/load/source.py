@@ -10,7 +10,6 @@ once, before any sample is returned. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from typing import Any
@@ -19,7 +18,7 @@ from shardkit.errors import ShardError
 from shardkit.shards import Manifest, Sample, get_reader, read_manifest
 from shardkit.shards.base import OpenShard
 from shardkit.shards.index import SampleIndex, read_index
-from shardkit.storage import join, open_fs
+from shardkit.storage import hash_stream, join, open_fs
 
 OPEN_SHARDS = 4
 
@@ -98,13 +97,9 @@ class BuildSource:
 
 def verify_shard(fs: Any, path: str, size: int, sha256: str) -> None:
     """Check a file's size and sha256; :class:`ShardError` naming it when they differ."""
-    digest = hashlib.sha256()
-    read = 0
     try:
         with fs.open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                read += len(chunk)
+            read, digest = hash_stream(f)
     except FileNotFoundError:
         raise ShardError(f"{path} is missing") from None
     if read != size:
