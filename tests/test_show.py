@@ -36,7 +36,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 def shown_build(tmp_path_factory):
     """A build of clinical cases, one record with hostile text and meta, and rejects (one with an openable image)."""
     root = tmp_path_factory.mktemp("show-data")
-    data = make_clinical_dataset(root, cases=8, seed=5, megapixels=(0.02, 0.15), bad_lines=True)
+    data = make_clinical_dataset(root, cases=8, seed=5, megapixels=(0.01, 0.05), bad_lines=True)
     write_image(root / "images" / "very_wide.jpg", 2010, 10)  # opens, but over Qwen's 200:1: rejected
     hostile = {
         "messages": [
@@ -121,7 +121,7 @@ class Chromium:
                 for domain in ("Runtime", "Log", "Page"):
                     await call(f"{domain}.enable")
                 await call(
-                    "Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False
+                    "Emulation.setDeviceMetricsOverride", width=1280, height=1100, deviceScaleFactor=1, mobile=False
                 )
                 await call("Page.navigate", until="Page.loadEventFired", url=url)
                 if before:

@@ -37,7 +37,7 @@ h1 small{font-weight:400;color:#666;font-size:13px;margin-left:8px}
 .turn{margin:8px 0;border-left:3px solid #ccc;padding-left:8px}.role{font-weight:600;font-size:12px;color:#356}
 .toks{font:12px/1.6 ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
 .toks span{border-right:1px solid #e4e4e4}.toks .s{color:#999}
-.toks .w{background:rgba(255,150,0,var(--w,1));border-right-color:#e0a050}
+.toks .w{background:rgba(255,150,0,var(--w,1));border-right-color:#e0a050}.toks .w.s{color:#6a3d00}
 .chip{display:inline-block;background:#dfe8f7;color:#234;border-radius:9px;padding:0 7px;margin:1px;font-size:11px}
 .nl{color:#bbb}details pre{font-size:11px;margin:4px 0}
 table.rejects{border-collapse:collapse;font-size:12px}table.rejects td{border-top:1px solid #ddd;padding:4px 8px}
