@@ -276,3 +276,63 @@ def test_cli_writes_page_and_reports(builds, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"3 samples -> {out}" in result.stdout
     assert out.read_text().count('<section class="card"') == 3
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1; credentials and endpoint from the usual AWS environment variables."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("bucket")
+    yield fs
+    server.stop()
+
+
+def test_page_of_an_object_store_build(s3, builds):
+    for path in Path(builds["parquet"]).iterdir():
+        s3.put_file(str(path), f"bucket/build/{path.name}")
+    assert main(["-q", "show", "s3://bucket/build", "--out", "s3://bucket/show.html", "--samples", "5"]) == 0
+    remote = s3.cat_file("bucket/show.html").decode()
+    local, _, _ = make_page(builds["parquet"], samples=5)
+    assert remote.count('<section class="card"') == 5
+    assert remote[remote.index('<main id="cards">') :] == local[local.index('<main id="cards">') :]
+
+
+def test_tokens_decode_to_the_text_and_turns_keep_every_token(qwen3_build, tokenizer):
+    from shardkit.show.data import build_decoder
+    from shardkit.show.tokens import ImageSpan
+
+    source = BuildSource(qwen3_build)
+    decoder = build_decoder(source.manifest)
+    for sample_id in range(0, len(source), 7):
+        sample = source.get(sample_id)
+        ids = [int(i) for i in sample.input_ids]
+        assert "".join(decoder.texts(sample.input_ids)) == tokenizer.decode(ids, skip_special_tokens=False)
+        turns = decoder.turns(sample)
+        assert [t.role for t in turns][-2:] == ["user", "assistant"]
+        items = [item for turn in turns for item in turn.items]
+        assert sum(i.num_tokens if isinstance(i, ImageSpan) else 1 for i in items) == len(ids)
+        weighted = [i.weight for i in items if not isinstance(i, ImageSpan) and i.weight > 0]
+        assert len(weighted) == sample.info["num_trained_tokens"]
+
+
+def test_truncated_and_fitted_samples_are_marked(small_dataset, tmp_path):
+    out = tmp_path / "build"
+    config = BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), max_length=100, overlength="truncate")
+    build(config, progress=False)
+    source = BuildSource(str(out))
+    truncated = [s for s in (source.get(i) for i in range(len(source))) if s.info["truncated_tokens"]]
+    assert truncated
+    html, _, _ = make_page(str(out), keys=[truncated[0].key])
+    assert f"truncated: {truncated[0].info['truncated_tokens']} tokens cut" in html
+    assert html.count('class="w') == truncated[0].info["num_trained_tokens"]
