@@ -227,8 +227,9 @@ def test_filter_box_in_chromium(chromium, shown_build, tmp_path):
 
 def test_page_escapes_sample_text_and_is_self_contained(shown_build):
     build_dir, _ = shown_build
-    html, shown, rejects = make_page(build_dir, samples=100, rejects=True)
-    assert shown == BuildSource(build_dir).manifest.num_samples and rejects > 0
+    page = make_page(build_dir, samples=100, rejects=True)
+    html = page.html
+    assert page.samples == BuildSource(build_dir).manifest.num_samples and page.rejects > 0
     text = re.sub(r"</?span[^>]*>", "", html)  # the tokens' text, joined
     assert "<img src=x" not in html and "&lt;img src=x onerror=&quot;console.error(" in text
     assert html.count("<script>") == 1 and "&lt;/script&gt;&lt;script&gt;" in html
@@ -238,11 +239,12 @@ def test_page_escapes_sample_text_and_is_self_contained(shown_build):
 
 
 def test_sampling_is_deterministic_and_tar_equals_parquet(builds):
-    tar, _, _ = make_page(builds["tar"], samples=10, seed=7)
-    again, _, _ = make_page(builds["tar"], samples=10, seed=7)
-    other, _, _ = make_page(builds["tar"], samples=10, seed=8)
-    parquet, shown, _ = make_page(builds["parquet"], samples=10, seed=7)
-    assert shown == 10 and tar == again and tar != other
+    tar = make_page(builds["tar"], samples=10, seed=7).html
+    again = make_page(builds["tar"], samples=10, seed=7).html
+    other = make_page(builds["tar"], samples=10, seed=8).html
+    parquet = make_page(builds["parquet"], samples=10, seed=7)
+    assert parquet.samples == 10 and tar == again and tar != other
+    parquet = parquet.html
     cards = tar.index('<main id="cards">')
     assert tar[cards:] == parquet[parquet.index('<main id="cards">') :]  # same samples, same rendering
 
@@ -303,7 +305,7 @@ def test_page_of_an_object_store_build(s3, builds):
         s3.put_file(str(path), f"bucket/build/{path.name}")
     assert main(["-q", "show", "s3://bucket/build", "--out", "s3://bucket/show.html", "--samples", "5"]) == 0
     remote = s3.cat_file("bucket/show.html").decode()
-    local, _, _ = make_page(builds["parquet"], samples=5)
+    local = make_page(builds["parquet"], samples=5).html
     assert remote.count('<section class="card"') == 5
     assert remote[remote.index('<main id="cards">') :] == local[local.index('<main id="cards">') :]
 
@@ -333,6 +335,6 @@ def test_truncated_and_fitted_samples_are_marked(small_dataset, tmp_path):
     source = BuildSource(str(out))
     truncated = [s for s in (source.get(i) for i in range(len(source))) if s.info["truncated_tokens"]]
     assert truncated
-    html, _, _ = make_page(str(out), keys=[truncated[0].key])
+    html = make_page(str(out), keys=[truncated[0].key]).html
     assert f"truncated: {truncated[0].info['truncated_tokens']} tokens cut" in html
     assert html.count('class="w') == truncated[0].info["num_trained_tokens"]

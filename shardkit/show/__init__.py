@@ -19,8 +19,17 @@ from shardkit.storage import open_fs, write_bytes
 
 
 @dataclass(frozen=True)
-class ShownPage:
-    """What :func:`write_page` wrote."""
+class Page:
+    """The page's HTML and how many samples and reject rows it shows."""
+
+    html: str
+    samples: int
+    rejects: int
+
+
+@dataclass(frozen=True)
+class WrittenPage:
+    """What :func:`write_page` wrote where."""
 
     out: str
     samples: int
@@ -36,8 +45,9 @@ def make_page(
     keys: list[str] | None = None,
     rejects: bool = False,
     image_root: str | None = None,
-) -> tuple[str, int, int]:
-    """The page's HTML, the number of samples and of reject rows on it."""
+) -> Page:
+    """The page of the build at ``location``: ``samples`` drawn by ``seed`` (or those with ``keys``), and the
+    rejects when asked (thumbnails of their images from ``image_root``)."""
     source = BuildSource(location)
     try:
         decoder = build_decoder(source.manifest)
@@ -50,16 +60,16 @@ def make_page(
     if rejects:
         found, total = read_rejects(location, source.manifest, image_root=image_root)
         section, rows = rejects_html(found, total, image_root_of(source.manifest.config, image_root)), len(found)
-    return page_html(summary, cards, section), len(chosen), rows
+    return Page(page_html(summary, cards, section), len(chosen), rows)
 
 
-def write_page(location: str, out: str, **options) -> ShownPage:
+def write_page(location: str, out: str, **options) -> WrittenPage:
     """Write the page of the build at ``location`` to ``out`` (a path or URL), atomically; see :func:`make_page`."""
-    html, samples, rows = make_page(location, **options)
-    data = html.encode("utf-8")
+    page = make_page(location, **options)
+    data = page.html.encode("utf-8")
     fs, path = open_fs(out)
     write_bytes(fs, path, data)
-    return ShownPage(out, samples, rows, len(data))
+    return WrittenPage(out, page.samples, page.rejects, len(data))
 
 
 def show_text(location: str, *, color: bool, samples: int = 50, seed: int = 0, keys: list[str] | None = None) -> str:
@@ -73,4 +83,4 @@ def show_text(location: str, *, color: bool, samples: int = 50, seed: int = 0, k
     return "\n".join(sample_text(sample, decoder, color=color) for sample in chosen)
 
 
-__all__ = ["ShownPage", "make_page", "sample_text", "show_text", "write_page"]
+__all__ = ["Page", "WrittenPage", "make_page", "sample_text", "show_text", "write_page"]
