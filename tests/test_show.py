@@ -269,6 +269,13 @@ def test_unknown_key_and_missing_build_are_one_line_errors(builds, tmp_path, cap
     assert not (tmp_path / "x.html").exists()
     assert main(["show", str(tmp_path / "absent"), "--out", str(tmp_path / "x.html")]) == 2
     assert "not a complete shardkit build" in capsys.readouterr().err
+    other = shutil.copytree(builds["tar"], tmp_path / "other-tokenizer")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["config"]["tokenizer_fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["show", str(other), "--out", str(tmp_path / "x.html")]) == 2
+    assert "not the one the build used" in capsys.readouterr().err
+    assert not (tmp_path / "x.html").exists()
 
 
 def test_cli_writes_page_and_reports(builds, tmp_path):
