@@ -40,7 +40,8 @@ h1 small{font-weight:400;color:#666;font-size:13px;margin-left:8px}
 .toks .w{background:rgba(255,150,0,var(--w,1));border-right-color:#e0a050}.toks .w.s{color:#6a3d00}
 .chip{display:inline-block;background:#dfe8f7;color:#234;border-radius:9px;padding:0 7px;margin:1px;font-size:11px}
 .nl{color:#bbb}details pre{font-size:11px;margin:4px 0}
-table.rejects{border-collapse:collapse;font-size:12px}table.rejects td{border-top:1px solid #ddd;padding:4px 8px}
+table.rejects{border-collapse:collapse;font-size:12px}table.rejects td,th{border-top:1px solid #ddd;padding:4px 8px}
+th{text-align:left}
 """
 
 SCRIPT = """
@@ -128,7 +129,7 @@ def _figure_html(number: int, image: dict[str, Any], jpeg: bytes) -> str:
     t, h, w = image["grid_thw"]
     caption = (
         f"image {number} · stored {image['width']}×{image['height']} (original {image['original_width']}×"
-        f"{image['original_height']}) · grid {t}×{h}×{w} · {image['num_tokens']} tokens"
+        f"{image['original_height']}) · grid {t}×{h}×{w} · {image['num_tokens']} tokens · {image.get('source', '')}"
     )
     return (
         f'<figure><img src="{_data_uri(jpeg)}" width="{image["width"]}" height="{image["height"]}" '
@@ -172,7 +173,7 @@ def rejects_html(rows: list[Reject], total: int, thumbnails_from: str | None) ->
         cells.append(
             f"<tr><td>{escape(str(r.line))}</td><td>{escape(r.code)}</td><td>{escape(r.reason)}</td><td>{thumb}</td></tr>"
         )
-    header = "<tr><td>line</td><td>code</td><td>reason</td><td>image</td></tr>"
+    header = "<tr><th>line</th><th>code</th><th>reason</th><th>image</th></tr>"
     return f'<h2 id="rejects">Rejects</h2><p>{escape(note)}</p><table class="rejects">{header}{"".join(cells)}</table>'
 
 
