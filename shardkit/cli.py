@@ -290,6 +290,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser(
+        "show",
+        help="see what the model will be trained on: an HTML page of samples, or one in the terminal",
+        description="Write one self-contained HTML file (images inline, no server, nothing loaded from outside) of "
+        "a build: a summary with charts, then one card per sample with its stored images, its tokens decoded by the "
+        "build's tokenizer with every trained token highlighted (weight as intensity), image chips, meta and facts. "
+        "Samples are drawn deterministically by --seed, or named with --key. --text prints the conversations instead, "
+        "trained tokens in colour on a terminal, between [[ and ]] otherwise.",
+    )
+    p.add_argument("build", metavar="BUILD", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument("--out", default="show.html", help="the HTML file to write (default: %(default)s)")
+    p.add_argument("--samples", type=_positive, default=50, help="samples to show (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of samples (default: %(default)s)")
+    p.add_argument("--key", action="append", metavar="KEY", help="show the sample with this key (repeatable)")
+    p.add_argument("--rejects", action="store_true", help="add the rejected records (rejects.jsonl)")
+    p.add_argument(
+        "--image-root", help="--rejects: folder the input's image paths are relative to, for thumbnails of rejects"
+    )
+    p.add_argument("--text", action="store_true", help="print the conversations to the terminal instead")
+
+    p = commands.add_parser(
         "demo-data",
         help="generate a synthetic data set in the seed's layout",
         description="Write DIR/train_structured.jsonl and DIR/images/case_XX_YY.jpg: clinical cases with 1-6 "
@@ -504,6 +524,27 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _show(args: argparse.Namespace) -> int:
+    from shardkit.show import show_text, write_page
+
+    if args.text:
+        color = sys.stdout.isatty()
+        print(show_text(args.build, color=color, samples=args.samples, seed=args.seed, keys=args.key), end="")
+        return EXIT_OK
+    page = write_page(
+        args.build,
+        args.out,
+        samples=args.samples,
+        seed=args.seed,
+        keys=args.key,
+        rejects=args.rejects,
+        image_root=args.image_root,
+    )
+    rejects = f", {page.rejects} rejects" if args.rejects else ""
+    print(f"{page.samples} samples{rejects} -> {page.out} ({page.bytes / 1e6:.1f} MB)")
+    return EXIT_OK
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from shardkit.synthetic import make_clinical_dataset
 
@@ -532,6 +573,7 @@ COMMANDS = {
     "verify": _verify,
     "train": _train,
     "export": _export,
+    "show": _show,
     "demo-data": _demo_data,
 }
 

@@ -1,0 +1,86 @@
+"""``shardkit show``: what the model will be trained on, as a self-contained HTML page or as terminal text.
+
+The build (local or any fsspec URL, tar or Parquet) is read through
+:class:`~shardkit.load.source.BuildSource`; a deterministic choice of samples
+(or the ones named by key) is shown with its stored images, its tokens decoded
+by the build's tokenizer with trained tokens highlighted, and its facts; a
+summary with charts sits on top and, on request, the rejected records below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardkit.load.source import BuildSource
+from shardkit.show.data import build_decoder, image_root_of, read_rejects, read_samples
+from shardkit.show.page import card_html, page_html, rejects_html, summary_html
+from shardkit.show.text import sample_text
+from shardkit.storage import open_fs, write_bytes
+
+
+@dataclass(frozen=True)
+class Page:
+    """The page's HTML and how many samples and reject rows it shows."""
+
+    html: str
+    samples: int
+    rejects: int
+
+
+@dataclass(frozen=True)
+class WrittenPage:
+    """What :func:`write_page` wrote where."""
+
+    out: str
+    samples: int
+    rejects: int
+    bytes: int
+
+
+def make_page(
+    location: str,
+    *,
+    samples: int = 50,
+    seed: int = 0,
+    keys: list[str] | None = None,
+    rejects: bool = False,
+    image_root: str | None = None,
+) -> Page:
+    """The page of the build at ``location``: ``samples`` drawn by ``seed`` (or those with ``keys``), and the
+    rejects when asked (thumbnails of their images from ``image_root``)."""
+    source = BuildSource(location)
+    try:
+        decoder = build_decoder(source.manifest)
+        chosen = read_samples(source, count=samples, seed=seed, keys=keys)
+    finally:
+        source.close()
+    summary = summary_html(location, source.manifest, chosen, source.index.num_tokens)
+    cards = [card_html(sample, decoder) for sample in chosen]
+    section, rows = "", 0
+    if rejects:
+        found, total = read_rejects(location, source.manifest, image_root=image_root)
+        section, rows = rejects_html(found, total, image_root_of(source.manifest.config, image_root)), len(found)
+    return Page(page_html(summary, cards, section), len(chosen), rows)
+
+
+def write_page(location: str, out: str, **options) -> WrittenPage:
+    """Write the page of the build at ``location`` to ``out`` (a path or URL), atomically; see :func:`make_page`."""
+    page = make_page(location, **options)
+    data = page.html.encode("utf-8")
+    fs, path = open_fs(out)
+    write_bytes(fs, path, data)
+    return WrittenPage(out, page.samples, page.rejects, len(data))
+
+
+def show_text(location: str, *, color: bool, samples: int = 50, seed: int = 0, keys: list[str] | None = None) -> str:
+    """The chosen samples' conversations as terminal text (see :func:`~shardkit.show.text.sample_text`)."""
+    source = BuildSource(location)
+    try:
+        decoder = build_decoder(source.manifest)
+        chosen = read_samples(source, count=samples, seed=seed, keys=keys)
+    finally:
+        source.close()
+    return "\n".join(sample_text(sample, decoder, color=color) for sample in chosen)
+
+
+__all__ = ["Page", "WrittenPage", "make_page", "sample_text", "show_text", "write_page"]

@@ -1,0 +1,188 @@
+"""The HTML page of ``shardkit show``: one static file, images inline, every piece of user data escaped.
+
+A Content-Security-Policy in the page forbids loading anything from outside it
+(only ``data:`` images and the page's own style and script run).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from html import escape
+from typing import Any
+
+import numpy as np
+
+from shardkit.shards import Manifest, Sample
+from shardkit.show.charts import histogram_svg
+from shardkit.show.data import Reject
+from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:16px;color:#222;background:#fafafa}
+h1{font-size:20px;margin:4px 0 12px}h2{font-size:16px;margin:0 0 6px}
+h1 small{font-weight:400;color:#666;font-size:13px;margin-left:8px}
+.counts{display:flex;flex-wrap:wrap;gap:8px}
+.count{background:#fff;border:1px solid #ddd;padding:4px 10px;font-size:11px}
+.count b{display:block;font-size:17px}.options{font-size:11px;color:#444;margin:6px 0}
+.charts{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}.chart{background:#fff;border:1px solid #ddd}
+.chart rect{fill:#4a7bd0}.chart text{font-size:10px;fill:#555}.chart .ct{font-size:11px;fill:#222}
+#filter{width:360px;padding:5px;font-size:14px}#shown{margin-left:10px;color:#666}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;margin:14px 0;padding:12px}
+.facts{color:#555;font-size:12px;margin-bottom:8px}.badge{background:#fde2b6;border-radius:3px;padding:0 5px}
+.images{display:flex;gap:10px;overflow-x:auto;align-items:flex-start}.images figure{margin:0;display:table}
+.images figcaption{font-size:11px;color:#555;display:table-caption;caption-side:bottom}
+.turn{margin:8px 0;border-left:3px solid #ccc;padding-left:8px}.role{font-weight:600;font-size:12px;color:#356}
+.toks{font:12px/1.6 ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
+.toks span{border-right:1px solid #e4e4e4}.toks .s{color:#999}
+.toks .w{background:rgba(255,150,0,var(--w,1));border-right-color:#e0a050}.toks .w.s{color:#6a3d00}
+.chip{display:inline-block;background:#dfe8f7;color:#234;border-radius:9px;padding:0 7px;margin:1px;font-size:11px}
+.nl{color:#bbb}details pre{font-size:11px;margin:4px 0}
+table.rejects{border-collapse:collapse;font-size:12px}table.rejects td,th{border-top:1px solid #ddd;padding:4px 8px}
+th{text-align:left}
+"""
+
+SCRIPT = """
+const box = document.getElementById('filter'), shown = document.getElementById('shown');
+const cards = Array.from(document.querySelectorAll('.card'));
+const texts = cards.map(card => card.textContent.toLowerCase());
+function applyFilter() {
+  const query = box.value.trim().toLowerCase();
+  let count = 0;
+  cards.forEach((card, i) => { card.hidden = query !== '' && !texts[i].includes(query); count += !card.hidden; });
+  shown.textContent = count + ' of ' + cards.length + ' samples shown';
+}
+box.addEventListener('input', applyFilter);
+applyFilter();
+"""
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def _options(config: dict[str, Any]) -> str:
+    """The build's options as one line (the family's normalisation constants and token ids left out)."""
+    family = config.get("family") or {}
+    rows = [("model", f"{config.get('model')} (patch {family.get('patch_size')}, merge {family.get('merge_size')})")]
+    skip = {"family", "special_tokens", "model", "tokenizer_fingerprint", "input_sha256"}
+    rows += [(k, v) for k, v in sorted(config.items()) if k not in skip and v is not None]
+    return " · ".join(f"<b>{escape(str(k))}</b> {escape(str(v))}" for k, v in rows)
+
+
+def summary_html(location: str, manifest: Manifest, samples: list[Sample], token_lengths: np.ndarray) -> str:
+    """The top of the page: counts, options and charts."""
+    m = manifest
+    counts = [
+        ("samples", m.num_samples),
+        ("images", m.num_images),
+        ("tokens", m.num_tokens),
+        ("trained tokens", m.num_trained_tokens),
+        ("records read", m.num_records),
+        ("rejected", m.num_rejected),
+        ("fitted", m.num_fitted),
+        ("truncated", m.num_truncated),
+        (f"{m.format} shards", len(m.shards)),
+        ("shown here", len(samples)),
+    ]
+    boxes = "".join(f'<div class="count"><b>{v}</b>{escape(k)}</div>' for k, v in counts)
+    rejected = ", ".join(f"{escape(k)} {v}" for k, v in m.rejects_by_code.items())
+    images = [image for sample in samples for image in sample.info["images"]]
+    charts = [
+        histogram_svg(token_lengths, "tokens per sample, whole build"),
+        histogram_svg(np.array([len(s.info["images"]) for s in samples], dtype=np.int64), "images per sample, shown"),
+        histogram_svg(np.array([i["num_tokens"] for i in images], dtype=np.int64), "tokens per image, shown"),
+    ]
+    return (
+        f'<h1>shardkit show <small>{escape(location)}</small></h1><div class="counts">{boxes}</div>'
+        + (f'<p class="options">rejected: {rejected}</p>' if rejected else "")
+        + f'<p class="options">{_options(m.config)}</p><div class="charts">{"".join(charts)}</div>'
+    )
+
+
+def _token_html(token: Token) -> str:
+    text = escape(token.text).replace("\n", '<b class="nl">↵</b>\n')
+    css = "s" if token.special else ""
+    if token.weight > 0:
+        intensity = 0.25 + 0.75 * min(token.weight, 1.0)
+        return f'<span class="w {css}" style="--w:{intensity:.2f}" title="weight {token.weight:g}">{text}</span>'
+    return f'<span class="{css}">{text}</span>' if css else f"<span>{text}</span>"
+
+
+def _chip_html(span: ImageSpan) -> str:
+    grid = ",".join(map(str, span.grid_thw))
+    return (
+        f'<span class="chip" data-image="{span.number}" data-grid="{grid}" data-tokens="{span.num_tokens}" '
+        f'data-trained="{span.trained}">{escape(span.label)}</span>'
+    )
+
+
+def _turn_html(turn: Turn) -> str:
+    items = "".join(_chip_html(i) if isinstance(i, ImageSpan) else _token_html(i) for i in turn.items)
+    role = escape(turn.role or "(no header)")
+    return f'<div class="turn"><div class="role">{role}</div><div class="toks">{items}</div></div>'
+
+
+def _figure_html(number: int, image: dict[str, Any], jpeg: bytes) -> str:
+    t, h, w = image["grid_thw"]
+    caption = (
+        f"image {number} · stored {image['width']}×{image['height']} (original {image['original_width']}×"
+        f"{image['original_height']}) · grid {t}×{h}×{w} · {image['num_tokens']} tokens · {image.get('source', '')}"
+    )
+    return (
+        f'<figure><img src="{_data_uri(jpeg)}" width="{image["width"]}" height="{image["height"]}" '
+        f'alt="image {number}"><figcaption>{escape(caption)}</figcaption></figure>'
+    )
+
+
+def card_html(sample: Sample, decoder: TokenDecoder) -> str:
+    """One sample: images, facts, the conversation as tokens, meta."""
+    info = sample.info
+    badges = []
+    if info.get("fitted"):
+        badges.append('<span class="badge">fitted: images lowered in resolution</span>')
+    if info.get("truncated_tokens"):
+        badges.append(f'<span class="badge">truncated: {int(info["truncated_tokens"])} tokens cut</span>')
+    facts = (
+        f"source line {escape(str(info.get('line')))} · {int(info['num_tokens'])} tokens, "
+        f"{int(info['num_trained_tokens'])} trained · {len(info['images'])} images " + " ".join(badges)
+    )
+    figures = "".join(
+        _figure_html(n, i, jpeg) for n, (i, jpeg) in enumerate(zip(info["images"], sample.images, strict=True), 1)
+    )
+    turns = "".join(_turn_html(turn) for turn in decoder.turns(sample))
+    meta = escape(json.dumps(info.get("meta"), indent=1, ensure_ascii=False, sort_keys=True))
+    return (
+        f'<section class="card" data-key="{escape(sample.key)}" data-trained="{int(info["num_trained_tokens"])}">'
+        f'<h2>{escape(sample.key)}</h2><div class="facts">{facts}</div>'
+        f'<div class="images">{figures}</div>{turns}'
+        f"<details open><summary>meta</summary><pre>{meta}</pre></details></section>"
+    )
+
+
+def rejects_html(rows: list[Reject], total: int, thumbnails_from: str | None) -> str:
+    """The rejects section: line, code, reason, thumbnail."""
+    note = f"{total} rejected records" + (f", the first {len(rows)} listed" if total > len(rows) else "")
+    if thumbnails_from is None:
+        note += "; pass --image-root (the input's image folder) to see thumbnails"
+    cells = []
+    for r in rows:
+        thumb = f'<img src="{_data_uri(r.thumbnail)}" alt="thumbnail">' if r.thumbnail else ""
+        cells.append(
+            f"<tr><td>{escape(str(r.line))}</td><td>{escape(r.code)}</td><td>{escape(r.reason)}</td><td>{thumb}</td></tr>"
+        )
+    header = "<tr><th>line</th><th>code</th><th>reason</th><th>image</th></tr>"
+    return f'<h2 id="rejects">Rejects</h2><p>{escape(note)}</p><table class="rejects">{header}{"".join(cells)}</table>'
+
+
+def page_html(summary: str, cards: list[str], rejects: str = "") -> str:
+    """The whole document."""
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<title>shardkit show</title><style>{STYLE}</style></head><body>{summary}"
+        '<p><input id="filter" type="search" placeholder="filter: meta value or text"> <span id="shown"></span></p>'
+        f'<main id="cards">{"".join(cards)}</main>{rejects}<script>{SCRIPT}</script></body></html>\n'
+    )

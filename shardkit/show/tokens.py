@@ -1,0 +1,154 @@
+"""A stored sample as its reader sees it: turns of decoded tokens with weights, image spans as one item each.
+
+Each token is decoded on its own (byte-level BPE: the token's bytes, through an
+incremental UTF-8 decoder, so a character split across tokens appears whole on
+the token that completes it and the tokens before it show nothing). Added
+tokens (``<|im_start|>``, ``<|vision_start|>``, ...) keep their names.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardkit.shards import Sample
+
+TURN_START = "<|im_start|>"
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte-to-character table (GPT-2's: printable bytes map to themselves)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token: its id, displayed text, loss weight, and whether it is an added (special) token."""
+
+    id: int
+    text: str
+    weight: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """The run of ``<|image_pad|>`` tokens of one image, shown as one item."""
+
+    number: int  # 1-based, in order of appearance
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    grid_thw: tuple[int, int, int]
+    num_tokens: int
+    trained: int  # tokens of the span with weight > 0 (0 unless the build weighted image tokens)
+
+    @property
+    def label(self) -> str:
+        return f"image {self.number} · {self.width}×{self.height} · {self.num_tokens} tokens"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The tokens from one ``<|im_start|>`` to the next, with the role its header names."""
+
+    role: str
+    items: list[Token | ImageSpan]
+
+
+class TokenDecoder:
+    """Decodes token ids one by one with a build's tokenizer."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.special = {int(i): str(t) for i, t in tokenizer.added_tokens_decoder.items()}
+        self.turn_start = self._id(TURN_START)
+        self._bytes = _byte_decoder()
+
+    def _id(self, token: str) -> int | None:
+        value = self.tokenizer.convert_tokens_to_ids(token)
+        return value if isinstance(value, int) and self.special.get(value) == token else None
+
+    def texts(self, ids: np.ndarray) -> list[str]:
+        """The displayed text of each token of ``ids``."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        out = []
+        for token_id, piece in zip(ids, pieces, strict=True):
+            if int(token_id) in self.special:
+                out.append(utf8.decode(b"", final=True) + self.special[int(token_id)])
+                utf8.reset()
+            elif all(c in self._bytes for c in piece):
+                out.append(utf8.decode(bytes(self._bytes[c] for c in piece)))
+            else:  # not byte-level BPE (e.g. a SentencePiece tokenizer): its own decoding of the one token
+                out.append(utf8.decode(b"", final=True) + self.tokenizer.decode([int(token_id)]))
+                utf8.reset()
+        if out:
+            out[-1] += utf8.decode(b"", final=True)
+        return out
+
+    def turns(self, sample: Sample) -> list[Turn]:
+        """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan`."""
+        ids, weights = sample.input_ids, sample.weights
+        spans = {image["token_start"]: _span(n, image, weights) for n, image in enumerate(sample.info["images"], 1)}
+        texts = self.texts(np.delete(ids, _image_positions(sample.info["images"])))
+        turns: list[Turn] = []
+        items: list[Token | ImageSpan] = []
+        position, text_index = 0, 0
+        while position < len(ids):
+            if position in spans:
+                items.append(spans[position])
+                position += spans[position].num_tokens
+                continue
+            token_id = int(ids[position])
+            if token_id == self.turn_start and items:
+                turns.append(_turn(items))
+                items = []
+            special = token_id in self.special
+            items.append(Token(token_id, texts[text_index], float(weights[position]), special))
+            position, text_index = position + 1, text_index + 1
+        if items:
+            turns.append(_turn(items))
+        return turns
+
+
+def _image_positions(images: list[dict[str, Any]]) -> np.ndarray:
+    ranges = [np.arange(i["token_start"], i["token_start"] + i["num_tokens"]) for i in images]
+    return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
+
+def _span(number: int, image: dict[str, Any], weights: np.ndarray) -> ImageSpan:
+    start, count = image["token_start"], image["num_tokens"]
+    return ImageSpan(
+        number=number,
+        width=image["width"],
+        height=image["height"],
+        original_width=image["original_width"],
+        original_height=image["original_height"],
+        grid_thw=tuple(image["grid_thw"]),
+        num_tokens=count,
+        trained=int(np.count_nonzero(weights[start : start + count] > 0)),
+    )
+
+
+def _turn(items: list[Token | ImageSpan]) -> Turn:
+    """A turn; its role is the text after ``<|im_start|>`` up to the end of the header line."""
+    role = ""
+    if isinstance(items[0], Token) and items[0].text == TURN_START:
+        for item in items[1:]:
+            if not isinstance(item, Token) or "\n" in item.text:
+                break
+            role += item.text
+    return Turn(role.strip(), items)
