@@ -1,6 +1,12 @@
+import base64
 import io
+import json
 import os
 import random
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -9,8 +15,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from shardkit.errors import ConfigError, RecordError
 from shardkit.images import Grid, ImageRoot, SourceImage, decode_image, encode_jpeg, smart_resize, to_rgb
-from shardkit.synthetic import photo_like
-from tests.conftest import write_image
+from shardkit.synthetic import _png_declaring, photo_like
+from tests.conftest import conversation, write_image, write_jsonl
 
 
 def test_smart_resize_matches_transformers_on_many_sizes():
@@ -143,7 +149,7 @@ def test_image_problems_are_record_errors(tmp_path):
     root = ImageRoot(tmp_path)
     cases = {
         "missing.jpg": "image_missing",
-        "folder.jpg": "image_missing",
+        "folder.jpg": "image_not_file",
         "empty.jpg": "image_empty",
         "cut.jpg": "image_corrupt",
         "text.jpg": "image_not_image",
@@ -226,3 +232,139 @@ def test_the_pixel_limit_can_go_above_pillows_own():
     assert SourceImage(header, "wide.png", max_pixels=300_000_000).width == 15_000
     with pytest.raises(RecordError, match="over the limit of 100"):
         SourceImage(header, "wide.png", max_pixels=100_000_000)
+
+
+# -- what is opened, and how much of it --------------------------------------------------------------
+
+
+def _read_in_thread(root: ImageRoot, ref: str, seconds: float = 5.0) -> BaseException | bytes:
+    """``root.read(ref)`` in a daemon thread, so that a read which hangs fails the test instead of hanging it."""
+    outcome: list[BaseException | bytes] = []
+
+    def run() -> None:
+        try:
+            outcome.append(root.read(ref))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"reading {ref} hung"
+    return outcome[0]
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    os.mkfifo(images / "pipe.jpg")
+    (images / "folder.jpg").mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(images / "socket.jpg"))
+    root = ImageRoot(tmp_path)
+    for name, kind in [("pipe.jpg", "FIFO"), ("folder.jpg", "folder"), ("socket.jpg", "socket")]:
+        error = _read_in_thread(root, f"images/{name}")
+        assert isinstance(error, RecordError), name
+        assert error.code == "image_not_file" and f"images/{name}" in error.reason and kind in error.reason
+    server.close()
+
+
+def test_a_device_inside_the_root_is_not_read():
+    error = _read_in_thread(ImageRoot("/", max_image_bytes=1000), "dev/zero")  # a root that holds devices
+    assert isinstance(error, RecordError) and error.code == "image_not_file" and "device" in error.reason
+
+
+def test_image_files_over_the_byte_cap_are_refused_before_reading(tmp_path):
+    import resource
+
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.write(_png_declaring(100, 100))
+        f.truncate(8 * 1024**3)  # 8 GB, sparse: no disk used
+    write_image(tmp_path / "small.jpg", 64, 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    error = _read_in_thread(ImageRoot(tmp_path), "huge.png")
+    assert isinstance(error, RecordError) and error.code == "image_too_large"
+    assert "huge.png" in error.reason and "--max-image-bytes" in error.reason and "8589934592" in error.reason
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB: it was not read
+    size = (tmp_path / "small.jpg").stat().st_size
+    assert len(ImageRoot(tmp_path, max_image_bytes=size).read("small.jpg")) == size
+    with pytest.raises(RecordError, match="over --max-image-bytes") as info:
+        ImageRoot(tmp_path, max_image_bytes=size - 1).read("small.jpg")
+    assert info.value.code == "image_too_large"
+
+
+def test_inline_images_over_the_byte_cap_are_refused_before_decoding(tmp_path):
+    jpeg = write_image(tmp_path / "a.jpg", 64, 64).read_bytes()
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    assert ImageRoot(tmp_path, max_image_bytes=len(jpeg)).read(uri) == jpeg
+    with pytest.raises(RecordError, match="over --max-image-bytes") as info:
+        ImageRoot(tmp_path, max_image_bytes=len(jpeg) - 1).read(uri)
+    assert info.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("images/a\0.jpg", "nul byte"),
+        ("images/loop.jpg", "symbolic link loop"),
+        ("images/" + "x" * 300 + ".jpg", "name too long"),
+        ("images/" + "x/" * 3000 + "a.jpg", "name too long"),
+    ],
+)
+def test_unusable_paths_are_record_errors_naming_the_path(tmp_path, ref, fragment):
+    (tmp_path / "images").mkdir()
+    os.symlink("loop.jpg", tmp_path / "images" / "loop.jpg")
+    with pytest.raises(RecordError) as info:
+        ImageRoot(tmp_path).read(ref)
+    assert info.value.code in ("image_path_invalid", "image_unreadable")
+    assert fragment in info.value.reason.lower() and repr(ref)[1:40].replace("\\\\", "\\") in info.value.reason
+    assert info.value.detail == {"image": ref}
+
+
+def test_leaving_the_root_names_the_link_and_the_option(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (tmp_path / "shared").mkdir()
+    write_image(tmp_path / "shared" / "a.jpg", 32, 32)
+    os.symlink(tmp_path / "shared", root / "images" / "shared")
+    with pytest.raises(RecordError) as info:
+        ImageRoot(root).read("images/shared/a.jpg")
+    reason = info.value.reason
+    assert info.value.code == "image_outside_root"
+    assert "symbolic link 'images/shared'" in reason and str(tmp_path / "shared") in reason and "--image-root" in reason
+    with pytest.raises(RecordError, match=r"'\.\./shared/a\.jpg' leaves the dataset root .*--image-root"):
+        ImageRoot(root).read("../shared/a.jpg")
+    assert len(ImageRoot(tmp_path).read("data/images/shared/a.jpg")) > 0  # a wider root holds it
+
+
+def test_importing_images_keeps_pillows_bomb_guard():
+    code = "from PIL import Image; d = Image.MAX_IMAGE_PIXELS; import shardkit.images; print(Image.MAX_IMAGE_PIXELS==d)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "TIFF"])
+def test_the_pixel_limit_is_applied_per_open_not_by_pillows_global(tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a process that keeps a tight guard of its own
+    data = write_image(tmp_path / f"a.{fmt.lower()}", 100, 80, fmt=fmt).read_bytes()
+    assert decode_image(data, "a", max_pixels=10_000).size == (100, 80)  # 8000 px: over Pillow's, under ours
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(RecordError) as info:
+        decode_image(data, "a", max_pixels=7_999)
+    assert info.value.code == "image_too_large" and "100x80" in info.value.reason
+    with pytest.raises(Image.DecompressionBombError):  # the guard still holds for everything else
+        Image.open(io.BytesIO(data))
+
+
+def test_max_image_bytes_reaches_validate_and_build(tmp_path, capsys):
+    from shardkit.cli import main
+
+    size = write_image(tmp_path / "images" / "a.jpg", 64, 64).stat().st_size
+    data = write_jsonl(tmp_path / "in.jsonl", [conversation("images/a.jpg")])
+    assert main(["validate", str(data), "--max-image-bytes", str(size)]) == 0
+    assert main(["validate", str(data), "--max-image-bytes", str(size - 1)]) == 1
+    assert f"over --max-image-bytes {size - 1}" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["build", str(data), "--out", str(out), "--max-image-bytes", str(size - 1), "--no-progress"]) == 0
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert reject["code"] == "image_too_large" and "images/a.jpg" in reject["reason"]
