@@ -350,25 +350,16 @@ def _data_uri_bytes(ref: str, max_bytes: int) -> bytes:
 
 
 def fetch(url: str, *, timeout: float, max_bytes: int, retries: int) -> bytes:
-    """Download ``url`` with a timeout and a size limit; retry transient failures with backoff."""
+    """Download ``url`` in at most ``timeout`` seconds in all and ``max_bytes``, retrying transient failures.
+
+    The deadline bounds the whole download, not each read: a server that
+    sends a byte a second is cut off at it.
+    """
     detail = {"image": url}
+    deadline = time.monotonic() + timeout
     for attempt in range(retries + 1):
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": "shardkit"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                declared = response.headers.get("Content-Length")
-                if declared and int(declared) > max_bytes:
-                    raise RecordError(
-                        f"remote image is {int(declared)} bytes, over {max_bytes}: {url}",
-                        "image_too_large",
-                        detail=detail,
-                    )
-                data = response.read(max_bytes + 1)
-            if len(data) > max_bytes:
-                raise RecordError(f"remote image is over {max_bytes} bytes: {url}", "image_too_large", detail=detail)
-            if not data:
-                raise RecordError(f"remote image is empty: {url}", "image_empty", detail=detail)
-            return data
+            return _download(url, deadline, max_bytes)
         except urllib.error.HTTPError as exc:
             if exc.code < 500 and exc.code != 429:  # the server's answer will not change
                 raise RecordError(
@@ -383,11 +374,56 @@ def fetch(url: str, *, timeout: float, max_bytes: int, retries: int) -> bytes:
             raise RecordError(
                 f"remote image URL cannot be fetched ({exc}): {url}", "image_remote", detail=detail
             ) from None
+        if time.monotonic() >= deadline:
+            raise RecordError(
+                f"remote image not fetched within {timeout:g} s (--remote-timeout, the whole download; "
+                f"{attempt + 1} tries, last: {reason}): {url}",
+                "image_timeout",
+                detail=detail,
+            )
         if attempt < retries:
-            time.sleep(0.2 * 2**attempt)
+            time.sleep(min(0.2 * 2**attempt, deadline - time.monotonic()))
     raise RecordError(
         f"remote image not fetched after {retries + 1} tries ({reason}): {url}", "image_unreadable", detail=detail
     )
+
+
+def _download(url: str, deadline: float, max_bytes: int) -> bytes:
+    """One try at ``url``, every socket wait bounded by the time left before ``deadline``."""
+    detail = {"image": url}
+    request = urllib.request.Request(url, headers={"User-Agent": "shardkit"})
+    with urllib.request.urlopen(request, timeout=_time_left(deadline)) as response:
+        declared = response.headers.get("Content-Length")
+        if declared and int(declared) > max_bytes:
+            raise RecordError(
+                f"remote image is {int(declared)} bytes, over {max_bytes}: {url}", "image_too_large", detail=detail
+            )
+        chunks, size = [], 0
+        while chunk := _read_some(response, deadline):
+            size += len(chunk)
+            if size > max_bytes:
+                raise RecordError(f"remote image is over {max_bytes} bytes: {url}", "image_too_large", detail=detail)
+            chunks.append(chunk)
+    if not size:
+        raise RecordError(f"remote image is empty: {url}", "image_empty", detail=detail)
+    return b"".join(chunks)
+
+
+def _read_some(response: http.client.HTTPResponse, deadline: float) -> bytes:
+    """What the server has sent so far (one socket read), waiting no longer than the deadline."""
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # http.client keeps no public handle on it
+    if sock is not None:
+        sock.settimeout(_time_left(deadline))
+    elif time.monotonic() >= deadline:  # each read then waits at most the timeout urlopen was given
+        raise TimeoutError("timed out")
+    return response.read1(1 << 16)
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
 
 
 class SourceImage:

@@ -1,4 +1,5 @@
 import base64
+import http.server
 import io
 import json
 import os
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -368,3 +370,42 @@ def test_max_image_bytes_reaches_validate_and_build(tmp_path, capsys):
     assert main(["build", str(data), "--out", str(out), "--max-image-bytes", str(size - 1), "--no-progress"]) == 0
     reject = json.loads((out / "rejects.jsonl").read_text())
     assert reject["code"] == "image_too_large" and "images/a.jpg" in reject["reason"]
+
+
+@pytest.fixture
+def drip_server():
+    """A real HTTP server on 127.0.0.1 that promises 30 bytes and sends one a second."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "30")
+            self.end_headers()
+            try:
+                for _ in range(30):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(1)
+            except OSError:  # the client gave up
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/drip.jpg"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_dripping_server_is_cut_off_at_the_total_deadline(tmp_path, drip_server):
+    root = ImageRoot(tmp_path, allow_remote=True, timeout=1.5, retries=3)
+    start = time.monotonic()
+    with pytest.raises(RecordError) as info:
+        root.read(drip_server)
+    elapsed = time.monotonic() - start
+    assert 1.4 < elapsed < 2.5, elapsed
+    assert info.value.code == "image_timeout"
+    assert "1.5 s" in info.value.reason and "--remote-timeout" in info.value.reason and drip_server in info.value.reason
