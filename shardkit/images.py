@@ -612,7 +612,10 @@ def _to_srgb(image: Image.Image, icc: bytes) -> Image.Image:
 
 @functools.lru_cache(maxsize=8)
 def _icc_profile(icc: bytes) -> ImageCms.ImageCmsProfile:
-    return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    try:
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    except OSError as exc:
+        raise ValueError(f"its ICC profile cannot be read: {exc}") from None
 
 
 @functools.lru_cache(maxsize=8)

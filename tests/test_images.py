@@ -5,6 +5,7 @@ import json
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from shardkit.errors import ConfigError, RecordError
@@ -409,3 +410,115 @@ def test_a_dripping_server_is_cut_off_at_the_total_deadline(tmp_path, drip_serve
     assert 1.4 < elapsed < 2.5, elapsed
     assert info.value.code == "image_timeout"
     assert "1.5 s" in info.value.reason and "--remote-timeout" in info.value.reason and drip_server in info.value.reason
+
+
+# -- colour ------------------------------------------------------------------------------------------
+
+ADOBE_RGB = [(0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457)]  # D50
+SRGB_D50 = [(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)]
+
+
+def icc_profile(colorants, gamma: float, description: str) -> bytes:
+    """A real ICC v2 matrix/TRC display profile (the kind Adobe RGB and Display P3 are), written field by field."""
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    text = description.encode() + b"\0"
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+    tags = [
+        (b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(12 + 67)),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(*colorants[0])),
+        (b"gXYZ", xyz(*colorants[1])),
+        (b"bXYZ", xyz(*colorants[2])),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+        (b"cprt", b"text\0\0\0\0none\0"),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table = body = b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = struct.pack(">I4xI", offset + len(body), 0x02100000) + b"mntrRGB XYZ " + bytes(12) + b"acsp" + bytes(28)
+    header += s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48)
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def adobe_to_srgb(rgb: tuple[int, int, int]) -> np.ndarray:
+    """The colour math done independently: Adobe RGB -> linear -> XYZ (D50) -> linear sRGB -> sRGB."""
+    linear = (np.array(rgb) / 255) ** (563 / 256)
+    srgb = np.clip(np.linalg.solve(np.array(SRGB_D50).T, np.array(ADOBE_RGB).T @ linear), 0, 1)
+    return 255 * np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_an_icc_profile_is_converted_to_srgb(tmp_path, fmt):
+    icc = icc_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998) compatible")
+    colours = [(200, 50, 50), (40, 160, 60), (128, 128, 128)]
+    source = Image.new("RGB", (48, 16))
+    for i, colour in enumerate(colours):
+        source.paste(colour, (16 * i, 0, 16 * i + 16, 16))
+    path = tmp_path / f"adobe.{fmt.lower()}"
+    source.save(path, format=fmt, icc_profile=icc, **({"quality": 100} if fmt == "JPEG" else {}))
+    image = decode_image(path.read_bytes(), path.name, max_pixels=10**8)
+    tolerance = 3 if fmt == "JPEG" else 1
+    for i, colour in enumerate(colours):
+        got = np.array(image.getpixel((16 * i + 8, 8)))
+        assert np.abs(got - adobe_to_srgb(colour)).max() <= tolerance, (colour, got)
+    naive = np.array(image.getpixel((8, 8))) - np.array(colours[0])
+    assert naive[0] > 25  # the saturated red is redder in sRGB numbers than the profile-less reading says
+
+
+def test_transparency_survives_the_profile_and_srgb_profiles_change_nothing(tmp_path):
+    icc = icc_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998) compatible")
+    source = Image.new("RGBA", (4, 1), (200, 50, 50, 255))
+    source.putpixel((0, 0), (200, 50, 50, 0))
+    source.save(tmp_path / "a.png", icc_profile=icc)
+    image = decode_image((tmp_path / "a.png").read_bytes(), "a.png", max_pixels=10**8)
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert np.abs(np.array(image.getpixel((1, 0))) - adobe_to_srgb((200, 50, 50))).max() <= 1
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (4, 1), (200, 50, 50)).save(tmp_path / "s.png", icc_profile=srgb)
+    assert decode_image((tmp_path / "s.png").read_bytes(), "s.png", max_pixels=10**8).getpixel((0, 0)) == (200, 50, 50)
+
+
+def test_a_profile_that_cannot_be_applied_is_a_reject(tmp_path):
+    icc = icc_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998) compatible")
+    Image.new("L", (4, 4), 100).save(tmp_path / "grey.png", icc_profile=icc)  # an RGB profile on grey pixels
+    Image.new("RGB", (4, 4), 100).save(tmp_path / "broken.png", icc_profile=icc[:100])
+    for name, fragment in [("grey.png", "for RGB data, its pixels are L"), ("broken.png", "broken.png")]:
+        with pytest.raises(RecordError) as info:
+            decode_image((tmp_path / name).read_bytes(), name, max_pixels=10**8)
+        assert info.value.code == "image_colour" and fragment in info.value.reason and "sRGB" in info.value.reason
+
+
+def _grey_tiff(tmp_path, array: np.ndarray, mode: str) -> Image.Image:
+    Image.fromarray(array).save(tmp_path / "a.tiff")
+    opened = Image.open(tmp_path / "a.tiff")
+    assert opened.mode == mode  # a real TIFF of that sample type
+    return decode_image((tmp_path / "a.tiff").read_bytes(), "a.tiff", max_pixels=10**8)
+
+
+@pytest.mark.parametrize(
+    "values, mode, expected",
+    [
+        ([0.0, 0.25, 0.5, 1.0], "F", [0, 64, 128, 255]),  # floats within 0-1: times 255
+        ([0.0, 250.0, 500.0, 1000.0], "F", [0, 64, 128, 255]),  # other floats: minimum to maximum
+        ([-1.0, 0.0, 1.0, float("nan")], "F", [0, 128, 255, 128]),  # NaN counts as 0
+        ([0, 16448, 32896, 65535], "I;16", [0, 64, 128, 255]),  # unsigned 16-bit: times 255/65535
+        ([0, 64, 128, 255], "I", [0, 64, 128, 255]),  # 32-bit integers within 0-255: as they are
+        ([0, 16448, 32896, 65535], "I", [0, 64, 128, 255]),  # within 0-65535: as 16-bit
+        ([-1000, 0, 1000, 3000], "I", [0, 64, 128, 255]),  # otherwise minimum to maximum
+    ],
+)
+def test_wide_samples_are_scaled_by_the_documented_rule(tmp_path, values, mode, expected):
+    dtype = {"F": np.float32, "I;16": np.uint16, "I": np.int32}[mode]
+    image = _grey_tiff(tmp_path, np.array([values], dtype=dtype), mode)
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in expected]
