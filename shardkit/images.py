@@ -300,7 +300,7 @@ def read_regular_file(path: str, ref: str, max_bytes: int) -> bytes:
 
 def _check_file(info: os.stat_result, ref: str, max_bytes: int) -> None:
     if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "a special file")
         raise _not_a_file(ref, kind)
     _check_size(info.st_size, ref, max_bytes)
 

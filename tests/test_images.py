@@ -522,3 +522,27 @@ def test_wide_samples_are_scaled_by_the_documented_rule(tmp_path, values, mode, 
     dtype = {"F": np.float32, "I;16": np.uint16, "I": np.int32}[mode]
     image = _grey_tiff(tmp_path, np.array([values], dtype=dtype), mode)
     assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in expected]
+
+
+def test_a_remote_filesystem_root_checks_type_and_size_before_reading():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    jpeg = photo_like(32, 32, np.random.default_rng(0))
+    buffer = io.BytesIO()
+    jpeg.save(buffer, format="JPEG")
+    fs.pipe("/images-root/a.jpg", buffer.getvalue())
+    fs.pipe("/images-root/folder/b.jpg", buffer.getvalue())
+    try:
+        root = ImageRoot("memory://images-root", max_image_bytes=len(buffer.getvalue()))
+        assert root.read("a.jpg") == buffer.getvalue()
+        cases = [("folder", "image_not_file"), ("missing.jpg", "image_missing"), ("../x.jpg", "image_outside_root")]
+        for ref, code in cases:
+            with pytest.raises(RecordError) as info:
+                root.read(ref)
+            assert info.value.code == code and ref in info.value.reason
+        with pytest.raises(RecordError, match="over --max-image-bytes") as info:
+            ImageRoot("memory://images-root", max_image_bytes=100).read("a.jpg")
+        assert info.value.code == "image_too_large"
+    finally:
+        fs.rm("/images-root", recursive=True)
