@@ -181,6 +181,7 @@ def image_root(config: BuildConfig, source: InputFormat) -> ImageRoot:
         allow_remote=config.allow_remote,
         timeout=config.remote_timeout,
         max_bytes=config.remote_max_bytes,
+        max_image_bytes=config.max_image_bytes,
     )
 
 

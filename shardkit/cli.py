@@ -46,6 +46,13 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", help="hf: the label column (default: label); class names come from the features")
     p.add_argument("--text-column", help="hf: a text column to use as the answer instead of a label")
     p.add_argument("--allow-remote", action="store_true", help="download http(s) images (off: they are rejected)")
+    p.add_argument(
+        "--max-image-bytes",
+        type=_positive,
+        default=256 * 1024 * 1024,
+        help="refuse image files (local, inline or downloaded) larger than this, before reading them "
+        "(default: %(default)s = 256 MiB)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="INPUT", help="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
     _input_options(p)
     p.add_argument(
-        "--remote-timeout", type=float, default=10.0, help="seconds per image download try (default: %(default)s)"
+        "--remote-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to download one image, in all (retries included; default: %(default)s)",
     )
     p.add_argument(
         "--remote-max-bytes", type=_positive, default=50_000_000, help="largest image download (default: %(default)s)"
@@ -335,6 +345,7 @@ def _validate(args: argparse.Namespace) -> int:
             input_format=args.input_format,
             image_root=args.image_root,
             max_image_pixels=args.max_image_pixels,
+            max_image_bytes=args.max_image_bytes,
             allow_remote=args.allow_remote,
             on_record=lambda: bar.update(1),
             prompt=args.prompt,
@@ -384,6 +395,7 @@ def _build(args: argparse.Namespace) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         max_image_pixels=args.max_image_pixels,
+        max_image_bytes=args.max_image_bytes,
         train_on=args.train_on,
         overlength=args.overlength,
         samples_per_shard=args.samples_per_shard,

@@ -13,7 +13,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shardkit.errors import ConfigError
-from shardkit.images import Grid
+from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, Grid
 from shardkit.render import Family, TrainOn, get_family
 from shardkit.schema import format_validation_error
 
@@ -74,6 +74,7 @@ class BuildConfig(Options):
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
+    max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
     train_on: TrainOn = TrainOn.LAST_ASSISTANT
     overlength: Overlength = Overlength.FIT
     samples_per_shard: int = Field(1000, ge=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardkit.errors import RecordError
-from shardkit.images import ImageRoot, decode_image
+from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, ImageRoot, decode_image
 from shardkit.inputs import open_input
 from shardkit.render import Renderer
 
@@ -40,13 +40,14 @@ def validate(
     input_format: str = "auto",
     image_root: str | None = None,
     max_image_pixels: int = 100_000_000,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     allow_remote: bool = False,
     on_record: Callable[[], None] | None = None,
     **input_options: Any,
 ) -> ValidationReport:
     """Check every record of the input at ``path`` (any input form) and every image it names."""
     source = open_input(path, input_format, **input_options)
-    root = ImageRoot(image_root or source.image_root(), allow_remote=allow_remote)
+    root = ImageRoot(image_root or source.image_root(), allow_remote=allow_remote, max_image_bytes=max_image_bytes)
     report = ValidationReport(unit=source.unit)
     for item in source.items():
         report.records += 1

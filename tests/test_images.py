@@ -1,16 +1,25 @@
+import base64
+import http.server
 import io
+import json
 import os
 import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from shardkit.errors import ConfigError, RecordError
 from shardkit.images import Grid, ImageRoot, SourceImage, decode_image, encode_jpeg, smart_resize, to_rgb
-from shardkit.synthetic import photo_like
-from tests.conftest import write_image
+from shardkit.synthetic import _png_declaring, photo_like
+from tests.conftest import conversation, write_image, write_jsonl
 
 
 def test_smart_resize_matches_transformers_on_many_sizes():
@@ -143,7 +152,7 @@ def test_image_problems_are_record_errors(tmp_path):
     root = ImageRoot(tmp_path)
     cases = {
         "missing.jpg": "image_missing",
-        "folder.jpg": "image_missing",
+        "folder.jpg": "image_not_file",
         "empty.jpg": "image_empty",
         "cut.jpg": "image_corrupt",
         "text.jpg": "image_not_image",
@@ -226,3 +235,314 @@ def test_the_pixel_limit_can_go_above_pillows_own():
     assert SourceImage(header, "wide.png", max_pixels=300_000_000).width == 15_000
     with pytest.raises(RecordError, match="over the limit of 100"):
         SourceImage(header, "wide.png", max_pixels=100_000_000)
+
+
+# -- what is opened, and how much of it --------------------------------------------------------------
+
+
+def _read_in_thread(root: ImageRoot, ref: str, seconds: float = 5.0) -> BaseException | bytes:
+    """``root.read(ref)`` in a daemon thread, so that a read which hangs fails the test instead of hanging it."""
+    outcome: list[BaseException | bytes] = []
+
+    def run() -> None:
+        try:
+            outcome.append(root.read(ref))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"reading {ref} hung"
+    return outcome[0]
+
+
+def test_only_regular_files_are_opened(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    os.mkfifo(images / "pipe.jpg")
+    (images / "folder.jpg").mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(images / "socket.jpg"))
+    root = ImageRoot(tmp_path)
+    for name, kind in [("pipe.jpg", "FIFO"), ("folder.jpg", "folder"), ("socket.jpg", "socket")]:
+        error = _read_in_thread(root, f"images/{name}")
+        assert isinstance(error, RecordError), name
+        assert error.code == "image_not_file" and f"images/{name}" in error.reason and kind in error.reason
+    server.close()
+
+
+def test_a_device_inside_the_root_is_not_read():
+    error = _read_in_thread(ImageRoot("/", max_image_bytes=1000), "dev/zero")  # a root that holds devices
+    assert isinstance(error, RecordError) and error.code == "image_not_file" and "device" in error.reason
+
+
+def test_image_files_over_the_byte_cap_are_refused_before_reading(tmp_path):
+    import resource
+
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.write(_png_declaring(100, 100))
+        f.truncate(8 * 1024**3)  # 8 GB, sparse: no disk used
+    write_image(tmp_path / "small.jpg", 64, 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    error = _read_in_thread(ImageRoot(tmp_path), "huge.png")
+    assert isinstance(error, RecordError) and error.code == "image_too_large"
+    assert "huge.png" in error.reason and "--max-image-bytes" in error.reason and "8589934592" in error.reason
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB: it was not read
+    size = (tmp_path / "small.jpg").stat().st_size
+    assert len(ImageRoot(tmp_path, max_image_bytes=size).read("small.jpg")) == size
+    with pytest.raises(RecordError, match="over --max-image-bytes") as info:
+        ImageRoot(tmp_path, max_image_bytes=size - 1).read("small.jpg")
+    assert info.value.code == "image_too_large"
+
+
+def test_inline_images_over_the_byte_cap_are_refused_before_decoding(tmp_path):
+    jpeg = write_image(tmp_path / "a.jpg", 64, 64).read_bytes()
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    assert ImageRoot(tmp_path, max_image_bytes=len(jpeg)).read(uri) == jpeg
+    with pytest.raises(RecordError, match="over --max-image-bytes") as info:
+        ImageRoot(tmp_path, max_image_bytes=len(jpeg) - 1).read(uri)
+    assert info.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("images/a\0.jpg", "nul byte"),
+        ("images/loop.jpg", "symbolic link loop"),
+        ("images/" + "x" * 300 + ".jpg", "name too long"),
+        ("images/" + "x/" * 3000 + "a.jpg", "name too long"),
+    ],
+)
+def test_unusable_paths_are_record_errors_naming_the_path(tmp_path, ref, fragment):
+    (tmp_path / "images").mkdir()
+    os.symlink("loop.jpg", tmp_path / "images" / "loop.jpg")
+    with pytest.raises(RecordError) as info:
+        ImageRoot(tmp_path).read(ref)
+    assert info.value.code in ("image_path_invalid", "image_unreadable")
+    assert fragment in info.value.reason.lower() and repr(ref)[1:40].replace("\\\\", "\\") in info.value.reason
+    assert info.value.detail == {"image": ref}
+
+
+def test_leaving_the_root_names_the_link_and_the_option(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (tmp_path / "shared").mkdir()
+    write_image(tmp_path / "shared" / "a.jpg", 32, 32)
+    os.symlink(tmp_path / "shared", root / "images" / "shared")
+    with pytest.raises(RecordError) as info:
+        ImageRoot(root).read("images/shared/a.jpg")
+    reason = info.value.reason
+    assert info.value.code == "image_outside_root"
+    assert "symbolic link 'images/shared'" in reason and str(tmp_path / "shared") in reason and "--image-root" in reason
+    with pytest.raises(RecordError, match=r"'\.\./shared/a\.jpg' leaves the dataset root .*--image-root"):
+        ImageRoot(root).read("../shared/a.jpg")
+    assert len(ImageRoot(tmp_path).read("data/images/shared/a.jpg")) > 0  # a wider root holds it
+
+
+def test_importing_images_keeps_pillows_bomb_guard():
+    code = "from PIL import Image; d = Image.MAX_IMAGE_PIXELS; import shardkit.images; print(Image.MAX_IMAGE_PIXELS==d)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "TIFF"])
+def test_the_pixel_limit_is_applied_per_open_not_by_pillows_global(tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a process that keeps a tight guard of its own
+    data = write_image(tmp_path / f"a.{fmt.lower()}", 100, 80, fmt=fmt).read_bytes()
+    assert decode_image(data, "a", max_pixels=10_000).size == (100, 80)  # 8000 px: over Pillow's, under ours
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(RecordError) as info:
+        decode_image(data, "a", max_pixels=7_999)
+    assert info.value.code == "image_too_large" and "100x80" in info.value.reason
+    with pytest.raises(Image.DecompressionBombError):  # the guard still holds for everything else
+        Image.open(io.BytesIO(data))
+
+
+def test_max_image_bytes_reaches_validate_and_build(tmp_path, capsys):
+    from shardkit.cli import main
+
+    size = write_image(tmp_path / "images" / "a.jpg", 64, 64).stat().st_size
+    data = write_jsonl(tmp_path / "in.jsonl", [conversation("images/a.jpg")])
+    assert main(["validate", str(data), "--max-image-bytes", str(size)]) == 0
+    assert main(["validate", str(data), "--max-image-bytes", str(size - 1)]) == 1
+    assert f"over --max-image-bytes {size - 1}" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["build", str(data), "--out", str(out), "--max-image-bytes", str(size - 1), "--no-progress"]) == 0
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert reject["code"] == "image_too_large" and "images/a.jpg" in reject["reason"]
+
+
+@pytest.fixture
+def drip_server():
+    """A real HTTP server on 127.0.0.1 that promises 30 bytes and sends one a second."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "30")
+            self.end_headers()
+            try:
+                for _ in range(30):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(1)
+            except OSError:  # the client gave up
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/drip.jpg"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_dripping_server_is_cut_off_at_the_total_deadline(tmp_path, drip_server):
+    root = ImageRoot(tmp_path, allow_remote=True, timeout=1.5, retries=3)
+    start = time.monotonic()
+    with pytest.raises(RecordError) as info:
+        root.read(drip_server)
+    elapsed = time.monotonic() - start
+    assert 1.4 < elapsed < 2.5, elapsed
+    assert info.value.code == "image_timeout"
+    assert "1.5 s" in info.value.reason and "--remote-timeout" in info.value.reason and drip_server in info.value.reason
+
+
+# -- colour ------------------------------------------------------------------------------------------
+
+ADOBE_RGB = [(0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457)]  # D50
+SRGB_D50 = [(0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)]
+
+
+def icc_profile(colorants, gamma: float, description: str) -> bytes:
+    """A real ICC v2 matrix/TRC display profile (the kind Adobe RGB and Display P3 are), written field by field."""
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    text = description.encode() + b"\0"
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256))
+    tags = [
+        (b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + bytes(12 + 67)),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(*colorants[0])),
+        (b"gXYZ", xyz(*colorants[1])),
+        (b"bXYZ", xyz(*colorants[2])),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+        (b"cprt", b"text\0\0\0\0none\0"),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table = body = b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = struct.pack(">I4xI", offset + len(body), 0x02100000) + b"mntrRGB XYZ " + bytes(12) + b"acsp" + bytes(28)
+    header += s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48)
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def adobe_to_srgb(rgb: tuple[int, int, int]) -> np.ndarray:
+    """The colour math done independently: Adobe RGB -> linear -> XYZ (D50) -> linear sRGB -> sRGB."""
+    linear = (np.array(rgb) / 255) ** (563 / 256)
+    srgb = np.clip(np.linalg.solve(np.array(SRGB_D50).T, np.array(ADOBE_RGB).T @ linear), 0, 1)
+    return 255 * np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_an_icc_profile_is_converted_to_srgb(tmp_path, fmt):
+    icc = icc_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998) compatible")
+    colours = [(200, 50, 50), (40, 160, 60), (128, 128, 128)]
+    source = Image.new("RGB", (48, 16))
+    for i, colour in enumerate(colours):
+        source.paste(colour, (16 * i, 0, 16 * i + 16, 16))
+    path = tmp_path / f"adobe.{fmt.lower()}"
+    source.save(path, format=fmt, icc_profile=icc, **({"quality": 100} if fmt == "JPEG" else {}))
+    image = decode_image(path.read_bytes(), path.name, max_pixels=10**8)
+    tolerance = 3 if fmt == "JPEG" else 1
+    for i, colour in enumerate(colours):
+        got = np.array(image.getpixel((16 * i + 8, 8)))
+        assert np.abs(got - adobe_to_srgb(colour)).max() <= tolerance, (colour, got)
+    naive = np.array(image.getpixel((8, 8))) - np.array(colours[0])
+    assert naive[0] > 25  # the saturated red is redder in sRGB numbers than the profile-less reading says
+
+
+def test_transparency_survives_the_profile_and_srgb_profiles_change_nothing(tmp_path):
+    icc = icc_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998) compatible")
+    source = Image.new("RGBA", (4, 1), (200, 50, 50, 255))
+    source.putpixel((0, 0), (200, 50, 50, 0))
+    source.save(tmp_path / "a.png", icc_profile=icc)
+    image = decode_image((tmp_path / "a.png").read_bytes(), "a.png", max_pixels=10**8)
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert np.abs(np.array(image.getpixel((1, 0))) - adobe_to_srgb((200, 50, 50))).max() <= 1
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (4, 1), (200, 50, 50)).save(tmp_path / "s.png", icc_profile=srgb)
+    assert decode_image((tmp_path / "s.png").read_bytes(), "s.png", max_pixels=10**8).getpixel((0, 0)) == (200, 50, 50)
+
+
+def test_a_profile_that_cannot_be_applied_is_a_reject(tmp_path):
+    icc = icc_profile(ADOBE_RGB, 563 / 256, "Adobe RGB (1998) compatible")
+    Image.new("L", (4, 4), 100).save(tmp_path / "grey.png", icc_profile=icc)  # an RGB profile on grey pixels
+    Image.new("RGB", (4, 4), 100).save(tmp_path / "broken.png", icc_profile=icc[:100])
+    for name, fragment in [("grey.png", "for RGB data, its pixels are L"), ("broken.png", "broken.png")]:
+        with pytest.raises(RecordError) as info:
+            decode_image((tmp_path / name).read_bytes(), name, max_pixels=10**8)
+        assert info.value.code == "image_colour" and fragment in info.value.reason and "sRGB" in info.value.reason
+
+
+def _grey_tiff(tmp_path, array: np.ndarray, mode: str) -> Image.Image:
+    Image.fromarray(array).save(tmp_path / "a.tiff")
+    opened = Image.open(tmp_path / "a.tiff")
+    assert opened.mode == mode  # a real TIFF of that sample type
+    return decode_image((tmp_path / "a.tiff").read_bytes(), "a.tiff", max_pixels=10**8)
+
+
+@pytest.mark.parametrize(
+    "values, mode, expected",
+    [
+        ([0.0, 0.25, 0.5, 1.0], "F", [0, 64, 128, 255]),  # floats within 0-1: times 255
+        ([0.0, 250.0, 500.0, 1000.0], "F", [0, 64, 128, 255]),  # other floats: minimum to maximum
+        ([-1.0, 0.0, 1.0, float("nan")], "F", [0, 128, 255, 128]),  # NaN counts as 0
+        ([0, 16448, 32896, 65535], "I;16", [0, 64, 128, 255]),  # unsigned 16-bit: times 255/65535
+        ([0, 64, 128, 255], "I", [0, 64, 128, 255]),  # 32-bit integers within 0-255: as they are
+        ([0, 16448, 32896, 65535], "I", [0, 64, 128, 255]),  # within 0-65535: as 16-bit
+        ([-1000, 0, 1000, 3000], "I", [0, 64, 128, 255]),  # otherwise minimum to maximum
+    ],
+)
+def test_wide_samples_are_scaled_by_the_documented_rule(tmp_path, values, mode, expected):
+    dtype = {"F": np.float32, "I;16": np.uint16, "I": np.int32}[mode]
+    image = _grey_tiff(tmp_path, np.array([values], dtype=dtype), mode)
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in expected]
+
+
+def test_a_remote_filesystem_root_checks_type_and_size_before_reading():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    jpeg = photo_like(32, 32, np.random.default_rng(0))
+    buffer = io.BytesIO()
+    jpeg.save(buffer, format="JPEG")
+    fs.pipe("/images-root/a.jpg", buffer.getvalue())
+    fs.pipe("/images-root/folder/b.jpg", buffer.getvalue())
+    try:
+        root = ImageRoot("memory://images-root", max_image_bytes=len(buffer.getvalue()))
+        assert root.read("a.jpg") == buffer.getvalue()
+        cases = [("folder", "image_not_file"), ("missing.jpg", "image_missing"), ("../x.jpg", "image_outside_root")]
+        for ref, code in cases:
+            with pytest.raises(RecordError) as info:
+                root.read(ref)
+            assert info.value.code == code and ref in info.value.reason
+        with pytest.raises(RecordError, match="over --max-image-bytes") as info:
+            ImageRoot("memory://images-root", max_image_bytes=100).read("a.jpg")
+        assert info.value.code == "image_too_large"
+    finally:
+        fs.rm("/images-root", recursive=True)

@@ -280,9 +280,9 @@ def test_remote_images_only_when_allowed(tmp_path, image_server):
     assert (found[2]["code"], found[3]["code"], found[5]["code"]) == (
         "image_missing",
         "image_too_large",
-        "image_unreadable",
+        "image_timeout",
     )
-    assert "HTTP 404" in found[2]["reason"] and "after 4 tries" in found[5]["reason"]
+    assert "HTTP 404" in found[2]["reason"] and "within 0.5 s (--remote-timeout" in found[5]["reason"]
 
 
 # -- split and dedup ---------------------------------------------------------------------------
