@@ -211,8 +211,10 @@ def _image(value: Any) -> str | None:
 
 def _answer(value: Any, columns: Columns, line: int) -> str:
     """The assistant's text: a class name, a string, or the most frequent entry of a list of answers."""
+    if isinstance(value, list) and not value:
+        raise RecordError(f"the answer column {columns.answer!r} holds an empty list", "invalid_record", line)
     if isinstance(value, list):
-        if not value or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
             raise RecordError(
                 f"the answer column {columns.answer!r} holds a list that is not of strings: {str(value)[:80]}",
                 "invalid_record",
