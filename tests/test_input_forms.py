@@ -250,7 +250,6 @@ QWEN_REFUSED = [
     ([{"type": "video_url", "video_url": {"url": "clip.mp4"}}], "video_not_supported"),
     ([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}], "audio_not_supported"),
     ([{"type": "audio", "audio": "a.wav"}], "audio_not_supported"),
-    ([{"type": "image", "image": "a.jpg"}, text("<video>What happens?")], "video_not_supported"),
 ]
 
 

@@ -129,7 +129,6 @@ def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
         if code == "invalid_record":
             refuse_unsupported(data if isinstance(data, dict) else json.loads(data), line)
         raise RecordError(format_validation_error(exc), code, line) from None
-    refuse_placeholders(record, line)
     return record
 
 
@@ -189,8 +188,12 @@ def refuse_unsupported(data: Any, line: int) -> None:
                 )
 
 
-def refuse_placeholders(record: Record, line: int) -> None:
-    """:class:`RecordError` when a text still holds a ``<video>`` or ``<audio>`` placeholder (media without files)."""
+def refuse_placeholders(record: Record, line: int) -> Record:
+    """``record``, or :class:`RecordError` when a text holds a ``<video>`` or ``<audio>`` placeholder.
+
+    For the forms where these strings are placeholders (ShareGPT, LLaVA, Hugging Face conversations);
+    in the Qwen form they are plain text.
+    """
     for i, message in enumerate(record.messages):
         for part in message.content:
             text = getattr(part, "text", "")
@@ -201,6 +204,7 @@ def refuse_placeholders(record: Record, line: int) -> None:
                         f"{modality}_not_supported",
                         line,
                     )
+    return record
 
 
 def decode_line(item: RawItem) -> str:

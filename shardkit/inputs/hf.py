@@ -43,6 +43,7 @@ from shardkit.inputs.base import (
     data_uri,
     hash_files,
     open_location,
+    refuse_placeholders,
     refuse_unsupported,
     validate_record,
 )
@@ -173,7 +174,7 @@ class HFDataset(InputFormat):
                 turns[0] = {"role": "user", "content": "<image>" * len(images) + (turns[0]["content"] or "")}
         refuse_unsupported({"messages": turns}, line)
         record = {"messages": to_messages(turns, images, line), "meta": {"row": line}}
-        return validate_record(record, line)
+        return refuse_placeholders(validate_record(record, line), line)
 
     def image_root(self) -> str:
         fs, path = open_fs(self.location)

@@ -19,6 +19,7 @@ from shardkit.inputs.base import (
     RawItem,
     decode_line,
     open_location,
+    refuse_placeholders,
     refuse_unsupported,
     validate_record,
 )
@@ -104,7 +105,7 @@ class ShareGPT(InputFormat):
         if not isinstance(data, dict) or NOT_AN_OBJECT in data:
             raise RecordError("a record must be a JSON object", "invalid_record", item.line)
         refuse_unsupported(data, item.line)
-        return validate_record(self.to_qwen(data, item.line), item.line)
+        return refuse_placeholders(validate_record(self.to_qwen(data, item.line), item.line), item.line)
 
     def to_qwen(self, data: dict[str, Any], line: int) -> dict[str, Any]:
         """The record in the Qwen form."""
