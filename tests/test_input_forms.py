@@ -145,6 +145,9 @@ def test_llava_records_build_as_the_chat_template_renders_them(
         assert f"record 4 (line {starts[3]}): 2 <image> placeholders but 1 images" in out
         assert f"record 5 (line {starts[4]}): unknown top-level key 'source'" in out
 
+    as_sharegpt = validate(str(path), input_format="sharegpt").problems[0]
+    assert as_sharegpt["reason"] == "'image' is not read in the sharegpt form: use --input-format llava"
+
     kept = built(BuildConfig.create(input=str(path), out=str(root / "kept"), keep_keys=("source",)))
     assert kept[5].info["meta"] == {"source": "coco"}
 

@@ -113,13 +113,17 @@ class ShareGPT(InputFormat):
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(i, str | dict) for i in images):
             raise RecordError(f"{self.image_key!r} must be a list of image paths", "invalid_record", line)
-        turns = data.get("messages", data.get("conversations"))
-        out: dict[str, Any] = {"messages": to_messages(turns, images, line, system=data.get("system"))}
         meta = dict(data["meta"]) if isinstance(data.get("meta"), dict) else {}
         keep = set(self.options.get("keep_keys") or ())
         for key, value in data.items():
             if key in self.known or value in (None, "", [], {}):
                 continue
+            if key in OTHER_FORM:
+                raise RecordError(
+                    f"{key!r} is not read in the {self.name} form: use --input-format {OTHER_FORM[key]}",
+                    "unknown_key",
+                    line,
+                )
             if key not in keep:
                 raise RecordError(
                     f"unknown top-level key {key!r} holds data that would be lost; keep it in meta with "
@@ -128,6 +132,8 @@ class ShareGPT(InputFormat):
                     line,
                 )
             meta[key] = value
+        turns = data.get("messages", data.get("conversations"))
+        out: dict[str, Any] = {"messages": to_messages(turns, images, line, system=data.get("system"))}
         if meta:
             out["meta"] = meta
         if isinstance(data.get("id"), str | int):
@@ -152,6 +158,7 @@ class Llava(ShareGPT):
 
 
 NOT_AN_OBJECT = "__not_an_object__"
+OTHER_FORM = {"image": "llava", "images": "sharegpt"}  # the image key of the other placeholder form
 
 
 def iter_array(path: str) -> Iterator[RawItem]:
