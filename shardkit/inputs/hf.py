@@ -169,9 +169,8 @@ class HFDataset(InputFormat):
                 raise RecordError(
                     f"{columns.pairs!r} must be a list of {{user, assistant}} pairs", "invalid_record", line
                 )
+            # no placeholders: the images go before the first question
             turns = [{"role": role, "content": pair.get(role)} for pair in pairs for role in ("user", "assistant")]
-            if turns and images:  # the_cauldron: the images go before the first question
-                turns[0] = {"role": "user", "content": "<image>" * len(images) + (turns[0]["content"] or "")}
         refuse_unsupported({"messages": turns}, line)
         record = {"messages": to_messages(turns, images, line), "meta": {"row": line}}
         return refuse_placeholders(validate_record(record, line), line)

@@ -113,7 +113,9 @@ class ShareGPT(InputFormat):
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(i, str | dict) for i in images):
             raise RecordError(f"{self.image_key!r} must be a list of image paths", "invalid_record", line)
-        meta = dict(data["meta"]) if isinstance(data.get("meta"), dict) else {}
+        if not isinstance(data.get("meta") or {}, dict):
+            raise RecordError("'meta' must be an object", "invalid_record", line)
+        meta = dict(data.get("meta") or {})
         keep = set(self.options.get("keep_keys") or ())
         for key, value in data.items():
             if key in self.known or value in (None, "", [], {}):
@@ -136,8 +138,8 @@ class ShareGPT(InputFormat):
         out: dict[str, Any] = {"messages": to_messages(turns, images, line, system=data.get("system"))}
         if meta:
             out["meta"] = meta
-        if isinstance(data.get("id"), str | int):
-            out["id"] = data["id"]
+        if data.get("id") is not None:
+            out["id"] = data["id"]  # the schema checks its type
         return out
 
     def image_root(self) -> str:
