@@ -38,13 +38,17 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="qwen: conversation JSONL; sharegpt: LLaMA-Factory/ms-swift <image> placeholders + images list (JSONL or "
         "a JSON array); llava: LLaVA/InternVL image + conversations; folder: images + labels.json; hf: local Hugging "
-        "Face Parquet/Arrow files or a save_to_disk folder (default: detected)",
+        "Face Parquet/Arrow files or a save_to_disk folder: messages + images, the_cauldron's images + texts, or an "
+        "image with a label/text answer and an optional question (default: detected)",
     )
     p.add_argument("--image-root", help="folder image paths are relative to (default: the input's folder)")
     p.add_argument("--prompt", help="folder/hf: the user's text next to each image (default: 'Classify this image.')")
     p.add_argument("--image-column", help="hf: the image column (default: the Image feature, or image/img)")
     p.add_argument("--label-column", help="hf: the label column (default: label); class names come from the features")
-    p.add_argument("--text-column", help="hf: a text column to use as the answer instead of a label")
+    p.add_argument(
+        "--text-column",
+        help="hf: a text column to use as the answer instead of a label; a list of answers gives its most frequent",
+    )
     p.add_argument(
         "--question-column", help="hf: the user's text per row, instead of --prompt (default: question or query)"
     )
