@@ -102,8 +102,7 @@ def test_an_unknown_hub_id_fails_fast_offline(monkeypatch):
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         _load.__wrapped__("Qwen/no-such-model")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setattr("shardkit.tokenizer.HUB_PORT", free_port())  # a closed port: nothing listens there
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
     with pytest.raises(ConfigError, match="cannot be reached"):
         _load.__wrapped__("Qwen/no-such-model")
     assert time.monotonic() - started < 20  # not the minute of retries the hub client would take

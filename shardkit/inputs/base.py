@@ -132,14 +132,14 @@ def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
     return record
 
 
-#: top-level keys that carry another modality: (modality, reject code)
+#: top-level keys that carry another modality, and which (its reject code is "<modality>_not_supported")
 MEDIA_KEYS = {
     "videos": "video",
     "video": "video",
     "audios": "audio",
     "audio": "audio",
 }
-#: content part types of another modality
+#: content part types of another modality, and which
 MEDIA_PARTS = {
     "video": "video",
     "video_url": "video",
