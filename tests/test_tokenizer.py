@@ -1,6 +1,5 @@
 import functools
 import json
-import time
 
 import pytest
 
@@ -95,14 +94,23 @@ def test_a_missing_tokenizer_folder_is_named():
 
 
 def test_an_unknown_hub_id_fails_fast_offline(monkeypatch):
+    """Only the local cache is asked: the hub client's minute of retries never starts."""
     import huggingface_hub.constants
+    import transformers
 
+    asked = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def from_pretrained(name, **options):
+        asked.append(options)
+        return real(name, **options)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    started = time.monotonic()
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         _load.__wrapped__("Qwen/no-such-model")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
     with pytest.raises(ConfigError, match="cannot be reached"):
         _load.__wrapped__("Qwen/no-such-model")
-    assert time.monotonic() - started < 20  # not the minute of retries the hub client would take
+    assert asked == [{"local_files_only": True}] * 2
