@@ -211,7 +211,7 @@ def test_ms_swift_per_message_loss(tmp_path, tokenizer):
             {"role": "user", "content": "And now?"},
             {"role": "assistant", "content": "Yes."},
         ],
-        "images": ["a.jpg"],
+        "images": [{"path": "a.jpg"}],
     }
     data = write_jsonl(tmp_path / "swift.jsonl", [record])
     for train_on, trained in [

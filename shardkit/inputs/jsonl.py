@@ -110,9 +110,11 @@ class ShareGPT(InputFormat):
     def to_qwen(self, data: dict[str, Any], line: int) -> dict[str, Any]:
         """The record in the Qwen form."""
         images = data.get(self.image_key) or []
-        images = [images] if isinstance(images, str) else images
+        images = [images] if isinstance(images, str | dict) else images
         if not isinstance(images, list) or not all(isinstance(i, str | dict) for i in images):
             raise RecordError(f"{self.image_key!r} must be a list of image paths", "invalid_record", line)
+        # ms-swift's {"path": ...}; {"bytes": "<base64>"} is read by the schema
+        images = [i["path"] if isinstance(i, dict) and not i.get("bytes") and i.get("path") else i for i in images]
         if not isinstance(data.get("meta") or {}, dict):
             raise RecordError("'meta' must be an object", "invalid_record", line)
         meta = dict(data.get("meta") or {})
