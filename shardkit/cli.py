@@ -36,15 +36,29 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         "--input-format",
         choices=["auto", *FORMATS],
         default="auto",
-        help="qwen: conversation JSONL; sharegpt: LLaMA-Factory <image> placeholders + images list (JSONL or a JSON "
-        "array); folder: images + labels.json; hf: local Hugging Face Parquet/Arrow files or a save_to_disk folder "
-        "(default: detected)",
+        help="qwen: conversation JSONL; sharegpt: LLaMA-Factory/ms-swift <image> placeholders + images list (JSONL or "
+        "a JSON array); llava: LLaVA/InternVL image + conversations; folder: images + labels.json; hf: local Hugging "
+        "Face Parquet/Arrow files or a save_to_disk folder: messages + images, the_cauldron's images + texts, or an "
+        "image with a label/text answer and an optional question (default: detected)",
     )
     p.add_argument("--image-root", help="folder image paths are relative to (default: the input's folder)")
     p.add_argument("--prompt", help="folder/hf: the user's text next to each image (default: 'Classify this image.')")
     p.add_argument("--image-column", help="hf: the image column (default: the Image feature, or image/img)")
     p.add_argument("--label-column", help="hf: the label column (default: label); class names come from the features")
-    p.add_argument("--text-column", help="hf: a text column to use as the answer instead of a label")
+    p.add_argument(
+        "--text-column",
+        help="hf: a text column to use as the answer instead of a label; a list of answers gives its most frequent",
+    )
+    p.add_argument(
+        "--question-column", help="hf: the user's text per row, instead of --prompt (default: question or query)"
+    )
+    p.add_argument(
+        "--keep-keys",
+        type=lambda text: tuple(k for k in text.split(",") if k),
+        default=(),
+        metavar="KEY[,KEY]",
+        help="sharegpt/llava: other top-level keys to keep in meta (other keys holding data are rejected)",
+    )
     p.add_argument("--allow-remote", action="store_true", help="download http(s) images (off: they are rejected)")
     p.add_argument(
         "--max-image-bytes",
@@ -149,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
         "--train-on",
         choices=[t.value for t in TrainOn],
         default="last_assistant",
-        help="which tokens carry loss weight (default: %(default)s)",
+        help='which tokens carry loss weight (default: %(default)s); a message\'s own "loss": true|false (ms-swift) '
+        "overrides it for that message",
     )
     p.add_argument(
         "--overlength",
@@ -352,6 +367,8 @@ def _validate(args: argparse.Namespace) -> int:
             image_column=args.image_column,
             label_column=args.label_column,
             text_column=args.text_column,
+            question_column=args.question_column,
+            keep_keys=args.keep_keys,
         )
     if args.json:
         print(
@@ -362,7 +379,8 @@ def _validate(args: argparse.Namespace) -> int:
         )
     else:
         for problem in report.problems:
-            print(f"{report.unit} {problem['line']}: {problem['reason']}")
+            where = f" (line {problem['source_line']})" if "source_line" in problem else ""
+            print(f"{report.unit} {problem['line']}{where}: {problem['reason']}")
         verdict = "clean" if report.ok else f"{len(report.problems)} problems on {len(report.bad_lines)} lines"
         verdict = verdict.replace(" lines", f" {report.unit}s")
         print(f"{report.records} records, {report.images} images checked: {verdict}")
@@ -382,6 +400,8 @@ def _build(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
         text_column=args.text_column,
+        question_column=args.question_column,
+        keep_keys=args.keep_keys,
         allow_remote=args.allow_remote,
         remote_timeout=args.remote_timeout,
         remote_max_bytes=args.remote_max_bytes,
@@ -597,12 +617,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        return _closed_stdout()
     except ShardkitError as exc:
         print(f"shardkit: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print("shardkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def _closed_stdout() -> int:
+    """The reader of our output went away (``| head``): stop quietly, as command-line tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit raises nothing
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class BuildConfig(Options):
     image_column: str | None = None
     label_column: str | None = None
     text_column: str | None = None
+    question_column: str | None = None
+    keep_keys: tuple[str, ...] = ()
     allow_remote: bool = False
     remote_timeout: float = Field(10.0, gt=0)
     remote_max_bytes: int = Field(50_000_000, ge=1)
@@ -106,6 +108,8 @@ class BuildConfig(Options):
             "image_column": self.image_column,
             "label_column": self.label_column,
             "text_column": self.text_column,
+            "question_column": self.question_column,
+            "keep_keys": self.keep_keys,
         }
 
     def identity(self) -> dict[str, Any]:

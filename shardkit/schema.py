@@ -50,11 +50,39 @@ class ImagePart(BaseModel):
 Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class ImageUrl(BaseModel):
+    """The ``image_url`` object of an OpenAI-style part."""
+
+    url: str
+    detail: str | None = None
+
+
+class ImageUrlPart(BaseModel):
+    """OpenAI's image part, read as an :class:`ImagePart` with ``image = url`` (``file://`` removed)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl | str
+
+
 def _string_to_parts(value: Any) -> Any:
     # A plain string is the same as one text part, as in the chat templates.
     if isinstance(value, str):
         return [{"type": "text", "text": value}]
+    if isinstance(value, list):
+        return [_image_url_to_image(part) for part in value]
     return value
+
+
+def _image_url_to_image(part: Any) -> Any:
+    # OpenAI's {"type": "image_url", "image_url": {"url": ...}} (or a bare URL string) is an image part;
+    # a file:// URL is its local path.
+    if not (isinstance(part, dict) and part.get("type") == "image_url" and set(part) <= {"type", "image_url"}):
+        return part
+    ref = part.get("image_url")
+    url = ref.get("url") if isinstance(ref, dict) and set(ref) <= {"url", "detail"} else ref
+    if not isinstance(url, str):
+        return part
+    return {"type": "image", "image": url.removeprefix("file://")}
 
 
 class Message(BaseModel):
@@ -64,8 +92,11 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Annotated[
         list[Part],
-        BeforeValidator(_string_to_parts, json_schema_input_type=str | list[Part]),
+        BeforeValidator(_string_to_parts, json_schema_input_type=str | list[Part | ImageUrlPart]),
     ]
+    loss: bool | None = None
+    """Whether this message's content is a training target, overriding ``--train-on`` for it (ms-swift's
+    per-message ``loss``); unset: ``--train-on`` decides."""
 
     def images(self) -> list[ImagePart]:
         return [p for p in self.content if isinstance(p, ImagePart)]

@@ -102,9 +102,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"  Tokens per image:      {dist(stats['tokens_per_image'])}",
         f"  Stored image size:     {dist(stats['stored_image_megapixels'], ' MP')}",
         f"  Original image size:   {dist(stats['original_image_megapixels'], ' MP')}",
-        f"  Unique {stats['meta_key']} values: {stats['unique_labels']}",
     ]
-    if stats["top_labels"]:
+    if stats["top_labels"]:  # only for a meta key the samples have
+        lines.append(f"  Unique {stats['meta_key']} values: {stats['unique_labels']}")
         lines.append(f"  Top {len(stats['top_labels'])} {stats['meta_key']} values:")
         lines += [f"    - {label}: {count}" for label, count in stats["top_labels"]]
     return "\n".join(lines)

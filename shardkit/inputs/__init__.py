@@ -1,8 +1,9 @@
 """Input forms, each read into the same validated records.
 
 ``qwen`` (the Qwen2-VL conversation JSONL), ``sharegpt`` (LLaMA-Factory's
-``<image>`` placeholders and ``images`` list), ``folder`` (an image folder
-with ``labels.json``) and ``hf`` (local Hugging Face Parquet / Arrow files).
+``<image>`` placeholders and ``images`` list), ``llava`` (LLaVA / InternVL's
+``image`` and ``conversations``), ``folder`` (an image folder with
+``labels.json``) and ``hf`` (local Hugging Face Parquet / Arrow files).
 :func:`open_input` picks the form from the location when it is unambiguous.
 """
 
@@ -15,10 +16,10 @@ from shardkit.errors import ConfigError, InputError
 from shardkit.inputs.base import InputFormat, InputSummary, RawItem, data_uri
 from shardkit.inputs.folder import LABELS, ImageFolder
 from shardkit.inputs.hf import HFDataset
-from shardkit.inputs.jsonl import QwenJsonl, ShareGPT, is_json_array, iter_lines
+from shardkit.inputs.jsonl import Llava, QwenJsonl, ShareGPT, is_json_array, iter_array, iter_lines
 from shardkit.storage import open_fs
 
-FORMATS: dict[str, type[InputFormat]] = {f.name: f for f in (QwenJsonl, ShareGPT, ImageFolder, HFDataset)}
+FORMATS: dict[str, type[InputFormat]] = {f.name: f for f in (QwenJsonl, ShareGPT, Llava, ImageFolder, HFDataset)}
 
 
 def detect(location: str) -> str:
@@ -38,15 +39,22 @@ def detect(location: str) -> str:
     if not fs.exists(path):
         raise InputError(f"input not found: {location}")
     if is_json_array(location):
-        return "sharegpt"
+        first = next(iter_array(location), None)
+        return "llava" if first is not None and _is_llava(first.data) else "sharegpt"
     first = next(iter_lines(location), None)
     try:
         record = json.loads(first.data) if first else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "qwen"  # the bad line is reported where it is
+    if _is_llava(record):
+        return "llava"
     if isinstance(record, dict) and ("images" in record or "conversations" in record or _has_placeholder(record)):
         return "sharegpt"
     return "qwen"
+
+
+def _is_llava(record: Any) -> bool:
+    return isinstance(record, dict) and "image" in record and "images" not in record and "meta" not in record
 
 
 def _has_placeholder(record: dict[str, Any]) -> bool:

@@ -19,15 +19,17 @@ from shardkit.storage import hash_stream, open_fs
 
 @dataclass(frozen=True)
 class RawItem:
-    """One input record before validation: its 1-based number (line, entry or row) and its raw data.
+    """One input record before validation: its 1-based number (line, entry, record or row) and its raw data.
 
     ``data`` is the line's bytes for JSON lines, or a dict for entries of
-    other forms (image bytes included). ``duplicate_of`` is set by ``--dedup``.
+    other forms (image bytes included). ``source_line`` is the line a record
+    of a JSON array starts on. ``duplicate_of`` is set by ``--dedup``.
     """
 
     line: int
     data: bytes | dict[str, Any]
     duplicate_of: int | None = None
+    source_line: int | None = None
 
     def digest(self) -> bytes:
         """sha256 of the item's content (image bytes included where the item holds them)."""
@@ -112,14 +114,97 @@ def open_location(path: str):
 
 
 def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
-    """Validate a record given as a dict or JSON text; :class:`RecordError` with a plain reason."""
+    """Validate a record given as a dict or JSON text; :class:`RecordError` with a plain reason.
+
+    Video, audio and preference-pair records are refused with their own codes
+    (see :func:`refuse_unsupported`), never built as text-only samples.
+    """
     try:
         if isinstance(data, dict):
-            return Record.model_validate(data)
-        return Record.model_validate_json(data)
+            record = Record.model_validate(data)
+        else:
+            record = Record.model_validate_json(data)
     except ValidationError as exc:
         code = "invalid_json" if exc.errors()[0]["type"] == "json_invalid" else "invalid_record"
+        if code == "invalid_record":
+            refuse_unsupported(data if isinstance(data, dict) else json.loads(data), line)
         raise RecordError(format_validation_error(exc), code, line) from None
+    return record
+
+
+#: top-level keys that carry another modality, and which (its reject code is "<modality>_not_supported")
+MEDIA_KEYS = {
+    "videos": "video",
+    "video": "video",
+    "audios": "audio",
+    "audio": "audio",
+}
+#: content part types of another modality, and which
+MEDIA_PARTS = {
+    "video": "video",
+    "video_url": "video",
+    "audio": "audio",
+    "audio_url": "audio",
+    "input_audio": "audio",
+}
+#: keys of preference (DPO / KTO) records: ms-swift's, LLaMA-Factory's and TRL's
+PREFERENCE_KEYS = ("rejected_response", "rejected_messages", "rejected_images", "chosen", "rejected", "kto_tag")
+PLACEHOLDERS = {"<video>": "video", "<audio>": "audio"}
+
+
+def refuse_unsupported(data: Any, line: int) -> None:
+    """:class:`RecordError` when ``data`` (one raw record) holds video, audio or a preference pair.
+
+    shardkit builds supervised image-text samples only; such a record would
+    otherwise lose its media or its rejected answer silently.
+    """
+    if not isinstance(data, dict):
+        return
+    for key, modality in MEDIA_KEYS.items():
+        if data.get(key):
+            raise RecordError(
+                f"the record has {modality} ({key!r}); shardkit builds image-text samples only",
+                f"{modality}_not_supported",
+                line,
+            )
+    for key in PREFERENCE_KEYS:
+        if key in data:
+            raise RecordError(
+                f"a preference pair ({key!r}): shardkit builds supervised samples only, not DPO/KTO pairs",
+                "preference_pair",
+                line,
+            )
+    turns = data.get("messages", data.get("conversations"))
+    for i, turn in enumerate(turns if isinstance(turns, list) else []):
+        content = turn.get("content") if isinstance(turn, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in MEDIA_PARTS:
+                modality = MEDIA_PARTS[kind]
+                raise RecordError(
+                    f"messages[{i}] has a {kind!r} part; shardkit builds image-text samples only",
+                    f"{modality}_not_supported",
+                    line,
+                )
+
+
+def refuse_placeholders(record: Record, line: int) -> Record:
+    """``record``, or :class:`RecordError` when a text holds a ``<video>`` or ``<audio>`` placeholder.
+
+    For the forms where these strings are placeholders (ShareGPT, LLaVA, Hugging Face conversations);
+    in the Qwen form they are plain text.
+    """
+    for i, message in enumerate(record.messages):
+        for part in message.content:
+            text = getattr(part, "text", "")
+            for placeholder, modality in PLACEHOLDERS.items():
+                if placeholder in text:
+                    raise RecordError(
+                        f"messages[{i}] has a {placeholder} placeholder; shardkit builds image-text samples only",
+                        f"{modality}_not_supported",
+                        line,
+                    )
+    return record
 
 
 def decode_line(item: RawItem) -> str:

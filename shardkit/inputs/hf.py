@@ -1,32 +1,64 @@
 """Local Hugging Face data sets: Parquet or Arrow files, or a folder written by ``Dataset.save_to_disk``.
 
-Each row has an image column (the ``Image`` feature, stored as ``{bytes, path}``,
-or plain bytes) and a label or text column; the row becomes a user turn with
-the image and the prompt, and an assistant turn with the text, or the label's
-class name where the features name the classes (``ClassLabel``, as in
-CIFAR-10's ``img``/``label`` layout). Columns are found by their features or
-common names, or given with ``--image-column``, ``--label-column`` and
-``--text-column``. Read with pyarrow, a row group at a time; rows are numbered
-from 1 across the files in order.
+Three row shapes, chosen by the columns:
+
+- conversations: a ``messages`` / ``conversations`` column (role/content or
+  from/value turns; string contents with ``<image>`` placeholders, or part
+  lists as ``{"type": "image", "index": 0}``) and an ``images`` (list) or
+  ``image`` column, as TRL and LLaMA-Factory write them;
+- the_cauldron: ``images`` and ``texts``, a list of ``{"user", "assistant"}``
+  pairs, one turn pair each;
+- one image with an answer: an image column (the ``Image`` feature, stored as
+  ``{bytes, path}``, or plain bytes) and a label or text column, with an
+  optional question column (``question``, ``query``, ``--question-column``)
+  as the user's text instead of ``--prompt``. The answer is the text, or the
+  label's class name where the features name the classes (``ClassLabel``, as
+  in CIFAR-10's ``img``/``label`` layout). A list of answers (VQA's several
+  annotators) becomes its most frequent entry, the first of equals.
+
+Columns are found by their features or common names, or given with
+``--image-column``, ``--label-column``, ``--text-column`` and
+``--question-column``. Both the current ``datasets`` layout (``List``
+features) and the older one (``Sequence`` features, or plain JSON lists) are
+read. Read with pyarrow, a row group at a time; rows are numbered from 1
+across the files in order.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardkit.errors import InputError, RecordError
-from shardkit.inputs.base import InputFormat, InputSummary, RawItem, data_uri, hash_files, validate_record
+from shardkit.inputs.base import (
+    InputFormat,
+    InputSummary,
+    RawItem,
+    data_uri,
+    hash_files,
+    open_location,
+    refuse_placeholders,
+    refuse_unsupported,
+    validate_record,
+)
+from shardkit.inputs.chat import to_messages
 from shardkit.inputs.folder import DEFAULT_PROMPT
+from shardkit.schema import Record
 from shardkit.storage import open_fs, parent
 
 IMAGE_NAMES = ("image", "img", "picture", "photo")
+IMAGES_NAMES = ("images", "image")
 LABEL_NAMES = ("label", "labels", "class", "fine_label", "coarse_label")
-TEXT_NAMES = ("text", "caption", "answer", "response")
+TEXT_NAMES = ("text", "caption", "answer", "answers", "response")
+QUESTION_NAMES = ("question", "query", "prompt", "instruction")
+CHAT_NAMES = ("messages", "conversations", "conversation")
+PAIRS_NAME = "texts"
 
 
 class HFDataset(InputFormat):
@@ -48,96 +80,176 @@ class HFDataset(InputFormat):
 
     def _tables(self) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch]]]:
         for file in self.files():
-            fs, path = open_fs(file)
-            with fs.open(path, "rb") as f:
-                if path.endswith(".parquet"):
-                    parquet = pq.ParquetFile(f)
-                    yield parquet.schema_arrow, parquet.iter_batches(batch_size=256)
-                else:
-                    yield _arrow(f)
+            with open_location(file) as f:
+                yield _open_table(file, f)
 
-    def columns(self, schema: pa.Schema) -> dict[str, Any]:
-        """The image, label and text columns of ``schema``, and the label's class names if the features give them."""
+    def columns(self, schema: pa.Schema) -> Columns:
+        """Which columns make the record, and how (see the module's docstring)."""
         features = _features(schema)
         names = schema.names
+        given = {k: self.options.get(f"{k}_column") for k in ("image", "label", "text", "question")}
+        for kind, value in given.items():
+            if value is not None and value not in names:
+                raise InputError(f"{self.location} has no column {value!r} for the {kind}; columns: {', '.join(names)}")
+        if not any(given[k] for k in ("label", "text", "question")):
+            chat = next((n for n in CHAT_NAMES if n in names), None)
+            pairs = PAIRS_NAME if PAIRS_NAME in names else None
+            if chat or pairs:
+                images = given["image"] or next((n for n in IMAGES_NAMES if n in names), None)
+                return Columns(image=images, chat=chat, pairs=None if chat else pairs)
         image = (
-            self.options.get("image_column")
-            or next((n for n in names if (features.get(n) or {}).get("_type") == "Image"), None)
+            given["image"]
+            or next((n for n in names if _feature_type(features.get(n)) == "Image"), None)
             or next((n for n in IMAGE_NAMES if n in names), None)
         )
-        label = self.options.get("label_column") or next((n for n in LABEL_NAMES if n in names), None)
-        text = self.options.get("text_column") or next((n for n in TEXT_NAMES if n in names), None)
-        if self.options.get("text_column"):
-            label = self.options.get("label_column")
-        for given, value in (("image", image), ("label", label), ("text", text)):
-            if value is not None and value not in names:
-                raise InputError(
-                    f"{self.location} has no column {value!r} for the {given}; columns: {', '.join(names)}"
-                )
+        label = given["label"] or next((n for n in LABEL_NAMES if n in names), None)
+        text = given["text"] or next((n for n in TEXT_NAMES if n in names), None)
+        if given["text"]:
+            label = given["label"]
+        question = given["question"] or next((n for n in QUESTION_NAMES if n in names), None)
         if image is None:
             raise InputError(
                 f"{self.location}: no image column found; name it with --image-column ({', '.join(names)})"
             )
         if label is None and text is None:
             raise InputError(f"{self.location}: no label or text column; name one with --label-column or --text-column")
-        classes = (features.get(label) or {}).get("names") if label else None
-        return {"image": image, "label": None if text else label, "text": text, "classes": classes}
+        answer = text or label
+        assert answer is not None
+        classes = _class_names(features.get(answer))
+        return Columns(image=image, answer=answer, question=question, classes=classes, label=text is None)
 
     def items(self) -> Iterator[RawItem]:
         number = 0
         for schema, batches in self._tables():
             columns = self.columns(schema)
-            wanted = [c for c in (columns["image"], columns["label"], columns["text"]) if c]
             for batch in batches:
-                for row in batch.select(wanted).to_pylist():
+                for row in batch.select(columns.names()).to_pylist():
                     number += 1
                     yield RawItem(number, {"row": row, "columns": columns})
 
     def summary(self) -> InputSummary:
         rows = 0
         for file in self.files():
-            fs, path = open_fs(file)
-            with fs.open(path, "rb") as f:
-                if path.endswith(".parquet"):
-                    rows += pq.ParquetFile(f).metadata.num_rows
-                else:
-                    rows += sum(batch.num_rows for batch in _arrow(f)[1])
+            with open_location(file) as f:
+                rows += _num_rows(file, f)
         return InputSummary(rows, hash_files(self.files()))
 
-    def record(self, item: RawItem):
+    def record(self, item: RawItem) -> Record:
         assert isinstance(item.data, dict)
         row, columns = item.data["row"], item.data["columns"]
-        value = row[columns["image"]]
-        data = value.get("bytes") if isinstance(value, dict) else value
-        if isinstance(data, bytes | bytearray) and data:
-            image = data_uri(bytes(data))
-        elif isinstance(value, dict) and value.get("path"):
-            image = value["path"]  # an Image feature that points to a file instead of holding it
-        elif isinstance(value, str) and value:
-            image = value  # a column of image paths
-        else:
-            raise RecordError(f"the image column {columns['image']!r} is empty", "image_missing", item.line)
-        if columns["text"]:
-            reply = row[columns["text"]]
-        else:
-            reply = row[columns["label"]]
-            if columns["classes"] and isinstance(reply, int) and 0 <= reply < len(columns["classes"]):
-                reply = columns["classes"][reply]
-        if reply is None or str(reply) == "":
-            raise RecordError("no label or text", "invalid_record", item.line)
-        prompt = self.options.get("prompt") or DEFAULT_PROMPT
+        if columns.chat or columns.pairs:
+            return self._conversation(row, columns, item.line)
+        image = _image(row[columns.image])
+        if image is None:
+            raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.line)
+        reply = _answer(row[columns.answer], columns, item.line)
+        question = row[columns.question] if columns.question else None
+        prompt = question if isinstance(question, str) and question else self.options.get("prompt") or DEFAULT_PROMPT
+        label = {"label": row[columns.answer]} if columns.label else {}
         record = {
             "messages": [
                 {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]},
-                {"role": "assistant", "content": str(reply)},
+                {"role": "assistant", "content": reply},
             ],
-            "meta": {"row": item.line, **({"label": row[columns["label"]]} if columns["label"] else {})},
+            "meta": {"row": item.line, **label},
         }
         return validate_record(record, item.line)
+
+    def _conversation(self, row: dict[str, Any], columns: Columns, line: int) -> Record:
+        raw = row[columns.image] if columns.image else None
+        raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
+        images = [_image(value) for value in raw]
+        if any(i is None for i in images):
+            raise RecordError(f"an image of the column {columns.image!r} is empty", "image_missing", line)
+        if columns.chat:
+            turns = row[columns.chat]
+        else:
+            pairs = row[columns.pairs] or []
+            if not all(isinstance(p, dict) for p in pairs):
+                raise RecordError(
+                    f"{columns.pairs!r} must be a list of {{user, assistant}} pairs", "invalid_record", line
+                )
+            # no placeholders: the images go before the first question
+            turns = [{"role": role, "content": pair.get(role)} for pair in pairs for role in ("user", "assistant")]
+        refuse_unsupported({"messages": turns}, line)
+        record = {"messages": to_messages(turns, images, line), "meta": {"row": line}}
+        return refuse_placeholders(validate_record(record, line), line)
 
     def image_root(self) -> str:
         fs, path = open_fs(self.location)
         return self.location if fs.isdir(path) else parent(self.location)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns a row is read from: ``chat`` or ``pairs`` with ``image`` (a list), or ``image`` and ``answer``."""
+
+    image: str | None = None
+    answer: str | None = None
+    question: str | None = None
+    classes: list[str] | None = None
+    chat: str | None = None
+    pairs: str | None = None
+    label: bool = False
+
+    def names(self) -> list[str]:
+        """The columns to read, in order."""
+        return [c for c in (self.image, self.chat, self.pairs, self.question, self.answer) if c]
+
+
+def _image(value: Any) -> str | None:
+    """An image cell (``{bytes, path}``, bytes, or a path) as an image reference; None when empty."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if isinstance(data, bytes | bytearray) and data:
+        return data_uri(bytes(data))
+    if isinstance(value, dict) and value.get("path"):
+        return value["path"]  # an Image feature that points to a file instead of holding it
+    if isinstance(value, str) and value:
+        return value  # a column of image paths
+    return None
+
+
+def _answer(value: Any, columns: Columns, line: int) -> str:
+    """The assistant's text: a class name, a string, or the most frequent entry of a list of answers."""
+    if isinstance(value, list) and not value:
+        raise RecordError(f"the answer column {columns.answer!r} holds an empty list", "invalid_record", line)
+    if isinstance(value, list):
+        if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+            raise RecordError(
+                f"the answer column {columns.answer!r} holds a list that is not of strings: {str(value)[:80]}",
+                "invalid_record",
+                line,
+            )
+        value = Counter(value).most_common(1)[0][0]  # the most frequent; among equals, the first seen
+    if columns.classes and isinstance(value, int) and 0 <= value < len(columns.classes):
+        value = columns.classes[value]
+    if value is None or isinstance(value, dict | bytes) or str(value) == "":
+        raise RecordError("no label or text", "invalid_record", line)
+    return str(value)
+
+
+def _num_rows(file: str, f: Any) -> int:
+    batches = _open_table(file, f)[1]
+    if file.endswith(".parquet"):
+        f.seek(0)
+        return pq.ParquetFile(f).metadata.num_rows  # from the footer, nothing decoded
+    return sum(batch.num_rows for batch in batches)
+
+
+def _open_table(file: str, f: Any) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Schema and record batches of a Parquet or Arrow file; :class:`InputError` for any other file."""
+    try:
+        if file.endswith(".parquet"):
+            parquet = pq.ParquetFile(f)
+            return parquet.schema_arrow, parquet.iter_batches(batch_size=256)
+        if file.endswith(".arrow"):
+            return _arrow(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{file} cannot be read as {file.rsplit('.', 1)[-1]}: {exc}") from None
+    raise InputError(
+        f"{file} is not a Parquet or Arrow file; the hf input form reads .parquet/.arrow files or a save_to_disk "
+        "folder (a JSON file is read with --input-format sharegpt, llava or qwen)"
+    )
 
 
 def _arrow(f: Any) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
@@ -149,6 +261,21 @@ def _arrow(f: Any) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         f.seek(0)
         reader = pa.ipc.open_file(f)
         return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+
+def _feature_type(feature: Any) -> str | None:
+    """The ``_type`` of a feature; a plain JSON list (the older layout's sequence) is a ``List``."""
+    if isinstance(feature, list):
+        return "List"
+    return feature.get("_type") if isinstance(feature, dict) else None
+
+
+def _class_names(feature: Any) -> list[str] | None:
+    """The class names of a ``ClassLabel`` feature, or of a list of them (both layouts)."""
+    if _feature_type(feature) in ("List", "Sequence"):
+        feature = feature[0] if isinstance(feature, list) else feature.get("feature")
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return list(names) if isinstance(names, list) else None
 
 
 def _features(schema: pa.Schema) -> dict[str, Any]:

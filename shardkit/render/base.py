@@ -17,12 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from shardkit.errors import ConfigError, RecordError
 from shardkit.schema import ImagePart, Record
+from shardkit.tokenizer import without_added_tokens_above
 
 
 class TrainOn(StrEnum):
@@ -134,10 +135,14 @@ class Renderer(ABC):
         "<|video_pad|>",
     )
     _reserved_re = re.compile("|".join(re.escape(t) for t in RESERVED))
+    #: the model's last added-token id: later added tokens of the given tokenizer are read as plain text
+    LAST_ADDED_ID: ClassVar[int | None] = None
 
     def __init__(self, tokenizer: Any):
         """``tokenizer``: a Hugging Face fast tokenizer (its Rust backend does the work)."""
         self.backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        if self.LAST_ADDED_ID is not None and hasattr(self.backend, "get_added_tokens_decoder"):
+            self.backend = without_added_tokens_above(self.backend, self.LAST_ADDED_ID)
         self.ids = {}
         for token in (self.IM_START, self.IM_END, self.VISION_START, self.VISION_END, self.IMAGE_PAD):
             token_id = self.backend.token_to_id(token)
@@ -152,7 +157,12 @@ class Renderer(ABC):
 
     @staticmethod
     def trained(record: Record, index: int, train_on: TrainOn) -> bool:
-        """Whether message ``index``'s content is a training target under ``train_on``."""
+        """Whether message ``index``'s content is a training target under ``train_on``.
+
+        A message's own ``loss`` (true or false), where given, decides for that message instead.
+        """
+        if record.messages[index].loss is not None:
+            return record.messages[index].loss
         role = record.messages[index].role
         if train_on is TrainOn.ALL:
             return True

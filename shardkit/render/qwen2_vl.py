@@ -24,6 +24,8 @@ class Qwen2VLRenderer(Renderer):
     """Renderer for the Qwen2-VL / Qwen2.5-VL Instruct chat template."""
 
     DEFAULT_SYSTEM = "You are a helpful assistant."
+    # Qwen2-VL's added tokens end at <|video_pad|> (tokenizer_config.json of Qwen/Qwen2-VL-2B-Instruct)
+    LAST_ADDED_ID = 151656
 
     def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
         out: list[Piece] = []
@@ -48,4 +50,13 @@ QWEN2_VL = Family(
     max_pixels=28 * 28 * 1280,
 )
 
-QWEN2_5_VL = replace(QWEN2_VL, name="qwen2_5_vl")  # same chat template, grid and normalisation
+
+class Qwen25VLRenderer(Qwen2VLRenderer):
+    """Qwen2.5-VL: Qwen2-VL's chat template, with the added tokens up to ``<|file_sep|>``."""
+
+    # <tool_call> ... <|file_sep|> (151657-151664) are added tokens of Qwen2.5-VL, Qwen3's later ones are not
+    # (tokenizer_config.json of Qwen/Qwen2.5-VL-3B-Instruct)
+    LAST_ADDED_ID = 151664
+
+
+QWEN2_5_VL = replace(QWEN2_VL, name="qwen2_5_vl", renderer=Qwen25VLRenderer)  # same template, grid, normalisation
