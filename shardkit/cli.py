@@ -595,7 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception:  # a bug: the traceback, and where it is kept
+    except Exception as exc:  # a bug: the traceback, and where it is kept
+        from shardkit.storage import credentials_problem
+
+        if problem := credentials_problem(exc):
+            print(f"shardkit: error: {problem}", file=sys.stderr)
+            return EXIT_FATAL
         trace = traceback.format_exc()
         print(trace, file=sys.stderr)
         log = _log_bug(args, trace)

@@ -83,14 +83,9 @@ def _remove_build(fs: Any, folder: str) -> None:
     """
     own = _own_names(fs, folder)
     present = {_name(e["name"]): e["name"] for e in fs.ls(folder, detail=True) if e["type"] == "file"}
-    order = [MANIFEST_NAME, *sorted(own - {MANIFEST_NAME, BUILD_FILE})]
-    for name in order:
-        for candidate in (name, name + PARTIAL_SUFFIX):
-            if candidate in present:
-                fs.rm_file(present[candidate])
-    for name, path in present.items():
-        if name.endswith(PARTIAL_SUFFIX) and SHARD_NAME.fullmatch(name.removesuffix(PARTIAL_SUFFIX)):
-            fs.rm_file(path)
+    doomed = [name for name in present if _is_own(name, own) and name != BUILD_FILE]
+    for name in sorted(doomed, key=lambda name: name != MANIFEST_NAME):
+        fs.rm_file(present[name])
     if fs.exists(join(folder, PROGRESS_DIR)):
         fs.rm(join(folder, PROGRESS_DIR), recursive=True)
     if BUILD_FILE in present:
@@ -269,8 +264,13 @@ def cleanup(fs: Any, folder: str) -> None:
     """
     fs.invalidate_cache()
     own = _own_names(fs, folder)
-    for path in fs.ls(folder, detail=False):
-        name = _name(path)
-        base = name.removesuffix(PARTIAL_SUFFIX)
-        if name != base and (base in own or SHARD_NAME.fullmatch(base)) and fs.isfile(path):
-            fs.rm_file(path)
+    for entry in fs.ls(folder, detail=True):
+        name = _name(entry["name"])
+        if name.endswith(PARTIAL_SUFFIX) and entry["type"] == "file" and _is_own(name, own):
+            fs.rm_file(entry["name"])
+
+
+def _is_own(name: str, own: set[str]) -> bool:
+    """Whether the file ``name`` is the build's: a recorded name, or a ``.partial`` of one or of a shard's name."""
+    base = name.removesuffix(PARTIAL_SUFFIX)
+    return name in own or (name != base and (base in own or SHARD_NAME.fullmatch(base) is not None))
