@@ -128,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate each record, resize its images to the model's grid, render and tokenize the chat with "
         "per-token loss weights, and write WebDataset tar or Parquet shards, rejects.jsonl and manifest.json (last). "
         "Rejected records are listed in rejects.jsonl and do not fail the build unless --strict. Running the same "
-        "command again resumes an interrupted build.",
+        "command again resumes an interrupted build, and builds again the tasks whose image files changed. Exit 0 "
+        "built; 1 --strict met a reject, or no sample was written; 2 a user or environment error (one line); 3 an "
+        "internal error (a bug; traceback in OUT/errors.log).",
     )
     p.add_argument("input", metavar="INPUT", help="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
     _input_options(p)
@@ -189,7 +191,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the Ray cluster to join, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS or a local Ray)",
     )
     p.add_argument("--strict", action="store_true", help="stop with exit 1 at the first rejected record")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out made with other options")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier build in --out made with other options (only its own files are deleted)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser(
