@@ -622,10 +622,14 @@ def fatal_os_errors() -> Iterator[None]:
     except ShardkitError:
         raise
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
         hint = ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             hint = "; free space and run the same command again: finished shards are kept"
         elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             hint = "; choose a folder you can write to"
-        raise OutputError(f"{exc.strerror or exc}{where}{hint}") from exc
+        raise OutputError(f"{os_error_text(exc)}{hint}") from exc
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OS error as a plain phrase with the file it concerns: ``No space left on device: /out/shard-...``."""
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)

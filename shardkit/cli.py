@@ -595,8 +595,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shardkit: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except OSError as exc:  # the environment (a file, the network, the disk), not shardkit
-        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"shardkit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        from shardkit.build import os_error_text
+
+        print(f"shardkit: error: {os_error_text(exc)}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print("shardkit: interrupted; run the same command again to resume", file=sys.stderr)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from shardkit.build import build
 from shardkit.cli import main
+from shardkit.config import BuildConfig
 from shardkit.shards import read_manifest
 from shardkit.shards.folder import lock
 from shardkit.storage import open_fs
@@ -69,7 +71,7 @@ def test_read_only_output_is_one_line(clinical, tmp_path, mount_tmpfs):
 def test_disk_full_is_one_line_and_a_rerun_after_freeing_space_resumes(clinical, tmp_path, mount_tmpfs):
     options = ["--samples-per-shard", "2", "--workers", "1", "--no-progress"]
     reference = tmp_path / "reference"
-    assert shardkit("build", clinical.jsonl, "--out", reference, *options).returncode == 0
+    build(BuildConfig.create(input=str(clinical.jsonl), out=str(reference), samples_per_shard=2), progress=False)
     size = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file())
     disk = mount_tmpfs("disk", size // 2)
     line = one_line_error(shardkit("build", clinical.jsonl, "--out", disk / "shards", *options))
@@ -116,7 +118,7 @@ def test_a_second_build_into_a_folder_being_built_is_refused(clinical, tmp_path)
         line = one_line_error(shardkit("build", clinical.jsonl, "--out", out, "--no-progress"))
     assert "being written by another shardkit build" in line
     assert list(out.iterdir()) == []  # the refused build touched nothing
-    assert shardkit("build", clinical.jsonl, "--out", out, "--no-progress").returncode == 0
+    assert build(BuildConfig.create(input=str(clinical.jsonl), out=str(out)), progress=False).num_samples
 
 
 def test_an_unreachable_http_input_is_one_line(tmp_path, capsys):
