@@ -197,10 +197,10 @@ class Converter:
         if "\0" in ref:
             raise RecordError("image path contains a NUL character", "image_missing", detail={"image": describe(ref)})
         key = stamp = None
-        if not ref.startswith(("data:", "http://", "https://")):
-            key = self.root.resolve(ref)
-            stamp = file_stamp(self.root.fs, key, local=self.root.local)
         try:
+            if not ref.startswith(("data:", "http://", "https://")):
+                key = self.root.resolve(ref)
+                stamp = file_stamp(None if self.root.local else self.root.fs, key, local=self.root.local)
             data = self.root.read(ref)
         except RecordError as exc:
             if key is not None and exc.code == "image_missing":

@@ -240,12 +240,14 @@ def test_validate_reports_what_build_rejects_with_the_same_reason(tmp_path):
         conversation("a.jpg", question="word " * 400),  # too long for max_length 256
         nested,
         conversation("a\u0000.jpg"),
+        conversation("loop.jpg"),
         conversation("a.jpg"),
     ]
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
     data = write_jsonl(root / "in.jsonl", lines)
     build(config(data, tmp_path / "out", max_length=256), progress=False)
     built = [(r["line"], r["code"], r["reason"]) for r in rejects(tmp_path / "out")]
-    assert [code for _, code, _ in built] == ["too_long", "invalid_json", "image_missing"]
+    assert [code for _, code, _ in built] == ["too_long", "invalid_json", "image_missing", "image_unreadable"]
     report = validate(str(data), max_length=256)
     assert [(p["line"], p["code"], p["reason"]) for p in report.problems] == built
     assert report.traceback is None and report.images == 1
