@@ -4,6 +4,7 @@ only the build's own files are deleted, validate judges as build does."""
 import decimal
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -148,6 +149,7 @@ def test_a_rerun_sees_changed_and_added_images(tmp_path, caplog):
     build(config(data, out), progress=False)
     assert stored_colour(out)[0] > 200 and [r["code"] for r in rejects(out)] == ["image_missing"]
 
+    os.utime(root / "a.png", ns=(1, 1))  # a new time, the same bytes: hashed again, found unchanged
     with caplog.at_level("INFO"):
         build(config(data, out), progress=False)
     assert "already holds this complete build" in caplog.text
@@ -230,6 +232,10 @@ def test_overwrite_and_cleanup_delete_only_the_builds_own_files(clinical, tmp_pa
     assert (out / "shard-archive" / "old.tar").read_text() == "mine"
     assert not (out / "shard-000000-000.tar.partial").exists()
     assert sorted(p.name for p in out.glob("shard-0*")) == sorted(s.path for s in manifest.shards)
+    (out / "manifest.json").unlink()  # an unfinished build, resumed and cleaned up
+    build(config(clinical.jsonl, out, samples_per_shard=5), progress=False)
+    assert (out / "shard-notes.txt").exists() and (out / "paper.partial").exists()
+    assert (out / "shard-archive" / "old.tar").exists()
 
 
 def test_validate_reports_what_build_rejects_with_the_same_reason(tmp_path):
