@@ -428,12 +428,13 @@ def _build(args: argparse.Namespace) -> int:
                 f"{manifest.num_rejected} records rejected (see {out}/rejects.jsonl): "
                 + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items())
             )
-        code = max(code, _build_verdict(manifest, out))
+        code = max(code, _build_verdict(manifest, out, split))
     return code
 
 
-def _build_verdict(manifest: Any, out: str) -> int:
-    """The exit code of a finished build: a bug (3) or no samples at all (1) fail it, with one line saying why."""
+def _build_verdict(manifest: Any, out: str, split: str) -> int:
+    """The exit code of a finished build: a bug (3) or no samples at all (1) fail it, with one line saying why
+    (a split that no record fell into is no failure)."""
     from shardkit.build import INTERNAL_ERROR
     from shardkit.shards.folder import ERRORS_LOG
 
@@ -444,7 +445,7 @@ def _build_verdict(manifest: Any, out: str) -> int:
             file=sys.stderr,
         )
         return EXIT_BUG
-    if not manifest.num_samples:
+    if not manifest.num_samples and (manifest.num_records or not split):
         top = sorted(manifest.rejects_by_code.items(), key=lambda kv: -kv[1])[:3]
         reasons = ", ".join(f"{code} {count}" for code, count in top) or "the input has no records"
         print(
