@@ -124,7 +124,7 @@ def _all_results(fs: Any, folder: str) -> Iterator[dict[str, Any]]:
     progress = join(folder, PROGRESS_DIR)
     if not fs.exists(progress):
         return iter(())
-    paths = [p for p in fs.ls(progress, detail=False) if _name(p).startswith("task-")]
+    paths = [p for p in fs.ls(progress, detail=False) if _name(p).startswith("task-") and p.endswith(".json")]
     return _read_all(fs, sorted(paths))
 
 
@@ -263,11 +263,12 @@ def cleanup(fs: Any, folder: str) -> None:
     record (:mod:`shardkit.ledger`).
     """
     fs.invalidate_cache()
-    own = _own_names(fs, folder)
-    for entry in fs.ls(folder, detail=True):
-        name = _name(entry["name"])
-        if name.endswith(PARTIAL_SUFFIX) and entry["type"] == "file" and _is_own(name, own):
-            fs.rm_file(entry["name"])
+    entries = fs.ls(folder, detail=True)
+    partial = [e["name"] for e in entries if e["type"] == "file" and e["name"].endswith(PARTIAL_SUFFIX)]
+    own = _own_names(fs, folder) if partial else set()
+    for path in partial:
+        if _is_own(_name(path), own):
+            fs.rm_file(path)
 
 
 def _is_own(name: str, own: set[str]) -> bool:
