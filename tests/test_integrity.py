@@ -257,3 +257,18 @@ def test_validate_reports_what_build_rejects_with_the_same_reason(tmp_path):
     report = validate(str(data), max_length=256)
     assert [(p["line"], p["code"], p["reason"]) for p in report.problems] == built
     assert report.traceback is None and report.images == 1
+
+
+def test_a_bug_outside_any_record_shows_its_traceback_and_keeps_it_in_the_log(tmp_path, monkeypatch, capsys):
+    write_image(tmp_path / "d" / "a.jpg", 64, 64)
+    data = write_jsonl(tmp_path / "d" / "in.jsonl", [conversation("a.jpg")])
+
+    def broken(*args, **kwargs):
+        raise KeyError("a regression in assembly")
+
+    monkeypatch.setattr(build_module, "assemble", broken)
+    out = tmp_path / "out"
+    assert main(["build", str(data), "--out", str(out), "--no-progress", "--workers", "1"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"traceback in {out / 'errors.log'}" in err
+    assert "KeyError: 'a regression in assembly'" in (out / "errors.log").read_text()
