@@ -448,6 +448,8 @@ def _build_verdict(manifest: Any, out: str, split: str) -> int:
     if not manifest.num_samples and (manifest.num_records or not split):
         top = sorted(manifest.rejects_by_code.items(), key=lambda kv: -kv[1])[:3]
         reasons = ", ".join(f"{code} {count}" for code, count in top) or "the input has no records"
+        if top and (example := _first_reject(out, top[0][0])):
+            reasons += f"; e.g. line {example['line']}: {example['reason']}"
         print(
             f"shardkit: error: no samples written: all {manifest.num_records} records rejected ({reasons}); "
             f"see {out}/rejects.jsonl or run shardkit validate",
@@ -617,6 +619,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BUG
+
+
+def _first_reject(out: str, code: str) -> dict[str, Any] | None:
+    """The first row of ``OUT/rejects.jsonl`` with ``code``."""
+    from shardkit.shards.folder import REJECTS_FILE
+    from shardkit.storage import join, open_fs
+
+    fs, folder = open_fs(out)
+    with fs.open(join(folder, REJECTS_FILE), "rb") as f:
+        return next((row for line in f if (row := json.loads(line))["code"] == code), None)
 
 
 def _log_bug(args: argparse.Namespace, trace: str) -> str | None:

@@ -133,7 +133,8 @@ def test_a_build_with_no_samples_exits_1_naming_the_top_reasons(tmp_path, capsys
     data = write_jsonl(tmp_path / "in.jsonl", [conversation("missing.jpg"), conversation("gone.jpg")])
     assert main(["build", str(data), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "no samples written: all 2 records rejected (image_missing 2)" in err
+    assert "no samples written: all 2 records rejected (image_missing 2; " in err
+    assert "e.g. line 1: " in err and "missing.jpg" in err  # the first reject of the top code
 
 
 def stored_colour(out):
