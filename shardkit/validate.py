@@ -1,7 +1,9 @@
-"""``shardkit validate``: read every record and open every image, report each problem.
+"""``shardkit validate``: the build's own conversion of every record, without writing anything.
 
-Nothing is written. A record's problems are all reported (every bad image,
-not only the first); an item that is not a valid record is one problem.
+Each record goes through :class:`shardkit.build.Converter`, exactly as in a
+build with the same options, so whatever the build would reject (a missing
+image, a record too long for ``max_length``, ...) is reported here with the
+same code and reason: one problem per rejected record.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardkit.errors import RecordError
-from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, ImageRoot, decode_image
-from shardkit.inputs import open_input
-from shardkit.render import Renderer
 
 
 @dataclass
 class ValidationReport:
-    """Counts and problems (``RecordError.to_json()`` rows, in input order)."""
+    """Counts and problems (``RecordError.to_json()`` rows, in input order).
+
+    ``traceback`` holds the first internal error's traceback (a bug), if any.
+    """
 
     records: int = 0
     images: int = 0
     unit: str = "line"
     problems: list[dict[str, Any]] = field(default_factory=list)
+    traceback: str | None = None
 
     @property
     def bad_lines(self) -> list[int]:
@@ -34,35 +37,26 @@ class ValidationReport:
         return not self.problems
 
 
-def validate(
-    path: str,
-    *,
-    input_format: str = "auto",
-    image_root: str | None = None,
-    max_image_pixels: int = 100_000_000,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    allow_remote: bool = False,
-    on_record: Callable[[], None] | None = None,
-    **input_options: Any,
-) -> ValidationReport:
-    """Check every record of the input at ``path`` (any input form) and every image it names."""
-    source = open_input(path, input_format, **input_options)
-    root = ImageRoot(image_root or source.image_root(), allow_remote=allow_remote, max_image_bytes=max_image_bytes)
-    report = ValidationReport(unit=source.unit)
-    for item in source.items():
+def validate(path: str, *, on_record: Callable[[], None] | None = None, **options: Any) -> ValidationReport:
+    """Convert every record of the input at ``path`` as a build would; ``options`` are
+    :class:`~shardkit.config.BuildConfig` fields (``input_format``, ``image_root``, ``model``, ``max_length``...)."""
+    from shardkit.build import Converter
+    from shardkit.config import BuildConfig
+    from shardkit.tokenizer import load_tokenizer
+
+    config = BuildConfig.create(input=path, out="", **{k: v for k, v in options.items() if v is not None})
+    convert = Converter(config, load_tokenizer(config.tokenizer)[0])
+    report = ValidationReport(unit=convert.input.unit)
+    for item in convert.input.items():
         report.records += 1
         if on_record:
             on_record()
         try:
-            record = source.record(item)
-            Renderer.check_text(record)
+            report.images += len(convert(item).images)
         except RecordError as exc:
-            report.problems.append(exc.at(item.line).to_json())
-            continue
-        for part in record.images():
-            report.images += 1
-            try:
-                decode_image(root.read(part.image), part.image, max_pixels=max_image_pixels)
-            except RecordError as exc:
-                report.problems.append(exc.at(item.line).to_json())
+            problem = exc.to_json()
+            trace = problem.pop("traceback", None)
+            if trace and report.traceback is None:
+                report.traceback = f"{report.unit} {item.line}:\n{trace}"
+            report.problems.append(problem)
     return report

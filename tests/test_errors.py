@@ -2,7 +2,7 @@ import pickle
 
 import pytest
 
-from shardkit.errors import ConfigError, InputError, OutputError, RecordError, ShardError, ShardkitError
+from shardkit.errors import ConfigError, InputError, OutputError, RecordError, ShardError, ShardkitError, WorkerError
 
 
 @pytest.mark.parametrize(
@@ -12,6 +12,7 @@ from shardkit.errors import ConfigError, InputError, OutputError, RecordError, S
         (InputError("no input"), OSError),
         (OutputError("bad output"), OSError),
         (ShardError("bad shard"), OSError),
+        (WorkerError("a worker died"), RuntimeError),
         (RecordError("bad record", "invalid_json", 7, {"image": "a.jpg"}), ValueError),
     ],
 )

@@ -6,7 +6,10 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from shardkit.errors import WorkerError
 
 
 def available_cores() -> int:
@@ -22,6 +25,8 @@ def run_local(runner: Callable[[Any], Any], tasks: Iterable[Any], workers: int) 
 
     Worker processes are forked where the platform allows it, so whatever the
     runner prepared in this process (the tokenizer) is shared, not reloaded.
+    A worker that dies (killed, out of memory) stops the run with :class:`WorkerError`;
+    the tasks finished before are kept.
     """
     if workers <= 1:
         yield from map(runner, tasks)
@@ -39,6 +44,11 @@ def run_local(runner: Callable[[Any], Any], tasks: Iterable[Any], workers: int) 
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()
+        except BrokenProcessPool:
+            raise WorkerError(
+                "a build worker process died (killed, or out of memory?); the finished tasks are kept: run the "
+                "same command again to resume (with fewer --workers if memory is short)"
+            ) from None
         except BaseException:
             for future in pending:
                 future.cancel()

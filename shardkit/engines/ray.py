@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from shardkit.errors import ConfigError
+from shardkit.errors import ConfigError, WorkerError
 
 
 def _call(runner: Callable[[Any], Any], task: Any) -> Any:
@@ -41,6 +41,11 @@ def run_ray(
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 yield ray.get(ref)
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+        raise WorkerError(
+            f"a Ray worker died ({type(exc).__name__}); the finished tasks are kept: run the same command again "
+            "to resume"
+        ) from None
     except BaseException:
         for ref in pending:
             ray.cancel(ref)

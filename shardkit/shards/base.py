@@ -34,7 +34,9 @@ class Sample:
     @functools.cached_property
     def info_json(self) -> bytes:
         """The JSON member, byte-stable (sorted keys, compact); computed once (``info`` is not changed after)."""
-        return json.dumps(self.info, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(
+            self.info, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
 
     @property
     def payload_bytes(self) -> int:

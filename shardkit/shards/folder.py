@@ -3,10 +3,15 @@
 ::
 
     build.json          written first: the identity of the build (options, input and tokenizer hashes)
-    _progress/task-N.json   one per finished task: its shards with sample locations, rejects, counts
+    _progress/task-N.json   one per finished task: its shards with sample locations, rejects, counts, the
+                        image files it read (kept after the build: a rerun re-checks them)
     shard-TTTTTT-PPP.tar    the shards (each published atomically)
     rejects.jsonl, shard_stats.jsonl, index.parquet
+    errors.log          only after an internal error (a bug): the first traceback
     manifest.json       written last: the build is complete
+
+Only these files are ever deleted (by ``--overwrite`` or cleanup); anything
+else in the folder is left alone. The folder is locked while a build runs.
 
 A task's result file is written after its shards, so a result that exists
 names shards that are complete. Assembly streams the result files in task
@@ -15,22 +20,29 @@ order, so the memory it needs does not grow with the number of samples.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from shardkit.errors import OutputError
 from shardkit.shards.index import INDEX_NAME, IndexWriter
 from shardkit.shards.manifest import MANIFEST_NAME, IndexFile, Manifest, ShardEntry
-from shardkit.storage import PARTIAL_SUFFIX, atomic_write, join, write_bytes
+from shardkit.storage import PARTIAL_SUFFIX, atomic_write, is_local, join, write_bytes
 
 BUILD_FILE = "build.json"
 PROGRESS_DIR = "_progress"
 REJECTS_FILE = "rejects.jsonl"
 SHARD_STATS_FILE = "shard_stats.jsonl"
+ERRORS_LOG = "errors.log"
 READERS = 16  # threads reading task results
+OWN_FILES = (BUILD_FILE, MANIFEST_NAME, INDEX_NAME, REJECTS_FILE, SHARD_STATS_FILE, ERRORS_LOG)
+SHARD_NAME = re.compile(r"shard-\d{6}-\d{3}\.(tar|parquet)")  # a shard's exact name
 
 
 def claim(fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool) -> bool:
@@ -61,19 +73,41 @@ def claim(fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool) ->
 
 
 def _remove_build(fs: Any, folder: str) -> None:
-    """Delete the files a shardkit build writes (and nothing else)."""
-    for path in fs.ls(folder, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name == PROGRESS_DIR:
-            fs.rm(path, recursive=True)
-        elif name.startswith("shard-") or name in (
-            MANIFEST_NAME,
-            INDEX_NAME,
-            REJECTS_FILE,
-            SHARD_STATS_FILE,
-            BUILD_FILE,
-        ):
-            fs.rm(path)
+    """Delete the files the build in ``folder`` recorded as its own, and nothing else.
+
+    Those are the fixed files (``build.json``, the manifest, ...), the shards
+    named in the manifest or in a task's result, the results, and ``.partial``
+    files of those names or of a shard's exact name (``shard-000003-000.tar.partial``).
+    The manifest goes first and ``build.json`` last, so an interruption leaves
+    an incomplete build, never a manifest naming deleted shards.
+    """
+    own = _own_names(fs, folder)
+    present = {_name(e["name"]): e["name"] for e in fs.ls(folder, detail=True) if e["type"] == "file"}
+    doomed = [name for name in present if _is_own(name, own) and name != BUILD_FILE]
+    for name in sorted(doomed, key=lambda name: name != MANIFEST_NAME):
+        fs.rm_file(present[name])
+    if fs.exists(join(folder, PROGRESS_DIR)):
+        fs.rm(join(folder, PROGRESS_DIR), recursive=True)
+    if BUILD_FILE in present:
+        fs.rm_file(present[BUILD_FILE])
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _own_names(fs: Any, folder: str) -> set[str]:
+    """Names of the files the build recorded: the fixed ones, the manifest's shards and the task results' shards."""
+    names = set(OWN_FILES)
+    manifest = join(folder, MANIFEST_NAME)
+    if fs.exists(manifest):
+        try:
+            names.update(_name(s["path"]) for s in _read_json(fs, manifest).get("shards", []))
+        except (ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest names nothing
+            pass
+    for result in _all_results(fs, folder):
+        names.update(s["path"] for s in result.get("shards", []))
+    return names
 
 
 def _progress_path(folder: str, index: int) -> str:
@@ -85,19 +119,72 @@ def save_result(fs: Any, folder: str, result: dict[str, Any]) -> None:
     write_bytes(fs, _progress_path(folder, result["index"]), json.dumps(result).encode())
 
 
-def finished_tasks(fs: Any, folder: str) -> set[int]:
-    """Tasks whose result exists and whose shards are all present at their recorded size."""
-    fs.invalidate_cache()  # object-store listings are cached; workers wrote since
-    sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"] for p in fs.ls(folder, detail=True)}
+def _all_results(fs: Any, folder: str) -> Iterator[dict[str, Any]]:
+    """Every task result in the folder, in task order."""
     progress = join(folder, PROGRESS_DIR)
     if not fs.exists(progress):
-        return set()
-    paths = [p for p in fs.ls(progress, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("task-")]
-    return {
-        result["index"]
-        for result in _read_all(fs, sorted(paths))
-        if all(sizes.get(s["path"]) == s["bytes"] for s in result["shards"])
-    }
+        return iter(())
+    paths = [p for p in fs.ls(progress, detail=False) if _name(p).startswith("task-") and p.endswith(".json")]
+    return _read_all(fs, sorted(paths))
+
+
+def check_tasks(
+    fs: Any, folder: str, still_valid: Callable[[dict[str, Any]], bool]
+) -> tuple[set[int], list[dict[str, Any]]]:
+    """The finished tasks (their result exists and their shards are present at their recorded size), and the
+    results of those ``still_valid`` refuses (their images changed): these are to be built again."""
+    fs.invalidate_cache()  # object-store listings are cached; workers wrote since
+    sizes = {_name(p["name"]): p["size"] for p in fs.ls(folder, detail=True)}
+    done, stale = set(), []
+    for result in _all_results(fs, folder):
+        if not all(sizes.get(s["path"]) == s["bytes"] for s in result["shards"]):
+            continue
+        if still_valid(result):
+            done.add(result["index"])
+        else:
+            stale.append(result)
+    return done, stale
+
+
+def forget_task(fs: Any, folder: str, result: dict[str, Any]) -> None:
+    """Delete a finished task's result and then its shards, so it is built again (the manifest must be gone)."""
+    fs.rm_file(_progress_path(folder, result["index"]))
+    for shard in result["shards"]:
+        path = join(folder, shard["path"])
+        if fs.exists(path):
+            fs.rm_file(path)
+
+
+def unclaim_manifest(fs: Any, folder: str) -> None:
+    """Delete the manifest: the build becomes incomplete, so its stale tasks can be redone."""
+    if fs.exists(join(folder, MANIFEST_NAME)):
+        fs.rm_file(join(folder, MANIFEST_NAME))
+
+
+@contextmanager
+def lock(fs: Any, folder: str) -> Iterator[None]:
+    """Hold the build folder for this process (an exclusive ``flock`` on the local folder itself).
+
+    A second build into the same folder at the same time is refused with
+    :class:`OutputError`. Object stores have no such lock; there, run one
+    build per prefix.
+    """
+    if not is_local(fs):
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{folder} is being written by another shardkit build right now; wait for it to finish "
+                "(then run the same command to complete or reuse it), or choose another folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_json(fs: Any, path: str) -> dict[str, Any]:
@@ -170,10 +257,21 @@ def assemble(
 
 
 def cleanup(fs: Any, folder: str) -> None:
-    """Remove the progress records and any partial file a killed run left behind."""
+    """Remove what a killed run left half-written: ``.partial`` files of the build's own names.
+
+    The task results stay (``_progress/``): a rerun re-checks the images they
+    record (:mod:`shardkit.ledger`).
+    """
     fs.invalidate_cache()
-    if fs.exists(join(folder, PROGRESS_DIR)):
-        fs.rm(join(folder, PROGRESS_DIR), recursive=True)
-    for path in fs.ls(folder, detail=False):
-        if path.endswith(PARTIAL_SUFFIX):
-            fs.rm(path)
+    entries = fs.ls(folder, detail=True)
+    partial = [e["name"] for e in entries if e["type"] == "file" and e["name"].endswith(PARTIAL_SUFFIX)]
+    own = _own_names(fs, folder) if partial else set()
+    for path in partial:
+        if _is_own(_name(path), own):
+            fs.rm_file(path)
+
+
+def _is_own(name: str, own: set[str]) -> bool:
+    """Whether the file ``name`` is the build's: a recorded name, or a ``.partial`` of one or of a shard's name."""
+    base = name.removesuffix(PARTIAL_SUFFIX)
+    return name in own or (name != base and (base in own or SHARD_NAME.fullmatch(base) is not None))
