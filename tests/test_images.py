@@ -368,7 +368,8 @@ def test_max_image_bytes_reaches_validate_and_build(tmp_path, capsys):
     assert main(["validate", str(data), "--max-image-bytes", str(size - 1)]) == 1
     assert f"over --max-image-bytes {size - 1}" in capsys.readouterr().out
     out = tmp_path / "out"
-    assert main(["build", str(data), "--out", str(out), "--max-image-bytes", str(size - 1), "--no-progress"]) == 0
+    # the only record is rejected: a build with no samples exits 1
+    assert main(["build", str(data), "--out", str(out), "--max-image-bytes", str(size - 1), "--no-progress"]) == 1
     reject = json.loads((out / "rejects.jsonl").read_text())
     assert reject["code"] == "image_too_large" and "images/a.jpg" in reject["reason"]
 

@@ -61,7 +61,8 @@ def test_values_json_cannot_hold_are_that_records_reject_or_null(tmp_path, fmt):
     assert b"\\udc80" in lines[0] and b"NaN" in lines[1]
     data = write_jsonl(tmp_path / "d" / "in.jsonl", lines)
     out = tmp_path / "out"
-    manifest = build(config(data, out, format=fmt, input_format="sharegpt"), progress=False)
+    keep = ("note", "score", "high", "label")  # extra keys are kept in meta only when named (--keep-keys)
+    manifest = build(config(data, out, format=fmt, input_format="sharegpt", keep_keys=keep), progress=False)
     found = {r["line"]: r for r in rejects(out)}
     assert found[1]["code"] == "invalid_text" and "meta.note" in found[1]["reason"]
     assert found[3]["code"] == "empty_answer"
@@ -73,7 +74,7 @@ def test_values_json_cannot_hold_are_that_records_reject_or_null(tmp_path, fmt):
         stored = [strict_json(s.info_json) for s in iter_build_samples(str(out))]
     assert stored[0]["meta"] == {"score": None, "high": None}
     assert stored[1]["meta"] == {"label": "ok"}
-    report = validate(str(data), input_format="sharegpt")
+    report = validate(str(data), input_format="sharegpt", keep_keys=keep)
     assert [(p["line"], p["code"], p["reason"]) for p in report.problems] == [
         (r["line"], r["code"], r["reason"]) for r in rejects(out)
     ]
@@ -97,7 +98,8 @@ def test_decimal_and_binary_labels_in_parquet(tmp_path):
     assert strict_json(sample.info_json)["meta"] == {"row": 1, "label": 1.25} and manifest.num_rejected == 1
     build(config(tmp_path / "b.parquet", tmp_path / "bin"), progress=False)
     ((reject,),) = [rejects(tmp_path / "bin")]
-    assert reject["code"] == "invalid_meta" and "binary" in reject["reason"] and reject["line"] == 1
+    # a binary label cannot be the answer: that record's reject, named, and the build goes on
+    assert reject["code"] == "invalid_record" and "binary" in reject["reason"] and reject["line"] == 1
 
 
 def test_an_internal_error_finishes_the_build_then_fails_loudly_with_a_log(tmp_path, monkeypatch, capsys):

@@ -223,7 +223,12 @@ def _answer(value: Any, columns: Columns, line: int) -> str:
         value = Counter(value).most_common(1)[0][0]  # the most frequent; among equals, the first seen
     if columns.classes and isinstance(value, int) and 0 <= value < len(columns.classes):
         value = columns.classes[value]
-    if value is None or isinstance(value, dict | bytes) or str(value) == "":
+    if isinstance(value, bytes | dict):
+        kind = "binary data" if isinstance(value, bytes) else "an object"
+        raise RecordError(
+            f"the answer column {columns.answer!r} holds {kind}, not text or a class", "invalid_record", line
+        )
+    if value is None or str(value) == "":
         raise RecordError("no label or text", "invalid_record", line)
     return str(value)
 
