@@ -246,3 +246,14 @@ def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints)
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["samples"] >= 2 for r in rows)
     assert again.stdout.count("trained to step 3") == 1
+
+
+def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable, checkpoints):
+    # the mean over every target token of the step, whatever the micro-batches (Qwen3-VL's own loss would not be)
+    _, whole = run(tmp_path, memorisable, checkpoints["dense"], name="whole", max_steps=1, batch_size=8)
+    _, accumulated = run(tmp_path, memorisable, checkpoints["dense"], name="acc", max_steps=1, grad_accum=2)
+    _, packed = run(tmp_path, memorisable, checkpoints["dense"], name="packed", max_steps=1, batch_size=None,
+                    batch_tokens=512, pack=True, grad_accum=8)  # fmt: skip
+    assert accumulated[0]["samples"] == packed[0]["samples"] == 8
+    assert accumulated[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
+    assert packed[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
