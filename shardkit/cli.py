@@ -82,7 +82,8 @@ def _conversion_options(p: argparse.ArgumentParser) -> None:
         "--model",
         choices=list(FAMILIES),
         default="qwen2_vl",
-        help="model family: chat format and image grid (default: %(default)s)",
+        help="model family: chat format and image grid (default: %(default)s); qwen3_vl is Tinker's format, "
+        "qwen3_vl_hf the published Qwen3-VL template as transformers applies it",
     )
     p.add_argument(
         "--tokenizer",
@@ -239,11 +240,11 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "train",
         help="fine-tune from shards: local torch (one node or torchrun) or Tinker",
-        description="Local torch (default): Qwen2-VL / Qwen2.5-VL via transformers, full fine-tune or LoRA, AdamW, "
-        "warmup + cosine, gradient clipping, bf16 autocast on CUDA; multi-node with torchrun (DDP, only rank 0 "
-        "writes). Tinker (--backend tinker): LoRA on a Qwen3-VL base model through the Tinker API (needs "
-        "TINKER_API_KEY; build the shards with --model qwen3_vl). Both checkpoint the loader's position: --resume "
-        "continues exactly where a stopped run left off.",
+        description="Local torch (default): Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense, MoE) via transformers, full "
+        "fine-tune or LoRA, AdamW, warmup + cosine, gradient clipping, bf16 autocast on CUDA; multi-node with "
+        "torchrun (DDP, only rank 0 writes). Tinker (--backend tinker): LoRA on a Qwen3-VL base model through the "
+        "Tinker API (needs TINKER_API_KEY; build the shards with --model qwen3_vl). Both checkpoint the loader's "
+        "position: --resume continues exactly where a stopped run left off.",
     )
     p.add_argument("--data", required=True, metavar="DIR_OR_URL", help="a shardkit build (folder or fsspec URL)")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised Qwen2-VL models, for tests and benchmarks on machines without model weights."""
+"""Tiny randomly initialised Qwen2-VL and Qwen3-VL models for tests and benchmarks without model weights."""
 
 from __future__ import annotations
 
@@ -59,4 +59,55 @@ def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.
         vision_start_token_id=151652,
         vision_end_token_id=151653,
         initializer_range=initializer_range,
+    )
+
+
+def tiny_qwen3_vl_config(moe: bool = False, initializer_range: float = 0.02):
+    """A tiny randomly initialisable Qwen3-VL (or, with ``moe``, Qwen3-VL-MoE) config with the real vocabulary size.
+
+    Everything Qwen3-VL adds over Qwen2.5-VL is kept: the 16-pixel patches with
+    learned position embeddings, DeepStack features injected into the first
+    decoder layer, interleaved M-RoPE, q/k norms and (MoE) routed experts.
+    """
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+        "num_position_embeddings": 256,
+        "deepstack_visual_indexes": [0],
+        "initializer_range": initializer_range,
+    }
+    text = {
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                            "mrope_interleaved": True},
+        "initializer_range": initializer_range,
+    }  # fmt: skip
+    if moe:
+        from transformers import Qwen3VLMoeConfig as Config
+
+        text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+    else:
+        from transformers import Qwen3VLConfig as Config
+    return Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
     )

@@ -107,7 +107,7 @@ def weighted_text(tokenizer, expanded) -> str:
     return tokenizer.decode(expanded.input_ids[expanded.weights > 0].tolist())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_hf"])
 def test_weights_follow_train_on(tokenizer, family):
     record = Record.model_validate(CONVERSATIONS[1])
     renderer = get_family(family).renderer(tokenizer)

@@ -1,12 +1,14 @@
-"""Model-ready Qwen2-VL / Qwen2.5-VL batches, and a DataLoader with exact resume.
+"""Model-ready Qwen2-VL / Qwen2.5-VL / Qwen3-VL batches, and a DataLoader with exact resume.
 
 :class:`Qwen2VLCollator` turns samples into exactly what
-``Qwen2VLForConditionalGeneration`` takes: ``input_ids``, ``attention_mask``,
-``labels`` (-100 where the weight is 0 and on padding), ``pixel_values``,
-``image_grid_thw`` and ``mm_token_type_ids`` (transformers 5 needs it for
-M-RoPE). ``pixel_values`` equal ``Qwen2VLImageProcessor``'s output on the
-stored images, because those are already on the grid: the collator only
-decodes the JPEG, cuts it into patches and normalises.
+``Qwen2VLForConditionalGeneration`` (and the Qwen2.5-VL, Qwen3-VL and
+Qwen3-VL-MoE classes, with the build's grid and normalisation) takes:
+``input_ids``, ``attention_mask``, ``labels`` (-100 where the weight is 0 and
+on padding), ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``
+(transformers 5 needs it for M-RoPE). ``pixel_values`` equal the image
+processor's output on the stored images (``Qwen2VLImageProcessor``; for
+Qwen3-VL with patch 16 and mean and std 0.5), because those are already on the
+grid: the collator only decodes the JPEG, cuts it into patches and normalises.
 
 With ``pixels="uint8"`` the batch carries ``pixel_patches`` instead (one byte
 per value, no temporal copy: an eighth of the float32 size), and

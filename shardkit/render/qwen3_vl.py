@@ -1,10 +1,25 @@
-"""Qwen3-VL Instruct, as tinker-cookbook's ``qwen3_vl_instruct`` renderer writes it.
+"""Qwen3-VL Instruct, in two token-level variants of the same chat format.
 
-No default system prompt. Message ``i`` is a header ``\\n<|im_start|>{role}\\n``
-(without the leading newline for the first message), tokenized on its own, then
-its content and ``<|im_end|>``. Content and ``<|im_end|>`` of a trained message
-carry weight. Images use the 32-pixel grid (patch 16, merge 2) and the
-processor's 0.5 mean/std normalisation; the processor's own minimum is 256x256.
+``qwen3_vl`` is tinker-cookbook's ``qwen3_vl_instruct`` renderer (what Tinker
+trains on): no default system prompt; message ``i`` is a header
+``\\n<|im_start|>{role}\\n`` (without the leading newline for the first
+message), tokenized on its own, then its content and ``<|im_end|>``, tokenized
+apart from the header. The conversation ends at the last ``<|im_end|>``.
+
+``qwen3_vl_hf`` is the chat template published with the Qwen3-VL Instruct
+checkpoints, as transformers' ``apply_chat_template`` renders it: no default
+system prompt either; each message is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
+and the whole string is tokenized at once.
+
+The two differ only in (1) the ``\\n`` after the last ``<|im_end|>`` (present
+in ``qwen3_vl_hf``, weight 0) and (2) where the text meets a header: a content
+that starts with whitespace or a newline can merge with the header's newline
+in one encode, never in Tinker's separate ones. Neither has thinking blocks:
+the Instruct template writes an assistant's text as given.
+
+In both, the content and ``<|im_end|>`` of a trained message carry weight.
+Images use the 32-pixel grid (patch 16, merge 2) and the processor's 0.5
+mean/std normalisation; the processor's own minimum is 256x256.
 """
 
 from __future__ import annotations
@@ -16,7 +31,7 @@ from shardkit.schema import Record
 
 
 class Qwen3VLRenderer(Renderer):
-    """Renderer for Qwen3-VL Instruct (Tinker's ``qwen3_vl_instruct``)."""
+    """Renderer for Qwen3-VL Instruct as Tinker writes it (``qwen3_vl_instruct``)."""
 
     def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
         out: list[Piece] = []
@@ -26,6 +41,19 @@ class Qwen3VLRenderer(Renderer):
             out.append(Piece(f"{newline}{self.IM_START}{message.role}\n", new_unit=True))
             content = self.content_pieces(record, i, weight) + [Piece(self.IM_END, weight)]
             out += [replace(content[0], new_unit=True), *content[1:]]
+        return out
+
+
+class Qwen3VLTemplateRenderer(Renderer):
+    """Renderer for the published Qwen3-VL Instruct chat template (transformers' ``apply_chat_template``)."""
+
+    def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
+        out: list[Piece] = []
+        for i, message in enumerate(record.messages):
+            weight = 1.0 if self.trained(record, i, train_on) else 0.0
+            out.append(Piece(f"{self.IM_START}{message.role}\n"))
+            out += self.content_pieces(record, i, weight)
+            out += [Piece(self.IM_END, weight), Piece("\n")]
         return out
 
 
@@ -39,3 +67,5 @@ QWEN3_VL = Family(
     min_pixels=256 * 256,
     max_pixels=32 * 32 * 1280,
 )
+
+QWEN3_VL_HF = replace(QWEN3_VL, name="qwen3_vl_hf", renderer=Qwen3VLTemplateRenderer)  # same grid

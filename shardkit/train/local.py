@@ -1,4 +1,4 @@
-"""The local torch trainer: Qwen2-VL / Qwen2.5-VL from shards, one process or many (torchrun).
+"""The local torch trainer: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE) from shards, one process or many (torchrun).
 
 Full fine-tune or LoRA (peft, an optional extra), AdamW, linear warmup then
 cosine decay, gradient clipping, gradient accumulation with the loss averaged
@@ -123,21 +123,40 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 
 def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Module:
-    """A Qwen2-VL or Qwen2.5-VL model from a local folder or a Hugging Face id."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE model from a local folder or a Hugging Face id."""
+    import transformers
+    from transformers import AutoConfig
 
-    classes = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+    classes = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    }
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise ConfigError(f"cannot load model {path!r}: {exc}") from None
     if config.model_type not in classes:
         raise ConfigError(
-            f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL and Qwen2.5-VL "
-            "(train Qwen3-VL builds with --backend tinker)"
+            f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL, Qwen2.5-VL, Qwen3-VL "
+            "and Qwen3-VL-MoE"
         )
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return classes[config.model_type].from_pretrained(path, dtype=torch.float32, **options)
+    model_class = getattr(transformers, classes[config.model_type])
+    return model_class.from_pretrained(path, dtype=torch.float32, **options)
+
+
+def _step_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items: torch.Tensor) -> torch.Tensor:
+    """Sum of the batch's token losses divided by ``num_items`` (the targets of the whole step).
+
+    Computed here from the logits: Qwen3-VL's forward ignores ``num_items_in_batch``
+    and would average over the micro-batch alone.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    return ForCausalLMLoss(logits, inputs["labels"], logits.shape[-1], num_items_in_batch=num_items)
 
 
 def _check_model_fits_build(model: torch.nn.Module, manifest_config: dict[str, Any]) -> None:
@@ -331,9 +350,9 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 sync = ddp and i < len(window) - 1
                 with model.no_sync() if sync else nullcontext(), autocast:
                     # loss = sum of token losses / targets of the whole step; DDP averages over ranks, so scale by world
-                    out = model(**inputs, num_items_in_batch=targets / world)
-                    out.loss.backward()
-                loss_sum += out.loss.detach() / world
+                    loss_part = _step_loss(model, inputs, targets / world)
+                    loss_part.backward()
+                loss_sum += loss_part.detach() / world
                 samples += batch_samples
                 tokens += batch_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
