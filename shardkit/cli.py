@@ -28,6 +28,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights are numbers separated by commas, got {text!r}") from None
+
+
+def _is_mix_file(location: str) -> bool:
+    return location.endswith((".json", ".yaml", ".yml"))
+
+
+def _mix_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W1,W2,...",
+        help="one weight per build, e.g. 0.6,0.4 (default: the builds' sizes, each read once an epoch)",
+    )
+    p.add_argument(
+        "--mix",
+        metavar="FILE",
+        help="a mix file (JSON or YAML): {builds: [{path, weight}, ...], epoch_size}, paths relative to it",
+    )
+    p.add_argument(
+        "--epoch-size", type=_positive, help="samples per epoch of a mix (default: the sum of the builds' sizes)"
+    )
+
+
 def _input_options(p: argparse.ArgumentParser) -> None:
     """Options that say how to read the input (shared by validate and build)."""
     from shardkit.inputs import FORMATS
@@ -184,7 +212,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Samples, images, images per sample, top labels from meta, token-length and image-size "
         "distributions, rejects by reason; read from the manifest and shards (image bytes are not read).",
     )
-    p.add_argument("build", metavar="DIR")
+    p.add_argument(
+        "build",
+        metavar="DIR",
+        nargs="+",
+        help="a build; several builds (with --weights) or a mix file describe one epoch of the mix",
+    )
+    _mix_options(p)
+    p.add_argument("--epoch", type=int, default=0, help="mix: the epoch to describe (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="mix: the shuffling seed (default: %(default)s)")
     p.add_argument(
         "--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)"
     )
@@ -411,7 +447,22 @@ def _build(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from shardkit.stats import build_stats, format_stats
 
-    stats = build_stats(args.build, meta_key=args.meta_key, top=args.top)
+    if len(args.build) > 1 or args.mix or _is_mix_file(args.build[0]):
+        from shardkit.stats import format_mix_stats, mix_stats
+
+        mix_file = args.mix or (args.build[0] if _is_mix_file(args.build[0]) else None)
+        builds = [] if mix_file and not args.mix else args.build
+        stats = mix_stats(
+            builds,
+            weights=args.weights,
+            mix_file=mix_file,
+            epoch_size=args.epoch_size,
+            epoch=args.epoch,
+            seed=args.seed,
+        )
+        print(json.dumps(stats, indent=2) if args.json else format_mix_stats(stats))
+        return EXIT_OK
+    stats = build_stats(args.build[0], meta_key=args.meta_key, top=args.top)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return EXIT_OK
 
