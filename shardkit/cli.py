@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 from shardkit import __version__
 from shardkit.errors import ConfigError, RecordError, ShardkitError
@@ -236,7 +237,22 @@ def _parser() -> argparse.ArgumentParser:
         "TINKER_API_KEY; build the shards with --model qwen3_vl). Both checkpoint the loader's position: --resume "
         "continues exactly where a stopped run left off.",
     )
-    p.add_argument("--data", required=True, metavar="DIR_OR_URL", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="DIR_OR_URL",
+        help="a shardkit build (folder or fsspec URL); repeat it to train on a mix of builds (see --weights)",
+    )
+    _mix_options(p)
+    p.add_argument(
+        "--eval-data",
+        metavar="DIR_OR_URL",
+        help="a build to evaluate on (e.g. the val/ half of a --val-fraction build): eval_loss in metrics.jsonl",
+    )
+    p.add_argument(
+        "--eval-every", type=_positive, metavar="N", help="evaluate every N optimizer steps (default: only at the end)"
+    )
     p.add_argument(
         "--backend", choices=["torch", "tinker"], default="torch", help="where to train (default: %(default)s)"
     )
@@ -467,6 +483,17 @@ def _stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "data": args.data,
+        "weights": args.weights,
+        "mix": args.mix,
+        "epoch_size": args.epoch_size,
+        "eval_data": args.eval_data,
+        "eval_every": args.eval_every,
+    }
+
+
 def _train(args: argparse.Namespace) -> int:
     if args.backend == "tinker":
         from shardkit.train.tinker import TinkerTrainConfig, train_tinker
@@ -474,7 +501,7 @@ def _train(args: argparse.Namespace) -> int:
         if not args.base_model:
             raise ConfigError("--backend tinker needs --base-model (e.g. Qwen/Qwen3-VL-30B-A3B-Instruct)")
         config = TinkerTrainConfig.create(
-            data=args.data,
+            **_data_options(args),
             base_model=args.base_model,
             output=args.output,
             lora_rank=args.lora_rank or 32,
@@ -495,7 +522,7 @@ def _train(args: argparse.Namespace) -> int:
         if not args.model:
             raise ConfigError("the torch backend needs --model (a local folder or a Hugging Face id)")
         config = TrainConfig.create(
-            data=args.data,
+            **_data_options(args),
             model=args.model,
             output=args.output,
             lora_rank=args.lora_rank,
