@@ -189,3 +189,14 @@ def test_stats_describes_a_mix(builds, tiny, capsys):
     rows = json.loads(capsys.readouterr().out)["mix"]
     assert [r["slots"] for r in rows] == [20, 20] and [r["share"] for r in rows] == [0.5, 0.5]
     assert rows[1]["distinct"] == 3 and rows[0]["distinct"] == 20
+
+
+def test_train_refuses_a_bad_mix_in_one_line(builds, tiny, tmp_path, capsys):
+    base = ["train", "--model", "unused", "--output", str(tmp_path / "out")]
+    assert main(base) == 2
+    assert "no training data" in capsys.readouterr().err
+    assert main([*base, "--data", builds["tar"], "--data", tiny["same"], "--weights", "1"]) == 2
+    assert "1 weights for 2 builds" in capsys.readouterr().err
+    assert main([*base, "--data", builds["tar"], "--data", tiny["all"]]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be mixed" in err and "train_on differs" in err and err.count("\n") == 1

@@ -17,7 +17,8 @@ one and gives the same losses as a run that was never interrupted.
 Output folder::
 
     train_config.json   the options of the run
-    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s
+    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s (and, for a
+                        mix, source_samples per build); one line per evaluation: step, eval_loss
     loss.png            the loss curve (when matplotlib is installed)
     checkpoints/step-000100/   trainable.safetensors, optimizer.pt, scheduler.pt, state.json
     final/              the fine-tuned model (save_pretrained), or the LoRA adapter
@@ -137,6 +138,8 @@ class Evaluation:
     def __init__(self, location: str, train_manifest: Manifest, batch_size: int):
         self.source = BuildSource(location)
         check_compatible([train_manifest, self.source.manifest], ["--data", location], ["model family", "tokenizer"])
+        if not len(self.source):
+            raise ConfigError(f"the evaluation build {location} has no samples")
         self.collator = Qwen2VLCollator.for_build(self.source.manifest, pixels="uint8")
         self.batches = eval_batches(len(self.source), batch_size)
         rank, world = (

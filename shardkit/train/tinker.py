@@ -5,7 +5,10 @@ with ``--model qwen3_vl``). Each step submits ``forward_backward`` with the
 ``cross_entropy`` loss and ``optim_step`` back to back, and only then waits for
 the previous step's results, so the service always has the next step queued
 (the pipelining the SDK documentation recommends). The learning rate follows
-linear warmup then cosine decay.
+linear warmup then cosine decay. With ``eval_data``, every ``eval_every``
+steps and at the end, the evaluation build's Datums go through the
+forward-only call (``forward``, no optimizer step), queued right behind that
+step, and their token-weighted mean loss is written as ``eval_loss``.
 
 Every ``save_every`` steps the weights and optimizer are saved on Tinker
 (``save_state``) and ``tinker_state.json`` records that path with the step and
@@ -109,6 +112,8 @@ class TinkerEvaluation:
     def __init__(self, location: str, train_manifest: Any, batch_size: int):
         self.source = BuildSource(location)
         check_compatible([train_manifest, self.source.manifest], ["--data", location], ["model family", "tokenizer"])
+        if not len(self.source):
+            raise ConfigError(f"the evaluation build {location} has no samples")
         self.batches = eval_batches(len(self.source), batch_size)
 
     def datums(self, batch: Any) -> list[Any]:
