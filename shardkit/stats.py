@@ -127,7 +127,7 @@ def mix_stats(
     )
     if not isinstance(stream, MixStream):
         stream = MixStream(builds, batch_size=1, seed=seed, world_size=1, rank=0)
-    return {"epoch": epoch, "seed": seed, "epoch_size": stream.epoch_size, "mix": stream.describe(epoch)}
+    return {"epoch": epoch, "seed": seed, "epoch_size": stream.epoch_size, "mix": stream.epoch_shares(epoch)}
 
 
 def format_mix_stats(stats: dict[str, Any]) -> str:

@@ -1,6 +1,8 @@
 """A weighted mix of real builds: exact shares, repetition and subsampling, split, resume, refusals."""
 
 import json
+import os
+import subprocess
 from collections import Counter
 
 import numpy as np
@@ -13,6 +15,7 @@ from shardkit.errors import ConfigError
 from shardkit.load.mix import MixStream, open_stream, read_mix_file, share_counts
 from shardkit.load.plan import batch_samples
 from shardkit.load.torch import TorchLoader
+from tests.conftest import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +203,21 @@ def test_train_refuses_a_bad_mix_in_one_line(builds, tiny, tmp_path, capsys):
     assert main([*base, "--data", builds["tar"], "--data", tiny["all"]]) == 2
     err = capsys.readouterr().err
     assert "cannot be mixed" in err and "train_on differs" in err and err.count("\n") == 1
+
+
+def test_two_gloo_ranks_read_the_planned_split_of_a_mix(builds, tiny, tmp_path):
+    args = [builds["tar"], tiny["same"], str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*torchrun(2), "tests/distributed_mix.py", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        planned = MixStream(
+            [builds["tar"], tiny["same"]], weights=[2, 1], epoch_size=30, batch_size=3, seed=4, rank=rank, world_size=2
+        )
+        planned.workers = 2
+        ids = np.concatenate(planned.whole_epoch(1).sequence)
+        assert got["keys"] == [planned.source.get(int(i)).key for i in ids]  # the plan simulated in one process
+        assert got["sources"] == np.bincount(planned.source.build_of(ids), minlength=2).tolist()

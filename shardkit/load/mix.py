@@ -234,7 +234,7 @@ class MixStream(ShardStream):
             builds = self.source.build_of(np.concatenate(taken))
             self.source_counts += np.bincount(builds, minlength=len(self.counts))
 
-    def describe(self, epoch: int) -> list[dict[str, Any]]:
+    def epoch_shares(self, epoch: int) -> list[dict[str, Any]]:
         """Per build, what a whole ``epoch`` on this stream's topology reads: samples, distinct ones, share."""
         ids = np.concatenate([batch_samples(b) for b in self.whole_epoch(epoch).sequence] or [np.zeros(0, int)])
         builds = self.source.build_of(ids)
