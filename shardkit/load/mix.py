@@ -48,11 +48,7 @@ from shardkit.storage import open_fs
 
 MIX_KEY = 0x6D6978  # separates the mix's random streams from a single build's
 
-COMPATIBLE = {
-    "model family": lambda c: c.get("family"),
-    "tokenizer": lambda c: c.get("tokenizer_fingerprint"),
-    "train_on": lambda c: c.get("train_on"),
-}
+COMPATIBLE = {"model family": "family", "tokenizer": "tokenizer_fingerprint", "train_on": "train_on"}  # manifest config
 
 
 def check_compatible(
@@ -61,10 +57,10 @@ def check_compatible(
     """:class:`ConfigError` naming the first difference in ``keys`` between the first build and another."""
     for manifest, name in zip(manifests[1:], names[1:], strict=True):
         for key in keys:
-            mine, theirs = COMPATIBLE[key](manifests[0].config), COMPATIBLE[key](manifest.config)
+            mine, theirs = manifests[0].config.get(COMPATIBLE[key]), manifest.config.get(COMPATIBLE[key])
             if mine != theirs:
                 raise ConfigError(
-                    f"{name} cannot be mixed with {names[0]}: its {key} differs ({_short(theirs)} vs {_short(mine)})"
+                    f"{name} does not match {names[0]}: its {key} differs ({_short(theirs)} vs {_short(mine)})"
                 )
 
 

@@ -363,6 +363,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sources = SourceCounter(stream, state.get("source_samples"))
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or None)
     evaluated = {"step": None, "loss": None}
 
     def run_evaluation() -> None:  # every rank takes part; rank 0 writes
@@ -374,8 +376,6 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 f.write(json.dumps(result.record(step)) + "\n")
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}" if history else "-", eval_loss=f"{result.loss:.4f}")
 
-    history: list[dict[str, Any]] = []
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or None)
     model.train()
     started = time.perf_counter()
     while step < total_steps and (config.total_epochs is None or loader.epoch < config.total_epochs):
