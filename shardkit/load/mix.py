@@ -149,7 +149,7 @@ class MixStream(ShardStream):
         epoch_size: int | None = None,
         **options: Any,
     ):
-        super().__init__(list(locations), **options)  # type: ignore[arg-type]
+        super().__init__(list(locations), **options)
         sizes = self.source.sizes
         weights = list(sizes if weights is None else weights)
         if len(weights) != len(sizes):
@@ -164,7 +164,7 @@ class MixStream(ShardStream):
         self.source_counts = np.zeros(len(sizes), dtype=np.int64)
         self._slots: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _open_source(self, location: Any, verify: bool) -> MixSource:  # type: ignore[override]
+    def _open_source(self, location: Any, verify: bool) -> MixSource:
         return MixSource(location, verify=verify)
 
     @property
