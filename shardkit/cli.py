@@ -32,6 +32,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weights are numbers separated by commas, got {text!r}") from None
+
+
+def _is_mix_file(location: str) -> bool:
+    return location.endswith((".json", ".yaml", ".yml"))
+
+
+def _mix_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W1,W2,...",
+        help="one weight per build, e.g. 0.6,0.4 (default: the builds' sizes, each read once an epoch)",
+    )
+    p.add_argument(
+        "--mix",
+        metavar="FILE",
+        help="a mix file (JSON or YAML): {builds: [{path, weight}, ...], epoch_size}, paths relative to it",
+    )
+    p.add_argument(
+        "--epoch-size", type=_positive, help="samples per epoch of a mix (default: the sum of the builds' sizes)"
+    )
+
+
 def _input_options(p: argparse.ArgumentParser) -> None:
     """Options that say how to read the input (shared by validate and build)."""
     from shardkit.inputs import FORMATS
@@ -230,7 +258,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Samples, images, images per sample, top labels from meta, token-length and image-size "
         "distributions, rejects by reason; read from the manifest and shards (image bytes are not read).",
     )
-    p.add_argument("build", metavar="DIR")
+    p.add_argument(
+        "build",
+        metavar="DIR",
+        nargs="+",
+        help="a build; several builds (with --weights) or a mix file describe one epoch of the mix",
+    )
+    _mix_options(p)
+    p.add_argument("--epoch", type=int, default=0, help="mix: the epoch to describe (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="mix: the shuffling seed (default: %(default)s)")
     p.add_argument(
         "--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)"
     )
@@ -246,7 +282,22 @@ def _parser() -> argparse.ArgumentParser:
         "Tinker API (needs TINKER_API_KEY; build the shards with --model qwen3_vl). Both checkpoint the loader's "
         "position: --resume continues exactly where a stopped run left off.",
     )
-    p.add_argument("--data", required=True, metavar="DIR_OR_URL", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="DIR_OR_URL",
+        help="a shardkit build (folder or fsspec URL); repeat it to train on a mix of builds (see --weights)",
+    )
+    _mix_options(p)
+    p.add_argument(
+        "--eval-data",
+        metavar="DIR_OR_URL",
+        help="a build to evaluate on (e.g. the val/ half of a --val-fraction build): eval_loss in metrics.jsonl",
+    )
+    p.add_argument(
+        "--eval-every", type=_positive, metavar="N", help="evaluate every N optimizer steps (default: only at the end)"
+    )
     p.add_argument(
         "--backend", choices=["torch", "tinker"], default="torch", help="where to train (default: %(default)s)"
     )
@@ -512,9 +563,35 @@ def _build_verdict(manifest: Any, out: str, split: str) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from shardkit.stats import build_stats, format_stats
 
-    stats = build_stats(args.build, meta_key=args.meta_key, top=args.top)
+    if len(args.build) > 1 or args.mix or _is_mix_file(args.build[0]):
+        from shardkit.stats import format_mix_stats, mix_stats
+
+        mix_file = args.mix or (args.build[0] if _is_mix_file(args.build[0]) else None)
+        builds = [] if mix_file and not args.mix else args.build
+        stats = mix_stats(
+            builds,
+            weights=args.weights,
+            mix_file=mix_file,
+            epoch_size=args.epoch_size,
+            epoch=args.epoch,
+            seed=args.seed,
+        )
+        print(json.dumps(stats, indent=2) if args.json else format_mix_stats(stats))
+        return EXIT_OK
+    stats = build_stats(args.build[0], meta_key=args.meta_key, top=args.top)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return EXIT_OK
+
+
+def _data_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "data": args.data,
+        "weights": args.weights,
+        "mix": args.mix,
+        "epoch_size": args.epoch_size,
+        "eval_data": args.eval_data,
+        "eval_every": args.eval_every,
+    }
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -524,7 +601,7 @@ def _train(args: argparse.Namespace) -> int:
         if not args.base_model:
             raise ConfigError("--backend tinker needs --base-model (e.g. Qwen/Qwen3-VL-30B-A3B-Instruct)")
         config = TinkerTrainConfig.create(
-            data=args.data,
+            **_data_options(args),
             base_model=args.base_model,
             output=args.output,
             lora_rank=args.lora_rank or 32,
@@ -545,7 +622,7 @@ def _train(args: argparse.Namespace) -> int:
         if not args.model:
             raise ConfigError("the torch backend needs --model (a local folder or a Hugging Face id)")
         config = TrainConfig.create(
-            data=args.data,
+            **_data_options(args),
             model=args.model,
             output=args.output,
             lora_rank=args.lora_rank,

@@ -108,3 +108,34 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  Top {len(stats['top_labels'])} {stats['meta_key']} values:")
         lines += [f"    - {label}: {count}" for label, count in stats["top_labels"]]
     return "\n".join(lines)
+
+
+def mix_stats(
+    builds: list[str],
+    *,
+    weights: list[float] | None = None,
+    mix_file: str | None = None,
+    epoch_size: int | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What one epoch of a mix reads from each build (one reader): slots, distinct samples, share."""
+    from shardkit.load.mix import MixStream, open_stream
+
+    stream = open_stream(
+        builds, weights=weights, mix_file=mix_file, epoch_size=epoch_size, batch_size=1, seed=seed, world_size=1, rank=0
+    )
+    if not isinstance(stream, MixStream):
+        stream = MixStream(builds, batch_size=1, seed=seed, world_size=1, rank=0)
+    return {"epoch": epoch, "seed": seed, "epoch_size": stream.epoch_size, "mix": stream.epoch_shares(epoch)}
+
+
+def format_mix_stats(stats: dict[str, Any]) -> str:
+    """The human-readable mix report printed by ``shardkit stats`` for several builds or a mix file."""
+    lines = [f"Mix, epoch {stats['epoch']} (seed {stats['seed']}): {stats['epoch_size']} samples"]
+    for row in stats["mix"]:
+        lines.append(
+            f"  {row['build']}: weight {row['weight']:g} (target {row['target_share']:.2%}), read {row['read']} "
+            f"= {row['share']:.2%}, {row['distinct']} distinct of {row['samples']}"
+        )
+    return "\n".join(lines)

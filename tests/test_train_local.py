@@ -1,14 +1,17 @@
 """The local torch trainer on CPU with a tiny randomly initialised Qwen2-VL (real vocabulary size)."""
 
 import json
+import math
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
+from shardkit.load.mix import MixStream
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
@@ -179,3 +182,38 @@ def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
     assert "cannot load model" in capsys.readouterr().err
     assert main(["train", "--data", memorisable, "--model", "m", "--output", str(tmp_path / "o"), "--pack"]) == 2
     assert "--pack needs --batch-tokens" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """The clinical seed's layout built with --val-fraction 0.25: OUT/train and OUT/val."""
+    root = tmp_path_factory.mktemp("split")
+    data = make_clinical_dataset(root / "data", cases=12, seed=4, megapixels=(0.01, 0.02), images_per_case=(1, 1))
+    args = ["build", str(data.jsonl), "--out", str(root / "shards"), "--max-pixels", "3136", "--val-fraction", "0.25"]
+    assert main(["-q", *args, "--no-progress"]) == 0
+    return root / "shards"
+
+
+def test_a_mix_with_evaluation_records_sources_and_eval_loss(tmp_path, split, memorisable, tiny_model):
+    train_build, val = str(split / "train"), str(split / "val")
+    output = tmp_path / "mix"
+    options = ["--batch-size", "3", "--num-workers", "0", "--lr", "1e-2", "--save-every", "2", "--max-steps", "3"]
+    args = ["train", "--data", train_build, "--data", memorisable, "--weights", "0.5,0.5", "--epoch-size", "12"]
+    args += ["--eval-data", val, "--eval-every", "2", "--model", tiny_model, "--output", str(output), *options]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [2, 3]  # every 2, and the end
+    assert [sum(r["source_samples"].values()) for r in steps] == [3, 6, 9]
+    plan = MixStream([train_build, memorisable], weights=[0.5, 0.5], epoch_size=12, batch_size=3, seed=0)
+    first = np.concatenate(plan.whole_epoch(0).sequence[:3])  # the 9 samples of the 3 steps
+    counts = np.bincount(plan.source.build_of(first), minlength=2).tolist()
+    expected = dict(zip([train_build, memorisable], counts, strict=True))
+    assert steps[-1]["source_samples"] == expected
+    val_samples = json.loads((split / "val" / "manifest.json").read_text())["num_samples"]
+    assert all(r["eval_samples"] == val_samples and r["eval_tokens"] > 0 for r in evals)
+    assert all(math.isfinite(r["eval_loss"]) for r in evals) and evals[0]["eval_loss"] != evals[1]["eval_loss"]
+    assert (output / "loss.png").stat().st_size > 1000
+    state = json.loads((output / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["source_samples"] == steps[-1]["source_samples"]

@@ -3,9 +3,9 @@
 The Tinker service cannot be reached from here, so these tests run the loop
 against an in-process STAND-IN for ``tinker.ServiceClient`` and its training
 client: it implements the same methods (create_lora_training_client,
-create_training_client_from_state_with_optimizer, forward_backward, optim_step,
-save_state, futures with .result()) and records every call and Datum it
-receives. It proves the loop's order, pipelining, schedule and resume; the
+create_training_client_from_state_with_optimizer, forward_backward, forward,
+optim_step, save_state, futures with .result()) and records every call and
+Datum it receives. It proves the loop's order, pipelining, schedule and resume; the
 Datums themselves are proven equal to tinker-cookbook's in test_load_tinker.py.
 """
 
@@ -17,7 +17,8 @@ import tinker
 from shardkit.cli import main
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
-from shardkit.load.tinker import DatumBatches
+from shardkit.load.mix import MixStream
+from shardkit.load.tinker import DatumBatches, sample_to_datum
 from shardkit.train.tinker import TinkerTrainConfig, default_service, learning_rate, train_tinker
 
 
@@ -37,6 +38,19 @@ class StandInTrainingClient:
         self.events = events
         self.steps_done = steps_done
         self.datums = []
+        self.forwarded = []
+
+    def forward(self, datums, loss_fn):
+        """The forward-only call: log-probabilities that depend on the target token and the step, no update."""
+        assert loss_fn == "cross_entropy"
+        self.forwarded.append(datums)
+        self.events.append(("forward", len(self.forwarded)))
+        outputs = [{"logprobs": tinker.TensorData(data=logprobs(d, self.steps_done), dtype="float32")} for d in datums]
+        return Future(
+            self.events,
+            f"fw{len(self.forwarded)}",
+            tinker.types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs, metrics={}),
+        )
 
     def forward_backward(self, datums, loss_fn):
         assert loss_fn == "cross_entropy"
@@ -69,6 +83,19 @@ class StandInTrainingClient:
         self.events.append(("save_state", name))
         path = f"tinker://stand-in/{self.steps_done}/{name}"
         return Future(self.events, name, type("Saved", (), {"path": path})())
+
+
+def describe(datum):
+    """What a Datum holds: its input chunks, target tokens and weights."""
+    chunks = [
+        (type(c).__name__, getattr(c, "tokens", None), getattr(c, "data", None)) for c in datum.model_input.chunks
+    ]
+    inputs = datum.loss_fn_inputs
+    return chunks, inputs["target_tokens"].data, inputs["weights"].data
+
+
+def logprobs(datum, steps_done):
+    return [-(t % 5 + 1) / (1 + steps_done) for t in datum.loss_fn_inputs["target_tokens"].data]
 
 
 class StandInService:
@@ -167,3 +194,52 @@ def test_needs_an_api_key_and_a_qwen3_build(monkeypatch, builds, qwen3_build, tm
     assert "TINKER_API_KEY" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="build with --model qwen3_vl"):
         train_tinker(config(builds["tar"], tmp_path), service=StandInService())
+
+
+def test_evaluation_sends_every_eval_datum_through_the_forward_only_call(qwen3_build, tmp_path):
+    service = StandInService()  # the stand-in: the Tinker service cannot be reached from the tests
+    options = {"eval_data": qwen3_build, "eval_every": 3, "max_steps": 4, "epochs": None}
+    train_tinker(config(qwen3_build, tmp_path, **options), service=service)
+    client = service.clients[0]
+    stream = ShardStream(qwen3_build, batch_size=8, shuffle=False)
+    samples = [s for batch in stream for s in batch]  # the eval build in manifest order, each sample once
+    expected = [sample_to_datum(s, reduction="none") for s in samples]  # raw weights: token-weighted sums
+    assert len(client.forwarded) == 12  # 2 evaluations (step 3, and the end) of 6 batches of up to 8
+    for evaluation in (client.forwarded[:6], client.forwarded[6:]):
+        assert [describe(d) for batch in evaluation for d in batch] == [describe(d) for d in expected]
+    events = service.events
+    optim_steps = [i for i, e in enumerate(events) if e[0] == "optim_step"]
+    assert len(optim_steps) == 4  # evaluation never updates the weights
+    first_forward = events.index(("forward", 1))
+    assert optim_steps[2] < first_forward < events.index(("forward_backward", 4))  # queued right after step 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 4]
+    for row, steps_done in zip(evals, (3, 4), strict=True):
+        weights = [w for d in expected for w in d.loss_fn_inputs["weights"].data]
+        lps = [lp for d in expected for lp in logprobs(d, steps_done)]
+        assert row["eval_loss"] == pytest.approx(
+            -sum(lp * w for lp, w in zip(lps, weights, strict=True)) / sum(weights)
+        )
+        assert row["eval_samples"] == 47 and row["eval_tokens"] == sum(weights)
+
+
+def test_a_mix_of_builds_on_tinker_records_its_sources(qwen3_build, small_dataset, tmp_path):
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+
+    jsonl = tmp_path / "three.jsonl"
+    jsonl.write_text("\n".join(small_dataset.jsonl.read_text().splitlines()[:3]) + "\n")
+    three = tmp_path / "three"
+    root = str(small_dataset.jsonl.parent)
+    build(BuildConfig.create(input=str(jsonl), out=str(three), model="qwen3_vl", image_root=root), progress=False)
+    service = StandInService()
+    data = [qwen3_build, str(three)]
+    history = train_tinker(config(data, tmp_path / "run", weights=[1, 1], epoch_size=16), service=service)
+    expected = list(DatumBatches(MixStream(data, weights=[1, 1], epoch_size=16, batch_size=8, seed=0)))
+    assert tokens(service.clients[0].datums) == tokens(expected) and len(history) == 2
+    assert history[-1]["source_samples"] == {qwen3_build: 8, str(three): 8}
+    assert json.loads((tmp_path / "run" / "tinker_state.json").read_text())["source_samples"] == {
+        qwen3_build: 8,
+        str(three): 8,
+    }

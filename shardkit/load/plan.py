@@ -243,11 +243,17 @@ def make_plan(
     rank: int,
     shuffle: Shuffle,
     batching: Batching,
+    order: np.ndarray | None = None,
 ) -> EpochPlan:
-    """Replay ``levels`` of ``epoch`` and return this rank's plan for the last one."""
+    """Replay ``levels`` of ``epoch`` and return this rank's plan for the last one.
+
+    ``order`` replaces step 1 of the rule (the epoch's ids in reading order, each
+    once; a mix of builds makes its own, see :mod:`shardkit.load.mix`).
+    """
     if not levels:
         raise ValueError("at least one level")
-    order = epoch_order(shard_sizes, shuffle, epoch)
+    if order is None:
+        order = epoch_order(shard_sizes, shuffle, epoch)
     remaining = order
     seed = shuffle.seed if shuffle.enabled else None
     consumed = 0

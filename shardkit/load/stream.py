@@ -88,7 +88,7 @@ class ShardStream:
         world_size: int | None = None,
         verify: bool = False,
     ):
-        self.source = BuildSource(location, verify=verify)
+        self.source = self._open_source(location, verify)
         self.batching = Batching(
             batch_size=batch_size,
             max_tokens=max_tokens,
@@ -115,6 +115,10 @@ class ShardStream:
         self.epoch = 0
         self._levels: list[Level] = [Level(self.world_size, 1, 0)]
         self._plan: EpochPlan | None = None
+
+    def _open_source(self, location: Any, verify: bool) -> BuildSource:
+        """The samples the stream reads (a mix of builds opens several)."""
+        return BuildSource(location, verify=verify)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -168,15 +172,7 @@ class ShardStream:
             self._plan = None
         fresh = [*self._levels[:-1], replace(self._levels[-1], batches=0)]
         if self._plan is None or self._plan.epoch != self.epoch or list(self._plan.levels) != fresh:
-            self._plan = make_plan(
-                self.source.shard_sizes,
-                self._lengths(),
-                epoch=self.epoch,
-                levels=fresh,
-                rank=self.rank,
-                shuffle=self.shuffle,
-                batching=self.batching,
-            )
+            self._plan = self._make_plan(self.epoch, fresh)
         if self._levels[-1].batches > self._plan.steps:
             raise ConfigError(
                 f"the state says {self._levels[-1].batches} batches were read, but this epoch has {self._plan.steps}"
@@ -195,11 +191,15 @@ class ShardStream:
 
     def whole_epoch(self, epoch: int) -> EpochPlan:
         """This rank's plan for a whole ``epoch`` on the current topology, progress aside."""
+        return self._make_plan(epoch, [Level(self.world_size, max(self.workers, 1), 0)])
+
+    def _make_plan(self, epoch: int, levels: list[Level]) -> EpochPlan:
+        """This rank's plan of ``epoch`` after replaying ``levels`` (a mix of builds makes its own)."""
         return make_plan(
             self.source.shard_sizes,
             self._lengths(),
             epoch=epoch,
-            levels=[Level(self.world_size, max(self.workers, 1), 0)],
+            levels=levels,
             rank=self.rank,
             shuffle=self.shuffle,
             batching=self.batching,

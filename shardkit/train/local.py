@@ -17,7 +17,8 @@ one and gives the same losses as a run that was never interrupted.
 Output folder::
 
     train_config.json   the options of the run
-    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s
+    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s (and, for a
+                        mix, source_samples per build); one line per evaluation: step, eval_loss
     loss.png            the loss curve (when matplotlib is installed)
     checkpoints/step-000100/   trainable.safetensors, optimizer.pt, scheduler.pt, state.json
     final/              the fine-tuned model (save_pretrained), or the LoRA adapter
@@ -39,22 +40,23 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from shardkit.config import Options
 from shardkit.errors import ConfigError
-from shardkit.load import ShardStream
+from shardkit.load import BuildSource
 from shardkit.load.augment import Augment
+from shardkit.load.mix import check_compatible
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
-from shardkit.train import keep_metrics_until
+from shardkit.shards import Manifest
+from shardkit.train import DataOptions, SourceCounter, keep_metrics_until
+from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
-class TrainConfig(Options):
-    """Options of a local training run."""
+class TrainConfig(DataOptions):
+    """Options of a local training run (the data options are :class:`~shardkit.train.DataOptions`)."""
 
-    data: str
     model: str
     output: str
     lora_rank: int | None = Field(None, ge=1)
@@ -117,6 +119,56 @@ def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(value)
     return value
+
+
+def _all_reduce_numpy(value: Any) -> Any:
+    """An integer array summed over ranks (on the CPU with gloo, on the GPU with nccl)."""
+    if not torch.distributed.is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return _all_reduce_sum(torch.as_tensor(value, device=device)).cpu().numpy()
+
+
+# -- evaluation --------------------------------------------------------------------------
+
+
+class Evaluation:
+    """An evaluation build and this rank's share of its batches (rule: :mod:`shardkit.train.evaluate`)."""
+
+    def __init__(self, location: str, train_manifest: Manifest, batch_size: int):
+        self.source = BuildSource(location)
+        check_compatible([train_manifest, self.source.manifest], ["--data", location], ["model family", "tokenizer"])
+        if not len(self.source):
+            raise ConfigError(f"the evaluation build {location} has no samples")
+        self.collator = Qwen2VLCollator.for_build(self.source.manifest, pixels="uint8")
+        self.batches = eval_batches(len(self.source), batch_size)
+        rank, world = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            if torch.distributed.is_initialized()
+            else (0, 1)
+        )
+        self.mine = rank_share(len(self.batches), rank, world)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, evaluation: Evaluation, device: torch.device, autocast: Any = None) -> EvalResult:
+    """The mean loss per target token of ``model`` over the whole evaluation build, all ranks together.
+
+    Puts ``model`` in eval mode (the caller puts it back in train mode).
+    """
+    model.eval()
+    count = len(evaluation.batches)
+    loss_sums = torch.zeros(count, dtype=torch.float64, device=device)
+    tokens = torch.zeros(count, dtype=torch.int64, device=device)
+    for number in evaluation.mine:
+        samples = [evaluation.source.get(int(i)) for i in evaluation.batches[number]]
+        inputs = evaluation.collator.to_device(evaluation.collator(samples), device)
+        with autocast or nullcontext():
+            out = model(**inputs, num_items_in_batch=1)  # the summed loss over the batch's target tokens
+        loss_sums[number] = out.loss.double()
+        tokens[number] = int((inputs["labels"][:, 1:] != -100).sum())
+    loss_sums, tokens = _all_reduce_sum(loss_sums), _all_reduce_sum(tokens)  # one rank holds each entry
+    return combine(loss_sums.tolist(), tokens.tolist(), len(evaluation.source))
 
 
 # -- model -------------------------------------------------------------------------------
@@ -199,7 +251,7 @@ def _checkpoints(output: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
 
 
-def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, loader_state, keep: int) -> None:
+def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, loader_state, keep: int, **extra) -> None:
     from safetensors.torch import save_file
 
     final = output / "checkpoints" / f"step-{step:06d}"
@@ -209,7 +261,7 @@ def _save_checkpoint(output: Path, step: int, model, optimizer, scheduler, loade
     save_file(_trainable_state(model), tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    state = {"step": step, "loader": loader_state, "torch_rng": torch.get_rng_state().tolist()}
+    state = {"step": step, "loader": loader_state, "torch_rng": torch.get_rng_state().tolist(), **extra}
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -274,8 +326,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     output = Path(config.output)
     torch.manual_seed(config.seed)
 
-    stream = ShardStream(
-        config.data,
+    stream = config.open_stream(
         batch_size=None if config.batch_tokens else (config.batch_size or 1),
         max_tokens=None if config.pack else config.batch_tokens,
         pack_tokens=config.batch_tokens if config.pack else None,
@@ -285,6 +336,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     augment = Augment(seed=config.seed) if config.augment else None
     collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
     loader = TorchLoader(stream, collate=collator, num_workers=config.num_workers)
+    evaluation = Evaluation(config.eval_data, manifest, config.batch_size or 1) if config.eval_data else None
 
     model = load_model(config.model, config.attn_implementation)
     _check_model_fits_build(model, manifest.config)
@@ -306,6 +358,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
 
     step = 0
+    state: dict[str, Any] = {}
     if config.resume and (latest := _latest_checkpoint(output, rank)) is not None:
         state = _load_checkpoint(latest, model, optimizer, scheduler)
         step = state["step"]
@@ -328,8 +381,20 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         keep_metrics_until(metrics_path, step)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sources = SourceCounter(stream, state.get("source_samples"))
     history: list[dict[str, Any]] = []
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or None)
+    evaluated = {"step": None, "loss": None}
+
+    def run_evaluation() -> None:  # every rank takes part; rank 0 writes
+        result = evaluate(inner, evaluation, device, autocast)
+        model.train()
+        evaluated.update(step=step, loss=result.loss)
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(result.record(step)) + "\n")
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}" if history else "-", eval_loss=f"{result.loss:.4f}")
+
     model.train()
     started = time.perf_counter()
     while step < total_steps and (config.total_epochs is None or loader.epoch < config.total_epochs):
@@ -375,6 +440,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 "tokens_per_s": counts[1] / seconds,
                 "elapsed_s": time.perf_counter() - started,
             }
+            if (source_samples := sources.update(_all_reduce_numpy)) is not None:
+                record["source_samples"] = source_samples
             history.append(record)
             if rank == 0:
                 with metrics_path.open("a") as f:
@@ -383,16 +450,29 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                     loss=f"{loss:.4f}",
                     samples_s=f"{record['samples_per_s']:.1f}",
                     tokens_s=f"{record['tokens_per_s']:.0f}",
+                    **({"eval_loss": f"{evaluated['loss']:.4f}"} if evaluated["loss"] is not None else {}),
                 )
                 bar.update(1)
+            if evaluation and config.eval_every and step % config.eval_every == 0:
+                run_evaluation()
+            if rank == 0:
                 if step % config.save_every == 0 or step == total_steps:
                     _save_checkpoint(
-                        output, step, inner, optimizer, scheduler, loader.state_dict(), config.keep_checkpoints
+                        output,
+                        step,
+                        inner,
+                        optimizer,
+                        scheduler,
+                        loader.state_dict(),
+                        config.keep_checkpoints,
+                        source_samples=record.get("source_samples"),
                     )
             if on_step:
                 on_step(step, record)
             if step >= total_steps:
                 break
+    if evaluation and evaluated["step"] != step:
+        run_evaluation()
     bar.close()
     if rank == 0:
         _save_final(output, inner)
@@ -422,10 +502,14 @@ def _plot_loss(metrics: Path, png: Path) -> None:
         logger.info("matplotlib is not installed: no loss curve (pip install 'shardkit[plot]')")
         return
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="#1f77b4")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="#1f77b4", label="training")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#d62728", label="evaluation")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (mean over target tokens)")
+    ax.set_ylabel("loss (mean over target tokens)")
     ax.set_title("shardkit train")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -5,7 +5,10 @@ with ``--model qwen3_vl``). Each step submits ``forward_backward`` with the
 ``cross_entropy`` loss and ``optim_step`` back to back, and only then waits for
 the previous step's results, so the service always has the next step queued
 (the pipelining the SDK documentation recommends). The learning rate follows
-linear warmup then cosine decay.
+linear warmup then cosine decay. With ``eval_data``, every ``eval_every``
+steps and at the end, the evaluation build's Datums go through the
+forward-only call (``forward``, no optimizer step), queued right behind that
+step, and their token-weighted mean loss is written as ``eval_loss``.
 
 Every ``save_every`` steps the weights and optimizer are saved on Tinker
 (``save_state``) and ``tinker_state.json`` records that path with the step and
@@ -26,22 +29,22 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from shardkit.config import Options
 from shardkit.errors import ConfigError
-from shardkit.load import ShardStream
-from shardkit.load.tinker import DatumBatches
+from shardkit.load import BuildSource
+from shardkit.load.mix import check_compatible
+from shardkit.load.tinker import DatumBatches, sample_to_datum
 from shardkit.storage import open_fs, write_bytes
-from shardkit.train import keep_metrics_until
+from shardkit.train import DataOptions, SourceCounter, keep_metrics_until
+from shardkit.train.evaluate import EvalResult, combine, eval_batches
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "tinker_state.json"
 
 
-class TinkerTrainConfig(Options):
-    """Options of a Tinker training run."""
+class TinkerTrainConfig(DataOptions):
+    """Options of a Tinker training run (the data options are :class:`~shardkit.train.DataOptions`)."""
 
-    data: str
     base_model: str
     output: str
     lora_rank: int = Field(32, ge=1)
@@ -98,6 +101,39 @@ def _mean_nll(output: Any, datums: list[Any]) -> float:
     return -total / weight if weight else float("nan")
 
 
+class TinkerEvaluation:
+    """An evaluation build as Datums (unnormalised weights), sent with the forward-only call (no optimizer step).
+
+    :meth:`submit` queues one ``forward`` per batch of ``batch_size`` samples
+    (rule: :mod:`shardkit.train.evaluate`, one rank); :meth:`collect` waits
+    for them and gives the mean loss per target token.
+    """
+
+    def __init__(self, location: str, train_manifest: Any, batch_size: int):
+        self.source = BuildSource(location)
+        check_compatible([train_manifest, self.source.manifest], ["--data", location], ["model family", "tokenizer"])
+        if not len(self.source):
+            raise ConfigError(f"the evaluation build {location} has no samples")
+        self.batches = eval_batches(len(self.source), batch_size)
+
+    def datums(self, batch: Any) -> list[Any]:
+        return [sample_to_datum(self.source.get(int(i)), reduction="none") for i in batch]
+
+    def submit(self, client: Any) -> list[tuple[list[Any], Any]]:
+        """Queue the forward passes of every batch; ``(datums, future)`` per batch."""
+        return [(datums, client.forward(datums, "cross_entropy")) for datums in map(self.datums, self.batches)]
+
+    def collect(self, submitted: list[tuple[list[Any], Any]]) -> EvalResult:
+        loss_sums, tokens = [], []
+        for datums, future in submitted:
+            output = _result(future)
+            for result, datum in zip(output.loss_fn_outputs, datums, strict=True):
+                weights = datum.loss_fn_inputs["weights"].data
+                loss_sums.append(-math.fsum(lp * w for lp, w in zip(result["logprobs"].data, weights, strict=True)))
+                tokens.append(int(sum(weights)))
+        return combine(loss_sums, tokens, len(self.source))
+
+
 def train_tinker(
     config: TinkerTrainConfig,
     *,
@@ -111,13 +147,17 @@ def train_tinker(
     import tinker
 
     service = service or default_service()
-    stream = ShardStream(config.data, batch_size=config.batch_size, seed=config.seed)
+    stream = config.open_stream(batch_size=config.batch_size, seed=config.seed)
+    data = ", ".join(config.data) or config.mix
     family = stream.source.manifest.config["family"]["name"]
     if family != "qwen3_vl":
-        raise ConfigError(f"{config.data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
+        raise ConfigError(f"{data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
     batches = DatumBatches(stream)
     if not stream.steps_in_epoch(0):
-        raise ConfigError(f"{config.data} has fewer samples than one batch of {config.batch_size}")
+        raise ConfigError(f"{data} has fewer samples than one batch of {config.batch_size}")
+    evaluation = (
+        TinkerEvaluation(config.eval_data, stream.source.manifest, config.batch_size) if config.eval_data else None
+    )
     total_steps = config.max_steps or stream.steps_in_epoch(0) * (config.epochs or 1)
     warmup = round(config.warmup_ratio * total_steps)
 
@@ -126,6 +166,7 @@ def train_tinker(
     state_path = output / STATE_FILE
     metrics_path = output / "metrics.jsonl"
     step = 0
+    state: dict[str, Any] = {}
     if config.resume and state_path.exists():
         state = json.loads(state_path.read_text())
         if state["base_model"] != config.base_model:
@@ -139,6 +180,7 @@ def train_tinker(
             service.create_lora_training_client(base_model=config.base_model, rank=config.lora_rank, seed=config.seed)
         )
     keep_metrics_until(metrics_path, step)
+    sources = SourceCounter(stream, state.get("source_samples"))
 
     history: list[dict[str, Any]] = []
     pending: dict[str, Any] | None = None
@@ -157,9 +199,15 @@ def train_tinker(
             "samples_per_s": len(submitted["datums"]) / seconds,
             "tokens_per_s": submitted["tokens"] / seconds,
         }
+        if submitted["source_samples"] is not None:
+            record["source_samples"] = submitted["source_samples"]
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            if submitted["eval"] is not None:
+                result = evaluation.collect(submitted["eval"])
+                f.write(json.dumps(result.record(submitted["step"])) + "\n")
+                logger.info("step %d eval_loss %.4f", submitted["step"], result.loss)
         logger.info("step %d loss %.4f", record["step"], record["loss"])
         if submitted["save"] is not None:
             saved = submitted["save"].result()
@@ -168,6 +216,7 @@ def train_tinker(
                 "base_model": config.base_model,
                 "tinker_path": saved.path,
                 "loader": submitted["loader"],
+                "source_samples": submitted["source_samples"],
             }
             fs, folder = open_fs(str(output))
             write_bytes(fs, str(state_path), json.dumps(state, indent=2).encode())
@@ -186,6 +235,9 @@ def train_tinker(
             save = (
                 client.save_state(f"step-{step:06d}") if step % config.save_every == 0 or step == total_steps else None
             )
+            # evaluated on the weights after this step, queued behind it: training goes on while it runs
+            due = config.eval_every and step % config.eval_every == 0 or step == total_steps
+            evaluate = evaluation.submit(client) if evaluation and due else None
             submitted = {
                 "step": step,
                 "epoch": epoch,
@@ -196,6 +248,8 @@ def train_tinker(
                 "optim_step": optim_step,
                 "loader": batches.state_dict(),
                 "save": save,
+                "eval": evaluate,
+                "source_samples": sources.update(),
                 "started": started,
             }
             if pending is not None:  # the next step is already queued on the service
