@@ -24,7 +24,7 @@ from pydantic import Field
 
 from shardkit import __version__
 from shardkit.config import Options
-from shardkit.errors import ConfigError, ShardError
+from shardkit.errors import ShardError
 from shardkit.load.source import BuildSource
 from shardkit.load.torch import Qwen2VLCollator
 from shardkit.shards import Sample
