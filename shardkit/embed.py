@@ -231,6 +231,8 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
             return done
     if rank == 0:
         claim(fs, out, identity, overwrite=config.overwrite)
+        if fs.exists(join(out, EMBEDDINGS_NAME)):  # replaced embeddings: their manifest goes first
+            fs.rm(join(out, EMBEDDINGS_NAME))
     _barrier()
     tasks = len(source.manifest.shards)
     finished = finished_tasks(fs, out)

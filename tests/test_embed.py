@@ -23,6 +23,7 @@ from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
 from tests.conftest import torchrun
+from tests.test_s3 import s3  # noqa: F401  (the moto S3 server fixture)
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -209,7 +210,7 @@ def test_training_with_the_cache_gives_the_live_frozen_losses_and_resumes(tmp_pa
     )  # fmt: skip
 
     def crash(step, record):
-        if step == 3:
+        if step == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -249,3 +250,15 @@ def test_freezing_the_vision_tower_leaves_it_unchanged(tmp_path, train_setup):
     assert vision_fingerprint(after) == vision_fingerprint(before)
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.state_dict()[n])]
     assert changed and not any("visual" in n for n in changed)
+
+
+@pytest.mark.usefixtures("s3")
+def test_embeddings_on_object_storage(family_model, small_build, cache):
+    if family_model[0] != "qwen2_vl":
+        pytest.skip("one family is enough for storage")
+    url = "s3://bucket/emb"
+    embed(EmbedConfig.create(build=small_build, model=family_model[1], out=url, dtype="float32"), progress=False)
+    assert main(["verify", url]) == 0
+    remote = TorchLoader(ShardStream(small_build, batch_size=4, image_embeddings=url, verify=True), num_workers=1)
+    local = TorchLoader(ShardStream(small_build, batch_size=4, image_embeddings=cache))
+    assert all(torch.equal(a["image_embeds"], b["image_embeds"]) for a, b in zip(remote, local, strict=True))
