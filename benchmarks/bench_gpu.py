@@ -4,7 +4,7 @@
     python benchmarks/bench_gpu.py --device cpu --tiny  # a smoke run of the same code on CPU with tiny models
 
 Randomly initialised models of the published Qwen2-VL-2B and Qwen2.5-VL-3B architectures (their config.json values,
-written below; nothing is downloaded), bf16 autocast, sdpa, gradient checkpointing, AdamW, fed by shardkit's
+written below; nothing is downloaded), bf16 weights and autocast, sdpa, gradient checkpointing, AdamW, fed by shardkit's
 TorchLoader (2 workers, pinned memory) from a build of the seed-layout demo set (1-6 photos of 0.3-3 MP a case).
 Per family and mode: tokens/s, the share of the step spent waiting for the loader, peak GPU memory; and the embed
 pass's images/s (model loading included). Target on one H100: cached >= 4 x live frozen in tokens/s, data wait < 5%.
@@ -127,7 +127,7 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    model.to(device)
+    model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)  # bf16 weights: 3B + AdamW fit
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
