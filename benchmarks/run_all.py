@@ -1,6 +1,6 @@
 """Run every benchmark, check the targets, write results/summary.json and results/chart.png, update the README.
 
-    python benchmarks/run_all.py            # about 6 minutes on a 2-core machine
+    python benchmarks/run_all.py            # about 7 minutes on a 2-core machine
     python benchmarks/run_all.py --no-readme
 
 Each benchmark runs in its own process (so memory figures are its own) and
@@ -33,6 +33,7 @@ TARGETS = [
     (6, "first batch after resume at 90% vs fresh", "loader", "ratio_resume_vs_fresh_first_batch", "<=", 2),
     (7, "build peak RSS, 10x input vs 1x", "build", "ratio_build_rss_10x_input", "<", 1.2),
     (7, "loader RSS, end of epoch 4 vs epoch 1", "loader", "ratio_loader_rss_last_vs_first", "<", 1.05),
+    (8, "frozen-tower step, cached embeddings vs live pixels", "embed", "ratio_step_cached_vs_live", ">=", 1.3),
 ]
 
 
@@ -69,7 +70,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict], info: dict, sections: dict) -> str:
-    build, loader, tinker = sections["build"], sections["loader"], sections["tinker"]
+    build, loader, tinker, cache = sections["build"], sections["loader"], sections["tinker"], sections["embed"]
     lines = [
         f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB), "
         f"Python {info['python']}, torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
@@ -98,6 +99,10 @@ def table(rows: list[dict], info: dict, sections: dict) -> str:
         f"{loader['processor_ms_per_image']:.1f} ms per image. Tinker: {tinker['shardkit_datums_per_s']:.0f} "
         f"Datums/s against {tinker['cookbook_datums_per_s']:.1f}.",
         "",
+        f"Frozen vision tower ({cache['model']}): a step takes {cache['live_frozen_step_s']:.2f} s fed pixels, "
+        f"{cache['cached_step_s']:.2f} s fed cached embeddings; `shardkit embed` runs at "
+        f"{cache['embed_images_per_s']:.1f} images/s (model loading included). On a GPU: `benchmarks/bench_gpu.py`.",
+        "",
         "Padding and tiny-model training tokens/s at equal capacity (4096 tokens a batch):",
         "",
         "| batching | pad fraction | batches per epoch | training tokens/s |",
@@ -119,7 +124,7 @@ def main() -> int:
     args = parser.parse_args()
     started = time.perf_counter()
     sections = {}
-    for name in ("build", "loader", "tinker"):
+    for name in ("build", "loader", "tinker", "embed"):
         print(f"== bench_{name}.py", flush=True)
         subprocess.run(
             [sys.executable, str(HERE / f"bench_{name}.py")], check=True, cwd=HERE, stdout=subprocess.DEVNULL

@@ -348,6 +348,17 @@ def _parser() -> argparse.ArgumentParser:
         "at load time, drawn anew each epoch; resume stays exact",
     )
     p.add_argument(
+        "--freeze-vision-tower",
+        action="store_true",
+        help="torch: the vision tower and its merger get no gradient (with or without --image-embeddings)",
+    )
+    p.add_argument(
+        "--image-embeddings",
+        metavar="DIR_OR_URL",
+        help="torch: cached image embeddings of --data from shardkit embed (same model's vision tower): the tower "
+        "is not run; needs --freeze-vision-tower (or LoRA), not --augment",
+    )
+    p.add_argument(
         "--num-workers", type=int, default=2, help="torch: DataLoader worker processes per rank (default: %(default)s)"
     )
     p.add_argument(
@@ -366,8 +377,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
 
     p = commands.add_parser(
+        "embed",
+        help="run a model's vision tower once over every image of a build and cache the embeddings",
+        description="Compute each image's embeddings (the vision tower with its merger, what the language model "
+        "receives) and write them as shards with a manifest naming the build and the vision tower's fingerprint, "
+        "for shardkit train --freeze-vision-tower --image-embeddings DIR. CUDA when available (bf16), else CPU; "
+        "under torchrun each rank embeds its share. Run the same command again after an interruption to resume.",
+    )
+    p.add_argument("build", metavar="BUILD", help="a shardkit build (folder or fsspec URL)")
+    p.add_argument("--model", required=True, metavar="PATH_OR_ID", help="the Qwen2-VL / Qwen2.5-VL model to train")
+    p.add_argument("--out", required=True, metavar="DIR_OR_URL", help="the embeddings folder (new, or to resume)")
+    p.add_argument(
+        "--dtype", choices=["bf16", "float32"], default="bf16", help="stored precision (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-images", type=_positive, default=32, help="images per vision tower call (default: %(default)s)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace embeddings made with another model or build")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = commands.add_parser(
         "verify",
-        help="check every shard of a build against its manifest (size and sha256)",
+        help="check every shard of a build (or of an embeddings folder) against its manifest (size and sha256)",
         description="Read every shard and the index of a build (folder or URL) and compare size and sha256 with the "
         "manifest. Prints one line per problem; exit 0 when all match, 1 otherwise.",
     )
@@ -639,6 +670,8 @@ def _train(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing,
             attn_implementation=args.attn_implementation,
             augment=args.augment,
+            freeze_vision_tower=args.freeze_vision_tower,
+            image_embeddings=args.image_embeddings,
             seed=args.seed,
             num_workers=args.num_workers,
             save_every=args.save_every,
@@ -652,14 +685,36 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from shardkit.embed import EmbedConfig, embed
+
+    config = EmbedConfig.create(
+        build=args.build,
+        model=args.model,
+        out=args.out,
+        dtype="bfloat16" if args.dtype == "bf16" else "float32",
+        batch_images=args.batch_images,
+        overwrite=args.overwrite,
+    )
+    manifest = embed(config, progress=False if args.no_progress else None)
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"{manifest.num_images} images, {manifest.num_image_tokens} image tokens ({manifest.dtype}, hidden "
+            f"{manifest.vision.hidden_size}) in {len(manifest.shards)} shards -> {args.out}"
+        )
+    return EXIT_OK
+
+
 def _verify(args: argparse.Namespace) -> int:
     from shardkit.load.source import verify_build
     from shardkit.shards import read_manifest
+    from shardkit.shards.embeddings import is_embeddings, read_embedding_manifest, verify_embeddings
 
-    problems = verify_build(args.build)
+    embeddings = is_embeddings(args.build)
+    problems = verify_embeddings(args.build) if embeddings else verify_build(args.build)
     for problem in problems:
         print(problem)
-    shards = len(read_manifest(args.build).shards)
+    shards = len((read_embedding_manifest if embeddings else read_manifest)(args.build).shards)
     print(f"{shards} shards and the index: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
     return EXIT_PROBLEMS if problems else EXIT_OK
 
@@ -728,6 +783,7 @@ COMMANDS = {
     "validate": _validate,
     "build": _build,
     "stats": _stats,
+    "embed": _embed,
     "verify": _verify,
     "train": _train,
     "export": _export,

@@ -17,6 +17,7 @@ from typing import Any
 from shardkit.errors import ShardError
 from shardkit.shards import Manifest, Sample, get_reader, read_manifest
 from shardkit.shards.base import OpenShard
+from shardkit.shards.embeddings import EmbeddingManifest
 from shardkit.shards.index import SampleIndex, read_index
 from shardkit.storage import hash_stream, join, open_fs
 
@@ -108,8 +109,9 @@ def verify_shard(fs: Any, path: str, size: int, sha256: str) -> None:
         raise ShardError(f"{path} does not match its sha256 in the manifest: corrupt or replaced")
 
 
-def verify_build(location: str, manifest: Manifest | None = None) -> list[str]:
-    """Check every shard and the index of a build against its manifest; the problems found (empty: all good)."""
+def verify_build(location: str, manifest: Manifest | EmbeddingManifest | None = None) -> list[str]:
+    """Check every shard and the index of a build (or embeddings folder) against its manifest; the problems found
+    (empty: all good)."""
     manifest = manifest or read_manifest(location)
     fs, folder = open_fs(location)
     problems = []

@@ -68,7 +68,9 @@ class ShardStream:
     ``torch.distributed``.
     ``workers`` is the number of processes that will read the stream (the
     torch loader sets it); it is part of the plan, so resuming with the same
-    value gives the same batches.
+    value gives the same batches. ``image_embeddings`` (a folder written by
+    ``shardkit embed`` for this build) gives samples with their cached image
+    embeddings instead of their images (see :mod:`shardkit.load.embeddings`).
     """
 
     def __init__(
@@ -87,8 +89,14 @@ class ShardStream:
         rank: int | None = None,
         world_size: int | None = None,
         verify: bool = False,
+        image_embeddings: str | None = None,
     ):
         self.source = self._open_source(location, verify)
+        self.embeddings = None
+        if image_embeddings is not None:
+            from shardkit.load.embeddings import EmbeddingSource  # torch, only when asked for
+
+            self.embeddings = EmbeddingSource(image_embeddings, self.source, verify=verify)
         self.batching = Batching(
             batch_size=batch_size,
             max_tokens=max_tokens,
@@ -241,8 +249,12 @@ class ShardStream:
     def read(self, batch: Batch) -> list[Sample] | list[list[Sample]]:
         """The samples of a plan batch: a list, or one list per packed sequence."""
         if isinstance(batch, list):
-            return [[self.source.get(int(i)) for i in sequence] for sequence in batch]
-        return [self.source.get(int(i)) for i in batch]
+            return [[self._sample(int(i)) for i in sequence] for sequence in batch]
+        return [self._sample(int(i)) for i in batch]
+
+    def _sample(self, sample_id: int) -> Sample:
+        sample = self.source.get(sample_id)
+        return sample if self.embeddings is None else self.embeddings.attach(sample_id, sample)
 
     def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[list[Sample] | list[list[Sample]]]:
         """The rest of this epoch's batches for one reader: batch ``j`` goes to reader ``j mod workers``.

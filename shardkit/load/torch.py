@@ -328,6 +328,15 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
             yield self.collate(batch)
 
 
+def _default_collate(stream: ShardStream) -> Qwen2VLCollator:
+    """The build's collator; with cached image embeddings, the one that passes them instead of pixels."""
+    if stream.embeddings is not None:
+        from shardkit.load.embeddings import EmbeddingCollator
+
+        return EmbeddingCollator.for_build(stream.source.manifest)
+    return Qwen2VLCollator.for_build(stream.source.manifest)
+
+
 def _keep(batch: Any) -> Any:
     return batch
 
@@ -352,7 +361,7 @@ class TorchLoader(StreamBatches):
         prefetch_factor: int | None = None,
     ):
         self.stream = stream
-        self.collate = collate or Qwen2VLCollator.for_build(stream.source.manifest)
+        self.collate = collate or _default_collate(stream)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor

@@ -200,7 +200,8 @@ def _read_all(fs: Any, paths: list[str]) -> Iterator[dict[str, Any]]:
             yield from pool.map(lambda path: _read_json(fs, path), paths[start : start + 4 * READERS])
 
 
-def _results(fs: Any, folder: str, tasks: int) -> Iterator[dict[str, Any]]:
+def task_results(fs: Any, folder: str, tasks: int) -> Iterator[dict[str, Any]]:
+    """The saved results of tasks ``0 .. tasks - 1``, in order."""
     return _read_all(fs, [_progress_path(folder, index) for index in range(tasks)])
 
 
@@ -217,7 +218,7 @@ def assemble(
         atomic_write(fs, join(folder, INDEX_NAME)) as index_file,
     ):
         index = IndexWriter(index_file)
-        for result in _results(fs, folder, tasks):
+        for result in task_results(fs, folder, tasks):
             for reject in result["rejects"]:
                 rejects.write(json.dumps(reject).encode() + b"\n")
                 codes[reject["code"]] += 1

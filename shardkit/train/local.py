@@ -7,7 +7,10 @@ autocast on CUDA, optional gradient checkpointing, optional packing (``pack``:
 samples packed whole into one sequence of up to ``batch_tokens`` tokens per
 micro-batch, attention kept within each sample), optional load-time image
 augmentation (``augment``: :class:`~shardkit.load.augment.Augment`'s default
-strengths, seeded by ``seed``). Under ``torchrun`` it runs DDP (nccl on GPU,
+strengths, seeded by ``seed``), a frozen vision tower and merger
+(``freeze_vision_tower``), optionally fed by cached image embeddings
+(``image_embeddings``: a folder from ``shardkit embed`` for this build and
+this model's vision tower; the tower is then not run). Under ``torchrun`` it runs DDP (nccl on GPU,
 gloo on CPU); only rank 0 writes logs and checkpoints.
 
 A checkpoint holds the trainable weights, the optimizer, the scheduler, the
@@ -40,9 +43,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from shardkit.embed import vision_fingerprint, vision_tower
 from shardkit.errors import ConfigError
 from shardkit.load import BuildSource
 from shardkit.load.augment import Augment
+from shardkit.load.embeddings import EmbeddingCollator, check_vision_tower
 from shardkit.load.mix import check_compatible
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
 from shardkit.shards import Manifest
@@ -75,6 +80,8 @@ class TrainConfig(DataOptions):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     augment: bool = False
+    freeze_vision_tower: bool = False
+    image_embeddings: str | None = None
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     save_every: int = Field(500, ge=1)
@@ -89,6 +96,8 @@ class TrainConfig(DataOptions):
             raise ValueError("--pack needs --batch-tokens: the length of each packed sequence")
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give --epochs or --max-steps, not both")
+        if self.image_embeddings and self.augment:
+            raise ValueError("--image-embeddings feeds cached embeddings of the stored images: --augment cannot apply")
         return self
 
     @property
@@ -331,15 +340,23 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         max_tokens=None if config.pack else config.batch_tokens,
         pack_tokens=config.batch_tokens if config.pack else None,
         seed=config.seed,
+        image_embeddings=config.image_embeddings,
     )
     manifest = stream.source.manifest
     augment = Augment(seed=config.seed) if config.augment else None
-    collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
+    if config.image_embeddings:
+        collator = EmbeddingCollator.for_build(manifest)
+    else:
+        collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
     loader = TorchLoader(stream, collate=collator, num_workers=config.num_workers)
     evaluation = Evaluation(config.eval_data, manifest, config.batch_size or 1) if config.eval_data else None
 
     model = load_model(config.model, config.attn_implementation)
     _check_model_fits_build(model, manifest.config)
+    if config.freeze_vision_tower:
+        vision_tower(model).requires_grad_(False)
+    if stream.embeddings is not None:
+        check_vision_tower(stream.embeddings.manifest, vision_fingerprint(model), config.image_embeddings)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -347,6 +364,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         model = _wrap_lora(model, config)
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
+    if stream.embeddings is not None and any(p.requires_grad for p in vision_tower(model).parameters()):
+        raise ConfigError("--image-embeddings: the vision tower would be trained; add --freeze-vision-tower")
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -412,6 +431,8 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                     raise ConfigError(
                         "the build's token ids exceed the model's vocabulary: was it built with this model's tokenizer?"
                     )
+                if config.image_embeddings:
+                    inputs = collator.model_inputs(inner, inputs)
                 sync = ddp and i < len(window) - 1
                 with model.no_sync() if sync else nullcontext(), autocast:
                     # loss = sum of token losses / targets of the whole step; DDP averages over ranks, so scale by world

@@ -1,0 +1,171 @@
+"""Cached image embeddings of a build: the shard format and its manifest.
+
+An embeddings folder (written by ``shardkit embed``) holds one shard per shard
+of the build, with the same samples in the same order::
+
+    build.json            written first: the identity of the embed pass (resume)
+    shard-000000.tar ...  per sample one member ``KEY.safetensors``
+    index.parquet         per sample: shard, byte offset and size, image tokens
+    embeddings.json       written last: the pass is complete
+
+A sample's ``KEY.safetensors`` holds, for each image ``i`` of the sample, its
+named tensors ``"{i}.{name}"`` (``"0.embeds"``: the merged vision tower output,
+``(image tokens, hidden)``; Qwen3-VL adds ``"0.deepstack.0"``, ...). The
+manifest records which build it was made from (a hash of the build's manifest),
+the vision tower's fingerprint (a hash of its weights and config), the dtype,
+the tensor names, and every shard's size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from shardkit.errors import ShardError
+from shardkit.shards.base import WrittenShard
+from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry
+from shardkit.storage import AtomicFile, HashingWriter, join, open_fs, write_bytes
+
+EMBEDDINGS_NAME = "embeddings.json"
+EMBEDDINGS_VERSION = 1
+MEMBER = "safetensors"
+
+
+def build_identity(manifest: Manifest) -> str:
+    """The sha256 of a build's manifest: names the build an embeddings folder was made from."""
+    return hashlib.sha256(manifest.to_json()).hexdigest()
+
+
+class BuildRef(BaseModel):
+    """The build the embeddings were computed from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    manifest_sha256: str
+    num_samples: int
+    num_images: int
+
+
+class VisionTower(BaseModel):
+    """The vision tower (with its merger) that computed the embeddings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str
+    model_type: str
+    fingerprint: str
+    hidden_size: int
+
+
+class EmbeddingManifest(BaseModel):
+    """A complete embeddings folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int = EMBEDDINGS_VERSION
+    build: BuildRef
+    vision: VisionTower
+    dtype: Literal["bfloat16", "float32"]
+    tensors: list[str]
+    num_samples: int
+    num_images: int
+    num_image_tokens: int
+    shards: list[ShardEntry]
+    index: IndexFile
+    created_by: str
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
+
+    def write(self, fs: Any, folder: str) -> None:
+        write_bytes(fs, join(folder, EMBEDDINGS_NAME), self.to_json())
+
+
+def read_embedding_manifest(location: str) -> EmbeddingManifest:
+    """The manifest of the embeddings at ``location``; :class:`ShardError` if absent or invalid."""
+    fs, folder = open_fs(location)
+    path = join(folder, EMBEDDINGS_NAME)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ShardError(f"{location} has no {EMBEDDINGS_NAME}: not a complete shardkit embeddings folder") from None
+    try:
+        return EmbeddingManifest.model_validate_json(data)
+    except ValidationError as exc:
+        raise ShardError(f"{path} is not a valid embeddings manifest: {exc.errors()[0]['msg']}") from None
+
+
+def is_embeddings(location: str) -> bool:
+    """Whether ``location`` holds a (complete) embeddings folder rather than a build."""
+    fs, folder = open_fs(location)
+    return fs.exists(join(folder, EMBEDDINGS_NAME))
+
+
+class EmbeddingShardWriter:
+    """Writes one embeddings shard (a tar readable by plain ``webdataset``), atomically.
+
+    Use as a context manager; :meth:`close` publishes the shard, leaving with
+    an exception discards it.
+    """
+
+    def __init__(self, fs: Any, path: str):
+        import webdataset
+
+        self.path = path
+        self.locations: list[tuple[int, int]] = []
+        self._file = AtomicFile(fs, path)
+        self._hashed = HashingWriter(self._file.file)
+        self._tar = webdataset.TarWriter(self._hashed, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self._closed = False
+
+    def write(self, key: str, blob: bytes) -> None:
+        """Append one sample's tensors (a safetensors blob)."""
+        start = self._tar.tarstream.offset
+        self._tar.write({"__key__": key, MEMBER: blob})
+        self.locations.append((start, self._tar.tarstream.offset - start))
+
+    def close(self) -> WrittenShard:
+        """Publish the shard (an identical one left by an interrupted run is kept untouched)."""
+        self._tar.close()
+        self._closed = True
+        sha = self._hashed.sha256.hexdigest()
+        self._file.commit(unless_sha256=sha)
+        return WrittenShard(self.path, len(self.locations), self._hashed.bytes, sha, self.locations)
+
+    def __enter__(self) -> EmbeddingShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not self._closed:
+            self._closed = True
+            try:
+                self._tar.close()
+            except Exception:
+                pass
+            self._file.discard()
+
+
+def read_blob(f: Any, offset: int, size: int) -> tuple[str, bytes]:
+    """``(key, safetensors blob)`` of the sample at a recorded location of an open shard."""
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"{size - len(data)} bytes missing at offset {offset}")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as members:
+        member = members.next()
+        if member is None:
+            raise EOFError(f"no member at offset {offset}")
+        key, _, suffix = member.name.partition(".")
+        if suffix != MEMBER:
+            raise ValueError(f"unexpected member {member.name!r}")
+        return key, members.extractfile(member).read()
+
+
+def verify_embeddings(location: str) -> list[str]:
+    """Check every shard and the index of an embeddings folder against its manifest; the problems found."""
+    from shardkit.load.source import verify_build
+
+    return verify_build(location, read_embedding_manifest(location))
