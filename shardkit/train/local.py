@@ -356,6 +356,11 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     if config.freeze_vision_tower:
         vision_tower(model).requires_grad_(False)
     if stream.embeddings is not None:
+        if model.config.model_type.startswith("qwen3_vl"):
+            raise ConfigError(
+                "cached image embeddings are not yet fed to Qwen3-VL (its deepstack features would be left out); "
+                "train it with --freeze-vision-tower alone, on pixels"
+            )
         check_vision_tower(stream.embeddings.manifest, vision_fingerprint(model), config.image_embeddings)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
