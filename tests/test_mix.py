@@ -170,6 +170,12 @@ def test_a_resume_state_of_another_mix_is_refused(builds, tiny):
         other.load_state_dict(state)
 
 
+def test_a_mix_refuses_cached_image_embeddings(builds, tiny, tmp_path):
+    # refused before the cache is opened: a mix reads pixels
+    with pytest.raises(ConfigError, match="for one build"):
+        open_stream([builds["tar"], tiny["same"]], batch_size=2, image_embeddings=str(tmp_path / "emb"))
+
+
 def test_mix_files_json_and_yaml(builds, tiny, tmp_path):
     (tmp_path / "mix.yaml").write_text(
         f"epoch_size: 20\nbuilds:\n  - path: {builds['tar']}\n    weight: 0.9\n"
