@@ -33,6 +33,7 @@ TARGETS = [
     (6, "first batch after resume at 90% vs fresh", "loader", "ratio_resume_vs_fresh_first_batch", "<=", 2),
     (7, "build peak RSS, 10x input vs 1x", "build", "ratio_build_rss_10x_input", "<", 1.2),
     (7, "loader RSS, end of epoch 4 vs epoch 1", "loader", "ratio_loader_rss_last_vs_first", "<", 1.05),
+    (8, "torch loader, checked vs unchecked reads", "loader", "ratio_checked_vs_unchecked_loader", ">=", 0.97),
 ]
 
 

@@ -154,3 +154,57 @@ def test_manifest_roundtrip_and_errors(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "tar"}')
     with pytest.raises(ShardError, match="not a valid shardkit manifest"):
         read_manifest(str(tmp_path))
+
+
+class _Payload:
+    """Unpickling it creates the file ``path``: the stand-in for code run by a hostile shard."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _readme_webdataset_example(shard):
+    """The README's plain-webdataset example, reading ``shard``."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "import webdataset" in c]
+    return code.replace("shards/shard-000000-000.tar", str(shard))
+
+
+def test_the_readme_webdataset_example_reads_a_built_shard_and_unpickles_nothing(builds, tmp_path):
+    import pickle
+    import tarfile
+
+    from shardkit.load import BuildSource
+
+    source = BuildSource(builds["tar"])
+    shard = f"{builds['tar']}/{source.manifest.shards[0].path}"
+    last = source.get(source.manifest.shards[0].num_samples - 1)
+    scope: dict = {}
+    exec(_readme_webdataset_example(shard), scope)
+    assert scope["sample"]["__key__"] == last.key and scope["info"] == last.info
+    assert np.array_equal(scope["ids"], last.input_ids) and np.array_equal(scope["weights"], last.weights)
+    assert isinstance(scope["first_image"], Image.Image) and scope["first_image"].size == (
+        last.info["images"][0]["width"],
+        last.info["images"][0]["height"],
+    )
+
+    hostile, marker = tmp_path / "hostile.tar", tmp_path / "code-ran"
+    with tarfile.open(shard) as original, tarfile.open(hostile, "w") as out:
+        for member in original:
+            out.addfile(member, original.extractfile(member))
+        payload = pickle.dumps(_Payload(marker))
+        info = tarfile.TarInfo(f"{last.key}.evil.pickle")
+        info.size = len(payload)
+        out.addfile(info, io.BytesIO(payload))
+    scope = {}
+    exec(_readme_webdataset_example(hostile), scope)
+    assert scope["sample"]["evil.pickle"] == payload and not marker.exists()  # left as bytes
+    scope = {}
+    exec(_readme_webdataset_example(hostile).replace(".decode(*handlers, pre=[], post=[])", '.decode("pil")'), scope)
+    assert marker.exists()  # what the example used to do
