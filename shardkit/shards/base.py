@@ -17,7 +17,6 @@ import functools
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -157,7 +156,7 @@ class ShardWriter(ABC):
 
 
 class ShardReader(ABC):
-    """Reads the samples of one shard file: in order, or one at its recorded location."""
+    """Reads the samples of one shard file at their recorded locations."""
 
     format: ClassVar[str]
     magic: ClassVar[tuple[int, bytes]]  # (offset, bytes) every file of this format has
@@ -166,10 +165,6 @@ class ShardReader(ABC):
         """Whether ``head``, a file's first 512 bytes, starts a file of this format."""
         offset, magic = self.magic
         return head[offset : offset + len(magic)] == magic
-
-    @abstractmethod
-    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
-        """The samples of file object ``f`` in order; ``images=False`` skips image bytes."""
 
     @abstractmethod
     def open(self, f: Any) -> OpenShard:

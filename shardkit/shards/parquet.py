@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -103,22 +102,14 @@ class ParquetShardReader(ShardReader):
             raise ShardError(f"not a shardkit Parquet shard: its schema is {parquet.schema_arrow}")
         return _OpenParquet(parquet)
 
-    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
-        parquet = pq.ParquetFile(f)
-        columns = COLUMNS + (["images"] if images else [])
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=columns)
-            for row in range(table.num_rows):
-                yield _sample(table, row)
 
-
-COLUMNS = ["key", "input_ids", "weights", "json"]
+COLUMNS = ["key", "input_ids", "weights", "json", "images"]
 
 
 def _sample(table: pa.Table, row: int, checksum: int | None = None) -> Sample:
-    """One row of a row group as a :class:`Sample` (no images when the table has no ``images`` column);
-    :class:`ChecksumMismatch` unless its values have ``checksum`` (None: unchecked)."""
-    images = table.column("images")[row].as_py() if "images" in table.column_names else []
+    """One row of a row group as a :class:`Sample`; :class:`ChecksumMismatch` unless its values have
+    ``checksum`` (None: unchecked)."""
+    images = table.column("images")[row].as_py()
     key = table.column("key")[row].as_py()
     text = table.column("json")[row].as_py()
     input_ids = np.asarray(table.column("input_ids")[row].values, dtype=np.int32)
@@ -147,7 +138,7 @@ class _OpenParquet(OpenShard):
         if group in self._groups:
             self._groups.move_to_end(group)
         else:
-            self._groups[group] = self.parquet.read_row_group(group, columns=[*COLUMNS, "images"])
+            self._groups[group] = self.parquet.read_row_group(group, columns=COLUMNS)
             if len(self._groups) > self.CACHED_GROUPS:
                 self._groups.popitem(last=False)
         return _sample(self._groups[group], offset - int(self.starts[group]), checksum)

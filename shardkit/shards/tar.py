@@ -12,7 +12,6 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator
 from typing import Any
 
 from shardkit.shards.base import (
@@ -62,16 +61,6 @@ class TarShardWriter(ShardWriter):
 class TarShardReader(ShardReader):
     format = "tar"
     magic = (257, b"ustar")
-
-    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        def wanted(name: str) -> bool:
-            return images or not name.endswith(".jpg")
-
-        files = ({**item, "__url__": None} for item in tar_file_iterator(f, select_files=wanted))
-        for group in group_by_keys(files, lcase=False):
-            yield _to_sample(group)
 
     def open(self, f: Any) -> OpenShard:
         return _OpenTar(f)
