@@ -203,8 +203,9 @@ def test_resuming_on_more_ranks_than_samples_left_starts_the_next_epoch(builds, 
     for _ in range(steps - 1):
         first.advance()
     state = first.state_dict()
-    left = make_plan(first.source.shard_sizes, None, epoch=0, levels=[*first._levels, Level(world, 1, 0)],
-                     rank=0, shuffle=first.shuffle, batching=first.batching)  # fmt: skip
+    levels = [*(Level(**level) for level in state["levels"]), Level(world, 1, 0)]
+    left = make_plan(first.source.shard_sizes, None, epoch=0, levels=levels, rank=0, shuffle=first.shuffle,
+                     batching=first.batching)  # fmt: skip
     assert left.remaining_at_level == 1 and left.steps == 0  # fewer samples left than ranks
     seen, states = [], []
     for rank in range(world):

@@ -78,7 +78,7 @@ class IndexWriter:
         """Append the samples of shard number ``shard`` (manifest order); ``locations`` are
         ``(offset, size, checksum)``."""
         if any(len(location) != 3 for location in locations):
-            raise ShardError("a task result without sample checksums (written by an older shardkit): rebuild")
+            raise ShardError("a task result without sample checksums (from an older shardkit): rerun with --overwrite")
         self._pending.append((shard, locations, tokens))
         self._pending_rows += len(tokens)
         if self._pending_rows >= self.FLUSH_ROWS:
