@@ -7,6 +7,10 @@ Targets (ratios measured in this run):
   4. the image hot path (stored JPEG to normalised patches) >= 3 x Qwen2VLImageProcessor on the same stored images.
   6. time to the first batch after restoring at 90% of an epoch <= 2 x the time to the first batch of a fresh epoch.
   7. the loader's resident memory stays flat over an epoch.
+  8. checked reading (every sample against its checksum, the default) >= 0.97 x unchecked, in model-ready
+     batches per CPU second of one process (a wall-clock rate on a shared machine moves by more than 3% from run
+     to run); the wall-clock rate with workers, raw sample reads (no decoding) for tar and Parquet and the check
+     alone per sample are reported too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +29,9 @@ from PIL import Image
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
-from shardkit.load import ShardStream
+from shardkit.load import BuildSource, ShardStream
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches
+from shardkit.shards.base import checksum_of, content_checksum
 from shardkit.shards.reading import iter_build_samples
 from shardkit.tokenizer import load_tokenizer
 
@@ -121,8 +127,74 @@ def batching_report(out: Path, budget: int = 4096, steps: int = 4) -> dict:
     return report
 
 
+def check_seconds_per_sample(tar: Path, parquet: Path) -> dict:
+    """The check alone, per sample: hashing a tar sample's stored bytes, or a Parquet sample's values."""
+    source = BuildSource(str(tar))
+    stored = []
+    with open(tar / source.manifest.shards[0].path, "rb") as f:
+        for i in np.flatnonzero(source.index.shard == 0):
+            f.seek(int(source.index.offset[i]))
+            stored.append(f.read(int(source.index.size[i])))
+    samples = list(BuildSource(str(parquet)).samples())
+    tar_s = best_of(lambda: [checksum_of(data) for data in stored], 20) / len(stored)
+    parquet_s = best_of(
+        lambda: [content_checksum(s.key, s.info_json, s.input_ids, s.weights, s.images) for s in samples], 20
+    ) / len(samples)
+    return {"tar_check_us_per_sample": tar_s * 1e6, "parquet_check_us_per_sample": parquet_s * 1e6}
+
+
+def checking_cost(dataset, tar: Path, rounds: int = 10) -> dict:
+    """Checked against unchecked reading in the same run, interleaved, the best of ``rounds`` each."""
+    parquet = WORK / "loader-bench-parquet"
+    if not (parquet / "manifest.json").exists():
+        shutil.rmtree(parquet, ignore_errors=True)
+        config = BuildConfig.create(input=str(dataset.jsonl), out=str(parquet), samples_per_shard=8, format="parquet")
+        build(config, progress=False)
+
+    def batches_per_s(checksums: bool) -> float:
+        stream = ShardStream(str(tar), batch_size=BATCH, seed=0, checksums=checksums)
+        return steady_rate(TorchLoader(stream, num_workers=WORKERS))
+
+    def batches_per_cpu_s(checksums: bool) -> float:
+        """In this process, per CPU second: what other processes on the machine do hardly changes it."""
+        loader = TorchLoader(ShardStream(str(tar), batch_size=BATCH, seed=0, checksums=checksums), num_workers=0)
+        start = time.process_time()
+        count = sum(1 for _ in loader)
+        return count / (time.process_time() - start)
+
+    def reads_per_cpu_s(folder: Path, checksums: bool, passes: int = 5) -> float:
+        source = BuildSource(str(folder), checksums=checksums)
+        start = time.process_time()
+        count = sum(1 for _ in range(passes) for _ in source.samples())
+        return count / (time.process_time() - start)
+
+    runs = {
+        "loader_batches_per_cpu_s": batches_per_cpu_s,
+        "loader_batches_per_s": batches_per_s,
+        "tar_reads_per_cpu_s": lambda checked: reads_per_cpu_s(tar, checked),
+        "parquet_reads_per_cpu_s": lambda checked: reads_per_cpu_s(parquet, checked),
+    }
+    best: dict[str, float] = {}
+    for round in range(rounds):  # interleaved, in turn first: noise only ever slows a run down, best of each
+        for name, run in runs.items():
+            for checked in (True, False) if round % 2 else (False, True):
+                key = f"{'checked' if checked else 'unchecked'}_{name}"
+                best[key] = max(best.get(key, 0.0), run(checked))
+    ratio = {f"ratio_checked_vs_unchecked_{n}": best[f"checked_{n}"] / best[f"unchecked_{n}"] for n in runs}
+    return {**best, **ratio, **check_seconds_per_sample(tar, parquet)}
+
+
 def current_rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def loader_build(dataset) -> Path:
+    """The tar build of the seed data set the loader benchmarks read (built once)."""
+    out = WORK / "loader-bench"
+    if not (out / "manifest.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        build(BuildConfig.create(input=str(dataset.jsonl), out=str(out), samples_per_shard=8), progress=False)
+    return out
 
 
 def main() -> dict:
@@ -131,10 +203,7 @@ def main() -> dict:
     dataset = seed_dataset()
     tokenizer = load_tokenizer()[0]
     processor = Qwen2VLImageProcessor()
-    out = WORK / "loader-bench"
-    if not (out / "manifest.json").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        build(BuildConfig.create(input=str(dataset.jsonl), out=str(out), samples_per_shard=8), progress=False)
+    out = loader_build(dataset)
 
     # 3. model-ready batches per second; the seed loads Qwen/Qwen2-VL-2B-Instruct's processor, whose published
     # preprocessor_config.json bounds images to 3136..12845056 pixels (so originals keep their size)
@@ -189,6 +258,7 @@ def main() -> dict:
             pass
         rss.append(current_rss_mib())  # after each epoch; the first one warms the allocator up
     batching = batching_report(out)
+    checks = checking_cost(dataset, out)
     samples = [s for b in ShardStream(str(out), batch_size=BATCH, shuffle=False) for s in b]
     tokens_per_batch = sum(len(s.input_ids) for s in samples) / len(samples) * BATCH
     images_per_batch = sum(len(s.images) for s in samples) / len(samples) * BATCH
@@ -214,11 +284,17 @@ def main() -> dict:
         "tokens_per_s": tokens_per_batch * ours_rate,
         "images_per_s": images_per_batch * ours_rate,
         "batching": batching,
+        "checks": checks,
+        "ratio_checked_vs_unchecked_loader": checks["ratio_checked_vs_unchecked_loader_batches_per_cpu_s"],
     }
 
 
 if __name__ == "__main__":
     started = time.perf_counter()
+    if sys.argv[1:] == ["--checks"]:  # target 9 alone: results/checks.json
+        dataset = seed_dataset()
+        save("checks", {"machine": machine(), "checks": checking_cost(dataset, loader_build(dataset))})
+        sys.exit()
     result = {"machine": machine(), "loader": main()}
     result["seconds"] = round(time.perf_counter() - started, 1)
     save("loader", result)

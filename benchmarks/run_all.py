@@ -34,6 +34,7 @@ TARGETS = [
     (7, "build peak RSS, 10x input vs 1x", "build", "ratio_build_rss_10x_input", "<", 1.2),
     (7, "loader RSS, end of epoch 4 vs epoch 1", "loader", "ratio_loader_rss_last_vs_first", "<", 1.05),
     (8, "frozen-tower step, cached embeddings vs live pixels", "embed", "ratio_step_cached_vs_live", ">=", 1.3),
+    (9, "torch loader, checked vs unchecked reads", "loader", "ratio_checked_vs_unchecked_loader", ">=", 0.97),
 ]
 
 

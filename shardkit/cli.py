@@ -398,9 +398,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "verify",
-        help="check every shard of a build (or of an embeddings folder) against its manifest (size and sha256)",
-        description="Read every shard and the index of a build (folder or URL) and compare size and sha256 with the "
-        "manifest. Prints one line per problem; exit 0 when all match, 1 otherwise.",
+        help="check a build (or an embeddings folder) against its manifest (every shard's size, sha256 and format; "
+        "counts; the index)",
+        description="Read every shard and the index of a build or embeddings folder (folder or URL), no further than "
+        "their recorded size, and compare size, sha256 and format with the manifest; check the manifest's counts "
+        "against its shards and the index. Prints one line per problem; exit 0 when all match, 1 otherwise.",
     )
     p.add_argument("build", metavar="DIR_OR_URL")
 

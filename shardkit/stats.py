@@ -2,7 +2,7 @@
 
 The seed's statistics (samples, images, images per sample, top diagnoses from
 ``meta``) plus token-length and image-size distributions, rejects by reason
-and how many samples were fitted or truncated. Image bytes are not read.
+and how many samples were fitted or truncated. Image bytes are checked, never decoded.
 """
 
 from __future__ import annotations

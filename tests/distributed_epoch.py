@@ -1,6 +1,9 @@
-"""Run by tests/test_distributed.py under torchrun: one epoch per rank over gloo, keys written per rank.
+"""Run by tests/test_distributed.py under torchrun: reading over gloo until an epoch, keys written per rank.
 
-Every step does an all_reduce, as DDP would, so a rank with fewer batches would hang the run.
+``distributed_epoch.py BUILD OUT [STATE]``: optionally resume from the loader state in file STATE, then read
+as a training loop does (``while loader.epoch < until``) until the epoch after the one the loader starts in
+is over. Every step does an all_reduce, as DDP would, so a rank with fewer batches would hang the run; a
+pass over the loader that makes no progress (an epoch that never ends) fails it.
 """
 
 import json
@@ -18,16 +21,24 @@ def keys(samples):
     return [s.key for s in samples]
 
 
-def main(build: str, out: str) -> None:
+def main(build: str, out: str, state: str | None = None) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     loader = TorchLoader(ShardStream(build, batch_size=2, seed=11), collate=keys, num_workers=1)
-    seen = []
-    for batch in loader:
-        step = torch.ones(1)
-        dist.all_reduce(step)
-        assert step.item() == dist.get_world_size()
-        seen += batch
+    start = 0
+    if state:
+        saved = json.loads(Path(state).read_text())
+        loader.load_state_dict(saved)
+        start = saved["epoch"] + 1
+    seen, passes = [], 0
+    while loader.epoch < start + 1:
+        passes += 1
+        assert passes <= 3, f"rank {rank}: epoch {loader.epoch} never ends"
+        for batch in loader:
+            step = torch.ones(1)
+            dist.all_reduce(step)
+            assert step.item() == dist.get_world_size()
+            seen += batch
     Path(out, f"rank{rank}.json").write_text(json.dumps({"keys": seen, "state": loader.state_dict()}))
     dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from shardkit.errors import ShardError
 from shardkit.shards import READERS, WRITERS, Sample
+from shardkit.shards.base import ChecksumMismatch
 from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_manifest
 from shardkit.storage import open_fs
 from shardkit.synthetic import photo_like
@@ -58,14 +59,12 @@ def test_roundtrip_and_reported_size_and_hash(tmp_path, fmt):
     assert written.sha256 == hashlib.sha256(data).hexdigest()
     assert not list(tmp_path.glob("*.partial"))
     with open(path, "rb") as f:
-        back = list(READERS[fmt]().samples(f))
+        shard = READERS[fmt]().open(f)
+        back = [shard.read_at(*location) for location in written.locations]
     for a, b in zip(items, back, strict=True):
         assert a.key == b.key and a.info == b.info and a.images == b.images
         assert np.array_equal(a.input_ids, b.input_ids) and b.input_ids.dtype == np.int32
         assert np.array_equal(a.weights, b.weights) and b.weights.dtype == np.float32
-    with open(path, "rb") as f:
-        light = list(READERS[fmt]().samples(f, images=False))
-    assert [s.key for s in light] == [s.key for s in items] and all(s.images == [] for s in light)
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
@@ -79,6 +78,19 @@ def test_samples_are_read_back_at_their_recorded_locations(tmp_path, fmt):
             got = shard.read_at(*written.locations[i])
             assert got.key == items[i].key and got.images == items[i].images
             assert np.array_equal(got.input_ids, items[i].input_ids)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_a_sample_that_does_not_match_its_checksum_is_refused(tmp_path, fmt):
+    path = tmp_path / f"s{WRITERS[fmt].suffix}"
+    written = write(fmt, path, samples())
+    offset, size, checksum = written.locations[2]
+    assert len({c for _, _, c in written.locations}) == 5
+    with open(path, "rb") as f:
+        shard = READERS[fmt]().open(f)
+        assert shard.read_at(offset, size, None).key == shard.read_at(offset, size, checksum).key == "0000000003"
+        with pytest.raises(ChecksumMismatch, match="sample '0000000003' does not match its checksum"):
+            shard.read_at(offset, size, checksum ^ 1)
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
@@ -154,3 +166,57 @@ def test_manifest_roundtrip_and_errors(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "tar"}')
     with pytest.raises(ShardError, match="not a valid shardkit manifest"):
         read_manifest(str(tmp_path))
+
+
+class _Payload:
+    """Unpickling it creates the file ``path``: the stand-in for code run by a hostile shard."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _readme_webdataset_example(shard):
+    """The README's plain-webdataset example, reading ``shard``."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "import webdataset" in c]
+    return code.replace("shards/shard-000000-000.tar", str(shard))
+
+
+def test_the_readme_webdataset_example_reads_a_built_shard_and_unpickles_nothing(builds, tmp_path):
+    import pickle
+    import tarfile
+
+    from shardkit.load import BuildSource
+
+    source = BuildSource(builds["tar"])
+    shard = f"{builds['tar']}/{source.manifest.shards[0].path}"
+    last = source.get(source.manifest.shards[0].num_samples - 1)
+    scope: dict = {}
+    exec(_readme_webdataset_example(shard), scope)
+    assert scope["sample"]["__key__"] == last.key and scope["info"] == last.info
+    assert np.array_equal(scope["ids"], last.input_ids) and np.array_equal(scope["weights"], last.weights)
+    assert isinstance(scope["first_image"], Image.Image) and scope["first_image"].size == (
+        last.info["images"][0]["width"],
+        last.info["images"][0]["height"],
+    )
+
+    hostile, marker = tmp_path / "hostile.tar", tmp_path / "code-ran"
+    with tarfile.open(shard) as original, tarfile.open(hostile, "w") as out:
+        for member in original:
+            out.addfile(member, original.extractfile(member))
+        payload = pickle.dumps(_Payload(marker))
+        info = tarfile.TarInfo(f"{last.key}.evil.pickle")
+        info.size = len(payload)
+        out.addfile(info, io.BytesIO(payload))
+    scope = {}
+    exec(_readme_webdataset_example(hostile), scope)
+    assert scope["sample"]["evil.pickle"] == payload and not marker.exists()  # left as bytes
+    scope = {}
+    exec(_readme_webdataset_example(hostile).replace(".decode(*handlers, pre=[], post=[])", '.decode("pil")'), scope)
+    assert marker.exists()  # what the example used to do

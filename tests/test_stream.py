@@ -1,6 +1,8 @@
 """The streaming dataset over real builds: split, shuffle, exact and elastic resume, bad shards."""
 
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -190,3 +192,72 @@ def test_padding_stats_count_what_the_batches_hold(builds):
         assert stats[name]["pad_fraction"] == pytest.approx(1 - stats[name]["tokens"] / expected_padded)
     assert stats["packed"]["pad_fraction"] < stats["plain"]["pad_fraction"]
     assert stats["budget"]["pad_fraction"] < stats["plain"]["pad_fraction"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5, 8])
+def test_resuming_on_more_ranks_than_samples_left_starts_the_next_epoch(builds, world):
+    from shardkit.load.plan import Level, make_plan
+
+    first = ShardStream(builds["tar"], batch_size=2, seed=4)
+    steps = first.remaining_steps()  # 47 samples: 23 batches of 2, one of 1
+    for _ in range(steps - 1):
+        first.advance()
+    state = first.state_dict()
+    levels = [*(Level(**level) for level in state["levels"]), Level(world, 1, 0)]
+    left = make_plan(first.source.shard_sizes, None, epoch=0, levels=levels, rank=0, shuffle=first.shuffle,
+                     batching=first.batching)  # fmt: skip
+    assert left.remaining_at_level == 1 and left.steps == 0  # fewer samples left than ranks
+    seen, states = [], []
+    for rank in range(world):
+        stream = ShardStream(builds["tar"], batch_size=2, seed=4, rank=rank, world_size=world)
+        stream.load_state_dict(state)
+        assert stream.epoch == 1 and stream.remaining_steps() > 0  # the empty remainder ended epoch 0
+        seen += [s.key for batch in stream for s in batch]
+        states.append(stream.state_dict())
+    assert len(seen) == len(set(seen)) == 47 // world * world  # the whole of epoch 1, split across the ranks
+    assert all(s == states[0] for s in states) and states[0]["epoch"] == 2
+
+
+def test_a_malformed_or_foreign_state_is_refused(builds, caplog):
+    stream = ShardStream(builds["tar"], batch_size=2, seed=4)
+    for _ in range(3):
+        stream.advance()
+    good = stream.state_dict()
+
+    def changed(**parts):
+        state = json.loads(json.dumps(good))
+        for path, value in parts.items():
+            *where, last = path.split("__")
+            target = state
+            for key in where:
+                target = target[int(key)] if isinstance(target, list) else target[key]
+            if value is None:
+                del target[last]
+            else:
+                target[last] = value
+        return state
+
+    cases = {
+        "levels.0.batches: Input should be greater than or equal to 0": changed(levels__0__batches=-1),
+        "the state says 1000 batches were read on 1 ranks x 1 workers, but that part of epoch 0 has 24": changed(
+            levels__0__batches=1000
+        ),
+        "epoch: Input should be a valid integer": changed(epoch="1"),
+        "epoch: Input should be greater than or equal to 0": changed(epoch=-1),
+        "levels: Input should be a valid list": changed(levels="x"),
+        "levels: List should have at least 1 item": changed(levels=[]),
+        "levels.0.world: Field required": changed(levels__0__world=None),
+        "plan: Field required": changed(plan=None),
+        "unsupported loader state version": changed(version=None),
+        "a loader state is a dict, got list": [],
+    }
+    for message, state in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            ShardStream(builds["tar"], batch_size=2, seed=4).load_state_dict(state)
+    other = ShardStream(builds["parquet"], batch_size=2, seed=4)  # the same samples, count and settings
+    with pytest.raises(ConfigError, match="the state is from another build"):
+        other.load_state_dict(good)
+    resumed = ShardStream(builds["tar"], batch_size=2, seed=4)
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(changed(build=None))  # a state saved before states named their build
+    assert "names no build" in caplog.text and resumed.remaining_steps() == 21

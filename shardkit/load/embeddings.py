@@ -35,7 +35,7 @@ from shardkit.shards.embeddings import (
     read_embedding_manifest,
     verify_embeddings,
 )
-from shardkit.shards.index import SampleIndex, read_index
+from shardkit.shards.index import SampleIndex, load_index
 from shardkit.storage import join, open_fs
 
 OPEN_SHARDS = 4
@@ -60,7 +60,10 @@ class EmbeddingSource:
                 "(or from an earlier version of it): run shardkit embed on this build"
             )
         fs, self.folder = open_fs(location)
-        self.index: SampleIndex = read_index(fs, self.folder, self.manifest.num_samples)
+        path = join(self.folder, self.manifest.index.path)
+        self.index: SampleIndex = load_index(fs, path, self.manifest.index)
+        if len(self.index) != self.manifest.num_samples:
+            raise ShardError(f"{path} has {len(self.index)} rows, the manifest {self.manifest.num_samples} samples")
         self._open: OrderedDict[int, Any] = OrderedDict()
         self._pid = os.getpid()
         if verify and (problems := verify_embeddings(location)):

@@ -84,11 +84,11 @@ def share_counts(weights: Sequence[float], total: int) -> list[int]:
 class MixSource:
     """Samples of several builds by mix id (position in the builds' concatenation)."""
 
-    def __init__(self, locations: Sequence[str], *, verify: bool = False):
+    def __init__(self, locations: Sequence[str], *, verify: bool = False, checksums: bool = True):
         if len(set(locations)) != len(locations):
             raise ConfigError(f"a build appears twice in the mix: {list(locations)}")
         self.locations = list(locations)
-        self.sources = [BuildSource(location, verify=verify) for location in locations]
+        self.sources = [BuildSource(location, verify=verify, checksums=checksums) for location in locations]
         check_compatible([s.manifest for s in self.sources], self.locations)
         for location, source in zip(locations, self.sources, strict=True):
             if not len(source):
@@ -164,8 +164,8 @@ class MixStream(ShardStream):
         self.source_counts = np.zeros(len(sizes), dtype=np.int64)
         self._slots: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _open_source(self, location: Any, verify: bool) -> MixSource:
-        return MixSource(location, verify=verify)
+    def _open_source(self, location: Any, verify: bool, checksums: bool) -> MixSource:
+        return MixSource(location, verify=verify, checksums=checksums)
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -1,38 +1,48 @@
 """Random access to the samples of a build, local or on any fsspec filesystem.
 
 A :class:`BuildSource` opens a build by folder or URL, reads its manifest and
-index, and returns samples by id (position in manifest order) by seeking to
-their recorded location. Shards are opened lazily and a few stay open. A
-truncated or corrupt shard raises :class:`ShardError` naming the shard; with
-``verify=True`` every shard's size and sha256 are checked against the manifest
-once, before any sample is returned. Nothing is ever unpickled.
+index (checked against each other: see :mod:`shardkit.shards.index`), and
+returns samples by id (position in manifest order) by seeking to their
+recorded location. Every sample read is checked against the checksum the index
+recorded when it was written, so a flipped bit raises :class:`ShardError`
+naming the shard and the sample; builds made before checksums existed are read
+unchecked, with a warning. Shards are opened lazily and a few stay open. With
+``verify=True`` every shard's size and sha256 are also checked against the
+manifest once, before any sample is returned. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 from shardkit.errors import ShardError
 from shardkit.shards import Manifest, Sample, get_reader, read_manifest
-from shardkit.shards.base import OpenShard
-from shardkit.shards.embeddings import EmbeddingManifest
+from shardkit.shards.base import ChecksumMismatch, OpenShard
+from shardkit.shards.files import open_regular, read_checked
 from shardkit.shards.index import SampleIndex, read_index
-from shardkit.storage import hash_stream, join, open_fs
+from shardkit.shards.manifest import manifest_problems
+from shardkit.storage import join, open_fs
 
 OPEN_SHARDS = 4
 
 
 class BuildSource:
-    """Samples of the build at ``location`` by id."""
+    """Samples of the build at ``location`` by id; ``checksums=False`` reads them unchecked."""
 
-    def __init__(self, location: str, *, verify: bool = False):
+    def __init__(
+        self, location: str, *, verify: bool = False, checksums: bool = True, manifest: Manifest | None = None
+    ):
         self.location = location
-        self.manifest: Manifest = read_manifest(location)
+        self.manifest: Manifest = manifest or read_manifest(location)
         fs, self.folder = open_fs(location)
-        self.index: SampleIndex = read_index(fs, self.folder, self.manifest.num_samples)
+        if problems := manifest_problems(self.manifest):
+            raise ShardError(f"{join(self.folder, 'manifest.json')} is inconsistent: {'; '.join(problems)}")
+        self.index: SampleIndex = read_index(fs, self.folder, self.manifest)
         self.reader = get_reader(self.manifest.format)
+        self.checksums = checksums and self.index.checksum is not None
         self._open: OrderedDict[int, tuple[Any, OpenShard]] = OrderedDict()
         self._pid = os.getpid()
         if verify and (problems := verify_build(location, self.manifest)):
@@ -61,12 +71,8 @@ class BuildSource:
         if number in self._open:
             self._open.move_to_end(number)
             return self._open[number][1]
-        entry = self.manifest.shards[number]
-        path = join(self.folder, entry.path)
-        try:
-            f = self.fs.open(path, "rb")
-        except FileNotFoundError:
-            raise ShardError(f"shard {path} is missing") from None
+        path = join(self.folder, self.manifest.shards[number].path)
+        f = open_regular(self.fs, path)
         try:
             shard = self.reader.open(f)
         except Exception as exc:
@@ -79,16 +85,31 @@ class BuildSource:
         return shard
 
     def get(self, sample_id: int) -> Sample:
-        """The sample with this id."""
+        """The sample with this id; :class:`ShardError` naming the shard and sample when it is damaged."""
         number = int(self.index.shard[sample_id])
         offset, size = int(self.index.offset[sample_id]), int(self.index.size[sample_id])
+        checksum = int(self.index.checksum[sample_id]) if self.checksums else None
+        path = join(self.folder, self.manifest.shards[number].path)
         try:
-            return self._shard(number).read_at(offset, size)
+            return self._shard(number).read_at(offset, size, checksum)
+        except ChecksumMismatch as exc:
+            raise ShardError(
+                f"shard {path}: sample {sample_id} (key {exc.key!r} as read, at {offset}) does not match its "
+                "checksum: the shard is corrupt"
+            ) from None
         except ShardError:
             raise
         except Exception as exc:
-            path = join(self.folder, self.manifest.shards[number].path)
-            raise ShardError(f"shard {path} is truncated or corrupt (sample at {offset}): {exc}") from None
+            raise ShardError(f"shard {path} is truncated or corrupt (sample {sample_id} at {offset}): {exc}") from None
+
+    def samples(self, *, images: bool = True) -> Iterator[Sample]:
+        """Every sample in manifest order, checked; ``images=False`` leaves out their image bytes."""
+        for sample_id in range(len(self)):
+            sample = self.get(sample_id)
+            if not images:
+                sample.images = []
+            yield sample
+        self.close()
 
     def close(self) -> None:
         for f, _ in self._open.values():
@@ -96,30 +117,29 @@ class BuildSource:
         self._open.clear()
 
 
-def verify_shard(fs: Any, path: str, size: int, sha256: str) -> None:
-    """Check a file's size and sha256; :class:`ShardError` naming it when they differ."""
-    try:
-        with fs.open(path, "rb") as f:
-            read, digest = hash_stream(f)
-    except FileNotFoundError:
-        raise ShardError(f"{path} is missing") from None
-    if read != size:
-        raise ShardError(f"{path} has {read} bytes, the manifest says {size}: truncated or replaced")
-    if digest.hexdigest() != sha256:
-        raise ShardError(f"{path} does not match its sha256 in the manifest: corrupt or replaced")
+def verify_build(location: str, manifest: Manifest | None = None) -> list[str]:
+    """Check a build against its manifest: the manifest's own consistency, every shard's size, sha256 and format,
+    and the index against the shards; the problems found (empty: all good).
 
-
-def verify_build(location: str, manifest: Manifest | EmbeddingManifest | None = None) -> list[str]:
-    """Check every shard and the index of a build (or embeddings folder) against its manifest; the problems found
-    (empty: all good)."""
+    Each file is read no further than its recorded size.
+    """
     manifest = manifest or read_manifest(location)
     fs, folder = open_fs(location)
-    problems = []
-    files = [(s.path, s.bytes, s.sha256) for s in manifest.shards]
-    files.append((manifest.index.path, manifest.index.bytes, manifest.index.sha256))
-    for path, size, sha in files:
+    problems = manifest_problems(manifest)
+    consistent = not problems
+    reader = get_reader(manifest.format) if consistent else None
+    for shard in manifest.shards:
+        path = join(folder, shard.path)
         try:
-            verify_shard(fs, join(folder, path), size, sha)
+            head = read_checked(fs, path, shard.bytes, shard.sha256)
+        except ShardError as exc:
+            problems.append(str(exc))
+            continue
+        if reader and not reader.recognises(head):
+            problems.append(f"{path} is not a {manifest.format} file, the format the manifest gives")
+    if consistent:
+        try:
+            read_index(fs, folder, manifest)
         except ShardError as exc:
             problems.append(str(exc))
     return problems

@@ -6,12 +6,16 @@ sequences of samples) following :mod:`shardkit.load.plan`. Its state is a small
 JSON dict::
 
     {"version": 1, "epoch": 3, "levels": [{"world": 8, "workers": 4, "batches": 1200}],
-     "plan": {...settings...}, "num_samples": 123456}
+     "plan": {...settings...}, "num_samples": 123456, "build": "<manifest digest>"}
 
 Restoring it continues with exactly the batches an uninterrupted run would
 have produced (same world size and workers), or, on another topology, with the
-samples not yet read in this epoch, none lost and none twice. Restoring
-re-reads nothing: the plan is arithmetic and samples are found by the index.
+samples not yet read in this epoch, none lost and none twice; when fewer
+samples are left than ranks, the epoch is over and the next one starts.
+Restoring re-reads nothing: the plan is arithmetic and samples are found by the
+index. A state is checked before it is used: a malformed one, one from another
+build (``build``: the manifest's digest) or one claiming more batches than
+its epoch has is refused with a :class:`ConfigError`.
 
 The torch loader (:mod:`shardkit.load.torch`) and the Tinker batches
 (:mod:`shardkit.load.tinker`) are built on it.
@@ -22,9 +26,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shardkit.errors import ConfigError
 from shardkit.load.plan import (
@@ -44,6 +49,39 @@ from shardkit.shards import Sample
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+class _LevelState(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    world: int = Field(ge=1)
+    workers: int = Field(ge=1)
+    batches: int = Field(ge=0)
+
+
+class _State(BaseModel):
+    """A loader state as :meth:`ShardStream.state_dict` writes it (``build`` absent in states of older versions)."""
+
+    model_config = ConfigDict(strict=True)
+    version: Literal[1]
+    epoch: int = Field(ge=0)
+    levels: list[_LevelState] = Field(min_length=1)
+    plan: dict[str, Any]
+    num_samples: int = Field(ge=0)
+    build: str | None = None
+
+
+def _parse_state(state: Any) -> _State:
+    """``state`` checked field by field; :class:`ConfigError` saying what is wrong."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"a loader state is a dict, got {type(state).__name__}")
+    if state.get("version") != STATE_VERSION:
+        raise ConfigError(f"unsupported loader state version {state.get('version')!r}")
+    try:
+        return _State.model_validate(state)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"]))
+        raise ConfigError(f"invalid loader state: {where}: {error['msg']}") from None
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -68,7 +106,10 @@ class ShardStream:
     ``torch.distributed``.
     ``workers`` is the number of processes that will read the stream (the
     torch loader sets it); it is part of the plan, so resuming with the same
-    value gives the same batches. ``image_embeddings`` (a folder written by
+    value gives the same batches. Every sample is checked against its
+    checksum (``checksums=False`` skips that, for measuring its cost);
+    ``verify=True`` also checks every shard's sha256 once, up front.
+    ``image_embeddings`` (a folder written by
     ``shardkit embed`` for this build) gives samples with their cached image
     embeddings instead of their images (see :mod:`shardkit.load.embeddings`).
     """
@@ -89,9 +130,10 @@ class ShardStream:
         rank: int | None = None,
         world_size: int | None = None,
         verify: bool = False,
+        checksums: bool = True,
         image_embeddings: str | None = None,
     ):
-        self.source = self._open_source(location, verify)
+        self.source = self._open_source(location, verify, checksums)
         self.embeddings = None
         if image_embeddings is not None:
             from shardkit.load.embeddings import EmbeddingSource  # torch, only when asked for
@@ -119,14 +161,15 @@ class ShardStream:
                 f"{name} {limit} is below the longest sample ({int(lengths.max())} tokens); "
                 "raise it to at least the build's max_length"
             )
+        self.build_id = self.source.manifest.digest
         self.workers = 0
         self.epoch = 0
         self._levels: list[Level] = [Level(self.world_size, 1, 0)]
         self._plan: EpochPlan | None = None
 
-    def _open_source(self, location: Any, verify: bool) -> BuildSource:
+    def _open_source(self, location: Any, verify: bool, checksums: bool) -> BuildSource:
         """The samples the stream reads (a mix of builds opens several)."""
-        return BuildSource(location, verify=verify)
+        return BuildSource(location, verify=verify, checksums=checksums)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -149,24 +192,53 @@ class ShardStream:
             "levels": [asdict(level) for level in self._levels],
             "plan": self.settings,
             "num_samples": len(self.source),
+            "build": self.build_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict`, possibly of another topology)."""
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"unsupported loader state version {state.get('version')!r}")
-        if state["num_samples"] != len(self.source):
+        """Continue from ``state`` (from :meth:`state_dict` on this build, possibly of another topology);
+        :class:`ConfigError` when it is malformed, from another build or inconsistent with its epoch."""
+        parsed = _parse_state(state)
+        if parsed.build is None:
+            logger.warning("the loader state names no build (saved by an older shardkit): checked by its size only")
+        elif parsed.build != self.build_id:
             raise ConfigError(
-                f"the state is for a build of {state['num_samples']} samples, this one has {len(self.source)}"
+                f"the state is from another build (digest {parsed.build}), not {self.source.location} "
+                f"(digest {self.build_id})"
             )
-        if state["plan"] != self.settings:
+        if parsed.num_samples != len(self.source):
             raise ConfigError(
-                f"the state was saved with other shuffle/batching settings ({state['plan']}); "
+                f"the state is for a build of {parsed.num_samples} samples, this one has {len(self.source)}"
+            )
+        if parsed.plan != self.settings:
+            raise ConfigError(
+                f"the state was saved with other shuffle/batching settings ({parsed.plan}); "
                 "resume with the same settings to get the same batches"
             )
-        self.epoch = int(state["epoch"])
-        self._levels = [Level(**level) for level in state["levels"]]
+        levels = [Level(**level.model_dump()) for level in parsed.levels]
+        for number, level in enumerate(levels):
+            steps = self._level_steps(parsed.epoch, [*levels[:number], replace(level, batches=0)])
+            if level.batches > steps:
+                raise ConfigError(
+                    f"the state says {level.batches} batches were read on {level.world} ranks x {level.workers} "
+                    f"workers, but that part of epoch {parsed.epoch} has {steps}"
+                )
+        self.epoch = parsed.epoch
+        self._levels = levels
         self._plan = None
+        self.plan()  # on this topology: a remainder with nothing left for it moves on to the next epoch now
+
+    def _level_steps(self, epoch: int, levels: list[Level]) -> int:
+        """Batches per rank in the last of ``levels`` of ``epoch``."""
+        return make_plan(
+            self.source.shard_sizes,
+            self._lengths(),
+            epoch=epoch,
+            levels=levels,
+            rank=0,
+            shuffle=self.shuffle,
+            batching=self.batching,
+        ).steps
 
     # -- planning --------------------------------------------------------------------------
 
@@ -181,10 +253,12 @@ class ShardStream:
         fresh = [*self._levels[:-1], replace(self._levels[-1], batches=0)]
         if self._plan is None or self._plan.epoch != self.epoch or list(self._plan.levels) != fresh:
             self._plan = self._make_plan(self.epoch, fresh)
-        if self._levels[-1].batches > self._plan.steps:
-            raise ConfigError(
-                f"the state says {self._levels[-1].batches} batches were read, but this epoch has {self._plan.steps}"
-            )
+        done = self._levels[-1].batches
+        if done > self._plan.steps:
+            raise ConfigError(f"the state says {done} batches were read, but this epoch has {self._plan.steps}")
+        if done == self._plan.steps and (done or len(self._levels) > 1):  # nothing left (fewer samples than ranks)
+            self.set_epoch(self.epoch + 1)
+            return self.plan()
         return self._plan
 
     def advance(self, batches: int = 1) -> None:

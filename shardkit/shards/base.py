@@ -4,6 +4,11 @@ A sample is its key, a JSON dict (source line, meta, image sizes and grids,
 token counts), ``input_ids`` (int32), ``weights`` (float32: the weight of
 token i as a training target, so ``labels[i] = input_ids[i]`` where weight > 0
 else -100) and its images as JPEG bytes in order of appearance.
+
+Every sample gets a checksum when it is written (xxh3-64, recorded in the
+index; what it covers is the format's: see each writer), and readers given it
+check it, so a flipped bit raises :class:`ChecksumMismatch` instead of being
+read as different data.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import functools
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import xxhash
 
+from shardkit.errors import ShardError
 from shardkit.storage import AtomicFile, HashingWriter
 
 
@@ -44,6 +50,32 @@ class Sample:
         return self.input_ids.nbytes + self.weights.nbytes + sum(map(len, self.images)) + len(self.info_json)
 
 
+def checksum_of(data: bytes | memoryview) -> int:
+    """The checksum of one stored byte string (xxh3-64, unsigned)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def content_checksum(
+    key: str, info_json: bytes, input_ids: np.ndarray, weights: np.ndarray, images: list[bytes]
+) -> int:
+    """The checksum of a sample's values: key, JSON text, int32 ids, float32 weights, images, each length-prefixed."""
+    digest = xxhash.xxh3_64()
+    ids = np.ascontiguousarray(input_ids, dtype="<i4")
+    weights = np.ascontiguousarray(weights, dtype="<f4")
+    for part in (key.encode(), info_json, memoryview(ids).cast("B"), memoryview(weights).cast("B"), *images):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.intdigest()
+
+
+class ChecksumMismatch(ShardError):
+    """A sample's stored bytes do not match the checksum recorded when it was written."""
+
+    def __init__(self, key: str | None):
+        super().__init__(f"sample {key!r} does not match its checksum" if key else "sample does not match its checksum")
+        self.key = key
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.lib.format.write_array(out, array, allow_pickle=False)
@@ -58,15 +90,15 @@ def npy_load(data: bytes) -> np.ndarray:
 class WrittenShard:
     """What a closed shard writer reports: manifest fields and where each sample lies.
 
-    ``locations[i]`` is ``(offset, size)`` of sample i: for tar, the byte range of
-    its members; for Parquet, its row number and 1.
+    ``locations[i]`` is ``(offset, size, checksum)`` of sample i: for tar, the
+    byte range of its members; for Parquet, its row number and 1.
     """
 
     path: str
     num_samples: int
     bytes: int
     sha256: str
-    locations: list[tuple[int, int]]
+    locations: list[tuple[int, int, int]]
 
 
 class ShardWriter(ABC):
@@ -80,7 +112,7 @@ class ShardWriter(ABC):
 
     def __init__(self, fs: Any, path: str):
         self.path = path
-        self.locations: list[tuple[int, int]] = []
+        self.locations: list[tuple[int, int, int]] = []
         self._file = AtomicFile(fs, path)
         self._hashed = HashingWriter(self._file.file)
         self._closed = False
@@ -91,7 +123,7 @@ class ShardWriter(ABC):
 
     @abstractmethod
     def write(self, sample: Sample) -> None:
-        """Append one sample (and record its location)."""
+        """Append one sample (and record its location and checksum)."""
 
     @abstractmethod
     def _finish(self) -> None:
@@ -126,13 +158,15 @@ class ShardWriter(ABC):
 
 
 class ShardReader(ABC):
-    """Reads the samples of one shard file: in order, or one at its recorded location."""
+    """Reads the samples of one shard file at their recorded locations."""
 
     format: ClassVar[str]
+    magic: ClassVar[tuple[int, bytes]]  # (offset, bytes) every file of this format has
 
-    @abstractmethod
-    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
-        """The samples of file object ``f`` in order; ``images=False`` skips image bytes."""
+    def recognises(self, head: bytes) -> bool:
+        """Whether ``head``, a file's first 512 bytes, starts a file of this format."""
+        offset, magic = self.magic
+        return head[offset : offset + len(magic)] == magic
 
     @abstractmethod
     def open(self, f: Any) -> OpenShard:
@@ -143,5 +177,6 @@ class OpenShard(ABC):
     """One shard opened for reading samples at their recorded ``(offset, size)``."""
 
     @abstractmethod
-    def read_at(self, offset: int, size: int) -> Sample:
-        """The sample at a location recorded by the writer."""
+    def read_at(self, offset: int, size: int, checksum: int | None = None) -> Sample:
+        """The sample at a location recorded by the writer; :class:`ChecksumMismatch` unless it has ``checksum``
+        (None: unchecked)."""

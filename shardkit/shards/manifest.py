@@ -3,21 +3,32 @@
 ``DIR/manifest.json`` lists every shard with its sample count, size and sha256,
 the totals, and the config that produced it (model family, tokenizer name and
 fingerprint, pixel bounds, max_length, train_on, ...). Its presence means the
-build is complete.
+build is complete. Every path in it is a plain file name inside the build
+folder (no ``..``, no ``/``, not absolute), and :func:`manifest_problems` checks
+that its counts and format agree with themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shardkit.errors import ShardError
 from shardkit.storage import join, open_fs, write_bytes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _in_build_folder(path: str) -> str:
+    if not _FILE_NAME.fullmatch(path) or path in (".", ".."):
+        raise ValueError(f"path {path!r} is not a file name in the build folder")
+    return path
 
 
 class ShardEntry(BaseModel):
@@ -30,6 +41,8 @@ class ShardEntry(BaseModel):
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
+    _path = field_validator("path")(_in_build_folder)
+
 
 class IndexFile(BaseModel):
     """The per-sample index file (see :mod:`shardkit.shards.index`)."""
@@ -39,6 +52,8 @@ class IndexFile(BaseModel):
     num_rows: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    _path = field_validator("path")(_in_build_folder)
 
 
 class Manifest(BaseModel):
@@ -66,6 +81,33 @@ class Manifest(BaseModel):
 
     def write(self, fs: Any, folder: str) -> None:
         write_bytes(fs, join(folder, MANIFEST_NAME), self.to_json())
+
+    @property
+    def digest(self) -> str:
+        """The build's identity: a hash of this manifest (shard and index sha256s included)."""
+        return hashlib.sha256(self.to_json()).hexdigest()[:16]
+
+
+def manifest_problems(manifest: Manifest) -> list[str]:
+    """How the manifest disagrees with itself: totals against its shards, shard names against its format."""
+    from shardkit.shards import WRITERS
+
+    shards = manifest.shards
+    problems = []
+    if manifest.format not in WRITERS:
+        problems.append(f"unknown format {manifest.format!r}")
+    elif wrong := [s.path for s in shards if not s.path.endswith(suffix := WRITERS[manifest.format].suffix)]:
+        problems.append(f"format {manifest.format!r}, but shard {wrong[0]} is not a {suffix} file")
+    if len({s.path for s in shards} | {manifest.index.path}) != len(shards) + 1:
+        problems.append("two entries name the same file")
+    for name, total, parts in (
+        ("num_samples", manifest.num_samples, sum(s.num_samples for s in shards)),
+        ("num_tokens", manifest.num_tokens, sum(s.num_tokens for s in shards)),
+        ("the index's num_rows", manifest.index.num_rows, sum(s.num_samples for s in shards)),
+    ):
+        if total != parts:
+            problems.append(f"{name} is {total}, but the shards add up to {parts}")
+    return problems
 
 
 def read_manifest(location: str) -> Manifest:

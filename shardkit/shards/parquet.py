@@ -5,21 +5,23 @@ Columns: ``key`` (string), ``line`` (int64), ``num_tokens`` (int32),
 (list<binary>, JPEG) and ``json`` (the same JSON as the tar's ``KEY.json``).
 Readable by pyarrow and Hugging Face ``datasets``. Row groups hold
 :data:`ROWS_PER_GROUP` samples, so a reader can start mid-shard without
-reading what comes before.
+reading what comes before. A sample's checksum covers its values as read
+(:func:`~shardkit.shards.base.content_checksum`); a file whose schema is not
+:data:`SCHEMA` is refused.
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardkit.shards.base import OpenShard, Sample, ShardReader, ShardWriter
+from shardkit.errors import ShardError
+from shardkit.shards.base import ChecksumMismatch, OpenShard, Sample, ShardReader, ShardWriter, content_checksum
 
 ROWS_PER_GROUP = 16
 
@@ -60,7 +62,8 @@ class ParquetShardWriter(ShardWriter):
         self._rows: list[Sample] = []
 
     def write(self, sample: Sample) -> None:
-        self.locations.append((self.num_samples, 1))
+        digest = content_checksum(sample.key, sample.info_json, sample.input_ids, sample.weights, sample.images)
+        self.locations.append((self.num_samples, 1, digest))
         self._rows.append(sample)
         if len(self._rows) >= ROWS_PER_GROUP:
             self._flush()
@@ -91,32 +94,30 @@ class ParquetShardWriter(ShardWriter):
 
 class ParquetShardReader(ShardReader):
     format = "parquet"
+    magic = (0, b"PAR1")
 
     def open(self, f: Any) -> OpenShard:
-        return _OpenParquet(pq.ParquetFile(f))
-
-    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
         parquet = pq.ParquetFile(f)
-        columns = COLUMNS + (["images"] if images else [])
-        for group in range(parquet.num_row_groups):
-            table = parquet.read_row_group(group, columns=columns)
-            for row in range(table.num_rows):
-                yield _sample(table, row)
+        if not parquet.schema_arrow.equals(SCHEMA):
+            raise ShardError(f"not a shardkit Parquet shard: its schema is {parquet.schema_arrow}")
+        return _OpenParquet(parquet)
 
 
-COLUMNS = ["key", "input_ids", "weights", "json"]
+COLUMNS = ["key", "input_ids", "weights", "json", "images"]
 
 
-def _sample(table: pa.Table, row: int) -> Sample:
-    """One row of a row group as a :class:`Sample` (no images when the table has no ``images`` column)."""
-    images = table.column("images")[row].as_py() if "images" in table.column_names else []
-    return Sample(
-        key=table.column("key")[row].as_py(),
-        info=json.loads(table.column("json")[row].as_py()),
-        input_ids=np.asarray(table.column("input_ids")[row].values, dtype=np.int32),
-        weights=np.asarray(table.column("weights")[row].values, dtype=np.float32),
-        images=images,
-    )
+def _sample(table: pa.Table, row: int, checksum: int | None = None) -> Sample:
+    """One row of a row group as a :class:`Sample`; :class:`ChecksumMismatch` unless its values have
+    ``checksum`` (None: unchecked)."""
+    images = table.column("images")[row].as_py()
+    key = table.column("key")[row].as_py()
+    text = table.column("json")[row].as_py()
+    input_ids = np.asarray(table.column("input_ids")[row].values, dtype=np.int32)
+    weights = np.asarray(table.column("weights")[row].values, dtype=np.float32)
+    if checksum is not None:
+        if None in (key, text) or content_checksum(key, text.encode(), input_ids, weights, images) != checksum:
+            raise ChecksumMismatch(key)
+    return Sample(key=key, info=json.loads(text), input_ids=input_ids, weights=weights, images=images)
 
 
 class _OpenParquet(OpenShard):
@@ -130,14 +131,14 @@ class _OpenParquet(OpenShard):
         self.starts = np.cumsum([0, *sizes])
         self._groups: OrderedDict[int, pa.Table] = OrderedDict()
 
-    def read_at(self, offset: int, size: int) -> Sample:
+    def read_at(self, offset: int, size: int, checksum: int | None = None) -> Sample:
         if not 0 <= offset < self.starts[-1]:
             raise IndexError(f"row {offset} is outside the shard's {self.starts[-1]} rows")
         group = int(np.searchsorted(self.starts, offset, side="right") - 1)
         if group in self._groups:
             self._groups.move_to_end(group)
         else:
-            self._groups[group] = self.parquet.read_row_group(group, columns=[*COLUMNS, "images"])
+            self._groups[group] = self.parquet.read_row_group(group, columns=COLUMNS)
             if len(self._groups) > self.CACHED_GROUPS:
                 self._groups.popitem(last=False)
-        return _sample(self._groups[group], offset - int(self.starts[group]))
+        return _sample(self._groups[group], offset - int(self.starts[group]), checksum)

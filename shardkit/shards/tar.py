@@ -2,7 +2,8 @@
 
 Per sample: ``KEY.json``, ``KEY.input_ids.npy``, ``KEY.weights.npy`` and
 ``KEY.img0.jpg``, ``KEY.img1.jpg``, ... Members carry a fixed mtime, owner and
-mode, so the same samples give byte-identical tars.
+mode, so the same samples give byte-identical tars. A sample's checksum covers
+the bytes of its members, headers included: ``[offset, offset + size)``.
 """
 
 from __future__ import annotations
@@ -10,53 +11,56 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
+import tarfile
 from typing import Any
 
-from shardkit.shards.base import OpenShard, Sample, ShardReader, ShardWriter, npy_bytes, npy_load
+from shardkit.shards.base import (
+    ChecksumMismatch,
+    OpenShard,
+    Sample,
+    ShardReader,
+    ShardWriter,
+    checksum_of,
+    npy_bytes,
+    npy_load,
+)
 
 _IMAGE = re.compile(r"img(\d+)\.jpg")
+
+
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member as ``tarfile`` writes it (POSIX pax format): header, data, zero padding to a block."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+    padding = -len(data) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + tarfile.NUL * padding
 
 
 class TarShardWriter(ShardWriter):
     format = "tar"
     suffix = ".tar"
 
-    def __init__(self, fs: Any, path: str):
-        import webdataset
-
-        super().__init__(fs, path)
-        self._tar = webdataset.TarWriter(self._hashed, user="", group="", mode=0o644, mtime=0, encoder=False)
-
     def write(self, sample: Sample) -> None:
-        members: dict[str, Any] = {
-            "__key__": sample.key,
+        members: dict[str, bytes] = {
             "json": sample.info_json,
             "input_ids.npy": npy_bytes(sample.input_ids),
             "weights.npy": npy_bytes(sample.weights),
         }
         for i, image in enumerate(sample.images):
             members[f"img{i}.jpg"] = image
-        start = self._tar.tarstream.offset
-        self._tar.write(members)
-        self.locations.append((start, self._tar.tarstream.offset - start))
+        data = b"".join(_member(f"{sample.key}.{name}", members[name]) for name in sorted(members))
+        self.locations.append((self._hashed.bytes, len(data), checksum_of(data)))
+        self._hashed.write(data)
 
     def _finish(self) -> None:
-        self._tar.close()
+        """The end-of-archive blocks, then zeros to a whole tar record, as ``tarfile`` closes an archive."""
+        end = self._hashed.bytes + 2 * tarfile.BLOCKSIZE
+        self._hashed.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
 
 
 class TarShardReader(ShardReader):
     format = "tar"
-
-    def samples(self, f: Any, *, images: bool = True) -> Iterator[Sample]:
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        def wanted(name: str) -> bool:
-            return images or not name.endswith(".jpg")
-
-        files = ({**item, "__url__": None} for item in tar_file_iterator(f, select_files=wanted))
-        for group in group_by_keys(files, lcase=False):
-            yield _to_sample(group)
+    magic = (257, b"ustar")
 
     def open(self, f: Any) -> OpenShard:
         return _OpenTar(f)
@@ -66,13 +70,13 @@ class _OpenTar(OpenShard):
     def __init__(self, f: Any):
         self.f = f
 
-    def read_at(self, offset: int, size: int) -> Sample:
-        import tarfile
-
+    def read_at(self, offset: int, size: int, checksum: int | None = None) -> Sample:
         self.f.seek(offset)
         data = self.f.read(size)
         if len(data) != size:
             raise EOFError(f"{size - len(data)} bytes missing at offset {offset}")
+        if checksum is not None and checksum_of(data) != checksum:
+            raise ChecksumMismatch(_first_key(data))
         group: dict[str, Any] = {}
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as members:
             for member in members:
@@ -80,6 +84,12 @@ class _OpenTar(OpenShard):
                 group["__key__"] = key
                 group[suffix] = members.extractfile(member).read()
         return _to_sample(group)
+
+
+def _first_key(data: bytes) -> str | None:
+    """The sample key in the first member's name, as far as it can be read (for error messages)."""
+    name = data[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return name.partition(".")[0] or None
 
 
 def _to_sample(group: dict[str, Any]) -> Sample:
