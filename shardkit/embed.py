@@ -37,7 +37,7 @@ from shardkit.shards.embeddings import (
     build_identity,
     read_embedding_manifest,
 )
-from shardkit.shards.folder import claim, cleanup, finished_tasks, save_result, task_results
+from shardkit.shards.folder import check_tasks, claim, cleanup, save_result, task_results
 from shardkit.shards.index import INDEX_NAME, IndexWriter
 from shardkit.shards.manifest import IndexFile, ShardEntry
 from shardkit.storage import atomic_write, join, open_fs
@@ -235,7 +235,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
             fs.rm(join(out, EMBEDDINGS_NAME))
     _barrier()
     tasks = len(source.manifest.shards)
-    finished = finished_tasks(fs, out)
+    finished, _ = check_tasks(fs, out, lambda result: True)  # a task's inputs are the build's, fixed by its identity
     mine = [t for t in range(tasks) if t % world == rank and t not in finished]
     samples = sum(source.shard_sizes[t] for t in mine)
     with tqdm(

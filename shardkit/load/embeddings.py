@@ -28,6 +28,7 @@ from shardkit.errors import ConfigError, ShardError
 from shardkit.load.source import BuildSource
 from shardkit.load.torch import Qwen2VLCollator, mrope_positions
 from shardkit.shards import Sample
+from shardkit.shards.base import checksum_of
 from shardkit.shards.embeddings import (
     EmbeddingManifest,
     build_identity,
@@ -97,8 +98,11 @@ class EmbeddingSource:
         except Exception as exc:
             path = join(self.folder, self.manifest.shards[number].path)
             raise ShardError(f"embeddings shard {path} is truncated or corrupt (sample at {offset}): {exc}") from None
+        path = join(self.folder, self.manifest.shards[number].path)
         if key != sample.key:
             raise ShardError(f"embeddings of sample {sample_id} are for key {key}, the build's sample is {sample.key}")
+        if self.index.checksum is not None and checksum_of(blob) != int(self.index.checksum[sample_id]):
+            raise ShardError(f"embeddings shard {path}: sample {sample_id} (key {key!r}) does not match its checksum")
         values = {f.name: getattr(sample, f.name) for f in fields(Sample)}
         return EmbeddedSample(**{**values, "images": []}, features=blob)
 

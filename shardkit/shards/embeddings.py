@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shardkit.errors import ShardError
-from shardkit.shards.base import WrittenShard
+from shardkit.shards.base import WrittenShard, checksum_of
 from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry
 from shardkit.storage import AtomicFile, HashingWriter, join, open_fs, write_bytes
 
@@ -115,17 +115,17 @@ class EmbeddingShardWriter:
         import webdataset
 
         self.path = path
-        self.locations: list[tuple[int, int]] = []
+        self.locations: list[tuple[int, int, int]] = []
         self._file = AtomicFile(fs, path)
         self._hashed = HashingWriter(self._file.file)
         self._tar = webdataset.TarWriter(self._hashed, user="", group="", mode=0o644, mtime=0, encoder=False)
         self._closed = False
 
     def write(self, key: str, blob: bytes) -> None:
-        """Append one sample's tensors (a safetensors blob)."""
+        """Append one sample's tensors (a safetensors blob); its location and the blob's checksum are recorded."""
         start = self._tar.tarstream.offset
         self._tar.write({"__key__": key, MEMBER: blob})
-        self.locations.append((start, self._tar.tarstream.offset - start))
+        self.locations.append((start, self._tar.tarstream.offset - start, checksum_of(blob)))
 
     def close(self) -> WrittenShard:
         """Publish the shard (an identical one left by an interrupted run is kept untouched)."""
