@@ -14,6 +14,7 @@ from shardkit.synthetic import make_clinical_dataset, photo_like
 from shardkit.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
+S3_SECRET = "s3cr3t-never-printed-7f3a"
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +124,39 @@ def builds(small_dataset, tmp_path_factory):
         )
         out[fmt] = str(folder)
     return out
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API server (moto's server mode) on 127.0.0.1 with an empty ``bucket``; credentials and endpoint in
+    the usual AWS environment variables. Yields an s3fs filesystem on it.
+
+    moto keeps its buckets in process-wide memory, shared by every server of the process: the server is reset
+    first, so each test module starts from an empty store; fsspec's cached S3 filesystems (which hold the
+    endpoint they were made with) are dropped before and after.
+    """
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import urllib.request
+
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).close()
+    patch = pytest.MonkeyPatch()
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "shardkit-test",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }.items():
+        patch.setenv(key, value)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("bucket")
+    yield fs
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    patch.undo()
+    server.stop()

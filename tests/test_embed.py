@@ -23,7 +23,6 @@ from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
 from tests.conftest import torchrun
-from tests.test_s3 import s3  # noqa: F401  (the moto S3 server fixture)
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 

@@ -11,34 +11,7 @@ from shardkit.config import BuildConfig
 from shardkit.load import ShardStream, verify_build
 from shardkit.load.torch import TorchLoader
 from shardkit.shards import read_manifest
-
-SECRET = "s3cr3t-never-printed-7f3a"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server; credentials and endpoint come from the usual AWS environment variables."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "shardkit-test",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    patch = pytest.MonkeyPatch()
-    for key, value in env.items():
-        patch.setenv(key, value)
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("bucket")
-    yield env
-    patch.undo()
-    server.stop()
+from tests.conftest import S3_SECRET as SECRET
 
 
 def test_build_from_and_to_s3_then_stream_it(s3, clinical, tmp_path):

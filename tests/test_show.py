@@ -287,26 +287,6 @@ def test_cli_writes_page_and_reports(builds, tmp_path):
     assert out.read_text().count('<section class="card"') == 3
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1; credentials and endpoint from the usual AWS environment variables."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("bucket")
-    yield fs
-    server.stop()
-
-
 def test_page_of_an_object_store_build(s3, builds):
     for path in Path(builds["parquet"]).iterdir():
         s3.put_file(str(path), f"bucket/build/{path.name}")
