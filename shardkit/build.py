@@ -77,9 +77,9 @@ class Converter:
         try:
             return self._convert(raw, {} if ledger is None else ledger)
         except RecordError as exc:
-            raise exc.at(raw.line) from None
+            raise exc.at(raw.line, raw.source_line) from None
         except RecursionError:
-            raise RecordError("nested too deeply to be read", "invalid_json", raw.line) from None
+            raise RecordError("nested too deeply to be read", "invalid_json").at(raw.line, raw.source_line) from None
         except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
             logger.debug("unexpected error on %s %d", self.input.unit, raw.line, exc_info=True)
             raise RecordError(

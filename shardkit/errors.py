@@ -56,9 +56,10 @@ class RecordError(ShardkitError, ValueError):
         self.line = line
         self.detail = dict(detail or {})
 
-    def at(self, line: int) -> RecordError:
-        """The same error, placed at ``line``."""
-        return RecordError(self.reason, self.code, line, self.detail)
+    def at(self, line: int, source_line: int | None = None) -> RecordError:
+        """The same error, placed at ``line`` (and, for a record of a JSON array, the ``source_line`` it starts on)."""
+        detail = self.detail if source_line is None else {**self.detail, "source_line": source_line}
+        return RecordError(self.reason, self.code, line, detail)
 
     def to_json(self) -> dict[str, Any]:
         """The ``rejects.jsonl`` row for this error."""

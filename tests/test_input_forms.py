@@ -466,3 +466,16 @@ def test_stats_prints_the_meta_table_only_for_keys_that_exist(tmp_path):
     assert "diagnosis" not in format_stats(build_stats(str(tmp_path / "out")))
     report = format_stats(build_stats(str(tmp_path / "out"), meta_key="species"))
     assert "Unique species values: 2" in report and "- cat: 1" in report
+
+
+def test_an_image_problem_in_a_json_array_names_the_record_and_its_line(tmp_path, capsys):
+    write_image(tmp_path / "a.jpg", 64, 48)
+    turns = [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A square."}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"messages": turns, "images": [name]} for name in ("a.jpg", "missing.jpg")], indent=2))
+    second = [n for n, line in enumerate(path.read_text().splitlines(), start=1) if line == "  {"][1]
+    assert main(["validate", str(path)]) == 1
+    assert f"record 2 (line {second}): image not found: missing.jpg [image_missing]" in capsys.readouterr().out
+    build(BuildConfig.create(input=str(path), out=str(tmp_path / "out")), progress=False)
+    (reject,) = rejects(tmp_path / "out").values()
+    assert (reject["line"], reject["source_line"], reject["code"]) == (2, second, "image_missing")

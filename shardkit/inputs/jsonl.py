@@ -88,14 +88,6 @@ class ShareGPT(InputFormat):
         return iter_array(self.location) if self.is_array else iter_lines(self.location)
 
     def record(self, item: RawItem) -> Record:
-        try:
-            return self._record(item)
-        except RecordError as exc:
-            if item.source_line is not None:
-                exc.detail["source_line"] = item.source_line
-            raise
-
-    def _record(self, item: RawItem) -> Record:
         data: Any = item.data
         if isinstance(data, bytes):
             try:
