@@ -173,6 +173,17 @@ class Renderer(ABC):
         last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
         return index == last
 
+    def chatml_pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
+        """Each message as the published Qwen chat templates write it, ``<|im_start|>{role}\\n{content}<|im_end|>\\n``,
+        one string tokenized at once; a trained message's content and ``<|im_end|>`` carry weight."""
+        out: list[Piece] = []
+        for i, message in enumerate(record.messages):
+            weight = 1.0 if self.trained(record, i, train_on) else 0.0
+            out.append(Piece(f"{self.IM_START}{message.role}\n"))
+            out += self.content_pieces(record, i, weight)
+            out += [Piece(self.IM_END, weight), Piece("\n")]
+        return out
+
     def content_pieces(self, record: Record, index: int, weight: float) -> list[Piece]:
         """A message's parts: text with ``weight``, images wrapped in vision markers (never weighted)."""
         out = []

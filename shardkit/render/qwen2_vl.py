@@ -28,15 +28,8 @@ class Qwen2VLRenderer(Renderer):
     LAST_ADDED_ID = 151656
 
     def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
-        out: list[Piece] = []
-        if record.messages[0].role != "system":
-            out.append(Piece(f"{self.IM_START}system\n{self.DEFAULT_SYSTEM}{self.IM_END}\n"))
-        for i, message in enumerate(record.messages):
-            weight = 1.0 if self.trained(record, i, train_on) else 0.0
-            out.append(Piece(f"{self.IM_START}{message.role}\n"))
-            out += self.content_pieces(record, i, weight)
-            out += [Piece(self.IM_END, weight), Piece("\n")]
-        return out
+        default = Piece(f"{self.IM_START}system\n{self.DEFAULT_SYSTEM}{self.IM_END}\n")
+        return ([] if record.messages[0].role == "system" else [default]) + self.chatml_pieces(record, train_on)
 
 
 QWEN2_VL = Family(

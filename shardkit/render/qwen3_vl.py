@@ -48,13 +48,7 @@ class Qwen3VLTemplateRenderer(Renderer):
     """Renderer for the published Qwen3-VL Instruct chat template (transformers' ``apply_chat_template``)."""
 
     def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
-        out: list[Piece] = []
-        for i, message in enumerate(record.messages):
-            weight = 1.0 if self.trained(record, i, train_on) else 0.0
-            out.append(Piece(f"{self.IM_START}{message.role}\n"))
-            out += self.content_pieces(record, i, weight)
-            out += [Piece(self.IM_END, weight), Piece("\n")]
-        return out
+        return self.chatml_pieces(record, train_on)
 
 
 QWEN3_VL = Family(
