@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+#: the vision token ids of the real Qwen vocabulary (the same in every family)
+VISION_TOKEN_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+
 
 def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.02):
     """A tiny randomly initialisable Qwen2-VL / Qwen2.5-VL config with the real vocabulary size.
@@ -51,15 +59,7 @@ def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.
         "rope_theta": 10000.0,
         "initializer_range": initializer_range,
     }
-    return Config(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        initializer_range=initializer_range,
-    )
+    return Config(text_config=text, vision_config=vision, initializer_range=initializer_range, **VISION_TOKEN_IDS)
 
 
 def tiny_qwen3_vl_config(moe: bool = False, initializer_range: float = 0.02):
@@ -102,12 +102,4 @@ def tiny_qwen3_vl_config(moe: bool = False, initializer_range: float = 0.02):
         text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
     else:
         from transformers import Qwen3VLConfig as Config
-    return Config(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=False,
-    )
+    return Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **VISION_TOKEN_IDS)
