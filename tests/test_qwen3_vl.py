@@ -257,3 +257,16 @@ def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memor
     assert accumulated[0]["samples"] == packed[0]["samples"] == 8
     assert accumulated[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
     assert packed[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
+
+
+def test_freezing_the_qwen3_vl_vision_tower_leaves_it_and_its_deepstack_mergers_unchanged(
+    tmp_path, memorisable, checkpoints
+):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    run(tmp_path, memorisable, checkpoints["dense"], max_steps=2, freeze_vision_tower=True)
+    before = Qwen3VLForConditionalGeneration.from_pretrained(checkpoints["dense"]).state_dict()
+    after = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
+    changed = [n for n, p in after.named_parameters() if not torch.equal(p, before[n])]
+    assert any("deepstack" in n for n in before), "the tiny tower has deepstack mergers"
+    assert changed and not any("visual" in n for n in changed), changed
