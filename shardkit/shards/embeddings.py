@@ -24,11 +24,11 @@ import json
 import tarfile
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from shardkit.errors import ShardError
 from shardkit.shards.base import WrittenShard, checksum_of
-from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry
+from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_json_model
 from shardkit.storage import AtomicFile, HashingWriter, join, open_fs, write_bytes
 
 EMBEDDINGS_NAME = "embeddings.json"
@@ -85,17 +85,9 @@ class EmbeddingManifest(BaseModel):
 
 def read_embedding_manifest(location: str) -> EmbeddingManifest:
     """The manifest of the embeddings at ``location``; :class:`ShardError` if absent or invalid."""
-    fs, folder = open_fs(location)
-    path = join(folder, EMBEDDINGS_NAME)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ShardError(f"{location} has no {EMBEDDINGS_NAME}: not a complete shardkit embeddings folder") from None
-    try:
-        return EmbeddingManifest.model_validate_json(data)
-    except ValidationError as exc:
-        raise ShardError(f"{path} is not a valid embeddings manifest: {exc.errors()[0]['msg']}") from None
+    return read_json_model(
+        location, EMBEDDINGS_NAME, EmbeddingManifest, "shardkit embeddings folder", "embeddings manifest"
+    )
 
 
 def is_embeddings(location: str) -> bool:

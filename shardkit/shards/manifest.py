@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -29,6 +29,9 @@ def _in_build_folder(path: str) -> str:
     if not _FILE_NAME.fullmatch(path) or path in (".", ".."):
         raise ValueError(f"path {path!r} is not a file name in the build folder")
     return path
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ShardEntry(BaseModel):
@@ -112,14 +115,20 @@ def manifest_problems(manifest: Manifest) -> list[str]:
 
 def read_manifest(location: str) -> Manifest:
     """The manifest of the build at ``location`` (folder or URL); :class:`ShardError` if absent or invalid."""
+    return read_json_model(location, MANIFEST_NAME, Manifest, "shardkit build", "shardkit manifest")
+
+
+def read_json_model(location: str, name: str, model: type[M], folder_kind: str, file_kind: str) -> M:
+    """The JSON file ``name`` in the folder at ``location`` as a ``model``; :class:`ShardError` naming the
+    folder (a ``folder_kind``) when it is absent, or the file (a ``file_kind``) when it is invalid."""
     fs, folder = open_fs(location)
-    path = join(folder, MANIFEST_NAME)
+    path = join(folder, name)
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ShardError(f"{location} has no {MANIFEST_NAME}: not a complete shardkit build") from None
+        raise ShardError(f"{location} has no {name}: not a complete {folder_kind}") from None
     try:
-        return Manifest.model_validate_json(data)
+        return model.model_validate_json(data)
     except ValidationError as exc:
-        raise ShardError(f"{path} is not a valid shardkit manifest: {exc.errors()[0]['msg']}") from None
+        raise ShardError(f"{path} is not a valid {file_kind}: {exc.errors()[0]['msg']}") from None

@@ -10,6 +10,7 @@ summary with charts sits on top and, on request, the rejected records below.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from shardkit.load.source import BuildSource
 from shardkit.show.data import build_decoder, image_root_of, read_rejects, read_samples
@@ -48,12 +49,7 @@ def make_page(
 ) -> Page:
     """The page of the build at ``location``: ``samples`` drawn by ``seed`` (or those with ``keys``), and the
     rejects when asked (thumbnails of their images from ``image_root``)."""
-    source = BuildSource(location)
-    try:
-        decoder = build_decoder(source.manifest)
-        chosen = read_samples(source, count=samples, seed=seed, keys=keys)
-    finally:
-        source.close()
+    source, decoder, chosen = _chosen(location, samples, seed, keys)
     summary = summary_html(location, source.manifest, chosen, source.index.num_tokens)
     cards = [card_html(sample, decoder) for sample in chosen]
     section, rows = "", 0
@@ -74,13 +70,17 @@ def write_page(location: str, out: str, **options) -> WrittenPage:
 
 def show_text(location: str, *, color: bool, samples: int = 50, seed: int = 0, keys: list[str] | None = None) -> str:
     """The chosen samples' conversations as terminal text (see :func:`~shardkit.show.text.sample_text`)."""
-    source = BuildSource(location)
-    try:
-        decoder = build_decoder(source.manifest)
-        chosen = read_samples(source, count=samples, seed=seed, keys=keys)
-    finally:
-        source.close()
+    _, decoder, chosen = _chosen(location, samples, seed, keys)
     return "\n".join(sample_text(sample, decoder, color=color) for sample in chosen)
 
 
 __all__ = ["Page", "WrittenPage", "make_page", "sample_text", "show_text", "write_page"]
+
+
+def _chosen(location: str, samples: int, seed: int, keys: list[str] | None) -> tuple[BuildSource, Any, list[Any]]:
+    """The build's source (closed), its token decoder and the samples drawn by ``seed`` (or those with ``keys``)."""
+    source = BuildSource(location)
+    try:
+        return source, build_decoder(source.manifest), read_samples(source, count=samples, seed=seed, keys=keys)
+    finally:
+        source.close()
