@@ -27,9 +27,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from shardkit.errors import ShardError
-from shardkit.shards.base import WrittenShard, checksum_of
+from shardkit.shards.base import checksum_of
 from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_json_model
-from shardkit.storage import AtomicFile, HashingWriter, join, open_fs, write_bytes
+from shardkit.shards.tar import TarShardWriter, tar_member
+from shardkit.storage import join, open_fs, write_bytes
 
 EMBEDDINGS_NAME = "embeddings.json"
 EMBEDDINGS_VERSION = 1
@@ -96,48 +97,15 @@ def is_embeddings(location: str) -> bool:
     return fs.exists(join(folder, EMBEDDINGS_NAME))
 
 
-class EmbeddingShardWriter:
-    """Writes one embeddings shard (a tar readable by plain ``webdataset``), atomically.
+class EmbeddingShardWriter(TarShardWriter):
+    """Writes one embeddings shard (a tar readable by plain ``webdataset``), atomically, as a build's tar shards
+    are written; a sample is one ``KEY.safetensors`` member, its checksum that of the blob."""
 
-    Use as a context manager; :meth:`close` publishes the shard, leaving with
-    an exception discards it.
-    """
-
-    def __init__(self, fs: Any, path: str):
-        import webdataset
-
-        self.path = path
-        self.locations: list[tuple[int, int, int]] = []
-        self._file = AtomicFile(fs, path)
-        self._hashed = HashingWriter(self._file.file)
-        self._tar = webdataset.TarWriter(self._hashed, user="", group="", mode=0o644, mtime=0, encoder=False)
-        self._closed = False
-
-    def write(self, key: str, blob: bytes) -> None:
+    def write(self, key: str, blob: bytes) -> None:  # type: ignore[override]
         """Append one sample's tensors (a safetensors blob); its location and the blob's checksum are recorded."""
-        start = self._tar.tarstream.offset
-        self._tar.write({"__key__": key, MEMBER: blob})
-        self.locations.append((start, self._tar.tarstream.offset - start, checksum_of(blob)))
-
-    def close(self) -> WrittenShard:
-        """Publish the shard (an identical one left by an interrupted run is kept untouched)."""
-        self._tar.close()
-        self._closed = True
-        sha = self._hashed.sha256.hexdigest()
-        self._file.commit(unless_sha256=sha)
-        return WrittenShard(self.path, len(self.locations), self._hashed.bytes, sha, self.locations)
-
-    def __enter__(self) -> EmbeddingShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and not self._closed:
-            self._closed = True
-            try:
-                self._tar.close()
-            except Exception:
-                pass
-            self._file.discard()
+        data = tar_member(f"{key}.{MEMBER}", blob)
+        self.locations.append((self._hashed.bytes, len(data), checksum_of(blob)))
+        self._hashed.write(data)
 
 
 def read_blob(f: Any, offset: int, size: int) -> tuple[str, bytes]:

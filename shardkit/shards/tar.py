@@ -28,7 +28,7 @@ from shardkit.shards.base import (
 _IMAGE = re.compile(r"img(\d+)\.jpg")
 
 
-def _member(name: str, data: bytes) -> bytes:
+def tar_member(name: str, data: bytes) -> bytes:
     """One tar member as ``tarfile`` writes it (POSIX pax format): header, data, zero padding to a block."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
@@ -48,7 +48,7 @@ class TarShardWriter(ShardWriter):
         }
         for i, image in enumerate(sample.images):
             members[f"img{i}.jpg"] = image
-        data = b"".join(_member(f"{sample.key}.{name}", members[name]) for name in sorted(members))
+        data = b"".join(tar_member(f"{sample.key}.{name}", members[name]) for name in sorted(members))
         self.locations.append((self._hashed.bytes, len(data), checksum_of(data)))
         self._hashed.write(data)
 
