@@ -91,14 +91,13 @@ class EmbeddingSource:
         """``sample`` (id ``sample_id``) with its cached tensors, and without its image bytes."""
         number = int(self.index.shard[sample_id])
         offset, size = int(self.index.offset[sample_id]), int(self.index.size[sample_id])
+        path = join(self.folder, self.manifest.shards[number].path)
         try:
             key, blob = read_blob(self._file(number), offset, size)
         except ShardError:
             raise
         except Exception as exc:
-            path = join(self.folder, self.manifest.shards[number].path)
             raise ShardError(f"embeddings shard {path} is truncated or corrupt (sample at {offset}): {exc}") from None
-        path = join(self.folder, self.manifest.shards[number].path)
         if key != sample.key:
             raise ShardError(f"embeddings of sample {sample_id} are for key {key}, the build's sample is {sample.key}")
         if self.index.checksum is not None and checksum_of(blob) != int(self.index.checksum[sample_id]):
