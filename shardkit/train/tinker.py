@@ -27,42 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
-
 from shardkit.errors import ConfigError
 from shardkit.load import BuildSource
 from shardkit.load.mix import check_compatible
 from shardkit.load.tinker import DatumBatches, sample_to_datum
 from shardkit.storage import open_fs, write_bytes
-from shardkit.train import DataOptions, SourceCounter, keep_metrics_until
+from shardkit.train import SourceCounter, TinkerTrainConfig, keep_metrics_until
 from shardkit.train.evaluate import EvalResult, combine, eval_batches
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "tinker_state.json"
-
-
-class TinkerTrainConfig(DataOptions):
-    """Options of a Tinker training run (the data options are :class:`~shardkit.train.DataOptions`)."""
-
-    base_model: str
-    output: str
-    lora_rank: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(32, ge=1)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    save_every: int = Field(100, ge=1)
-    seed: int = 0
-    resume: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> TinkerTrainConfig:
-        if self.epochs is not None and self.max_steps is not None:
-            raise ValueError("give --epochs or --max-steps, not both")
-        return self
 
 
 def learning_rate(step: int, total: int, warmup: int, base: float) -> float:
