@@ -36,7 +36,7 @@ class SourceImage:
     """
 
     def __init__(self, data: bytes, ref: str, *, max_pixels: int):
-        self.ref = ref
+        self.ref = ref = str(ref)  # an InlineImage's label, not its bytes again
         detail = {"image": ref}
         if not data:
             raise RecordError(f"image file is empty (0 bytes): {ref}", "image_empty", detail=detail)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shardkit.errors import RecordError
+from shardkit.schema import InlineImage
 from shardkit.storage import is_local, open_fs
 
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024  # --max-image-bytes: the largest image file read
@@ -36,7 +37,8 @@ class ImageRoot:
     that leaves the root, through ``..``, an absolute path or a symbolic link,
     is refused. Only regular files are read (never a FIFO, a device or a
     folder), and none larger than ``max_image_bytes``, checked before reading.
-    ``data:`` URIs carry the image itself (base64). ``http(s)`` URLs are
+    ``data:`` URIs carry the image itself (base64), an :class:`InlineImage` its
+    bytes (as a Hugging Face input holds them). ``http(s)`` URLs are
     fetched only with ``allow_remote``, within ``timeout`` seconds in all (retries
     included), at most ``max_bytes`` (and ``max_image_bytes``).
     """
@@ -118,8 +120,19 @@ class ImageRoot:
             detail={"image": ref},
         )
 
+    @staticmethod
+    def names_file(ref: str) -> bool:
+        """Whether ``ref`` names a file (under the root), rather than holding the image or being a URL."""
+        return not isinstance(ref, InlineImage) and not ref.startswith(("data:", "http://", "https://"))
+
     def read(self, ref: str) -> bytes:
         """The bytes of the image ``ref`` names; every failure is a :class:`RecordError` naming it."""
+        if isinstance(ref, InlineImage):
+            label = str(ref)
+            _check_size(len(ref.data), label, self.max_image_bytes)
+            if not ref.data:
+                raise RecordError(f"{label} is empty (0 bytes)", "image_empty", detail={"image": label})
+            return ref.data
         if ref.startswith("data:"):
             return _data_uri_bytes(ref, self.max_image_bytes)
         if ref.startswith(("http://", "https://")):
@@ -201,7 +214,7 @@ def image_label(ref: str) -> str:
     """How a sample records where an image came from (inline data is not copied into the metadata)."""
     if ref.startswith("data:"):
         return f"inline image ({len(ref)} characters of data URI)"
-    return ref
+    return str(ref)  # an InlineImage's label, without its bytes
 
 
 def _data_uri_bytes(ref: str, max_bytes: int) -> bytes:
