@@ -198,7 +198,7 @@ class Converter:
             raise RecordError("image path contains a NUL character", "image_missing", detail={"image": describe(ref)})
         key = stamp = None
         try:
-            if not ref.startswith(("data:", "http://", "https://")):
+            if self.root.names_file(ref):
                 key = self.root.resolve(ref)
                 stamp = file_stamp(None if self.root.local else self.root.fs, key, local=self.root.local)
             data = self.root.read(ref)

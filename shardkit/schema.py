@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 
 class TextPart(BaseModel):
@@ -21,6 +30,30 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     type: Literal["text"]
     text: str
+
+
+class InlineImage(str):
+    """An image whose bytes the input holds (a Parquet or Arrow cell) rather than a path naming a file.
+
+    Its text is the label a sample records as the image's source and errors
+    name (``inline image 1 of row 12 (cat.jpg, 102400 bytes)``); ``data`` is
+    the image file's bytes, read as they are.
+    """
+
+    data: bytes
+
+    def __new__(cls, label: str, data: bytes) -> InlineImage:
+        image = super().__new__(cls, label)
+        image.data = data
+        return image
+
+    def __reduce__(self) -> tuple[type[InlineImage], tuple[str, bytes]]:
+        return InlineImage, (str(self), self.data)
+
+
+def _keep_inline(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # pydantic would turn a str subclass into a plain str, losing the bytes
+    return value if isinstance(value, InlineImage) else handler(value)
 
 
 def _inline_bytes(value: Any) -> Any:
@@ -44,6 +77,7 @@ class ImagePart(BaseModel):
         str,
         Field(min_length=1),
         BeforeValidator(_inline_bytes, json_schema_input_type=str | dict[Literal["bytes", "path"], str]),
+        WrapValidator(_keep_inline),
     ]
 
 

@@ -15,6 +15,7 @@ from shardkit.errors import InputError, RecordError
 from shardkit.inputs import detect, open_input
 from shardkit.inputs.base import RawItem
 from shardkit.inputs.jsonl import QwenJsonl, iter_lines
+from shardkit.schema import InlineImage
 from shardkit.shards.reading import iter_build_samples
 from shardkit.validate import validate
 from tests.conftest import conversation, write_image, write_jsonl
@@ -201,6 +202,25 @@ def test_hugging_face_column_mapping_with_pyarrow(tmp_path):
     assert rejects(tmp_path / "out")[3]["code"] == "image_missing"
     with pytest.raises(InputError, match="no column 'photo'"):
         list(open_input(str(tmp_path / "captions.parquet"), image_column="photo").items())
+
+
+def test_hugging_face_image_bytes_pass_through_without_base64(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpeg = write_image(tmp_path / "x.jpg", 40, 30).read_bytes()
+    cells = [{"bytes": jpeg, "path": "cat.jpg"}, {"bytes": b"not a jpeg", "path": None}]
+    pq.write_table(pa.table({"image": cells, "text": ["a cat", "broken"]}), tmp_path / "in.parquet")
+    source = open_input(str(tmp_path / "in.parquet"))
+    first, second = (source.record(item).images()[0].image for item in source.items())
+    assert isinstance(first, InlineImage) and first.data == jpeg
+    assert first == f"inline image 1 of row 1 (cat.jpg, {len(jpeg)} bytes)"
+    assert second == "inline image 1 of row 2 (10 bytes)"
+    build(BuildConfig.create(input=str(tmp_path / "in.parquet"), out=str(tmp_path / "out")), progress=False)
+    sample = next(iter_build_samples(str(tmp_path / "out")))
+    assert sample.info["images"][0]["source"] == first and sample.info["images"][0]["original_width"] == 40
+    reject = rejects(tmp_path / "out")[2]
+    assert reject["code"] == "image_not_image" and "inline image 1 of row 2" in reject["reason"]
 
 
 # -- inline and remote images ----------------------------------------------------------------

@@ -11,10 +11,10 @@ from shardkit.load.plan import (
     Level,
     Shuffle,
     batch_samples,
-    describe,
     epoch_order,
     make_plan,
     pack_sequences,
+    plan_settings,
     rank_sequences,
 )
 
@@ -126,13 +126,13 @@ def test_bad_batching_is_a_config_error():
 
 
 def test_settings_without_packing_are_those_of_states_saved_before_packing():
-    assert describe(Shuffle(), Batching(batch_size=2))["batching"] == {
+    assert plan_settings(Shuffle(), Batching(batch_size=2))["batching"] == {
         "batch_size": 2,
         "max_tokens": None,
         "max_batch_size": None,
         "bucket_window": 512,
     }
-    assert describe(Shuffle(), Batching(pack_tokens=64))["batching"]["pack_tokens"] == 64
+    assert plan_settings(Shuffle(), Batching(pack_tokens=64))["batching"]["pack_tokens"] == 64
 
 
 def plan_batches(levels, rank, batching, lengths=None, epoch=0):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -42,11 +41,6 @@ def _bytes_digest(value: Any) -> str:
     if isinstance(value, bytes | bytearray):
         return hashlib.sha256(value).hexdigest()
     raise TypeError(f"cannot hash {type(value).__name__}")
-
-
-def data_uri(data: bytes) -> str:
-    """Image bytes as a ``data:`` URI, the form records carry inline images in."""
-    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
 @dataclass(frozen=True)

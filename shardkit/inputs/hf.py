@@ -40,7 +40,6 @@ from shardkit.inputs.base import (
     InputFormat,
     InputSummary,
     RawItem,
-    data_uri,
     hash_files,
     open_location,
     refuse_placeholders,
@@ -49,7 +48,7 @@ from shardkit.inputs.base import (
 )
 from shardkit.inputs.chat import to_messages
 from shardkit.inputs.folder import DEFAULT_PROMPT
-from shardkit.schema import Record
+from shardkit.schema import InlineImage, Record
 from shardkit.storage import open_fs, parent
 
 IMAGE_NAMES = ("image", "img", "picture", "photo")
@@ -139,7 +138,7 @@ class HFDataset(InputFormat):
         row, columns = item.data["row"], item.data["columns"]
         if columns.chat or columns.pairs:
             return self._conversation(row, columns, item.line)
-        image = _image(row[columns.image])
+        image = _image(row[columns.image], item.line)
         if image is None:
             raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.line)
         reply = _answer(row[columns.answer], columns, item.line)
@@ -158,7 +157,7 @@ class HFDataset(InputFormat):
     def _conversation(self, row: dict[str, Any], columns: Columns, line: int) -> Record:
         raw = row[columns.image] if columns.image else None
         raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
-        images = [_image(value) for value in raw]
+        images = [_image(value, line, number) for number, value in enumerate(raw, start=1)]
         if any(i is None for i in images):
             raise RecordError(f"an image of the column {columns.image!r} is empty", "image_missing", line)
         if columns.chat:
@@ -197,11 +196,16 @@ class Columns:
         return [c for c in (self.image, self.chat, self.pairs, self.question, self.answer) if c]
 
 
-def _image(value: Any) -> str | None:
-    """An image cell (``{bytes, path}``, bytes, or a path) as an image reference; None when empty."""
+def _image(value: Any, row: int, number: int = 1) -> str | None:
+    """Image ``number`` of a row (``{bytes, path}``, bytes, or a path) as an image reference; None when empty.
+
+    Bytes become an :class:`InlineImage` labelled with the row, the number and the file name the cell keeps.
+    """
     data = value.get("bytes") if isinstance(value, dict) else value
     if isinstance(data, bytes | bytearray) and data:
-        return data_uri(bytes(data))
+        name = value.get("path") if isinstance(value, dict) else None
+        about = f"{name}, {len(data)} bytes" if isinstance(name, str) and name else f"{len(data)} bytes"
+        return InlineImage(f"inline image {number} of row {row} ({about})", bytes(data))
     if isinstance(value, dict) and value.get("path"):
         return value["path"]  # an Image feature that points to a file instead of holding it
     if isinstance(value, str) and value:

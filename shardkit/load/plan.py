@@ -273,7 +273,7 @@ def make_plan(
     raise AssertionError("unreachable")
 
 
-def describe(shuffle: Shuffle, batching: Batching) -> dict:
+def plan_settings(shuffle: Shuffle, batching: Batching) -> dict:
     """The plan settings a resume state must match."""
     settings = asdict(batching)
     if batching.pack_tokens is None:  # as before packing existed, so that older states still load

@@ -39,9 +39,9 @@ from shardkit.load.plan import (
     Level,
     Shuffle,
     batch_samples,
-    describe,
     make_plan,
     padded_tokens,
+    plan_settings,
 )
 from shardkit.load.source import BuildSource
 from shardkit.shards import Sample
@@ -175,7 +175,7 @@ class ShardStream:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return describe(self.shuffle, self.batching)
+        return plan_settings(self.shuffle, self.batching)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning (no-op if it is the current epoch)."""

@@ -105,7 +105,8 @@ class Family:
         """Image sides are multiples of this (one merged token covers factor x factor pixels)."""
         return self.patch_size * self.merge_size
 
-    def describe(self) -> dict[str, Any]:
+    def manifest_entry(self) -> dict[str, Any]:
+        """The family as a build's manifest records it (its name and image processor settings)."""
         return {
             "name": self.name,
             "patch_size": self.patch_size,
@@ -114,6 +115,8 @@ class Family:
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
         }
+
+    describe = manifest_entry  # the name build.py still calls
 
 
 class Renderer(ABC):
