@@ -13,6 +13,7 @@ skipping the recorded tasks; the manifest is written last.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import itertools
 import logging
@@ -25,17 +26,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from shardkit import __version__
-from shardkit.config import BuildConfig, Overlength
+from shardkit.config import BuildConfig, BuildRun, Overlength
 from shardkit.engines import run_tasks
 from shardkit.errors import ConfigError, OutputError, RecordError, ShardkitError
-from shardkit.images import ImageRoot, SourceImage, describe, encode_jpeg
+from shardkit.images import ImageRoot, SourceImage, encode_jpeg, image_label
 from shardkit.inputs import InputFormat, RawItem, open_input
+from shardkit.inputs.base import hash_files
 from shardkit.ledger import Ledger, changed_images, file_stamp, record_read
 from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
-from shardkit.render import Renderer
+from shardkit.render import Expanded, Renderer
 from shardkit.schema import ImagePart, Record
-from shardkit.shards import WRITERS, Manifest, Sample, ShardWriter, read_manifest
+from shardkit.shards import WRITERS, Manifest, Sample, read_manifest
 from shardkit.shards.folder import (
     ERRORS_LOG,
     assemble,
@@ -46,6 +50,8 @@ from shardkit.shards.folder import (
     save_result,
     unclaim_manifest,
 )
+from shardkit.shards.manifest import BuildInfo, SpecialTokens
+from shardkit.shards.task import TaskResult, TaskShardWriter
 from shardkit.storage import join, open_fs, write_bytes
 from shardkit.tokenizer import TokenizerInfo, load_tokenizer
 
@@ -53,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 
 INTERNAL_ERROR = "internal_error"
+SPLITS = ("train", "val")
 
 
 class Converter:
@@ -90,95 +97,129 @@ class Converter:
             ) from None
 
     def _convert(self, raw: RawItem, ledger: Ledger) -> Sample:
-        config, grid = self.config, self.grid
-        if raw.duplicate_of is not None:
-            raise RecordError(f"duplicate of {self.input.unit} {raw.duplicate_of} (same images and text)", "duplicate")
-        record = self.input.record(raw)
-        check_text(record)
-        check_answers(record, config.train_on)
+        record = self._record(raw)
         meta = plain_json(record.meta)
         self._check_text_length(record)
-        rendered = self.renderer.render(record, config.train_on)
-        text_tokens = rendered.num_text_tokens
-        if config.overlength is not Overlength.TRUNCATE and text_tokens > config.max_length:
-            raise RecordError(
-                f"too long: the text alone is {text_tokens} tokens, over max_length {config.max_length}", "too_long"
-            )
+        rendered = self.renderer.render(record, self.config.train_on)
+        self._check_text_tokens(rendered.num_text_tokens)
         refs = [part.image for part in record.images()]
-        opened: dict[str, SourceImage] = {}  # one read and one decode per distinct image of the record
-        for ref in refs:
-            if ref not in opened:
-                opened[ref] = SourceImage(self._read(ref, ledger), ref, max_pixels=config.max_image_pixels)
-        sources = [opened[ref] for ref in refs]
-        originals = [(source.height, source.width) for source in sources]
-        full = grid.plan(originals)
-        planned = full
-        if config.overlength is Overlength.FIT:
-            planned = grid.plan(originals, config.max_length - text_tokens)
-            if planned is None:
-                least = sum(grid.tokens(*grid.size(h, w, grid.min_pixels)) for h, w in originals)
-                raise RecordError(
-                    f"too long: {text_tokens} text tokens plus its {len(refs)} images at min_pixels "
-                    f"({least} tokens) exceed max_length {config.max_length}",
-                    "too_long",
-                )
-        image_tokens = [grid.tokens(h, w) for h, w in planned]
-        expanded = rendered.expand(image_tokens)
-        input_ids, weights = expanded.input_ids, expanded.weights
-        truncated = 0
-        if len(input_ids) > config.max_length:
-            if config.overlength is Overlength.DROP:
-                raise RecordError(
-                    f"too long: {len(input_ids)} tokens, over max_length {config.max_length} (--overlength drop)",
-                    "too_long",
-                )
-            image_end = max((start + n for start, n in expanded.image_spans), default=0)
-            if image_end > config.max_length:
-                raise RecordError(
-                    f"too long: {len(input_ids)} tokens, and cutting to max_length {config.max_length} would cut "
-                    f"through image tokens (they end at {image_end})",
-                    "too_long",
-                )
-            truncated = len(input_ids) - config.max_length
-            input_ids, weights = input_ids[: config.max_length], weights[: config.max_length]
+        opened = self._open_images(refs, ledger)
+        originals = [(opened[ref].height, opened[ref].width) for ref in refs]
+        planned, fitted = self._plan(originals, rendered.num_text_tokens)
+        expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
+        input_ids, weights = self._cut(expanded)
         trained = int((weights > 0).sum())
         if not trained:
             raise RecordError("no training target left: every token has weight 0", "no_target")
-        family = config.family
-        images_info = [
-            {
-                "source": describe(ref),
-                "original_width": ow,
-                "original_height": oh,
-                "width": w,
-                "height": h,
-                "grid_thw": [1, h // family.patch_size, w // family.patch_size],
-                "token_start": start,
-                "num_tokens": n,
-            }
-            for ref, (oh, ow), (h, w), (start, n) in zip(refs, originals, planned, expanded.image_spans, strict=True)
-        ]
         info: dict[str, Any] = {
             "key": sample_key(raw.line),
             "line": raw.line,
             "meta": meta,
             "num_tokens": int(len(input_ids)),
             "num_trained_tokens": trained,
-            "images": images_info,
+            "images": self._images_info(refs, originals, planned, expanded.image_spans),
             "messages": stored_messages(record),
-            "fitted": planned != full,
-            "truncated_tokens": truncated,
+            "fitted": fitted,
+            "truncated_tokens": len(expanded.input_ids) - len(input_ids),
         }
         if record.id is not None:
             info["id"] = plain_json(record.id, "id")
+        sample = Sample(info["key"], info, input_ids, weights, self._encode(opened, refs, planned))
+        sample.info_json  # noqa: B018 -- made here, so a value JSON cannot hold is this record's reject
+        return sample
+
+    def _record(self, raw: RawItem) -> Record:
+        """The item's validated record, its text and answers checked."""
+        if raw.duplicate_of is not None:
+            raise RecordError(f"duplicate of {self.input.unit} {raw.duplicate_of} (same images and text)", "duplicate")
+        record = self.input.record(raw)
+        check_text(record)
+        check_answers(record, self.config.train_on)
+        return record
+
+    def _check_text_tokens(self, text_tokens: int) -> None:
+        """Reject text alone over max_length, unless it is to be truncated."""
+        config = self.config
+        if config.overlength is not Overlength.TRUNCATE and text_tokens > config.max_length:
+            raise RecordError(
+                f"too long: the text alone is {text_tokens} tokens, over max_length {config.max_length}", "too_long"
+            )
+
+    def _open_images(self, refs: list[str], ledger: Ledger) -> dict[str, SourceImage]:
+        """The record's images by reference: one read and one decode per distinct image."""
+        opened: dict[str, SourceImage] = {}
+        for ref in refs:
+            if ref not in opened:
+                opened[ref] = SourceImage(self._read(ref, ledger), ref, max_pixels=self.config.max_image_pixels)
+        return opened
+
+    def _plan(self, originals: list[tuple[int, int]], text_tokens: int) -> tuple[list[tuple[int, int]], bool]:
+        """The images' sizes on the grid, and whether they were shrunk to fit max_length (``--overlength fit``)."""
+        config, grid = self.config, self.grid
+        full = grid.plan(originals)
+        if config.overlength is not Overlength.FIT:
+            return full, False
+        planned = grid.plan(originals, config.max_length - text_tokens)
+        if planned is None:
+            least = sum(grid.tokens(*grid.size(h, w, grid.min_pixels)) for h, w in originals)
+            raise RecordError(
+                f"too long: {text_tokens} text tokens plus its {len(originals)} images at min_pixels "
+                f"({least} tokens) exceed max_length {config.max_length}",
+                "too_long",
+            )
+        return planned, planned != full
+
+    def _cut(self, expanded: Expanded) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and weights within max_length: truncated after the last image (``--overlength truncate``),
+        or the record rejected."""
+        config = self.config
+        input_ids, weights = expanded.input_ids, expanded.weights
+        if len(input_ids) <= config.max_length:
+            return input_ids, weights
+        if config.overlength is Overlength.DROP:
+            raise RecordError(
+                f"too long: {len(input_ids)} tokens, over max_length {config.max_length} (--overlength drop)",
+                "too_long",
+            )
+        image_end = max((start + n for start, n in expanded.image_spans), default=0)
+        if image_end > config.max_length:
+            raise RecordError(
+                f"too long: {len(input_ids)} tokens, and cutting to max_length {config.max_length} would cut "
+                f"through image tokens (they end at {image_end})",
+                "too_long",
+            )
+        return input_ids[: config.max_length], weights[: config.max_length]
+
+    def _images_info(
+        self,
+        refs: list[str],
+        originals: list[tuple[int, int]],
+        planned: list[tuple[int, int]],
+        spans: list[tuple[int, int]],
+    ) -> list[dict[str, Any]]:
+        """What the sample's JSON says of each image: source, sizes, grid and where its tokens are."""
+        patch = self.config.family.patch_size
+        return [
+            {
+                "source": image_label(ref),
+                "original_width": ow,
+                "original_height": oh,
+                "width": w,
+                "height": h,
+                "grid_thw": [1, h // patch, w // patch],
+                "token_start": start,
+                "num_tokens": n,
+            }
+            for ref, (oh, ow), (h, w), (start, n) in zip(refs, originals, planned, spans, strict=True)
+        ]
+
+    def _encode(self, opened: dict[str, SourceImage], refs: list[str], planned: list[tuple[int, int]]) -> list[bytes]:
+        """The images as stored JPEGs, each distinct (image, size) encoded once."""
         encoded: dict[tuple[str, tuple[int, int]], bytes] = {}
         for ref, size in zip(refs, planned, strict=True):
             if (ref, size) not in encoded:
-                encoded[ref, size] = encode_jpeg(opened[ref].decode(size), size, config.jpeg_quality)
-        jpegs = [encoded[key] for key in zip(refs, planned, strict=True)]
-        sample = Sample(info["key"], info, input_ids, weights, jpegs)
-        sample.info_json  # noqa: B018 -- made here, so a value JSON cannot hold is this record's reject
-        return sample
+                encoded[ref, size] = encode_jpeg(opened[ref].decode(size), size, self.config.jpeg_quality)
+        return [encoded[key] for key in zip(refs, planned, strict=True)]
 
     def _check_text_length(self, record: Record) -> None:
         """Reject text over max_length by a bound on its token count, before tokenizing it."""
@@ -195,7 +236,9 @@ class Converter:
     def _read(self, ref: str, ledger: Ledger) -> bytes:
         """The image's bytes; a file's size, time and hash are noted in ``ledger``."""
         if "\0" in ref:
-            raise RecordError("image path contains a NUL character", "image_missing", detail={"image": describe(ref)})
+            raise RecordError(
+                "image path contains a NUL character", "image_missing", detail={"image": image_label(ref)}
+            )
         key = stamp = None
         try:
             if self.root.names_file(ref):
@@ -238,19 +281,12 @@ def sample_key(line: int) -> str:
     return f"{line:010d}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Task:
-    """Consecutive input records that become one shard (or a few parts of one)."""
+    """Consecutive input items that become one shard (or a few parts of one)."""
 
     index: int
-    lines: list[RawItem]
-
-
-def _new_result(index: int) -> dict[str, Any]:
-    """What a finished task reports (JSON): its shards with sample locations, rejects, counts, the image files it
-    read (``read``, a :data:`~shardkit.ledger.Ledger`) and the first internal error's traceback, if any."""
-    keys = ("records", "images", "tokens", "trained_tokens", "fitted", "truncated")
-    return {"index": index, "shards": [], "rejects": [], **dict.fromkeys(keys, 0), "seconds": 0.0, "read": {}}
+    items: list[RawItem]
 
 
 def image_root(config: BuildConfig, source: InputFormat) -> ImageRoot:
@@ -290,117 +326,81 @@ def run_task(
     *,
     strict: bool = False,
     on_record: Callable[[bool], None] | None = None,
-) -> dict[str, Any]:
+) -> TaskResult:
     """Convert a task's records and write its shard parts; rejected records are collected, not fatal."""
     config = convert.config
-    writer_cls: type[ShardWriter] = WRITERS[config.format.value]
-    result = _new_result(task.index)
+    result = TaskResult(index=task.index)
     started = time.perf_counter()
-    writer: ShardWriter | None = None
-    part_bytes = 0
-    part_tokens: list[int] = []
-
-    def close() -> None:
-        assert writer is not None
-        written = writer.close()
-        result["shards"].append(
-            {
-                "path": written.path.rsplit("/", 1)[-1],
-                "num_samples": written.num_samples,
-                "num_tokens": sum(part_tokens),
-                "bytes": written.bytes,
-                "sha256": written.sha256,
-                "locations": written.locations,
-                "tokens": part_tokens,
-            }
-        )
-
-    try:
-        for raw in task.lines:
-            result["records"] += 1
+    writer = TaskShardWriter(fs, folder, task.index, WRITERS[config.format.value], config.max_shard_bytes)
+    with writer:
+        for raw in task.items:
+            result.records += 1
             try:
-                sample = convert(raw, result["read"])
+                sample = convert(raw, result.read)
             except RecordError as exc:
                 if strict:
                     raise
-                reject = exc.to_json()
-                if (trace := reject.pop("traceback", None)) and "traceback" not in result:
-                    result["traceback"] = f"{convert.input.unit} {raw.line}:\n{trace}"
-                result["rejects"].append(reject)
-                if on_record:
-                    on_record(False)
-                continue
-            size = sample.payload_bytes
-            if writer is not None and part_bytes + size > config.max_shard_bytes:
-                close()
-                writer = None
-            if writer is None:
-                name = f"shard-{task.index:06d}-{len(result['shards']):03d}{writer_cls.suffix}"
-                writer = writer_cls(fs, join(folder, name))
-                part_bytes, part_tokens = 0, []
-            writer.write(sample)
-            part_bytes += size
-            part_tokens.append(len(sample.input_ids))
-            result["images"] += len(sample.images)
-            result["tokens"] += len(sample.input_ids)
-            result["trained_tokens"] += sample.info["num_trained_tokens"]
-            result["fitted"] += bool(sample.info["fitted"])
-            result["truncated"] += bool(sample.info["truncated_tokens"])
+                _reject(result, exc, f"{convert.input.unit} {raw.line}")
+                sample = None
+            else:
+                writer.write(sample)
+                result.add(sample)
             if on_record:
-                on_record(True)
-        if writer is not None:
-            close()
-            writer = None
-    except BaseException as exc:
-        if writer is not None:
-            writer.abort(exc)
-        raise
-    result["seconds"] = round(time.perf_counter() - started, 3)
+                on_record(sample is not None)
+        result.shards = writer.close()
+    result.seconds = round(time.perf_counter() - started, 3)
     return result
 
 
-_CONVERTERS: dict[str, Converter] = {}
+def _reject(result: TaskResult, exc: RecordError, where: str) -> None:
+    """Add a rejected record to ``result``; the first internal error's traceback is kept, ``where`` named."""
+    reject = exc.to_json()
+    if (trace := reject.pop("traceback", None)) and result.traceback is None:
+        result.traceback = f"{where}:\n{trace}"
+    result.rejects.append(reject)
+
+
+@functools.lru_cache(maxsize=1)
+def converter_for(config: BuildConfig) -> Converter:
+    """The converter of ``config``, built once per process for the build being run (forked workers inherit the
+    one the build made before starting them)."""
+    return Converter(config, load_tokenizer(config.tokenizer)[0])
 
 
 @dataclass(frozen=True)
 class TaskRunner:
-    """Runs one task wherever the engine puts it; the converter is built once per process."""
+    """Runs one task wherever the engine puts it (picklable: a worker builds its converter once)."""
 
     config: BuildConfig
     strict: bool = False
 
-    def converter(self) -> Converter:
-        key = self.config.model_dump_json()
-        if key not in _CONVERTERS:
-            _CONVERTERS[key] = Converter(self.config, load_tokenizer(self.config.tokenizer)[0])
-        return _CONVERTERS[key]
-
-    def __call__(self, task: Task, on_record: Callable[[bool], None] | None = None) -> dict[str, Any]:
+    def __call__(self, task: Task, on_record: Callable[[bool], None] | None = None) -> TaskResult:
         fs, folder = open_fs(self.config.out)
-        return run_task(task, self.converter(), fs, folder, strict=self.strict, on_record=on_record)
+        return run_task(task, converter_for(self.config), fs, folder, strict=self.strict, on_record=on_record)
 
 
-def _absolute_paths(config: BuildConfig) -> dict[str, str]:
-    paths = {"input": config.input, "out": config.out, "image_root": config.image_root}
-    return {k: os.path.abspath(v) for k, v in paths.items() if v and "://" not in v}
+@dataclass(frozen=True)
+class DuplicateScan:
+    """What the dedup pass found: ``{number: first number}`` of the records repeating an earlier one, and how
+    many records it looked at."""
+
+    duplicates: dict[int, int]
+    records: int
 
 
-def build_train_val(config: BuildConfig, **options: Any) -> dict[str, Manifest]:
-    """Build ``OUT/train`` and ``OUT/val`` from one input, split by ``config.val_fraction`` (see :func:`split_of`)."""
-    if config.val_fraction is None:
-        raise ConfigError("build_train_val needs val_fraction")
-    return {
-        split: build(config.model_copy(update={"out": join(config.out, split), "split": split}), **options)
-        for split in ("train", "val")
-    }
+def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) -> DuplicateScan:
+    """The records whose text and image bytes repeat an earlier record's, in one pass over the input.
 
-
-def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) -> dict[int, int]:
-    """``{line: first line}`` of records whose text and image bytes repeat an earlier record's.
-
-    A pass over the input before the build (images are read, not decoded); records
-    that fail to parse or read are left for the build to reject.
+    Images are read, not decoded, and each distinct image is read once.
+    A record that is itself invalid (it does not parse, an image cannot be
+    read) is left for the build to reject; any other error propagates.
     """
+    image_digests: dict[str, bytes] = {}
+
+    def image_digest(ref: str) -> bytes:
+        if ref not in image_digests:
+            image_digests[ref] = hashlib.sha256(images.read(ref)).digest()
+        return image_digests[ref]
 
     def key(item: RawItem) -> tuple[int, bytes | None]:
         try:
@@ -409,21 +409,19 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
             for message in record.messages:
                 digest.update(message.role.encode() + b"\0")
                 for part in message.content:
-                    content = (
-                        hashlib.sha256(images.read(part.image)).digest()
-                        if isinstance(part, ImagePart)
-                        else part.text.encode()
-                    )
+                    content = image_digest(part.image) if isinstance(part, ImagePart) else part.text.encode()
                     digest.update(content + b"\0")
             return item.line, digest.digest()
-        except Exception:  # an invalid record: the build rejects it with its reason
+        except (RecordError, RecursionError, OSError, ValueError):  # the record's own fault: the build rejects it
             return item.line, None
 
     first: dict[bytes, int] = {}
     duplicates: dict[int, int] = {}
+    records = 0
     with ThreadPoolExecutor(threads) as pool:
         items = source.items()
         while chunk := list(itertools.islice(items, 256)):
+            records += len(chunk)
             for line, digest in pool.map(key, chunk):
                 if digest is None:
                     continue
@@ -432,7 +430,38 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
                 else:
                     first[digest] = line
     logger.info("%d duplicate records found", len(duplicates))
-    return duplicates
+    return DuplicateScan(duplicates, records)
+
+
+class InputScan:
+    """What a build learns of its input before converting it, each looked up at most once (the two splits of a
+    train/val build share one scan): the sha256 of its files, its record count and, with ``--dedup``, its
+    duplicates (counted and found in the same pass)."""
+
+    def __init__(self, source: InputFormat, config: BuildConfig):
+        self.source = source
+        self.images = image_root(config, source) if config.dedup else None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hash_files(self.source.files())
+
+    @functools.cached_property
+    def _dedup(self) -> DuplicateScan | None:
+        return None if self.images is None else find_duplicates(self.source, self.images)
+
+    @functools.cached_property
+    def records(self) -> int:
+        return self.source.count() if self._dedup is None else self._dedup.records
+
+    @property
+    def duplicates(self) -> dict[int, int]:
+        return {} if self._dedup is None else self._dedup.duplicates
+
+
+def _absolute_paths(config: BuildConfig) -> dict[str, str]:
+    paths = {"input": config.input, "out": config.out, "image_root": config.image_root}
+    return {k: os.path.abspath(v) for k, v in paths.items() if v and "://" not in v}
 
 
 def _identity(config: BuildConfig, input_sha256: str, tokenizer: TokenizerInfo) -> dict[str, Any]:
@@ -441,144 +470,178 @@ def _identity(config: BuildConfig, input_sha256: str, tokenizer: TokenizerInfo) 
         **config.identity(),
         "input_sha256": input_sha256,
         "tokenizer_fingerprint": tokenizer.fingerprint,
-        "family": config.family.describe(),
+        "family": config.family.manifest_entry(),
         "image_root": config.image_root
         and (config.image_root if "://" in config.image_root else os.path.abspath(config.image_root)),
     }
 
 
-def build(
-    config: BuildConfig,
-    *,
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    workers: int = 1,
-    engine: str = "local",
-    ray_address: str | None = None,
-) -> Manifest:
+def build(config: BuildConfig, **options: Any) -> Manifest:
     """Build shards and the manifest from ``config.input`` into ``config.out``.
 
     Rejected records are written to ``rejects.jsonl`` and do not stop the
     build unless ``strict``, where the first one raises :class:`RecordError`.
-    ``workers`` processes (``engine="local"``) or Ray tasks (``engine="ray"``)
-    convert the tasks. ``progress``: show a progress bar (None: when stderr is
-    a terminal).
+    ``options`` are the fields of :class:`~shardkit.config.BuildRun` (how the
+    build runs; the command line's defaults): ``workers`` processes (default:
+    all cores) with ``engine="local"``, or Ray tasks with ``engine="ray"``;
+    ``progress`` shows a progress bar (None: when stderr is a terminal).
     """
-
     if config.val_fraction is not None and config.split is None:
         raise ConfigError("a build with val_fraction makes one split at a time: use build_train_val")
-    if engine != "local":  # remote workers do not share this process's working directory
-        config = config.model_copy(update=_absolute_paths(config))
+    run = BuildRun.create(**options)
     with fatal_os_errors():
-        source = open_input(config.input, config.input_format, **config.input_options())
-        config = config.model_copy(update={"input_format": source.name})  # workers need not detect it again
-        fs, folder = open_fs(config.out)
-        with lock(fs, folder):
-            return _build_locked(
-                config,
-                source,
-                fs,
-                folder,
-                strict=strict,
-                overwrite=overwrite,
-                progress=progress,
-                workers=workers,
-                engine=engine,
-                ray_address=ray_address,
-            )
+        config, source = _open(config, run)
+        return _build_split(config, source, InputScan(source, config), run)
 
 
-def _build_locked(
-    config: BuildConfig,
-    source: InputFormat,
-    fs: Any,
-    folder: str,
-    *,
-    strict: bool,
-    overwrite: bool,
-    progress: bool | None,
-    workers: int,
-    engine: str,
-    ray_address: str | None,
-) -> Manifest:
-    from tqdm import tqdm
+def build_train_val(config: BuildConfig, **options: Any) -> dict[str, Manifest]:
+    """Build ``OUT/train`` and ``OUT/val`` from one input, split by ``config.val_fraction`` (see :func:`split_of`);
+    ``options`` are :func:`build`'s. The input is hashed, counted and deduplicated once for both."""
+    if config.val_fraction is None:
+        raise ConfigError("build_train_val needs val_fraction")
+    run = BuildRun.create(**options)
+    with fatal_os_errors():
+        config, source = _open(config, run)
+        scan = InputScan(source, config)
+        splits = {split: config.model_copy(update={"out": join(config.out, split), "split": split}) for split in SPLITS}
+        return {split: _build_split(splits[split], source, scan, run) for split in SPLITS}
 
-    summary = source.summary()
-    tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
-    identity = _identity(config, summary.sha256, tokenizer_info)
-    complete = claim(fs, folder, identity, overwrite=overwrite)
-    runner = TaskRunner(config, strict)
-    convert = runner.converter()  # built here, so forked workers share it
-    renderer = convert.renderer
-    done, stale = check_tasks(fs, folder, lambda result: _still_valid(result, convert.root))
+
+def _open(config: BuildConfig, run: BuildRun) -> tuple[BuildConfig, InputFormat]:
+    """The input, and the config with its detected form (workers need not detect it again) and, for remote
+    workers, absolute paths (they do not share this process's working directory)."""
+    if run.engine != "local":
+        config = config.model_copy(update=_absolute_paths(config))
+    source = open_input(config.input, config.input_format, **config.input_options())
+    return config.model_copy(update={"input_format": source.name}), source
+
+
+def _build_split(config: BuildConfig, source: InputFormat, scan: InputScan, run: BuildRun) -> Manifest:
+    """One build (one split of a train/val build) into ``config.out``, holding its folder's lock."""
+    fs, folder = open_fs(config.out)
+    with lock(fs, folder):
+        tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
+        identity = _identity(config, scan.sha256, tokenizer_info)
+        complete = claim(fs, folder, identity, overwrite=run.overwrite)
+        convert = converter_for(config)  # built here, so forked workers share it
+        done = _finished_tasks(fs, folder, convert.root, complete)
+        if done is None:
+            logger.info("%s already holds this complete build; nothing to do", config.out)
+            return read_manifest(config.out)
+        tasks = _run_tasks(fs, folder, SplitTasks(source, config, scan.duplicates, done), scan, run)
+        info = _build_info(identity, tokenizer_info, convert.renderer, tokenizer.pad_token_id)
+        return _assemble(fs, folder, config, tasks, info)
+
+
+def _finished_tasks(fs: Any, folder: str, root: ImageRoot, complete: bool) -> set[int] | None:
+    """The tasks finished by an earlier run that still stand (None: the build is complete and stands); the
+    others' results and shards are removed, to be built again."""
+    done, stale = check_tasks(fs, folder, lambda result: _still_valid(result, root), TaskResult)
     if complete and not stale:
-        logger.info("%s already holds this complete build; nothing to do", config.out)
-        return read_manifest(config.out)
+        return None
     if stale:
         logger.info("%d finished tasks are built again (images changed, or an internal error)", len(stale))
         unclaim_manifest(fs, folder)
         for result in stale:
             forget_task(fs, folder, result)
-    duplicates = find_duplicates(source, image_root(config, source)) if config.dedup else {}
-    tasks = records = 0
+    return done
 
-    with tqdm(
-        total=summary.records, unit="rec", desc="build", disable=None if progress is None else not progress
-    ) as bar:
-        rejected = 0
 
-        def on_record(ok: bool) -> None:
-            nonlocal rejected
-            rejected += not ok
-            bar.update(1)
-            if not ok:
-                bar.set_postfix(rejected=rejected, refresh=False)
+class SplitTasks:
+    """The tasks of one build, cut from the input as it streams (skipping the other split's records and the
+    tasks already done); ``records`` and ``tasks`` count the build's records and tasks as it goes, and
+    ``on_skip(n)`` is told of the ``n`` records skipped at a time."""
 
-        def mine() -> Iterator[RawItem]:
-            nonlocal records
-            for item in source.items():
-                if config.val_fraction is not None and split_of(item, config.val_fraction) != config.split:
-                    bar.update(1)  # the other split's
-                    continue
-                records += 1
-                yield replace(item, duplicate_of=duplicates.get(item.line))
+    def __init__(self, source: InputFormat, config: BuildConfig, duplicates: dict[int, int], done: set[int]):
+        self.source, self.config, self.duplicates, self.done = source, config, duplicates, done
+        self.records = self.tasks = 0
+        self.on_skip: Callable[[int], None] = lambda n: None
 
-        def todo() -> Iterator[Task]:
-            nonlocal tasks
-            for task in iter_tasks(mine(), config.samples_per_shard):
-                tasks = task.index + 1
-                if task.index in done:
-                    bar.update(len(task.lines))
-                else:
-                    yield task
+    def _items(self) -> Iterator[RawItem]:
+        val_fraction, split = self.config.val_fraction, self.config.split
+        for item in self.source.items():
+            if val_fraction is not None and split_of(item, val_fraction) != split:
+                self.on_skip(1)
+                continue
+            self.records += 1
+            yield replace(item, duplicate_of=self.duplicates.get(item.line))
 
-        if workers <= 1 and engine == "local":
-            results = (runner(task, on_record) for task in todo())
+    def __iter__(self) -> Iterator[Task]:
+        for task in iter_tasks(self._items(), self.config.samples_per_shard):
+            self.tasks = task.index + 1
+            if task.index in self.done:
+                self.on_skip(len(task.items))
+            else:
+                yield task
+
+
+class ProgressBar:
+    """The build's progress bar: records done (converted or skipped), with the rejects so far."""
+
+    def __init__(self, bar: Any):
+        self.bar = bar
+        self.rejected = 0
+
+    def record(self, ok: bool) -> None:
+        """One record converted (``ok``) or rejected."""
+        self.rejected += not ok
+        self.bar.update(1)
+        if not ok:
+            self.bar.set_postfix(rejected=self.rejected, refresh=False)
+
+    def task(self, result: TaskResult) -> None:
+        """A task converted elsewhere."""
+        self.rejected += len(result.rejects)
+        self.bar.update(result.records)
+        self.bar.set_postfix(rejected=self.rejected, refresh=False)
+
+    def skip(self, records: int) -> None:
+        """Records passed over (the other split's, or in a task already done)."""
+        self.bar.update(records)
+
+
+def _run_tasks(fs: Any, folder: str, tasks: SplitTasks, scan: InputScan, run: BuildRun) -> SplitTasks:
+    """Convert and save every task left to do, with a progress bar; ``tasks``, run through."""
+    from tqdm import tqdm
+
+    runner = TaskRunner(tasks.config, run.strict)
+    total = scan.records if run.show_progress else None
+    with tqdm(total=total, unit="rec", desc="build", disable=not run.show_progress) as bar:
+        progress = ProgressBar(bar)
+        tasks.on_skip = progress.skip
+        if run.in_process:
+            results: Iterable[TaskResult] = (runner(task, progress.record) for task in tasks)
         else:
-            results = run_tasks(runner, todo(), engine=engine, workers=workers, ray_address=ray_address)
+            results = run_tasks(runner, tasks, engine=run.engine, workers=run.workers, ray_address=run.ray_address)
         for result in results:
             save_result(fs, folder, result)
-            if "traceback" in result:
-                log_internal_error(fs, folder, result["traceback"])
-            if workers > 1 or engine != "local":
-                rejected += len(result["rejects"])
-                bar.update(result["records"])
-                bar.set_postfix(rejected=rejected, refresh=False)
+            if result.traceback is not None:
+                log_internal_error(fs, folder, result.traceback)
+            if not run.in_process:
+                progress.task(result)
+    return tasks
 
-    special_tokens = {
-        "image_pad": renderer.image_pad_id,
-        "vision_start": renderer.ids[renderer.VISION_START],
-        "vision_end": renderer.ids[renderer.VISION_END],
-        "pad": tokenizer.pad_token_id,
-    }
+
+def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Renderer, pad: int | None) -> BuildInfo:
+    """What the manifest records of the build: its identity, the tokenizer and its special token ids."""
+    special = SpecialTokens(
+        image_pad=renderer.image_pad_id,
+        vision_start=renderer.ids[renderer.VISION_START],
+        vision_end=renderer.ids[renderer.VISION_END],
+        pad=pad,
+    )
+    return BuildInfo.model_validate({**identity, "tokenizer": tokenizer.name, "special_tokens": special})
+
+
+def _assemble(fs: Any, folder: str, config: BuildConfig, tasks: SplitTasks, info: BuildInfo) -> Manifest:
+    """Write the manifest (and rejects, stats, index) from the saved task results, and log the outcome."""
     manifest = assemble(
         fs,
         folder,
-        tasks,
-        records=records,
+        tasks.tasks,
+        records=tasks.records,
         format=config.format.value,
-        config={**identity, "tokenizer": tokenizer_info.name, "special_tokens": special_tokens},
+        config=info,
         created_by=f"shardkit {__version__}",
     )
     logger.info(
@@ -597,13 +660,13 @@ def _build_locked(
     return manifest
 
 
-def _still_valid(result: dict[str, Any], root: ImageRoot) -> bool:
+def _still_valid(result: TaskResult, root: ImageRoot) -> bool:
     """Whether a finished task still stands: no internal error, and the image files it read unchanged."""
-    if "traceback" in result:
+    if result.traceback is not None:
         return False
-    changed = changed_images(root.fs, result.get("read", {}), local=root.local)
+    changed = changed_images(root.fs, result.read, local=root.local)
     if changed:
-        logger.info("task %d is built again: %s changed", result["index"], changed[0])
+        logger.info("task %d is built again: %s changed", result.index, changed[0])
     return not changed
 
 

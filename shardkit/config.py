@@ -8,6 +8,7 @@ Each field is the one definition of its option: default, bounds and help.
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -181,3 +182,12 @@ class BuildRun(Options):
     progress: bool | None = Field(
         None, description="a progress bar on stderr (default: when stderr is a terminal; --no-progress: none)"
     )
+
+    @property
+    def in_process(self) -> bool:
+        """Whether tasks run in this process (one local worker)."""
+        return self.workers <= 1 and self.engine == "local"
+
+    @property
+    def show_progress(self) -> bool:
+        return sys.stderr.isatty() if self.progress is None else self.progress

@@ -33,13 +33,14 @@ from shardkit.shards.embeddings import (
     BuildRef,
     EmbeddingManifest,
     EmbeddingShardWriter,
+    EmbedTaskResult,
     VisionTower,
     build_identity,
     read_embedding_manifest,
 )
 from shardkit.shards.folder import check_tasks, claim, cleanup, save_result, task_results
 from shardkit.shards.index import INDEX_NAME, IndexWriter
-from shardkit.shards.manifest import IndexFile, ShardEntry
+from shardkit.shards.manifest import BuildInfo, IndexFile, ShardEntry
 from shardkit.storage import atomic_write, join, open_fs
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _barrier() -> None:
 
 
 def _load_vision(
-    path: str, build_config: dict[str, Any], device: torch.device, dtype: torch.dtype
+    path: str, build_config: BuildInfo, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, VisionTower]:
     """The model's vision tower on ``device`` in ``dtype``, and its description (fingerprint of float32 weights)."""
     from shardkit.train.local import _check_model_fits_build, load_model
@@ -170,7 +171,9 @@ def _encode(sample: Sample, features: list[dict[str, torch.Tensor]], dtype: torc
     return save(tensors)
 
 
-def _embed_task(task: int, source: BuildSource, visual: torch.nn.Module, config: EmbedConfig, bar: Any) -> dict:
+def _embed_task(
+    task: int, source: BuildSource, visual: torch.nn.Module, config: EmbedConfig, bar: Any
+) -> EmbedTaskResult:
     """Embed the samples of build shard ``task`` into ``shard-TTTTTT.tar``; the task's result record."""
     fs, out = open_fs(config.out)
     collate = Qwen2VLCollator.for_build(source.manifest, pixels="uint8")
@@ -178,7 +181,6 @@ def _embed_task(task: int, source: BuildSource, visual: torch.nn.Module, config:
     start = sum(source.shard_sizes[:task])
     samples = (source.get(i) for i in range(start, start + source.shard_sizes[task]))
     path = f"shard-{task:06d}.tar"
-    tokens: list[int] = []
     names: set[str] = set()
     with EmbeddingShardWriter(fs, join(out, path)) as writer, torch.inference_mode():
         for group in _groups(samples, config.batch_images):
@@ -188,21 +190,12 @@ def _embed_task(task: int, source: BuildSource, visual: torch.nn.Module, config:
                 features = iter(image_features(visual, batch["pixel_values"], batch["image_grid_thw"]))
                 per_sample = [[next(features) for _ in s.images] for s in group]
             for sample, features_of_sample in zip(group, per_sample, strict=True):
-                writer.write(sample.key, _encode(sample, features_of_sample, DTYPES[config.dtype]))
-                tokens.append(sum(image["num_tokens"] for image in sample.info["images"]))
+                tokens = sum(image["num_tokens"] for image in sample.info["images"])
+                writer.write(sample.key, _encode(sample, features_of_sample, DTYPES[config.dtype]), tokens)
                 names.update(name for named in features_of_sample for name in named)
                 bar.update(1)
-        written = writer.close()
-    shard = {
-        "path": path,
-        "num_samples": written.num_samples,
-        "num_tokens": sum(tokens),
-        "bytes": written.bytes,
-        "sha256": written.sha256,
-        "locations": written.locations,
-        "tokens": tokens,
-    }
-    return {"index": task, "shards": [shard], "tensors": sorted(names)}
+        shard = writer.close()
+    return EmbedTaskResult(index=task, shards=[shard], tensors=sorted(names))
 
 
 def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingManifest:
@@ -235,7 +228,8 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
             fs.rm(join(out, EMBEDDINGS_NAME))
     _barrier()
     tasks = len(source.manifest.shards)
-    finished, _ = check_tasks(fs, out, lambda result: True)  # a task's inputs are the build's, fixed by its identity
+    # a task's inputs are the build's, fixed by its identity
+    finished, _ = check_tasks(fs, out, lambda result: True, EmbedTaskResult)
     mine = [t for t in range(tasks) if t % world == rank and t not in finished]
     samples = sum(source.shard_sizes[t] for t in mine)
     with tqdm(
@@ -259,11 +253,11 @@ def _assemble(fs: Any, out: str, source: BuildSource, tower: VisionTower, config
     names: set[str] = set()
     with atomic_write(fs, join(out, INDEX_NAME)) as index_file:
         index = IndexWriter(index_file)
-        for result in task_results(fs, out, len(source.manifest.shards)):
-            shard = result["shards"][0]
-            names.update(result["tensors"])
-            index.add(len(entries), shard["locations"], shard["tokens"])
-            entries.append(ShardEntry(**{k: v for k, v in shard.items() if k in ShardEntry.model_fields}))
+        for result in task_results(fs, out, len(source.manifest.shards), EmbedTaskResult):
+            shard = result.shards[0]
+            names.update(result.tensors)
+            index.add(len(entries), shard.locations, shard.tokens)
+            entries.append(shard.entry())
         index_entry = index.close()
     manifest = EmbeddingManifest(
         build=BuildRef(

@@ -46,8 +46,8 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
     return {
         "location": location,
         "format": manifest.format,
-        "model": config.get("model"),
-        "max_length": config.get("max_length"),
+        "model": config.model,
+        "max_length": config.max_length,
         "records": manifest.num_records,
         "samples": manifest.num_samples,
         "rejected": manifest.num_rejected,

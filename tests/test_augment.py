@@ -54,7 +54,7 @@ def test_off_by_default_and_on_changes_pixels_but_not_shapes(builds):
     plain = pixels(loader(builds["tar"]))
     assert loader(builds["tar"]).collate.collate.augment is None
     manifest = ShardStream(builds["tar"], batch_size=1).source.manifest
-    mean, std = manifest.config["family"]["image_mean"], manifest.config["family"]["image_std"]
+    mean, std = manifest.config.family.image_mean, manifest.config.family.image_std
     for key, images in plain.items():  # exactly the stored images
         for (values, _), jpeg in zip(images, stored[key].images, strict=True):
             assert torch.equal(values, expand_patches(torch.from_numpy(image_patches(jpeg, 14, 2)), mean, std))

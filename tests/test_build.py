@@ -7,9 +7,11 @@ import pytest
 from PIL import Image
 
 import shardkit.build as build_module
-from shardkit.build import build
+from shardkit.build import build, build_train_val
 from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError, OutputError, RecordError
+from shardkit.images import ImageRoot
+from shardkit.inputs import open_input
 from shardkit.shards import read_manifest
 from shardkit.shards.reading import iter_build_samples
 from tests.conftest import conversation, qwen3_image_processor, write_image, write_jsonl
@@ -40,8 +42,8 @@ def test_seed_layout_with_bad_lines_builds_and_reports_exactly_the_bad_lines(cli
     for entry in manifest.shards:
         data = (out / entry.path).read_bytes()
         assert entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
-    assert manifest.config["model"] == "qwen2_vl" and manifest.config["train_on"] == "last_assistant"
-    assert len(manifest.config["tokenizer_fingerprint"]) == 64
+    assert manifest.config.model == "qwen2_vl" and manifest.config.train_on == "last_assistant"
+    assert len(manifest.config.tokenizer_fingerprint) == 64
     assert (out / "manifest.json").exists() and (out / "_progress").is_dir()  # kept: a rerun re-checks images
     assert not list(out.glob("*.partial"))
     sample = stored[0]
@@ -193,7 +195,7 @@ def test_output_folder_rules(clinical, tmp_path):
     with pytest.raises(OutputError, match="changed: max_length"):
         build(config(clinical.jsonl, out, max_length=1024), progress=False)
     manifest = build(config(clinical.jsonl, out, max_length=1024), overwrite=True, progress=False)
-    assert read_manifest(str(out)).config["max_length"] == 1024 == manifest.config["max_length"]
+    assert read_manifest(str(out)).config.max_length == 1024 == manifest.config.max_length
 
 
 def test_an_interrupted_build_resumes_and_keeps_finished_shards(clinical, tmp_path, monkeypatch):
@@ -247,3 +249,52 @@ def test_a_sample_that_cannot_fit_even_at_min_pixels_says_how_many_tokens_it_nee
     build(config(data, tmp_path / "out", max_length=300, min_pixels=448 * 448), progress=False)
     (reject,) = rejects(tmp_path / "out")
     assert reject["code"] == "too_long" and "(512 tokens)" in reject["reason"]  # 2 images of 16 x 16 cells
+
+
+def test_train_val_with_dedup_scans_the_input_once_for_both_splits(clinical, tmp_path, monkeypatch):
+    lines = clinical.jsonl.read_bytes().splitlines(keepends=True)
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b"".join(lines + lines[:4]))  # four repeats
+    scans = []
+    real = build_module.find_duplicates
+
+    def counted(*args, **kwargs):
+        scans.append(real(*args, **kwargs))
+        return scans[-1]
+
+    monkeypatch.setattr(build_module, "find_duplicates", counted)
+    options = {"image_root": str(clinical.root), "dedup": True, "val_fraction": 0.3, "split": "train"}
+    manifests = build_train_val(config(data, tmp_path / "out", **options), progress=False)
+    records = len(clinical.good_lines) + len(clinical.bad_lines) + 4
+    assert len(scans) == 1 and scans[0].records == records
+    assert sum(m.num_records for m in manifests.values()) == records
+    assert scans[0].duplicates == {len(lines) + 1 + i: 1 + i for i in range(4)}  # lines 1-4 again, at the end
+    assert sum(m.rejects_by_code.get("duplicate", 0) for m in manifests.values()) == 4
+
+
+def test_dedup_leaves_a_bad_record_to_the_build_but_a_bug_propagates(clinical, tmp_path, monkeypatch):
+    source = open_input(str(clinical.jsonl))
+    scan = build_module.find_duplicates(source, ImageRoot(str(clinical.root)))
+    assert scan.records == len(clinical.good_lines) + len(clinical.bad_lines)
+
+    def broken(item):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(source, "record", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        build_module.find_duplicates(source, ImageRoot(str(clinical.root)))
+
+
+def test_a_task_result_this_version_cannot_read_is_built_again(clinical, tmp_path, caplog):
+    out = tmp_path / "out"
+    reference = build(config(clinical.jsonl, out, samples_per_shard=3), progress=False)
+    (out / "manifest.json").unlink()
+    result = out / "_progress" / "task-000001.json"
+    saved = json.loads(result.read_text())
+    assert {"index", "shards", "rejects", "records", "read", "seconds"} <= set(saved)  # the JSON as before
+    result.write_text(json.dumps({**saved, "shards": "not a list"}))
+    with caplog.at_level("WARNING"):
+        again = build(config(clinical.jsonl, out, samples_per_shard=3), progress=False)
+    assert "task-000001.json is not a task result this version reads" in caplog.text
+    assert json.loads(result.read_text()) == {**saved, "seconds": json.loads(result.read_text())["seconds"]}
+    assert again.shards == reference.shards

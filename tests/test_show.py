@@ -184,7 +184,7 @@ def test_page_in_headless_chromium(chromium, shown_build, tmp_path):
     source = BuildSource(build_dir)
     samples = {s.key: s for s in (source.get(i) for i in range(len(source)))}
     assert len(facts["cards"]) == len(samples) > 0
-    merge = source.manifest.config["family"]["merge_size"]
+    merge = source.manifest.config.family.merge_size
     for card in facts["cards"]:
         sample = samples[card["key"]]
         trained = card["highlighted"] + sum(chip["trained"] for chip in card["chips"])

@@ -100,7 +100,7 @@ def test_elastic_resume_on_another_world_size_finishes_the_epoch(builds, small_d
 
 def test_token_budget_batches(builds):
     manifest = read_manifest(builds["tar"])
-    stream = ShardStream(builds["tar"], max_tokens=4 * manifest.config["max_length"], seed=0)
+    stream = ShardStream(builds["tar"], max_tokens=4 * manifest.config.max_length, seed=0)
     batches = list(stream)
     assert all(len(b) * max(len(s.input_ids) for s in b) <= 4 * 2048 for b in batches)
     assert sum(map(len, batches)) == manifest.num_samples

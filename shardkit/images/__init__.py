@@ -12,8 +12,6 @@ from shardkit.images.encode import encode_jpeg
 from shardkit.images.grid import MAX_ASPECT_RATIO, Grid, smart_resize
 from shardkit.images.sources import DEFAULT_MAX_IMAGE_BYTES, ImageRoot, fetch, image_label, read_regular_file
 
-describe = image_label  # the name build.py still imports
-
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
     "MAX_ASPECT_RATIO",
@@ -21,7 +19,6 @@ __all__ = [
     "ImageRoot",
     "SourceImage",
     "decode_image",
-    "describe",
     "encode_jpeg",
     "fetch",
     "image_label",

@@ -77,9 +77,13 @@ class InputFormat(ABC):
     def image_root(self) -> str:
         """The folder image paths are relative to, unless ``--image-root`` says otherwise."""
 
+    def count(self) -> int:
+        """How many items the input holds (a pass over them, unless the form knows a cheaper way)."""
+        return sum(1 for _ in self.items())
+
     def summary(self) -> InputSummary:
-        """Count the items and hash the input (one streaming pass)."""
-        return InputSummary(sum(1 for _ in self.items()), hash_files(self.files()))
+        """Count the items and hash the input."""
+        return InputSummary(self.count(), hash_files(self.files()))
 
     def files(self) -> list[str]:
         """The files whose bytes make up the input."""
@@ -202,8 +206,9 @@ def refuse_placeholders(record: Record, line: int) -> Record:
 
 
 def decode_line(item: RawItem) -> str:
-    """A JSON line's text; :class:`RecordError` for invalid UTF-8."""
-    assert isinstance(item.data, bytes)
+    """A JSON line's text; :class:`RecordError` for invalid UTF-8 (:class:`InputError` if ``item`` is not a line)."""
+    if not isinstance(item.data, bytes):
+        raise InputError(f"item {item.line} is not a JSON line but {type(item.data).__name__}")
     try:
         return item.data.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -38,9 +38,7 @@ import pyarrow.parquet as pq
 from shardkit.errors import InputError, RecordError
 from shardkit.inputs.base import (
     InputFormat,
-    InputSummary,
     RawItem,
-    hash_files,
     open_location,
     refuse_placeholders,
     refuse_unsupported,
@@ -126,12 +124,12 @@ class HFDataset(InputFormat):
                     number += 1
                     yield RawItem(number, {"row": row, "columns": columns})
 
-    def summary(self) -> InputSummary:
+    def count(self) -> int:
         rows = 0
         for file in self.files():
             with open_location(file) as f:
                 rows += _num_rows(file, f)
-        return InputSummary(rows, hash_files(self.files()))
+        return rows
 
     def record(self, item: RawItem) -> Record:
         assert isinstance(item.data, dict)

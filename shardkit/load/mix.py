@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -44,11 +44,17 @@ from shardkit.load.source import BuildSource
 from shardkit.load.stream import ShardStream
 from shardkit.shards import Manifest, Sample
 from shardkit.shards.index import SampleIndex
+from shardkit.shards.manifest import BuildInfo, FamilyInfo
 from shardkit.storage import open_fs
 
 MIX_KEY = 0x6D6978  # separates the mix's random streams from a single build's
 
-COMPATIBLE = {"model family": "family", "tokenizer": "tokenizer_fingerprint", "train_on": "train_on"}  # manifest config
+#: what must agree between the builds of a mix, by name: the manifest's build info field
+COMPATIBLE: dict[str, Callable[[BuildInfo], Any]] = {
+    "model family": lambda info: info.family,
+    "tokenizer": lambda info: info.tokenizer_fingerprint,
+    "train_on": lambda info: info.train_on,
+}
 
 
 def check_compatible(
@@ -57,7 +63,7 @@ def check_compatible(
     """:class:`ConfigError` naming the first difference in ``keys`` between the first build and another."""
     for manifest, name in zip(manifests[1:], names[1:], strict=True):
         for key in keys:
-            mine, theirs = manifests[0].config.get(COMPATIBLE[key]), manifest.config.get(COMPATIBLE[key])
+            mine, theirs = COMPATIBLE[key](manifests[0].config), COMPATIBLE[key](manifest.config)
             if mine != theirs:
                 raise ConfigError(
                     f"{name} does not match {names[0]}: its {key} differs ({_short(theirs)} vs {_short(mine)})"
@@ -65,9 +71,7 @@ def check_compatible(
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, dict) and "name" in value:
-        return str(value["name"]) if value["name"] else str(value)
-    return str(value)
+    return value.name if isinstance(value, FamilyInfo) else str(value)
 
 
 def share_counts(weights: Sequence[float], total: int) -> list[int]:

@@ -160,13 +160,13 @@ class Qwen2VLCollator:
     def __init__(
         self,
         *,
-        patch_size: int = 14,
-        merge_size: int = 2,
-        temporal_patch_size: int = 2,
-        image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        image_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
-        image_token_id: int = 151655,
-        pad_token_id: int = 151643,
+        patch_size: int,
+        merge_size: int,
+        temporal_patch_size: int,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        image_token_id: int,
+        pad_token_id: int,
         pixels: Literal["float32", "uint8"] = "float32",
         mm_token_type_ids: bool | None = None,
         augment: Augment | None = None,
@@ -188,19 +188,17 @@ class Qwen2VLCollator:
     @classmethod
     def for_build(cls, manifest: Manifest, **options: Any) -> Qwen2VLCollator:
         """A collator with the grid, normalisation and token ids recorded in ``manifest``."""
-        family = manifest.config["family"]
-        tokens = manifest.config.get("special_tokens", {})
+        family, tokens = manifest.config.family, manifest.config.special_tokens
         defaults: dict[str, Any] = {
-            "patch_size": family["patch_size"],
-            "merge_size": family["merge_size"],
-            "temporal_patch_size": family["temporal_patch_size"],
-            "image_mean": family["image_mean"],
-            "image_std": family["image_std"],
+            "patch_size": family.patch_size,
+            "merge_size": family.merge_size,
+            "temporal_patch_size": family.temporal_patch_size,
+            "image_mean": family.image_mean,
+            "image_std": family.image_std,
+            "image_token_id": tokens.image_pad,
+            # padding is masked out of attention and loss: without a pad token, any id but the image pad serves
+            "pad_token_id": tokens.vision_end if tokens.pad is None else tokens.pad,
         }
-        if "image_pad" in tokens:
-            defaults["image_token_id"] = tokens["image_pad"]
-        if tokens.get("pad") is not None:
-            defaults["pad_token_id"] = tokens["pad"]
         return cls(**{**defaults, **options})
 
     def __call__(self, samples: Sequence[Sample] | Sequence[Sequence[Sample]]) -> dict[str, Any]:

@@ -116,8 +116,6 @@ class Family:
             "image_std": list(self.image_std),
         }
 
-    describe = manifest_entry  # the name build.py still calls
-
 
 class Renderer(ABC):
     """Base of the per-family renderers (Qwen chat markup with vision markers)."""

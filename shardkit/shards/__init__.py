@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from shardkit.errors import ConfigError
-from shardkit.shards.base import Sample, ShardReader, ShardWriter, WrittenShard
-from shardkit.shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest
+from shardkit.shards.base import Sample, ShardPart, ShardReader, ShardWriter
+from shardkit.shards.manifest import MANIFEST_NAME, BuildInfo, Manifest, ShardEntry, read_manifest
 from shardkit.shards.parquet import ParquetShardReader, ParquetShardWriter
 from shardkit.shards.tar import TarShardReader, TarShardWriter
 
@@ -24,12 +24,13 @@ __all__ = [
     "MANIFEST_NAME",
     "READERS",
     "WRITERS",
+    "BuildInfo",
     "Manifest",
     "Sample",
     "ShardEntry",
+    "ShardPart",
     "ShardReader",
     "ShardWriter",
-    "WrittenShard",
     "get_reader",
     "read_manifest",
 ]

@@ -18,12 +18,13 @@ import io
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import xxhash
 
 from shardkit.errors import ShardError
+from shardkit.shards.manifest import ShardEntry
 from shardkit.storage import AtomicFile, HashingWriter
 
 
@@ -86,33 +87,31 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 
-@dataclass(frozen=True)
-class WrittenShard:
-    """What a closed shard writer reports: manifest fields and where each sample lies.
+class ShardPart(ShardEntry):
+    """A shard file as its writer closed it: its manifest entry, and per sample its location and token count.
 
     ``locations[i]`` is ``(offset, size, checksum)`` of sample i: for tar, the
     byte range of its members; for Parquet, its row number and 1.
     """
 
-    path: str
-    num_samples: int
-    bytes: int
-    sha256: str
     locations: list[tuple[int, int, int]]
+    tokens: list[int]
+
+    def entry(self) -> ShardEntry:
+        """The shard's manifest entry."""
+        return ShardEntry(**self.model_dump(include=set(ShardEntry.model_fields)))
 
 
-class ShardWriter(ABC):
-    """Writes samples into one shard file, atomically; ``close()`` publishes it.
+class ShardFile(ABC):
+    """One shard file written atomically and hashed as it is written; ``close()`` publishes it.
 
     Use as a context manager: leaving with an exception discards the partial file.
     """
 
-    format: ClassVar[str]
-    suffix: ClassVar[str]
-
     def __init__(self, fs: Any, path: str):
         self.path = path
         self.locations: list[tuple[int, int, int]] = []
+        self.tokens: list[int] = []
         self._file = AtomicFile(fs, path)
         self._hashed = HashingWriter(self._file.file)
         self._closed = False
@@ -121,21 +120,34 @@ class ShardWriter(ABC):
     def num_samples(self) -> int:
         return len(self.locations)
 
-    @abstractmethod
-    def write(self, sample: Sample) -> None:
-        """Append one sample (and record its location and checksum)."""
+    @property
+    def bytes(self) -> int:
+        """Bytes written so far."""
+        return self._hashed.bytes
+
+    def _record(self, offset: int, size: int, checksum: int, tokens: int) -> None:
+        """Note where the sample just written lies, its checksum and its token count."""
+        self.locations.append((offset, size, checksum))
+        self.tokens.append(tokens)
 
     @abstractmethod
     def _finish(self) -> None:
         """Write the format's trailer to ``self._hashed``."""
 
-    def close(self) -> WrittenShard:
+    def close(self) -> ShardPart:
         """Publish the shard (an identical one left by an interrupted run is kept untouched)."""
         self._finish()
         self._closed = True
-        self._file.commit(unless_sha256=self._hashed.sha256.hexdigest())
-        return WrittenShard(
-            self.path, self.num_samples, self._hashed.bytes, self._hashed.sha256.hexdigest(), self.locations
+        sha256 = self._hashed.sha256.hexdigest()
+        self._file.commit(unless_sha256=sha256)
+        return ShardPart(
+            path=self.path.rsplit("/", 1)[-1],
+            num_samples=self.num_samples,
+            num_tokens=sum(self.tokens),
+            bytes=self._hashed.bytes,
+            sha256=sha256,
+            locations=self.locations,
+            tokens=self.tokens,
         )
 
     def abort(self, exc: BaseException) -> None:
@@ -149,12 +161,23 @@ class ShardWriter(ABC):
             pass
         self._file.discard()
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None:
             self.abort(exc)
+
+
+class ShardWriter(ShardFile):
+    """Writes samples into one shard file of a format (see :class:`ShardFile`)."""
+
+    format: ClassVar[str]
+    suffix: ClassVar[str]
+
+    @abstractmethod
+    def write(self, sample: Sample) -> None:
+        """Append one sample (and record its location, checksum and token count)."""
 
 
 class ShardReader(ABC):

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict
 from shardkit.errors import ShardError
 from shardkit.shards.base import checksum_of
 from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_json_model
-from shardkit.shards.tar import TarShardWriter, tar_member
+from shardkit.shards.tar import TarArchive, tar_member
+from shardkit.shards.task import TaskRecord
 from shardkit.storage import join, open_fs, write_bytes
 
 EMBEDDINGS_NAME = "embeddings.json"
@@ -97,15 +98,20 @@ def is_embeddings(location: str) -> bool:
     return fs.exists(join(folder, EMBEDDINGS_NAME))
 
 
-class EmbeddingShardWriter(TarShardWriter):
+class EmbedTaskResult(TaskRecord):
+    """A finished embed task: its one shard, and the tensor names its samples hold."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensors: list[str]
+
+
+class EmbeddingShardWriter(TarArchive):
     """Writes one embeddings shard (a tar readable by plain ``webdataset``), atomically, as a build's tar shards
     are written; a sample is one ``KEY.safetensors`` member, its checksum that of the blob."""
 
-    def write(self, key: str, blob: bytes) -> None:  # type: ignore[override]
-        """Append one sample's tensors (a safetensors blob); its location and the blob's checksum are recorded."""
-        data = tar_member(f"{key}.{MEMBER}", blob)
-        self.locations.append((self._hashed.bytes, len(data), checksum_of(blob)))
-        self._hashed.write(data)
+    def write(self, key: str, blob: bytes, tokens: int) -> None:
+        """Append one sample's tensors (a safetensors blob) for its ``tokens`` image tokens."""
+        self._append(tar_member(f"{key}.{MEMBER}", blob), checksum_of(blob), tokens)
 
 
 def read_blob(f: Any, offset: int, size: int) -> tuple[str, bytes]:

@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
 
 from shardkit.errors import OutputError
 from shardkit.shards.index import INDEX_NAME, IndexWriter
-from shardkit.shards.manifest import MANIFEST_NAME, IndexFile, Manifest, ShardEntry
+from shardkit.shards.manifest import MANIFEST_NAME, BuildInfo, IndexFile, Manifest, ShardEntry
+from shardkit.shards.task import SHARD_NAME, TaskRecord, TaskResult
 from shardkit.storage import PARTIAL_SUFFIX, atomic_write, is_local, join, write_bytes
+
+logger = logging.getLogger(__name__)
 
 BUILD_FILE = "build.json"
 PROGRESS_DIR = "_progress"
@@ -42,7 +47,8 @@ SHARD_STATS_FILE = "shard_stats.jsonl"
 ERRORS_LOG = "errors.log"
 READERS = 16  # threads reading task results
 OWN_FILES = (BUILD_FILE, MANIFEST_NAME, INDEX_NAME, REJECTS_FILE, SHARD_STATS_FILE, ERRORS_LOG)
-SHARD_NAME = re.compile(r"shard-\d{6}-\d{3}\.(tar|parquet)")  # a shard's exact name
+
+R = TypeVar("R", bound=TaskRecord)
 
 
 def claim(fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool) -> bool:
@@ -105,8 +111,9 @@ def _own_names(fs: Any, folder: str) -> set[str]:
             names.update(_name(s["path"]) for s in _read_json(fs, manifest).get("shards", []))
         except (ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest names nothing
             pass
-    for result in _all_results(fs, folder):
-        names.update(s["path"] for s in result.get("shards", []))
+    for result in _all_results(fs, folder, TaskRecord):
+        if result is not None:
+            names.update(s.path for s in result.shards)
     return names
 
 
@@ -114,43 +121,44 @@ def _progress_path(folder: str, index: int) -> str:
     return join(folder, PROGRESS_DIR, f"task-{index:06d}.json")
 
 
-def save_result(fs: Any, folder: str, result: dict[str, Any]) -> None:
+def save_result(fs: Any, folder: str, result: TaskRecord) -> None:
     """Record a finished task (after its shards are published)."""
-    write_bytes(fs, _progress_path(folder, result["index"]), json.dumps(result).encode())
+    write_bytes(fs, _progress_path(folder, result.index), result.to_json())
 
 
-def _all_results(fs: Any, folder: str) -> Iterator[dict[str, Any]]:
-    """Every task result in the folder, in task order."""
+def _all_results(fs: Any, folder: str, model: type[R]) -> Iterator[R | None]:
+    """Every task result in the folder, in task order (None for a file that is not a ``model``)."""
     progress = join(folder, PROGRESS_DIR)
     if not fs.exists(progress):
         return iter(())
     paths = [p for p in fs.ls(progress, detail=False) if _name(p).startswith("task-") and p.endswith(".json")]
-    return _read_all(fs, sorted(paths))
+    return _read_all(fs, sorted(paths), model)
 
 
-def check_tasks(
-    fs: Any, folder: str, still_valid: Callable[[dict[str, Any]], bool]
-) -> tuple[set[int], list[dict[str, Any]]]:
-    """The finished tasks (their result exists and their shards are present at their recorded size), and the
-    results of those ``still_valid`` refuses (their images changed): these are to be built again."""
+def check_tasks(fs: Any, folder: str, still_valid: Callable[[R], bool], model: type[R]) -> tuple[set[int], list[R]]:
+    """The finished tasks (their ``model`` result exists and their shards are present at their recorded size),
+    and the results of those ``still_valid`` refuses (their images changed): these are to be built again.
+
+    A result file this version cannot read is not a finished task: the task is built again and its file replaced.
+    """
     fs.invalidate_cache()  # object-store listings are cached; workers wrote since
     sizes = {_name(p["name"]): p["size"] for p in fs.ls(folder, detail=True)}
     done, stale = set(), []
-    for result in _all_results(fs, folder):
-        if not all(sizes.get(s["path"]) == s["bytes"] for s in result["shards"]):
+    for result in _all_results(fs, folder, model):
+        if result is None or not all(sizes.get(s.path) == s.bytes for s in result.shards):
             continue
         if still_valid(result):
-            done.add(result["index"])
+            done.add(result.index)
         else:
             stale.append(result)
     return done, stale
 
 
-def forget_task(fs: Any, folder: str, result: dict[str, Any]) -> None:
+def forget_task(fs: Any, folder: str, result: TaskRecord) -> None:
     """Delete a finished task's result and then its shards, so it is built again (the manifest must be gone)."""
-    fs.rm_file(_progress_path(folder, result["index"]))
-    for shard in result["shards"]:
-        path = join(folder, shard["path"])
+    fs.rm_file(_progress_path(folder, result.index))
+    for shard in result.shards:
+        path = join(folder, shard.path)
         if fs.exists(path):
             fs.rm_file(path)
 
@@ -192,21 +200,35 @@ def _read_json(fs: Any, path: str) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-def _read_all(fs: Any, paths: list[str]) -> Iterator[dict[str, Any]]:
-    """The JSON files at ``paths``, in order, read a window at a time by a few threads (object stores are slow
+def _read_result(fs: Any, path: str, model: type[R]) -> R | None:
+    """The task result at ``path``; None (logged) when it is not a valid ``model``."""
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        logger.warning("%s is not a task result this version reads (%s)", path, exc.errors()[0]["msg"])
+        return None
+
+
+def _read_all(fs: Any, paths: list[str], model: type[R]) -> Iterator[R | None]:
+    """The results at ``paths``, in order, read a window at a time by a few threads (object stores are slow
     one request at a time, and a large build has a hundred thousand of them)."""
     with ThreadPoolExecutor(READERS) as pool:
         for start in range(0, len(paths), 4 * READERS):
-            yield from pool.map(lambda path: _read_json(fs, path), paths[start : start + 4 * READERS])
+            yield from pool.map(lambda path: _read_result(fs, path, model), paths[start : start + 4 * READERS])
 
 
-def task_results(fs: Any, folder: str, tasks: int) -> Iterator[dict[str, Any]]:
-    """The saved results of tasks ``0 .. tasks - 1``, in order."""
-    return _read_all(fs, [_progress_path(folder, index) for index in range(tasks)])
+def task_results(fs: Any, folder: str, tasks: int, model: type[R]) -> Iterator[R]:
+    """The saved results of tasks ``0 .. tasks - 1``, in order; :class:`OutputError` naming an unreadable one."""
+    for index, result in enumerate(_read_all(fs, [_progress_path(folder, i) for i in range(tasks)], model)):
+        if result is None:
+            raise OutputError(f"{_progress_path(folder, index)} is not a valid task result; run the build again")
+        yield result
 
 
 def assemble(
-    fs: Any, folder: str, tasks: int, *, records: int, format: str, config: dict[str, Any], created_by: str
+    fs: Any, folder: str, tasks: int, *, records: int, format: str, config: BuildInfo, created_by: str
 ) -> Manifest:
     """Write rejects, shard stats, the index and, last, the manifest, from the results of ``tasks`` tasks."""
     counts: Counter[str] = Counter()
@@ -218,23 +240,23 @@ def assemble(
         atomic_write(fs, join(folder, INDEX_NAME)) as index_file,
     ):
         index = IndexWriter(index_file)
-        for result in task_results(fs, folder, tasks):
-            for reject in result["rejects"]:
+        for result in task_results(fs, folder, tasks, TaskResult):
+            for reject in result.rejects:
                 rejects.write(json.dumps(reject).encode() + b"\n")
                 codes[reject["code"]] += 1
-            for shard in result["shards"]:
-                entry = ShardEntry(**{k: v for k, v in shard.items() if k in ShardEntry.model_fields})
-                index.add(len(entries), shard["locations"], shard["tokens"])
+            for shard in result.shards:
+                entry = shard.entry()
+                index.add(len(entries), shard.locations, shard.tokens)
                 entries.append(entry)
-                task = {
-                    "task": result["index"],
-                    "task_records": result["records"],
-                    "task_rejects": len(result["rejects"]),
-                }
-                stats.write(
-                    json.dumps({**entry.model_dump(), **task, "task_seconds": result["seconds"]}).encode() + b"\n"
-                )
-            counts.update({k: result[k] for k in ("images", "tokens", "trained_tokens", "fitted", "truncated")})
+                task = {"task": result.index, "task_records": result.records, "task_rejects": len(result.rejects)}
+                stats.write(json.dumps({**entry.model_dump(), **task, "task_seconds": result.seconds}).encode() + b"\n")
+            counts.update(
+                images=result.images,
+                tokens=result.tokens,
+                trained_tokens=result.trained_tokens,
+                fitted=result.fitted,
+                truncated=result.truncated,
+            )
         index_entry = index.close()
     manifest = Manifest(
         format=format,

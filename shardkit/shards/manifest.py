@@ -1,8 +1,8 @@
 """The manifest: the build's table of contents, written last.
 
 ``DIR/manifest.json`` lists every shard with its sample count, size and sha256,
-the totals, and the config that produced it (model family, tokenizer name and
-fingerprint, pixel bounds, max_length, train_on, ...). Its presence means the
+the totals, and what produced it (:class:`BuildInfo`: model family, tokenizer name
+and fingerprint, special token ids, pixel bounds, max_length, train_on, ...). Its presence means the
 build is complete. Every path in it is a plain file name inside the build
 folder (no ``..``, no ``/``, not absolute), and :func:`manifest_problems` checks
 that its counts and format agree with themselves.
@@ -59,6 +59,50 @@ class IndexFile(BaseModel):
     _path = field_validator("path")(_in_build_folder)
 
 
+class FamilyInfo(BaseModel):
+    """The model family a build was made for: its name and the image grid and normalisation of its processor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    patch_size: int = Field(ge=1)
+    merge_size: int = Field(ge=1)
+    temporal_patch_size: int = Field(ge=1)
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+class SpecialTokens(BaseModel):
+    """The token ids of the build's vision markers and padding (``pad``: None when the tokenizer has none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    image_pad: int
+    vision_start: int
+    vision_end: int
+    pad: int | None
+
+
+class BuildInfo(BaseModel):
+    """What made a build (``manifest.config``): its options, the input's sha256, the family, the tokenizer and
+    its special token ids.
+
+    The options consumers read are typed fields; the other build options
+    (:meth:`shardkit.config.BuildConfig.identity`) are kept as they were
+    recorded, as extra fields, so the JSON is the build's whole identity.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    model: str
+    family: FamilyInfo
+    tokenizer: str
+    tokenizer_fingerprint: str
+    special_tokens: SpecialTokens
+    input_sha256: str
+    image_root: str | None = None
+    train_on: str
+    max_length: int
+    max_image_pixels: int
+
+
 class Manifest(BaseModel):
     """A complete build."""
 
@@ -76,7 +120,7 @@ class Manifest(BaseModel):
     rejects_by_code: dict[str, int]
     shards: list[ShardEntry]
     index: IndexFile
-    config: dict[str, Any]
+    config: BuildInfo
     created_by: str
 
     def to_json(self) -> bytes:

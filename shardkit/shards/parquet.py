@@ -63,7 +63,7 @@ class ParquetShardWriter(ShardWriter):
 
     def write(self, sample: Sample) -> None:
         digest = content_checksum(sample.key, sample.info_json, sample.input_ids, sample.weights, sample.images)
-        self.locations.append((self.num_samples, 1, digest))
+        self._record(self.num_samples, 1, digest, len(sample.input_ids))
         self._rows.append(sample)
         if len(self._rows) >= ROWS_PER_GROUP:
             self._flush()

@@ -18,6 +18,7 @@ from shardkit.shards.base import (
     ChecksumMismatch,
     OpenShard,
     Sample,
+    ShardFile,
     ShardReader,
     ShardWriter,
     checksum_of,
@@ -36,7 +37,21 @@ def tar_member(name: str, data: bytes) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + tarfile.NUL * padding
 
 
-class TarShardWriter(ShardWriter):
+class TarArchive(ShardFile):
+    """A tar file written a sample's members at a time, ended as ``tarfile`` ends an archive."""
+
+    def _append(self, data: bytes, checksum: int, tokens: int) -> None:
+        """Append one sample's members (``data``, whole tar blocks) with its checksum and token count."""
+        self._record(self._hashed.bytes, len(data), checksum, tokens)
+        self._hashed.write(data)
+
+    def _finish(self) -> None:
+        """The end-of-archive blocks, then zeros to a whole tar record, as ``tarfile`` closes an archive."""
+        end = self._hashed.bytes + 2 * tarfile.BLOCKSIZE
+        self._hashed.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+
+
+class TarShardWriter(TarArchive, ShardWriter):
     format = "tar"
     suffix = ".tar"
 
@@ -49,13 +64,7 @@ class TarShardWriter(ShardWriter):
         for i, image in enumerate(sample.images):
             members[f"img{i}.jpg"] = image
         data = b"".join(tar_member(f"{sample.key}.{name}", members[name]) for name in sorted(members))
-        self.locations.append((self._hashed.bytes, len(data), checksum_of(data)))
-        self._hashed.write(data)
-
-    def _finish(self) -> None:
-        """The end-of-archive blocks, then zeros to a whole tar record, as ``tarfile`` closes an archive."""
-        end = self._hashed.bytes + 2 * tarfile.BLOCKSIZE
-        self._hashed.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        self._append(data, checksum_of(data), len(sample.input_ids))
 
 
 class TarShardReader(ShardReader):

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -14,11 +13,11 @@ from PIL import Image, ImageOps
 from shardkit.errors import ConfigError
 from shardkit.images import ImageRoot, to_rgb
 from shardkit.load.source import BuildSource
-from shardkit.shards import Manifest, Sample
+from shardkit.shards import BuildInfo, Manifest, Sample
 from shardkit.shards.folder import REJECTS_FILE
 from shardkit.shards.reading import iter_build_samples
 from shardkit.show.tokens import TokenDecoder
-from shardkit.storage import join, open_fs, parent
+from shardkit.storage import join, open_fs
 from shardkit.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,9 +66,9 @@ def read_samples(source: BuildSource, *, count: int, seed: int, keys: list[str] 
 
 def build_decoder(manifest: Manifest) -> TokenDecoder:
     """A decoder with the tokenizer the manifest names; :class:`ConfigError` if it tokenizes differently."""
-    tokenizer, info = load_tokenizer(manifest.config.get("tokenizer"))
-    expected = manifest.config.get("tokenizer_fingerprint")
-    if expected and info.fingerprint != expected:
+    tokenizer, info = load_tokenizer(manifest.config.tokenizer)
+    expected = manifest.config.tokenizer_fingerprint
+    if info.fingerprint != expected:
         raise ConfigError(
             f"the tokenizer {info.name!r} loaded here is not the one the build used (fingerprint "
             f"{info.fingerprint[:12]} against {expected[:12]}): its tokens would be decoded wrongly"
@@ -77,15 +76,9 @@ def build_decoder(manifest: Manifest) -> TokenDecoder:
     return TokenDecoder(tokenizer)
 
 
-def image_root_of(config: dict[str, Any], image_root: str | None) -> str | None:
-    """Where the rejected records' image paths are relative to: given, recorded in the config, or unknown."""
-    if image_root:
-        return image_root
-    if config.get("image_root"):
-        return config["image_root"]
-    if config.get("input"):
-        return parent(config["input"])
-    return None
+def image_root_of(info: BuildInfo, image_root: str | None) -> str | None:
+    """Where the rejected records' image paths are relative to: given, recorded by the build, or unknown."""
+    return image_root or info.image_root
 
 
 def _thumbnail(root: ImageRoot, ref: str, max_pixels: int) -> bytes | None:
@@ -128,7 +121,7 @@ def read_rejects(
         return [], 0
     root = image_root_of(manifest.config, image_root)
     images = ImageRoot(root) if root else None
-    max_pixels = int(manifest.config.get("max_image_pixels") or 100_000_000)
+    max_pixels = manifest.config.max_image_pixels
     rows = []
     for number, line in enumerate(lines, 1):
         try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shardkit.shards import Manifest, Sample
+from shardkit.shards import BuildInfo, Manifest, Sample
 from shardkit.show.charts import histogram_svg
 from shardkit.show.data import Reject
 from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn
@@ -63,12 +63,12 @@ def _data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def _options(config: dict[str, Any]) -> str:
+def _options(info: BuildInfo) -> str:
     """The build's options as one line (the family's normalisation constants and token ids left out)."""
-    family = config.get("family") or {}
-    rows = [("model", f"{config.get('model')} (patch {family.get('patch_size')}, merge {family.get('merge_size')})")]
+    family = info.family
+    rows = [("model", f"{info.model} (patch {family.patch_size}, merge {family.merge_size})")]
     skip = {"family", "special_tokens", "model", "tokenizer_fingerprint", "input_sha256"}
-    rows += [(k, v) for k, v in sorted(config.items()) if k not in skip and v is not None]
+    rows += [(k, v) for k, v in sorted(info.model_dump(mode="json").items()) if k not in skip and v is not None]
     return " · ".join(f"<b>{escape(str(k))}</b> {escape(str(v))}" for k, v in rows)
 
 

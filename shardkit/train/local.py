@@ -49,7 +49,7 @@ from shardkit.load.augment import Augment
 from shardkit.load.embeddings import EmbeddingCollator, check_vision_tower
 from shardkit.load.mix import check_compatible
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
-from shardkit.shards import Manifest
+from shardkit.shards import BuildInfo, Manifest
 from shardkit.train import SourceCounter, TrainConfig, keep_metrics_until
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
@@ -173,13 +173,13 @@ def _step_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items: torch.
     return ForCausalLMLoss(logits, inputs["labels"], logits.shape[-1], num_items_in_batch=num_items)
 
 
-def _check_model_fits_build(model: torch.nn.Module, manifest_config: dict[str, Any]) -> None:
+def _check_model_fits_build(model: torch.nn.Module, build: BuildInfo) -> None:
     vision = model.config.vision_config
-    family = manifest_config["family"]
-    if (vision.patch_size, vision.spatial_merge_size) != (family["patch_size"], family["merge_size"]):
+    family = build.family
+    if (vision.patch_size, vision.spatial_merge_size) != (family.patch_size, family.merge_size):
         raise ConfigError(
-            f"the build's images are on a {family['patch_size']}x{family['merge_size']} patch grid "
-            f"({family['name']}), the model's vision tower uses {vision.patch_size}x{vision.spatial_merge_size}"
+            f"the build's images are on a {family.patch_size}x{family.merge_size} patch grid "
+            f"({family.name}), the model's vision tower uses {vision.patch_size}x{vision.spatial_merge_size}"
         )
 
 

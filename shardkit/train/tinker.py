@@ -124,7 +124,7 @@ def train_tinker(
     service = service or default_service()
     stream = config.open_stream(batch_size=config.batch_size, seed=config.seed)
     data = ", ".join(config.data) or config.mix
-    family = stream.source.manifest.config["family"]["name"]
+    family = stream.source.manifest.config.family.name
     if family != "qwen3_vl":
         raise ConfigError(f"{data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
     batches = DatumBatches(stream)
