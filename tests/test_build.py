@@ -212,8 +212,8 @@ def test_an_interrupted_build_resumes_and_keeps_finished_shards(clinical, tmp_pa
         return real_run_task(*args, **kwargs)
 
     monkeypatch.setattr(build_module, "run_task", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        build(config(clinical.jsonl, out, samples_per_shard=3), progress=False)
+    with pytest.raises(KeyboardInterrupt):  # in this process, where run_task is patched
+        build(config(clinical.jsonl, out, samples_per_shard=3), progress=False, workers=1)
     monkeypatch.setattr(build_module, "run_task", real_run_task)
     assert not (out / "manifest.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}

@@ -188,7 +188,7 @@ def test_one_read_and_one_decode_per_distinct_image_of_a_record(tmp_path, monkey
             return super().decode(size)
 
     monkeypatch.setattr(build_module, "SourceImage", Counting)
-    build(config(data, tmp_path / "out", max_length=16384, max_pixels=28 * 28 * 16), progress=False)
+    build(config(data, tmp_path / "out", max_length=16384, max_pixels=28 * 28 * 16), progress=False, workers=1)
     (sample,) = iter_build_samples(str(tmp_path / "out"))
     assert len(sample.images) == 92 and sample.images[0] == sample.images[89] == sample.images[91]
     assert sorted(opened) == sorted(decoded) == ["big.png", "small.jpg"]
@@ -206,7 +206,7 @@ def test_a_50_mb_text_is_rejected_without_being_tokenized(tmp_path, monkeypatch,
         return real(self, record, train_on)
 
     monkeypatch.setattr(build_module.Renderer, "render", counting)
-    build(config(data, tmp_path / "out"), progress=False)
+    build(config(data, tmp_path / "out"), progress=False, workers=1)  # in this process, where calls are counted
     (reject,) = rejects(tmp_path / "out")
     assert reject["line"] == 1 and reject["code"] == "too_long" and "50000015 characters" in reject["reason"]
     assert max(tokenized) < 1000  # only the short record was tokenized
