@@ -84,15 +84,15 @@ class Converter:
         try:
             return self._convert(raw, {} if ledger is None else ledger)
         except RecordError as exc:
-            raise exc.at(raw.line, raw.source_line) from None
+            raise exc.at(raw.number, raw.source_line) from None
         except RecursionError:
-            raise RecordError("nested too deeply to be read", "invalid_json").at(raw.line, raw.source_line) from None
+            raise RecordError("nested too deeply to be read", "invalid_json").at(raw.number, raw.source_line) from None
         except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
-            logger.debug("unexpected error on %s %d", self.input.unit, raw.line, exc_info=True)
+            logger.debug("unexpected error on %s %d", self.input.unit, raw.number, exc_info=True)
             raise RecordError(
                 f"internal error (a bug in shardkit): {type(exc).__name__}: {exc}",
                 INTERNAL_ERROR,
-                raw.line,
+                raw.number,
                 {"traceback": traceback.format_exc()},
             ) from None
 
@@ -112,8 +112,8 @@ class Converter:
         if not trained:
             raise RecordError("no training target left: every token has weight 0", "no_target")
         info: dict[str, Any] = {
-            "key": sample_key(raw.line),
-            "line": raw.line,
+            "key": sample_key(raw.number),
+            "line": raw.number,
             "meta": meta,
             "num_tokens": int(len(input_ids)),
             "num_trained_tokens": trained,
@@ -340,7 +340,7 @@ def run_task(
             except RecordError as exc:
                 if strict:
                     raise
-                _reject(result, exc, f"{convert.input.unit} {raw.line}")
+                _reject(result, exc, f"{convert.input.unit} {raw.number}")
                 sample = None
             else:
                 writer.write(sample)
@@ -411,9 +411,9 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
                 for part in message.content:
                     content = image_digest(part.image) if isinstance(part, ImagePart) else part.text.encode()
                     digest.update(content + b"\0")
-            return item.line, digest.digest()
+            return item.number, digest.digest()
         except (RecordError, RecursionError, OSError, ValueError):  # the record's own fault: the build rejects it
-            return item.line, None
+            return item.number, None
 
     first: dict[bytes, int] = {}
     duplicates: dict[int, int] = {}
@@ -564,7 +564,7 @@ class SplitTasks:
                 self.on_skip(1)
                 continue
             self.records += 1
-            yield replace(item, duplicate_of=self.duplicates.get(item.line))
+            yield replace(item, duplicate_of=self.duplicates.get(item.number))
 
     def __iter__(self) -> Iterator[Task]:
         for task in iter_tasks(self._items(), self.config.samples_per_shard):

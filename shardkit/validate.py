@@ -57,6 +57,6 @@ def validate(path: str, *, on_record: Callable[[], None] | None = None, **option
             problem = exc.to_json()
             trace = problem.pop("traceback", None)
             if trace and report.traceback is None:
-                report.traceback = f"{report.unit} {item.line}:\n{trace}"
+                report.traceback = f"{report.unit} {item.number}:\n{trace}"
             report.problems.append(problem)
     return report

@@ -36,7 +36,7 @@ def test_blank_lines_are_skipped_and_numbers_are_physical(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n   \n{"b": 2}\r\n{"c": 3}')
     lines = list(iter_lines(str(path)))
-    assert [(r.line, r.data.strip()) for r in lines] == [(1, b'{"a": 1}'), (4, b'{"b": 2}'), (5, b'{"c": 3}')]
+    assert [(r.number, r.data.strip()) for r in lines] == [(1, b'{"a": 1}'), (4, b'{"b": 2}'), (5, b'{"c": 3}')]
     assert QwenJsonl(str(path)).summary().records == 3
 
 

@@ -18,14 +18,15 @@ from shardkit.storage import hash_stream, open_fs
 
 @dataclass(frozen=True)
 class RawItem:
-    """One input record before validation: its 1-based number (line, entry, record or row) and its raw data.
+    """One input record before validation: its 1-based ``number`` in the input (a line of JSONL, an entry of
+    labels.json, a record of a JSON array, a row of a table: what rejects call its "line") and its raw data.
 
     ``data`` is the line's bytes for JSON lines, or a dict for entries of
     other forms (image bytes included). ``source_line`` is the line a record
     of a JSON array starts on. ``duplicate_of`` is set by ``--dedup``.
     """
 
-    line: int
+    number: int
     data: bytes | dict[str, Any]
     duplicate_of: int | None = None
     source_line: int | None = None
@@ -208,10 +209,12 @@ def refuse_placeholders(record: Record, line: int) -> Record:
 def decode_line(item: RawItem) -> str:
     """A JSON line's text; :class:`RecordError` for invalid UTF-8 (:class:`InputError` if ``item`` is not a line)."""
     if not isinstance(item.data, bytes):
-        raise InputError(f"item {item.line} is not a JSON line but {type(item.data).__name__}")
+        raise InputError(f"item {item.number} is not a JSON line but {type(item.data).__name__}")
     try:
         return item.data.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecordError(
-            f"not valid UTF-8 (byte 0x{item.data[exc.start]:02x} at column {exc.start + 1})", "invalid_utf8", item.line
+            f"not valid UTF-8 (byte 0x{item.data[exc.start]:02x} at column {exc.start + 1})",
+            "invalid_utf8",
+            item.number,
         ) from None

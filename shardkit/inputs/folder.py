@@ -46,7 +46,7 @@ class ImageFolder(InputFormat):
         assert isinstance(item.data, dict)
         image, label = item.data["image"], item.data["label"]
         if not isinstance(label, str | int | float) or isinstance(label, bool) or str(label) == "":
-            raise RecordError(f"label of {image!r} must be a non-empty string or number", "invalid_record", item.line)
+            raise RecordError(f"label of {image!r} must be a non-empty string or number", "invalid_record", item.number)
         prompt: str = self.options.get("prompt") or DEFAULT_PROMPT
         record: dict[str, Any] = {
             "messages": [
@@ -55,7 +55,7 @@ class ImageFolder(InputFormat):
             ],
             "meta": {"image": image, "label": label},
         }
-        return validate_record(record, item.line)
+        return validate_record(record, item.number)
 
     def image_root(self) -> str:
         return parent(self.labels_file())

@@ -135,11 +135,11 @@ class HFDataset(InputFormat):
         assert isinstance(item.data, dict)
         row, columns = item.data["row"], item.data["columns"]
         if columns.chat or columns.pairs:
-            return self._conversation(row, columns, item.line)
-        image = _image(row[columns.image], item.line)
+            return self._conversation(row, columns, item.number)
+        image = _image(row[columns.image], item.number)
         if image is None:
-            raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.line)
-        reply = _answer(row[columns.answer], columns, item.line)
+            raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.number)
+        reply = _answer(row[columns.answer], columns, item.number)
         question = row[columns.question] if columns.question else None
         prompt = question if isinstance(question, str) and question else self.options.get("prompt") or DEFAULT_PROMPT
         label = {"label": row[columns.answer]} if columns.label else {}
@@ -148,9 +148,9 @@ class HFDataset(InputFormat):
                 {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]},
                 {"role": "assistant", "content": reply},
             ],
-            "meta": {"row": item.line, **label},
+            "meta": {"row": item.number, **label},
         }
-        return validate_record(record, item.line)
+        return validate_record(record, item.number)
 
     def _conversation(self, row: dict[str, Any], columns: Columns, line: int) -> Record:
         raw = row[columns.image] if columns.image else None

@@ -53,7 +53,7 @@ class QwenJsonl(InputFormat):
         return iter_lines(self.location)
 
     def record(self, item: RawItem) -> Record:
-        return validate_record(decode_line(item), item.line)
+        return validate_record(decode_line(item), item.number)
 
     def image_root(self) -> str:
         return parent(self.location)
@@ -93,11 +93,13 @@ class ShareGPT(InputFormat):
             try:
                 data = json.loads(decode_line(item))
             except json.JSONDecodeError as exc:
-                raise RecordError(f"invalid JSON: {exc.msg} at column {exc.colno}", "invalid_json", item.line) from None
+                raise RecordError(
+                    f"invalid JSON: {exc.msg} at column {exc.colno}", "invalid_json", item.number
+                ) from None
         if not isinstance(data, dict) or NOT_AN_OBJECT in data:
-            raise RecordError("a record must be a JSON object", "invalid_record", item.line)
-        refuse_unsupported(data, item.line)
-        return refuse_placeholders(validate_record(self.to_qwen(data, item.line), item.line), item.line)
+            raise RecordError("a record must be a JSON object", "invalid_record", item.number)
+        refuse_unsupported(data, item.number)
+        return refuse_placeholders(validate_record(self.to_qwen(data, item.number), item.number), item.number)
 
     def to_qwen(self, data: dict[str, Any], line: int) -> dict[str, Any]:
         """The record in the Qwen form."""
