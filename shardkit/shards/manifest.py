@@ -34,29 +34,28 @@ def _in_build_folder(path: str) -> str:
 M = TypeVar("M", bound=BaseModel)
 
 
-class ShardEntry(BaseModel):
-    """One shard file, its path relative to the build folder."""
+class StoredFile(BaseModel):
+    """A file of the build folder as the manifest records it: its path there, size and sha256."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    _path = field_validator("path")(_in_build_folder)
+
+
+class ShardEntry(StoredFile):
+    """One shard file."""
+
     num_samples: int = Field(ge=0)
     num_tokens: int = Field(ge=0)
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-    _path = field_validator("path")(_in_build_folder)
 
 
-class IndexFile(BaseModel):
+class IndexFile(StoredFile):
     """The per-sample index file (see :mod:`shardkit.shards.index`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str
     num_rows: int = Field(ge=0)
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-    _path = field_validator("path")(_in_build_folder)
 
 
 class FamilyInfo(BaseModel):
