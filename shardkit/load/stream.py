@@ -5,11 +5,11 @@ yields lists of :class:`~shardkit.shards.Sample` (with packing, lists of packed
 sequences of samples) following :mod:`shardkit.load.plan`. Its state is a small
 JSON dict::
 
-    {"version": 1, "epoch": 3, "levels": [{"world": 8, "workers": 4, "batches": 1200}],
+    {"version": 1, "epoch": 3, "levels": [{"world": 8, "batches": 1200}],
      "plan": {...settings...}, "num_samples": 123456, "build": "<manifest digest>"}
 
 Restoring it continues with exactly the batches an uninterrupted run would
-have produced (same world size and workers), or, on another topology, with the
+have produced (same world size, any number of DataLoader workers), or, on another world size, with the
 samples not yet read in this epoch, none lost and none twice; when fewer
 samples are left than ranks, the epoch is over and the next one starts.
 Restoring re-reads nothing: the plan is arithmetic and samples are found by the
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -54,7 +54,7 @@ STATE_VERSION = 1
 class _LevelState(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     world: int = Field(ge=1)
-    workers: int = Field(ge=1)
+    workers: int = Field(1, ge=1)  # states of older versions: the level's parts (see shardkit.load.plan)
     batches: int = Field(ge=0)
 
 
@@ -84,6 +84,12 @@ def _parse_state(state: Any) -> _State:
         raise ConfigError(f"invalid loader state: {where}: {error['msg']}") from None
 
 
+def _level_state(level: Level) -> dict[str, int]:
+    """A level as the state records it (``workers`` only for a level of an older state, see :class:`Level`)."""
+    state = {"world": level.world, "batches": level.batches}
+    return state if level.parts == 1 else {**state, "workers": level.parts}
+
+
 def distributed_rank_world() -> tuple[int, int]:
     """``(rank, world_size)`` from ``torch.distributed`` when it is initialised, else ``(0, 1)``."""
     try:
@@ -103,10 +109,8 @@ class ShardStream:
     batched together) or ``pack_tokens`` (``sequences_per_batch`` sequences of
     whole samples, at most ``pack_tokens`` tokens each; a batch is then a list
     of sequences, each a list of samples). ``rank``/``world_size`` default to
-    ``torch.distributed``.
-    ``workers`` is the number of processes that will read the stream (the
-    torch loader sets it); it is part of the plan, so resuming with the same
-    value gives the same batches. Every sample is checked against its
+    ``torch.distributed``. The batches do not depend on how many processes
+    read them (:meth:`batches`). Every sample is checked against its
     checksum (``checksums=False`` skips that, for measuring its cost);
     ``verify=True`` also checks every shard's sha256 once, up front.
     ``image_embeddings`` (a folder written by
@@ -162,9 +166,8 @@ class ShardStream:
                 "raise it to at least the build's max_length"
             )
         self.build_id = self.source.manifest.digest
-        self.workers = 0
         self.epoch = 0
-        self._levels: list[Level] = [Level(self.world_size, 1, 0)]
+        self._levels: list[Level] = [Level(self.world_size)]
         self._plan: EpochPlan | None = None
 
     def _open_source(self, location: Any, verify: bool, checksums: bool) -> BuildSource:
@@ -181,7 +184,7 @@ class ShardStream:
         """Start ``epoch`` from its beginning (no-op if it is the current epoch)."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self._levels = [Level(self.world_size, max(self.workers, 1), 0)]
+            self._levels = [Level(self.world_size)]
             self._plan = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -189,7 +192,7 @@ class ShardStream:
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "levels": [asdict(level) for level in self._levels],
+            "levels": [_level_state(level) for level in self._levels],
             "plan": self.settings,
             "num_samples": len(self.source),
             "build": self.build_id,
@@ -215,13 +218,13 @@ class ShardStream:
                 f"the state was saved with other shuffle/batching settings ({parsed.plan}); "
                 "resume with the same settings to get the same batches"
             )
-        levels = [Level(**level.model_dump()) for level in parsed.levels]
+        levels = [Level(level.world, level.batches, level.workers) for level in parsed.levels]
         for number, level in enumerate(levels):
             steps = self._level_steps(parsed.epoch, [*levels[:number], replace(level, batches=0)])
             if level.batches > steps:
                 raise ConfigError(
-                    f"the state says {level.batches} batches were read on {level.world} ranks x {level.workers} "
-                    f"workers, but that part of epoch {parsed.epoch} has {steps}"
+                    f"the state says {level.batches} batches were read on {level.world} ranks, "
+                    f"but that part of epoch {parsed.epoch} has {steps}"
                 )
         self.epoch = parsed.epoch
         self._levels = levels
@@ -243,11 +246,10 @@ class ShardStream:
     # -- planning --------------------------------------------------------------------------
 
     def plan(self) -> EpochPlan:
-        """This rank's plan for the current epoch and topology."""
-        topology = (self.world_size, max(self.workers, 1))
+        """This rank's plan for the current epoch and world size."""
         last = self._levels[-1]
-        if (last.world, last.workers) != topology:
-            level = Level(*topology, 0)
+        if (last.world, last.parts) != (self.world_size, 1):
+            level = Level(self.world_size)
             self._levels = self._levels[:-1] + [level] if last.batches == 0 else self._levels + [level]
             self._plan = None
         fresh = [*self._levels[:-1], replace(self._levels[-1], batches=0)]
@@ -272,8 +274,8 @@ class ShardStream:
             self.set_epoch(self.epoch + 1)
 
     def whole_epoch(self, epoch: int) -> EpochPlan:
-        """This rank's plan for a whole ``epoch`` on the current topology, progress aside."""
-        return self._make_plan(epoch, [Level(self.world_size, max(self.workers, 1), 0)])
+        """This rank's plan for a whole ``epoch`` on the current world size, progress aside."""
+        return self._make_plan(epoch, [Level(self.world_size)])
 
     def _make_plan(self, epoch: int, levels: list[Level]) -> EpochPlan:
         """This rank's plan of ``epoch`` after replaying ``levels`` (a mix of builds makes its own)."""
@@ -288,7 +290,7 @@ class ShardStream:
         )
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Batches per rank in a whole ``epoch`` on the current topology (progress aside)."""
+        """Batches per rank in a whole ``epoch`` on the current world size (progress aside)."""
         return self.whole_epoch(epoch).steps
 
     def padding_stats(self, epoch: int | None = None) -> dict[str, Any]:
@@ -331,7 +333,9 @@ class ShardStream:
         return sample if self.embeddings is None else self.embeddings.attach(sample_id, sample)
 
     def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[list[Sample] | list[list[Sample]]]:
-        """The rest of this epoch's batches for one reader: batch ``j`` goes to reader ``j mod workers``.
+        """The rest of this epoch's batches for one of ``workers`` readers: counting from the first batch not
+        yet consumed, batch ``j`` goes to reader ``j mod workers`` (the order in which a DataLoader hands out
+        its workers' outputs, so the sequence is the same for any number of workers).
 
         Does not record progress (readers run in worker processes); the
         consumer calls :meth:`advance`.
@@ -343,7 +347,6 @@ class ShardStream:
 
     def __iter__(self) -> Iterator[list[Sample] | list[list[Sample]]]:
         """The rest of the current epoch in this process, recording progress as batches are taken."""
-        self.workers = 0
         for batch in self.batches():
             self.advance()
             yield batch

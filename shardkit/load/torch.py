@@ -365,15 +365,8 @@ class TorchLoader(StreamBatches):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
-        stream.workers = num_workers
-
-    def __len__(self) -> int:
-        """Batches left in the current epoch."""
-        self.stream.workers = self.num_workers
-        return self.stream.remaining_steps()
 
     def __iter__(self) -> Iterator[Any]:
-        self.stream.workers = self.num_workers
         self.stream.plan()
         if hasattr(self.collate, "set_epoch"):
             self.collate.set_epoch(self.stream.epoch)  # before worker processes take their copy
