@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shardkit.cli import main
-from shardkit.errors import ShardError
+from shardkit.errors import ShardAccessError, ShardCorruptError, ShardError, ShardMissingError, ShardNetworkError
 from shardkit.export import export_llamafactory
 from shardkit.load import ShardStream, verify_build
 from shardkit.shards import read_manifest
@@ -78,7 +78,7 @@ def test_a_flipped_bit_fails_every_reader_naming_shard_and_sample(builds, tmp_pa
     copy = copy_build(builds, fmt, tmp_path)
     shard, key = _flip_inside_sample(copy, fmt)
     pattern = f"{shard}: sample 5 \\(key '{key}' as read.*does not match its checksum"
-    with pytest.raises(ShardError, match=pattern):
+    with pytest.raises(ShardCorruptError, match=pattern):
         read_all(copy)
     with pytest.raises(ShardError, match=pattern):
         build_stats(str(copy))
@@ -198,3 +198,41 @@ def test_index_damage_is_a_shard_error_even_with_verify(builds, tmp_path):
     rewrite_index(copy, table.set_column(0, "shard", pa.array(shards, pa.int32())))
     with pytest.raises(ShardError, match="shard numbers out of order or out of range"):
         read_all(copy)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_a_missing_shard_is_missing_not_corrupt(builds, tmp_path, fmt):
+    copy = copy_build(builds, fmt, tmp_path)
+    stream = ShardStream(str(copy), batch_size=4, shuffle=False)
+    shard = read_manifest(str(copy)).shards[2].path
+    (copy / shard).unlink()
+    with pytest.raises(ShardMissingError, match=f"{shard} is missing") as caught:
+        list(stream)
+    assert isinstance(caught.value, FileNotFoundError) and "corrupt" not in str(caught.value)
+    (copy / "index.parquet").unlink()
+    with pytest.raises(ShardMissingError, match="index.parquet is missing"):
+        ShardStream(str(copy), batch_size=4)
+
+
+def test_an_unreachable_build_is_a_network_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ShardNetworkError, match=f"127.0.0.1:{port}/build/manifest.json cannot be read: network error"):
+        ShardStream(f"http://127.0.0.1:{port}/build", batch_size=1)
+
+
+def test_no_permission_or_credentials_is_an_access_error():
+    from botocore.exceptions import NoCredentialsError
+
+    from shardkit.shards.files import reading_error
+
+    error = reading_error(NoCredentialsError(), "s3://bucket/b/shard-000000-000.tar")
+    assert isinstance(error, ShardAccessError) and isinstance(error, PermissionError)
+    assert "s3://bucket/b/shard-000000-000.tar cannot be read: no usable credentials" in str(error)
+    assert "AWS_ACCESS_KEY_ID" in str(error)
+    denied = reading_error(PermissionError(13, "Permission denied"), "b/shard.tar")
+    assert isinstance(denied, ShardAccessError) and "b/shard.tar cannot be read: permission denied" in str(denied)
+    assert reading_error(ValueError("bad bytes"), "b/shard.tar") is None  # the data's fault: the caller's call
