@@ -28,7 +28,34 @@ class OutputError(ShardkitError, OSError):
 
 
 class ShardError(ShardkitError, OSError):
-    """A shard is missing, truncated or does not match its manifest entry."""
+    """A file of a build (shard, index, manifest) is missing, unreadable, truncated or does not match its manifest.
+
+    ``kind`` says which, for counting: ``missing``, ``access``, ``network`` or ``corrupt``.
+    """
+
+    kind = "corrupt"
+
+
+class ShardMissingError(ShardError, FileNotFoundError):
+    """A file of a build is not there."""
+
+    kind = "missing"
+
+
+class ShardAccessError(ShardError, PermissionError):
+    """A file of a build may not be read: no permission, or no usable object-store credentials."""
+
+    kind = "access"
+
+
+class ShardNetworkError(ShardError, ConnectionError):
+    """A file of a build could not be read because the network or the object store failed (worth a retry)."""
+
+    kind = "network"
+
+
+class ShardCorruptError(ShardError):
+    """A shard's bytes do not match their checksum, or cannot be decoded: the data itself is damaged."""
 
 
 class WorkerError(ShardkitError, RuntimeError):

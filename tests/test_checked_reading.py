@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from shardkit.cli import main
-from shardkit.errors import ShardError
+from shardkit.errors import (
+    ConfigError,
+    ShardAccessError,
+    ShardCorruptError,
+    ShardError,
+    ShardMissingError,
+    ShardNetworkError,
+)
 from shardkit.export import export_llamafactory
 from shardkit.load import ShardStream, verify_build
 from shardkit.shards import read_manifest
@@ -78,7 +85,7 @@ def test_a_flipped_bit_fails_every_reader_naming_shard_and_sample(builds, tmp_pa
     copy = copy_build(builds, fmt, tmp_path)
     shard, key = _flip_inside_sample(copy, fmt)
     pattern = f"{shard}: sample 5 \\(key '{key}' as read.*does not match its checksum"
-    with pytest.raises(ShardError, match=pattern):
+    with pytest.raises(ShardCorruptError, match=pattern):
         read_all(copy)
     with pytest.raises(ShardError, match=pattern):
         build_stats(str(copy))
@@ -198,3 +205,93 @@ def test_index_damage_is_a_shard_error_even_with_verify(builds, tmp_path):
     rewrite_index(copy, table.set_column(0, "shard", pa.array(shards, pa.int32())))
     with pytest.raises(ShardError, match="shard numbers out of order or out of range"):
         read_all(copy)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_a_missing_shard_is_missing_not_corrupt(builds, tmp_path, fmt):
+    copy = copy_build(builds, fmt, tmp_path)
+    stream = ShardStream(str(copy), batch_size=4, shuffle=False)
+    shard = read_manifest(str(copy)).shards[2].path
+    (copy / shard).unlink()
+    with pytest.raises(ShardMissingError, match=f"{shard} is missing") as caught:
+        list(stream)
+    assert isinstance(caught.value, FileNotFoundError) and "corrupt" not in str(caught.value)
+    (copy / "index.parquet").unlink()
+    with pytest.raises(ShardMissingError, match="index.parquet is missing"):
+        ShardStream(str(copy), batch_size=4)
+
+
+def test_an_unreachable_build_is_a_network_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ShardNetworkError, match=f"127.0.0.1:{port}/build/manifest.json cannot be read: network error"):
+        ShardStream(f"http://127.0.0.1:{port}/build", batch_size=1)
+
+
+def test_no_permission_or_credentials_is_an_access_error():
+    from botocore.exceptions import NoCredentialsError
+
+    from shardkit.shards.files import reading_error
+
+    error = reading_error(NoCredentialsError(), "s3://bucket/b/shard-000000-000.tar")
+    assert isinstance(error, ShardAccessError) and isinstance(error, PermissionError)
+    assert "s3://bucket/b/shard-000000-000.tar cannot be read: no usable credentials" in str(error)
+    assert "AWS_ACCESS_KEY_ID" in str(error)
+    denied = reading_error(PermissionError(13, "Permission denied"), "b/shard.tar")
+    assert isinstance(denied, ShardAccessError) and "b/shard.tar cannot be read: permission denied" in str(denied)
+    assert reading_error(ValueError("bad bytes"), "b/shard.tar") is None  # the data's fault: the caller's call
+
+
+def _keys(batch):
+    return [s.key for s in batch]
+
+
+def test_on_error_raise_names_the_shard_and_key_and_skip_drops_and_counts_the_sample(builds, tmp_path, caplog):
+    from shardkit.load.torch import TorchLoader
+
+    copy = copy_build(builds, "tar", tmp_path)
+    clean = [k for b in TorchLoader(ShardStream(str(copy), batch_size=4, seed=2), collate=_keys) for k in b]
+    shard, key = _flip_inside_sample(copy, "tar")
+
+    def loader(workers=0, **options):
+        return TorchLoader(ShardStream(str(copy), batch_size=4, seed=2, **options), collate=_keys, num_workers=workers)
+
+    for workers in (0, 2):  # the error crosses from a DataLoader worker intact
+        with pytest.raises(ShardCorruptError, match=f"{shard}: sample 5 \\(key '{key}' as read"):
+            list(loader(workers))
+    skipping = loader(on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="shardkit.load.stream"):
+        read = [k for b in skipping for k in b]
+    assert read == [k for k in clean if k != key]  # the rest, in the same batches and order
+    assert skipping.stream.skipped == {"corrupt": 1} and skipping.state_dict()["skipped"] == {"corrupt": 1}
+    assert shard in caplog.text and key in caplog.text and "on_error='skip'" in caplog.text
+
+    # the count survives a resume
+    first = loader(on_error="skip")
+    taken = []
+    for batch in first:
+        taken += batch
+        if key in clean[: len(taken)]:  # past the damaged sample
+            break
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["skipped"] == {"corrupt": 1}
+    second = loader(on_error="skip")
+    second.load_state_dict(state)
+    assert taken + [k for b in second for k in b] == read and second.stream.skipped == {"corrupt": 1}
+
+
+def test_on_error_skip_drops_a_missing_shard_and_still_raises_for_the_setup(builds, tmp_path):
+    copy = copy_build(builds, "parquet", tmp_path)
+    manifest = read_manifest(str(copy))
+    (copy / manifest.shards[2].path).unlink()
+    stream = ShardStream(str(copy), batch_size=4, seed=2, on_error="skip")
+    read = [s.key for batch in stream for s in batch]
+    assert len(read) == manifest.num_samples - manifest.shards[2].num_samples
+    assert stream.skipped == {"missing": manifest.shards[2].num_samples}
+    with pytest.raises(ShardError, match="dropped every sample of a batch"):
+        list(ShardStream(str(copy), batch_size=5, shuffle=False, on_error="skip"))  # shard 2 alone fills a batch
+    with pytest.raises(ConfigError, match="on_error must be 'raise' or 'skip'"):
+        ShardStream(str(copy), batch_size=4, on_error="ignore")

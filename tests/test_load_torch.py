@@ -254,3 +254,34 @@ def test_default_collate_gives_model_batches_through_workers(builds):
     packed = next(iter(TorchLoader(ShardStream(builds["tar"], pack_tokens=1024, seed=0), num_workers=2)))
     assert {"input_ids", "position_ids", "cu_seq_lens_q", "labels", "pixel_values", "image_grid_thw"} <= set(packed)
     assert packed["input_ids"].shape[0] == 1 and packed["input_ids"].shape[1] <= 1024
+
+
+def keyed_any(batch):
+    """Sample keys of a plain batch, or of each sequence of a packed one."""
+    return keyed_packed(batch) if isinstance(batch[0], list) else keyed(batch)
+
+
+WORKER_CASES = {"plain": {"batch_size": 3}, "budget": {"max_tokens": 1500}, "packed": {"pack_tokens": 700}}
+
+
+@pytest.mark.parametrize("options", WORKER_CASES.values(), ids=WORKER_CASES.keys())
+def test_batches_do_not_depend_on_the_number_of_workers(builds, options):
+    def loader(workers):
+        stream = ShardStream(builds["tar"], seed=6, bucket_window=16, **options)
+        stream.set_epoch(1)
+        return TorchLoader(stream, collate=keyed_any, num_workers=workers)
+
+    by_workers = {workers: batch_keys(loader(workers)) for workers in (0, 1, 2, 3)}
+    for workers in (1, 2, 3):
+        assert by_workers[workers] == by_workers[0], f"{workers} workers"
+
+    # a run on 0 workers, stopped mid-epoch, resumed on 2: the same rest
+    first = loader(0)
+    taken = []
+    for batch in first:
+        taken.append(tuple(batch))
+        if len(taken) == 4:
+            break
+    second = loader(2)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert taken + batch_keys(second) == by_workers[0]

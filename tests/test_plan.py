@@ -1,6 +1,7 @@
 """The epoch plan: pure arithmetic, checked over many shapes."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,23 +44,23 @@ def test_shuffle_only_mixes_within_windows_of_the_shard_stream():
     assert sorted(runs) == list(range(len(SIZES))) and runs != sorted(runs)
 
 
-@pytest.mark.parametrize("world, workers, batch", [(1, 1, 4), (2, 3, 3), (4, 2, 1), (3, 1, 5)])
-def test_ranks_get_disjoint_equal_steps_and_cover_all_but_the_remainder(world, workers, batch):
+@pytest.mark.parametrize("world, batch", [(1, 4), (2, 3), (4, 1), (3, 5)])
+def test_ranks_get_disjoint_equal_steps_and_cover_all_but_the_remainder(world, batch):
     order = epoch_order(SIZES, Shuffle(seed=0), 0)
-    sequences = rank_sequences(order, world, workers, Batching(batch_size=batch), None, seed=0, key=(0, 0))
+    sequences = rank_sequences(order, world, Batching(batch_size=batch), None, seed=0, key=(0, 0))
     assert len({len(s) for s in sequences}) == 1
     seen = [int(i) for s in sequences for b in s for i in b]
     assert len(seen) == len(set(seen))
     per_rank = [sum(len(b) for b in s) for s in sequences]
     assert len(set(per_rank)) == 1  # every rank the same number of samples
-    assert len(order) - len(seen) < world * (workers * batch)  # only a remainder is left for a later epoch
+    assert len(order) - len(seen) < world * batch  # only a remainder is left for a later epoch
 
 
 def test_token_budget_batches_never_exceed_the_budget():
     rng = np.random.default_rng(0)
     lengths = rng.integers(50, 1000, size=300)
     order = epoch_order([100, 100, 100], Shuffle(seed=0), 0)
-    sequences = rank_sequences(order, 2, 2, Batching(max_tokens=2048, bucket_window=64), lengths, seed=0, key=(0, 0))
+    sequences = rank_sequences(order, 2, Batching(max_tokens=2048, bucket_window=64), lengths, seed=0, key=(0, 0))
     batches = [b for s in sequences for b in s]
     assert all(len(b) * lengths[b].max() <= 2048 for b in batches)
     padded = sum(len(b) * lengths[b].max() for b in batches)
@@ -70,7 +71,7 @@ def test_token_budget_batches_never_exceed_the_budget():
 def test_max_batch_size_caps_token_batches():
     lengths = np.full(40, 10)
     (sequence,) = rank_sequences(
-        np.arange(40), 1, 1, Batching(max_tokens=1000, max_batch_size=7), lengths, seed=None, key=(0,)
+        np.arange(40), 1, Batching(max_tokens=1000, max_batch_size=7), lengths, seed=None, key=(0,)
     )
     assert [len(b) for b in sequence] == [7, 7, 7, 7, 7, 5]
 
@@ -91,12 +92,12 @@ def test_first_fit_decreasing_packs_whole_samples_under_the_capacity():
     assert [s.tolist() for s in pack_sequences(np.array([0, 1, 2]), np.array([7, 6, 3]), 10)] == [[0, 2], [1]]
 
 
-@pytest.mark.parametrize("world, workers, per_batch", [(1, 1, 1), (2, 3, 2), (3, 2, 4)])
-def test_packed_batches_are_sequences_under_the_budget_with_every_sample_once(world, workers, per_batch):
+@pytest.mark.parametrize("world, per_batch", [(1, 1), (2, 2), (3, 4)])
+def test_packed_batches_are_sequences_under_the_budget_with_every_sample_once(world, per_batch):
     lengths = np.random.default_rng(0).integers(20, 600, size=sum(SIZES) * 5)
     order = epoch_order([s * 5 for s in SIZES], Shuffle(seed=0), 0)
     batching = Batching(pack_tokens=1024, sequences_per_batch=per_batch, bucket_window=32)
-    sequences = rank_sequences(order, world, workers, batching, lengths, seed=0, key=(0, 0))
+    sequences = rank_sequences(order, world, batching, lengths, seed=0, key=(0, 0))
     assert len({len(s) for s in sequences}) == 1
     batches = [b for s in sequences for b in s]
     assert all(isinstance(b, list) and 1 <= len(b) <= per_batch for b in batches)
@@ -106,7 +107,7 @@ def test_packed_batches_are_sequences_under_the_budget_with_every_sample_once(wo
     if world == 1:
         assert sorted(seen.tolist()) == sorted(order.tolist())  # one rank reads everything
     assert lengths[seen].sum() / (1024 * sum(len(b) for b in batches)) > 0.9  # the sequences are well filled
-    again = rank_sequences(order, world, workers, batching, lengths, seed=0, key=(0, 0))
+    again = rank_sequences(order, world, batching, lengths, seed=0, key=(0, 0))
     assert [[q.tolist() for q in b] for s in again for b in s] == [[q.tolist() for q in b] for b in batches]
 
 
@@ -154,10 +155,10 @@ def test_elastic_resume_loses_and_repeats_nothing(batching, per_batch):
     lengths = np.random.default_rng(1).integers(100, 300, size=sum(SIZES))
     rnd = random.Random(0)
     for _ in range(30):
-        first = Level(rnd.randint(1, 4), rnd.randint(1, 3))
+        first = Level(rnd.randint(1, 4), parts=rnd.choice([1, 1, 2, 3]))  # parts > 1: a level of an older state
         steps = plan_batches([first], 0, batching, lengths).steps
         done = rnd.randint(0, steps)
-        second = Level(rnd.randint(1, 4), rnd.randint(1, 3))
+        second = Level(rnd.randint(1, 4))
         before = [
             make_plan(
                 SIZES, lengths, epoch=0, levels=[first], rank=r, shuffle=Shuffle(seed=7, window=6), batching=batching
@@ -169,7 +170,7 @@ def test_elastic_resume_loses_and_repeats_nothing(batching, per_batch):
                 SIZES,
                 lengths,
                 epoch=0,
-                levels=[Level(first.world, first.workers, done), second],
+                levels=[replace(first, batches=done), second],
                 rank=r,
                 shuffle=Shuffle(seed=7, window=6),
                 batching=batching,
@@ -182,14 +183,14 @@ def test_elastic_resume_loses_and_repeats_nothing(batching, per_batch):
         assert len(seen) == len(set(seen)), "a sample was read twice"
         assert after[0].consumed_before == sum(len(batch_samples(b)) for seq in before for b in seq)
         missing = after[0].remaining_at_level - sum(len(batch_samples(b)) for p in after for b in p.sequence)
-        # what is left is only the last level's remainder: under one batch per rank and worker
-        limit = second.world * second.workers * per_batch
+        # what is left is only the last level's remainder: under one batch per rank
+        limit = second.world * per_batch
         assert 0 <= missing < limit and len({p.steps for p in after}) == 1
 
 
 @pytest.mark.parametrize("batching", [Batching(batch_size=3), Batching(pack_tokens=700, sequences_per_batch=2)])
 def test_same_topology_continues_the_same_sequence(batching):
     lengths = np.random.default_rng(2).integers(100, 300, size=sum(SIZES))
-    whole = plan_batches([Level(2, 2)], 1, batching, lengths).sequence
-    continued = plan_batches([Level(2, 2, 4)], 1, batching, lengths).sequence
+    whole = plan_batches([Level(2)], 1, batching, lengths).sequence
+    continued = plan_batches([Level(2, 4)], 1, batching, lengths).sequence
     assert [batch_samples(b).tolist() for b in whole] == [batch_samples(b).tolist() for b in continued]

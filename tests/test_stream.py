@@ -40,7 +40,7 @@ def test_restoring_mid_epoch_gives_the_same_remaining_batches(builds, fmt):
     it = iter(stream)
     first = keys([next(it) for _ in range(6)])
     state = json.loads(json.dumps(stream.state_dict()))  # survives JSON
-    assert state["epoch"] == 2 and state["levels"] == [{"world": 1, "workers": 1, "batches": 6}]
+    assert state["epoch"] == 2 and state["levels"] == [{"world": 1, "batches": 6}]
     resumed = ShardStream(builds[fmt], batch_size=3, seed=5)
     resumed.load_state_dict(state)
     assert first + keys(resumed) == uninterrupted
@@ -203,7 +203,7 @@ def test_resuming_on_more_ranks_than_samples_left_starts_the_next_epoch(builds, 
     for _ in range(steps - 1):
         first.advance()
     state = first.state_dict()
-    levels = [*(Level(**level) for level in state["levels"]), Level(world, 1, 0)]
+    levels = [*(Level(**level) for level in state["levels"]), Level(world)]
     left = make_plan(first.source.shard_sizes, None, epoch=0, levels=levels, rank=0, shuffle=first.shuffle,
                      batching=first.batching)  # fmt: skip
     assert left.remaining_at_level == 1 and left.steps == 0  # fewer samples left than ranks
@@ -239,7 +239,7 @@ def test_a_malformed_or_foreign_state_is_refused(builds, caplog):
 
     cases = {
         "levels.0.batches: Input should be greater than or equal to 0": changed(levels__0__batches=-1),
-        "the state says 1000 batches were read on 1 ranks x 1 workers, but that part of epoch 0 has 24": changed(
+        "the state says 1000 batches were read on 1 ranks, but that part of epoch 0 has 24": changed(
             levels__0__batches=1000
         ),
         "epoch: Input should be a valid integer": changed(epoch="1"),
@@ -261,3 +261,23 @@ def test_a_malformed_or_foreign_state_is_refused(builds, caplog):
     with caplog.at_level(logging.WARNING):
         resumed.load_state_dict(changed(build=None))  # a state saved before states named their build
     assert "names no build" in caplog.text and resumed.remaining_steps() == 21
+
+
+def test_a_state_saved_when_the_plan_depended_on_the_workers_resumes_with_nothing_lost_or_repeated(builds):
+    from shardkit.load.plan import Level, batch_samples, make_plan
+
+    stream = ShardStream(builds["tar"], batch_size=2, seed=4)
+    state = stream.state_dict()
+    state["levels"] = [{"world": 1, "workers": 2, "batches": 3}]  # as saved by a loader on 2 DataLoader workers
+    old = make_plan(stream.source.shard_sizes, None, epoch=0, levels=[Level(1, 0, parts=2)], rank=0,
+                    shuffle=stream.shuffle, batching=stream.batching)  # fmt: skip
+    read_before = [int(i) for b in old.sequence[:3] for i in batch_samples(b)]
+    resumed = ShardStream(builds["tar"], batch_size=2, seed=4)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    first = next(it)
+    assert resumed.state_dict()["levels"] == [{"world": 1, "batches": 3, "workers": 2}, {"world": 1, "batches": 1}]
+    keys_before = {resumed.source.get(i).key for i in read_before}
+    rest = [s.key for s in first] + [s.key for b in it for s in b]
+    assert len(rest) == len(set(rest)) and not keys_before & set(rest)
+    assert len(rest) + len(keys_before) == len(resumed.source)  # one rank: nothing left over

@@ -15,8 +15,6 @@ token embeddings with the cached image embeddings scattered at the
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -24,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardkit.errors import ConfigError, ShardError
-from shardkit.load.source import BuildSource
+from shardkit.errors import ConfigError, ShardCorruptError, ShardError
+from shardkit.load.source import BuildSource, ShardFiles
 from shardkit.load.torch import Qwen2VLCollator, mrope_positions
 from shardkit.shards import Sample
 from shardkit.shards.base import checksum_of
@@ -36,10 +34,9 @@ from shardkit.shards.embeddings import (
     read_embedding_manifest,
     verify_embeddings,
 )
+from shardkit.shards.files import reading_error
 from shardkit.shards.index import SampleIndex, load_index
 from shardkit.storage import join, open_fs
-
-OPEN_SHARDS = 4
 
 
 @dataclass
@@ -65,43 +62,34 @@ class EmbeddingSource:
         self.index: SampleIndex = load_index(fs, path, self.manifest.index)
         if len(self.index) != self.manifest.num_samples:
             raise ShardError(f"{path} has {len(self.index)} rows, the manifest {self.manifest.num_samples} samples")
-        self._open: OrderedDict[int, Any] = OrderedDict()
-        self._pid = os.getpid()
+        self.files = ShardFiles(location, [join(self.folder, s.path) for s in self.manifest.shards])
         if verify and (problems := verify_embeddings(location)):
             raise ShardError("; ".join(problems))
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy without open files
-        return {**self.__dict__, "_open": OrderedDict()}
-
-    def _file(self, number: int) -> Any:
-        if self._pid != os.getpid():  # a forked worker: the parent's open files are not ours
-            self._open, self._pid = OrderedDict(), os.getpid()
-        if number not in self._open:
-            path = join(self.folder, self.manifest.shards[number].path)
-            try:
-                self._open[number] = open_fs(self.location)[0].open(path, "rb")
-            except FileNotFoundError:
-                raise ShardError(f"embeddings shard {path} is missing") from None
-            while len(self._open) > OPEN_SHARDS:
-                self._open.popitem(last=False)[1].close()
-        self._open.move_to_end(number)
-        return self._open[number]
 
     def attach(self, sample_id: int, sample: Sample) -> EmbeddedSample:
         """``sample`` (id ``sample_id``) with its cached tensors, and without its image bytes."""
         number = int(self.index.shard[sample_id])
         offset, size = int(self.index.offset[sample_id]), int(self.index.size[sample_id])
-        path = join(self.folder, self.manifest.shards[number].path)
+        path = self.files.paths[number]
         try:
-            key, blob = read_blob(self._file(number), offset, size)
+            key, blob = read_blob(self.files.get(number), offset, size)
         except ShardError:
             raise
         except Exception as exc:
-            raise ShardError(f"embeddings shard {path} is truncated or corrupt (sample at {offset}): {exc}") from None
+            if (error := reading_error(exc, f"embeddings shard {path} (sample {sample_id} at {offset})")) is not None:
+                raise error from None
+            raise ShardCorruptError(
+                f"embeddings shard {path} is truncated or corrupt (sample {sample_id}, key {sample.key!r}, "
+                f"at {offset}): {exc}"
+            ) from None
         if key != sample.key:
-            raise ShardError(f"embeddings of sample {sample_id} are for key {key}, the build's sample is {sample.key}")
+            raise ShardCorruptError(
+                f"embeddings shard {path}: sample {sample_id} holds key {key!r}, the build's sample is {sample.key!r}"
+            )
         if self.index.checksum is not None and checksum_of(blob) != int(self.index.checksum[sample_id]):
-            raise ShardError(f"embeddings shard {path}: sample {sample_id} (key {key!r}) does not match its checksum")
+            raise ShardCorruptError(
+                f"embeddings shard {path}: sample {sample_id} (key {key!r}) does not match its checksum"
+            )
         values = {f.name: getattr(sample, f.name) for f in fields(Sample)}
         return EmbeddedSample(**{**values, "images": []}, features=blob)
 

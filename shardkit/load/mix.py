@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -225,11 +225,11 @@ class MixStream(ShardStream):
         sequence = [[ids[s] for s in b] if isinstance(b, list) else ids[b] for b in plan.sequence]
         return replace(plan, sequence=sequence)
 
-    def advance(self, batches: int = 1) -> None:
+    def advance(self, batches: int = 1, *, skipped: Mapping[str, int] | None = None) -> None:
         plan = self.plan()
         start = self._levels[-1].batches
         taken = [batch_samples(b) for b in plan.sequence[start : start + batches]]
-        super().advance(batches)
+        super().advance(batches, skipped=skipped)
         if taken:
             builds = self.source.build_of(np.concatenate(taken))
             self.source_counts += np.bincount(builds, minlength=len(self.counts))

@@ -1,4 +1,4 @@
-"""The epoch plan: which samples each rank and worker reads, in which batches, in which order.
+"""The epoch plan: which samples each rank reads, in which batches, in which order.
 
 Everything here is arithmetic on sample ids (positions in manifest order) and
 token counts from the index: no data is read, and every rank and worker
@@ -13,20 +13,29 @@ The rule, per epoch:
    resuming) are cut into ``world`` contiguous runs of ``n = M // world``
    samples; the ``M mod world`` left over (fewer than one per rank) are not read
    this epoch.
-3. **Workers.** A rank's run is cut into ``workers`` contiguous parts; each part
-   becomes batches: ``batch_size`` samples, or, with a token budget, samples
-   sorted by length within windows of ``bucket_window`` and grouped so that
-   ``len(batch) * longest <= max_tokens``, or, with packing, the samples of each
-   window packed first-fit decreasing into sequences of at most ``pack_tokens``
-   tokens (a sample is never split), ``sequences_per_batch`` sequences a batch.
-   The rank's batch sequence takes the parts' batches in turn.
+3. **Batches.** A rank's run becomes its batch sequence: ``batch_size``
+   samples, or, with a token budget, samples sorted by length within windows
+   of ``bucket_window`` and grouped so that ``len(batch) * longest <=
+   max_tokens``, or, with packing, the samples of each window packed first-fit
+   decreasing into sequences of at most ``pack_tokens`` tokens (a sample is
+   never split), ``sequences_per_batch`` sequences a batch. With shuffling,
+   the batches of each window are put in an order drawn from
+   ``(seed, epoch, level, rank)``.
 4. **Equal steps.** Every rank stops after the same number of batches (the
    smallest rank's), so distributed training never waits on a missing batch.
 
-Progress is recorded as *levels*: ``(world, workers, batches consumed per
-rank)``. Resuming with the same topology continues the last level; with
-another, the samples not yet consumed start a new level, so an elastic resume
-loses and repeats nothing.
+The plan does not depend on how many processes read it: with ``W`` DataLoader
+workers, batch ``i`` of the sequence is read by worker ``i mod W``, the order
+in which the DataLoader hands the workers' batches out, so the batches (their
+order and contents) are the same with any number of workers.
+
+Progress is recorded as *levels*: ``(world, batches consumed per rank)``.
+Resuming on the same world size continues the last level; on another, the
+samples not yet consumed start a new level, so an elastic resume loses and
+repeats nothing. (States saved before the plan was independent of the workers
+record their level's worker count as ``parts``: each rank's run was cut into
+that many contiguous parts, batched apart and taken in turn; they are replayed
+as they were read.)
 """
 
 from __future__ import annotations
@@ -88,11 +97,15 @@ class Shuffle:
 
 @dataclass(frozen=True)
 class Level:
-    """One stretch of an epoch run on one topology: ``batches`` consumed by every rank."""
+    """One stretch of an epoch run on ``world`` ranks: ``batches`` consumed by every rank.
+
+    ``parts`` is 1 except in levels of states saved before the plan was
+    independent of the DataLoader workers (module rule, last paragraph).
+    """
 
     world: int
-    workers: int
     batches: int = 0
+    parts: int = 1
 
 
 def epoch_order(shard_sizes: Sequence[int], shuffle: Shuffle, epoch: int) -> np.ndarray:
@@ -151,7 +164,8 @@ def _batches(
 ) -> list[Batch]:
     if batching.batch_size is not None:
         return [part[i : i + batching.batch_size] for i in range(0, len(part), batching.batch_size)]
-    assert lengths is not None
+    if lengths is None:
+        raise ConfigError("batching by max_tokens or pack_tokens needs the samples' token counts")
     out: list[Batch] = []
     for w in range(0, len(part), batching.bucket_window):
         window = part[w : w + batching.bucket_window]
@@ -163,12 +177,12 @@ def _batches(
                 packed = [packed[i] for i in rng.permutation(len(packed))]
             out += packed
             continue
-        assert batching.max_tokens is not None
+        budget = int(batching.max_tokens or 0)  # set: Batching has exactly one of the three
         window = window[np.argsort(lengths[window], kind="stable")]
         batches, current, longest = [], [], 0
         for sample in window:
             length = int(lengths[sample])
-            fits = (len(current) + 1) * max(longest, length) <= batching.max_tokens
+            fits = (len(current) + 1) * max(longest, length) <= budget
             room = batching.max_batch_size is None or len(current) < batching.max_batch_size
             if current and not (fits and room):
                 batches.append(np.asarray(current, dtype=np.int64))
@@ -193,27 +207,28 @@ def _interleave(parts: list[list[Batch]]) -> list[Batch]:
 def rank_sequences(
     remaining: np.ndarray,
     world: int,
-    workers: int,
     batching: Batching,
     lengths: np.ndarray | None,
     *,
     seed: int | None,
     key: Sequence[int],
+    parts: int = 1,
 ) -> list[list[Batch]]:
     """Each rank's batch sequence over ``remaining`` (module rule, steps 2 to 4).
 
     ``seed`` None keeps buckets in length order; otherwise their batch order is
-    shuffled by ``(seed, *key, rank, worker, window)``.
+    shuffled by ``(seed, *key, rank)``. ``parts`` > 1 replays a level of an
+    older state (module rule, last paragraph).
     """
     per_rank = len(remaining) // world
     sequences = []
     for rank in range(world):
         run = remaining[rank * per_rank : (rank + 1) * per_rank]
-        parts = []
-        for worker, part in enumerate(np.array_split(run, max(workers, 1))):
-            rng = None if seed is None else np.random.default_rng([seed, *key, rank, worker])
-            parts.append(_batches(part, batching, lengths, rng))
-        sequences.append(_interleave(parts))
+        batches = []
+        for part_number, part in enumerate(np.array_split(run, parts)):
+            rng = None if seed is None else np.random.default_rng([seed, *key, rank, part_number])
+            batches.append(_batches(part, batching, lengths, rng))
+        sequences.append(_interleave(batches))
     steps = min(len(s) for s in sequences)
     return [s[:steps] for s in sequences]
 
@@ -251,26 +266,28 @@ def make_plan(
     once; a mix of builds makes its own, see :mod:`shardkit.load.mix`).
     """
     if not levels:
-        raise ValueError("at least one level")
+        raise ConfigError("a plan needs at least one level")
+    if not 0 <= rank < levels[-1].world:
+        raise ConfigError(f"rank {rank} is outside world size {levels[-1].world}")
     if order is None:
         order = epoch_order(shard_sizes, shuffle, epoch)
     remaining = order
     seed = shuffle.seed if shuffle.enabled else None
     consumed = 0
-    for number, level in enumerate(levels):
+    for number, level in enumerate(levels[:-1]):
         sequences = rank_sequences(
-            remaining, level.world, level.workers, batching, lengths, seed=seed, key=(epoch, number)
+            remaining, level.world, batching, lengths, seed=seed, key=(epoch, number), parts=level.parts
         )
-        if number == len(levels) - 1:
-            if not 0 <= rank < level.world:
-                raise ConfigError(f"rank {rank} is outside world size {level.world}")
-            return EpochPlan(epoch, rank, tuple(levels), sequences[rank], consumed, len(remaining))
         done = np.concatenate(
             [batch_samples(b) for s in sequences for b in s[: level.batches]] or [np.zeros(0, np.int64)]
         )
         consumed += len(done)
         remaining = remaining[~np.isin(remaining, done)]
-    raise AssertionError("unreachable")
+    last = levels[-1]
+    sequences = rank_sequences(
+        remaining, last.world, batching, lengths, seed=seed, key=(epoch, len(levels) - 1), parts=last.parts
+    )
+    return EpochPlan(epoch, rank, tuple(levels), sequences[rank], consumed, len(remaining))
 
 
 def plan_settings(shuffle: Shuffle, batching: Batching) -> dict:

@@ -4,9 +4,13 @@ A :class:`BuildSource` opens a build by folder or URL, reads its manifest and
 index (checked against each other: see :mod:`shardkit.shards.index`), and
 returns samples by id (position in manifest order) by seeking to their
 recorded location. Every sample read is checked against the checksum the index
-recorded when it was written, so a flipped bit raises :class:`ShardError`
-naming the shard and the sample; builds made before checksums existed are read
-unchecked, with a warning. Shards are opened lazily and a few stay open. With
+recorded when it was written, so a flipped bit raises
+:class:`~shardkit.errors.ShardCorruptError` naming the shard and the sample; a
+shard that is missing, may not be read or cannot be reached raises
+:class:`~shardkit.errors.ShardMissingError`, :class:`~shardkit.errors.ShardAccessError`
+or :class:`~shardkit.errors.ShardNetworkError` instead. Builds made before
+checksums existed are read unchecked, with a warning. Shards are opened lazily
+(:class:`ShardFiles`) and a few stay open. With
 ``verify=True`` every shard's size and sha256 are also checked against the
 manifest once, before any sample is returned. Nothing is ever unpickled.
 """
@@ -15,18 +19,58 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from shardkit.errors import ShardError
+from shardkit.errors import ShardCorruptError, ShardError
 from shardkit.shards import Manifest, Sample, get_reader, read_manifest
 from shardkit.shards.base import ChecksumMismatch, OpenShard
-from shardkit.shards.files import open_regular, read_checked
+from shardkit.shards.files import open_regular, read_checked, reading_error
 from shardkit.shards.index import SampleIndex, read_index
 from shardkit.shards.manifest import manifest_problems
 from shardkit.storage import join, open_fs
 
 OPEN_SHARDS = 4
+
+
+class ShardFiles:
+    """The shard files ``paths`` of the folder at ``location``, opened on first use (regular files only), each
+    through ``opener`` when given; the last few used stay open. A copy in another process (a DataLoader worker,
+    pickled or forked) opens its own."""
+
+    def __init__(self, location: str, paths: Sequence[str], opener: Callable[[Any], Any] | None = None):
+        self.location = location
+        self.paths = list(paths)
+        self.opener = opener
+        self._open: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def get(self, number: int) -> Any:
+        """Shard ``number``, open; :class:`ShardError` saying why it cannot be (see :func:`reading_error`)."""
+        if self._pid != os.getpid():  # a forked process: the parent's open files are not ours
+            self._open, self._pid = OrderedDict(), os.getpid()
+        if number in self._open:
+            self._open.move_to_end(number)
+            return self._open[number][1]
+        path = self.paths[number]
+        f = open_regular(open_fs(self.location)[0], path)  # the filesystem made in this process
+        try:
+            opened = f if self.opener is None else self.opener(f)
+        except Exception as exc:
+            f.close()
+            raise reading_error(exc, path) or ShardCorruptError(f"shard {path} cannot be opened: {exc}") from None
+        self._open[number] = (f, opened)
+        while len(self._open) > OPEN_SHARDS:
+            self._open.popitem(last=False)[1][0].close()
+        return opened
+
+    def close(self) -> None:
+        for f, _ in self._open.values():
+            f.close()
+        self._open.clear()
 
 
 class BuildSource:
@@ -43,8 +87,7 @@ class BuildSource:
         self.index: SampleIndex = read_index(fs, self.folder, self.manifest)
         self.reader = get_reader(self.manifest.format)
         self.checksums = checksums and self.index.checksum is not None
-        self._open: OrderedDict[int, tuple[Any, OpenShard]] = OrderedDict()
-        self._pid = os.getpid()
+        self.files = ShardFiles(location, [join(self.folder, s.path) for s in self.manifest.shards], self.reader.open)
         if verify and (problems := verify_build(location, self.manifest)):
             raise ShardError("; ".join(problems))
 
@@ -60,47 +103,29 @@ class BuildSource:
     def __len__(self) -> int:
         return self.manifest.num_samples
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers get a copy without open files
-        state = self.__dict__.copy()
-        state["_open"] = OrderedDict()
-        return state
-
-    def _shard(self, number: int) -> OpenShard:
-        if self._pid != os.getpid():  # a forked DataLoader worker: the parent's open files are not ours
-            self._open, self._pid = OrderedDict(), os.getpid()
-        if number in self._open:
-            self._open.move_to_end(number)
-            return self._open[number][1]
-        path = join(self.folder, self.manifest.shards[number].path)
-        f = open_regular(self.fs, path)
-        try:
-            shard = self.reader.open(f)
-        except Exception as exc:
-            f.close()
-            raise ShardError(f"shard {path} cannot be opened: {exc}") from None
-        self._open[number] = (f, shard)
-        while len(self._open) > OPEN_SHARDS:
-            old, _ = self._open.popitem(last=False)[1]
-            old.close()
-        return shard
-
     def get(self, sample_id: int) -> Sample:
-        """The sample with this id; :class:`ShardError` naming the shard and sample when it is damaged."""
+        """The sample with this id; a :class:`ShardError` naming the shard and the sample when it cannot be read:
+        :class:`ShardCorruptError` when its bytes are damaged, the others when the shard cannot be reached."""
         number = int(self.index.shard[sample_id])
         offset, size = int(self.index.offset[sample_id]), int(self.index.size[sample_id])
         checksum = int(self.index.checksum[sample_id]) if self.checksums else None
-        path = join(self.folder, self.manifest.shards[number].path)
+        path = self.files.paths[number]
         try:
-            return self._shard(number).read_at(offset, size, checksum)
+            shard: OpenShard = self.files.get(number)
+            return shard.read_at(offset, size, checksum)
         except ChecksumMismatch as exc:
-            raise ShardError(
+            raise ShardCorruptError(
                 f"shard {path}: sample {sample_id} (key {exc.key!r} as read, at {offset}) does not match its "
                 "checksum: the shard is corrupt"
             ) from None
         except ShardError:
             raise
         except Exception as exc:
-            raise ShardError(f"shard {path} is truncated or corrupt (sample {sample_id} at {offset}): {exc}") from None
+            if (error := reading_error(exc, f"shard {path} (sample {sample_id} at {offset})")) is not None:
+                raise error from None
+            raise ShardCorruptError(
+                f"shard {path} is truncated or corrupt (sample {sample_id} at {offset}): {exc}"
+            ) from None
 
     def samples(self, *, images: bool = True) -> Iterator[Sample]:
         """Every sample in manifest order, checked; ``images=False`` leaves out their image bytes."""
@@ -112,9 +137,7 @@ class BuildSource:
         self.close()
 
     def close(self) -> None:
-        for f, _ in self._open.values():
-            f.close()
-        self._open.clear()
+        self.files.close()
 
 
 def verify_build(location: str, manifest: Manifest | None = None) -> list[str]:

@@ -5,17 +5,19 @@ yields lists of :class:`~shardkit.shards.Sample` (with packing, lists of packed
 sequences of samples) following :mod:`shardkit.load.plan`. Its state is a small
 JSON dict::
 
-    {"version": 1, "epoch": 3, "levels": [{"world": 8, "workers": 4, "batches": 1200}],
-     "plan": {...settings...}, "num_samples": 123456, "build": "<manifest digest>"}
+    {"version": 1, "epoch": 3, "levels": [{"world": 8, "batches": 1200}],
+     "plan": {...settings...}, "num_samples": 123456, "build": "<manifest digest>",
+     "skipped": {"corrupt": 2}}
 
 Restoring it continues with exactly the batches an uninterrupted run would
-have produced (same world size and workers), or, on another topology, with the
+have produced (same world size, any number of DataLoader workers), or, on another world size, with the
 samples not yet read in this epoch, none lost and none twice; when fewer
 samples are left than ranks, the epoch is over and the next one starts.
 Restoring re-reads nothing: the plan is arithmetic and samples are found by the
 index. A state is checked before it is used: a malformed one, one from another
 build (``build``: the manifest's digest) or one claiming more batches than
-its epoch has is refused with a :class:`ConfigError`.
+its epoch has is refused with a :class:`ConfigError`. The state is the same on
+every rank but for ``skipped``: the samples this rank dropped (``on_error="skip"``).
 
 The torch loader (:mod:`shardkit.load.torch`) and the Tinker batches
 (:mod:`shardkit.load.tinker`) are built on it.
@@ -24,14 +26,15 @@ The torch loader (:mod:`shardkit.load.torch`) and the Tinker batches
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import asdict, replace
-from typing import Any, Literal
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shardkit.errors import ConfigError
+from shardkit.errors import ConfigError, ShardError
 from shardkit.load.plan import (
     Batch,
     Batching,
@@ -49,12 +52,22 @@ from shardkit.shards import Sample
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+SKIPPABLE = ("corrupt", "missing")  # the kinds of ShardError that on_error="skip" drops: the data's, not the setup's
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """The samples read for one plan batch (a list, or one list per packed sequence), and how many were
+    skipped, by kind (``on_error="skip"``)."""
+
+    samples: list[Any]
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 class _LevelState(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     world: int = Field(ge=1)
-    workers: int = Field(ge=1)
+    workers: int = Field(1, ge=1)  # states of older versions: the level's parts (see shardkit.load.plan)
     batches: int = Field(ge=0)
 
 
@@ -68,6 +81,7 @@ class _State(BaseModel):
     plan: dict[str, Any]
     num_samples: int = Field(ge=0)
     build: str | None = None
+    skipped: dict[str, Annotated[int, Field(ge=0)]] = {}
 
 
 def _parse_state(state: Any) -> _State:
@@ -82,6 +96,12 @@ def _parse_state(state: Any) -> _State:
         error = exc.errors()[0]
         where = ".".join(map(str, error["loc"]))
         raise ConfigError(f"invalid loader state: {where}: {error['msg']}") from None
+
+
+def _level_state(level: Level) -> dict[str, int]:
+    """A level as the state records it (``workers`` only for a level of an older state, see :class:`Level`)."""
+    state = {"world": level.world, "batches": level.batches}
+    return state if level.parts == 1 else {**state, "workers": level.parts}
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -103,15 +123,23 @@ class ShardStream:
     batched together) or ``pack_tokens`` (``sequences_per_batch`` sequences of
     whole samples, at most ``pack_tokens`` tokens each; a batch is then a list
     of sequences, each a list of samples). ``rank``/``world_size`` default to
-    ``torch.distributed``.
-    ``workers`` is the number of processes that will read the stream (the
-    torch loader sets it); it is part of the plan, so resuming with the same
-    value gives the same batches. Every sample is checked against its
+    ``torch.distributed``. The batches do not depend on how many processes
+    read them (:meth:`batches`). Every sample is checked against its
     checksum (``checksums=False`` skips that, for measuring its cost);
     ``verify=True`` also checks every shard's sha256 once, up front.
     ``image_embeddings`` (a folder written by
     ``shardkit embed`` for this build) gives samples with their cached image
     embeddings instead of their images (see :mod:`shardkit.load.embeddings`).
+
+    ``on_error`` says what a sample that cannot be read does: ``"raise"`` (the
+    default) raises its :class:`~shardkit.errors.ShardError`; ``"skip"`` drops
+    it from its batch with a warning naming the shard and the sample, and counts
+    it in :attr:`skipped` by kind (``corrupt``: damaged bytes; ``missing``: its
+    shard is gone). A shard that may not be read (permission, credentials) or
+    cannot be reached (network) raises either way, and so does a batch left
+    with no sample at all (a batch is never dropped, so that every rank takes
+    the same steps). :attr:`skipped` counts this rank's drops since the stream
+    started, resumes included (it is kept in :meth:`state_dict`).
     """
 
     def __init__(
@@ -132,7 +160,12 @@ class ShardStream:
         verify: bool = False,
         checksums: bool = True,
         image_embeddings: str | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
     ):
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: Counter[str] = Counter()
         self.source = self._open_source(location, verify, checksums)
         self.embeddings = None
         if image_embeddings is not None:
@@ -162,9 +195,8 @@ class ShardStream:
                 "raise it to at least the build's max_length"
             )
         self.build_id = self.source.manifest.digest
-        self.workers = 0
         self.epoch = 0
-        self._levels: list[Level] = [Level(self.world_size, 1, 0)]
+        self._levels: list[Level] = [Level(self.world_size)]
         self._plan: EpochPlan | None = None
 
     def _open_source(self, location: Any, verify: bool, checksums: bool) -> BuildSource:
@@ -181,7 +213,7 @@ class ShardStream:
         """Start ``epoch`` from its beginning (no-op if it is the current epoch)."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self._levels = [Level(self.world_size, max(self.workers, 1), 0)]
+            self._levels = [Level(self.world_size)]
             self._plan = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -189,10 +221,11 @@ class ShardStream:
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "levels": [asdict(level) for level in self._levels],
+            "levels": [_level_state(level) for level in self._levels],
             "plan": self.settings,
             "num_samples": len(self.source),
             "build": self.build_id,
+            "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,16 +248,17 @@ class ShardStream:
                 f"the state was saved with other shuffle/batching settings ({parsed.plan}); "
                 "resume with the same settings to get the same batches"
             )
-        levels = [Level(**level.model_dump()) for level in parsed.levels]
+        levels = [Level(level.world, level.batches, level.workers) for level in parsed.levels]
         for number, level in enumerate(levels):
             steps = self._level_steps(parsed.epoch, [*levels[:number], replace(level, batches=0)])
             if level.batches > steps:
                 raise ConfigError(
-                    f"the state says {level.batches} batches were read on {level.world} ranks x {level.workers} "
-                    f"workers, but that part of epoch {parsed.epoch} has {steps}"
+                    f"the state says {level.batches} batches were read on {level.world} ranks, "
+                    f"but that part of epoch {parsed.epoch} has {steps}"
                 )
         self.epoch = parsed.epoch
         self._levels = levels
+        self.skipped = Counter(parsed.skipped)
         self._plan = None
         self.plan()  # on this topology: a remainder with nothing left for it moves on to the next epoch now
 
@@ -243,11 +277,10 @@ class ShardStream:
     # -- planning --------------------------------------------------------------------------
 
     def plan(self) -> EpochPlan:
-        """This rank's plan for the current epoch and topology."""
-        topology = (self.world_size, max(self.workers, 1))
+        """This rank's plan for the current epoch and world size."""
         last = self._levels[-1]
-        if (last.world, last.workers) != topology:
-            level = Level(*topology, 0)
+        if (last.world, last.parts) != (self.world_size, 1):
+            level = Level(self.world_size)
             self._levels = self._levels[:-1] + [level] if last.batches == 0 else self._levels + [level]
             self._plan = None
         fresh = [*self._levels[:-1], replace(self._levels[-1], batches=0)]
@@ -261,19 +294,21 @@ class ShardStream:
             return self.plan()
         return self._plan
 
-    def advance(self, batches: int = 1) -> None:
-        """Record that ``batches`` more batches were consumed; moves to the next epoch at the end."""
+    def advance(self, batches: int = 1, *, skipped: Mapping[str, int] | None = None) -> None:
+        """Record that ``batches`` more batches were consumed (and the samples ``skipped`` in reading them, by
+        kind); moves to the next epoch at the end."""
         plan = self.plan()
         done = self._levels[-1].batches + batches
         if done > plan.steps:
             raise ConfigError(f"advanced past the end of epoch {self.epoch} ({plan.steps} batches)")
+        self.skipped.update(skipped or {})
         self._levels[-1] = replace(self._levels[-1], batches=done)
         if done == plan.steps:
             self.set_epoch(self.epoch + 1)
 
     def whole_epoch(self, epoch: int) -> EpochPlan:
-        """This rank's plan for a whole ``epoch`` on the current topology, progress aside."""
-        return self._make_plan(epoch, [Level(self.world_size, max(self.workers, 1), 0)])
+        """This rank's plan for a whole ``epoch`` on the current world size, progress aside."""
+        return self._make_plan(epoch, [Level(self.world_size)])
 
     def _make_plan(self, epoch: int, levels: list[Level]) -> EpochPlan:
         """This rank's plan of ``epoch`` after replaying ``levels`` (a mix of builds makes its own)."""
@@ -288,7 +323,7 @@ class ShardStream:
         )
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Batches per rank in a whole ``epoch`` on the current topology (progress aside)."""
+        """Batches per rank in a whole ``epoch`` on the current world size (progress aside)."""
         return self.whole_epoch(epoch).steps
 
     def padding_stats(self, epoch: int | None = None) -> dict[str, Any]:
@@ -320,21 +355,44 @@ class ShardStream:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read(self, batch: Batch) -> list[Sample] | list[list[Sample]]:
-        """The samples of a plan batch: a list, or one list per packed sequence."""
+    def read(self, batch: Batch) -> ReadBatch:
+        """The samples of a plan batch (a list, or one list per packed sequence) and those skipped, by kind."""
+        skipped: Counter[str] = Counter()
         if isinstance(batch, list):
-            return [[self._sample(int(i)) for i in sequence] for sequence in batch]
-        return [self._sample(int(i)) for i in batch]
+            sequences = [self._read_ids(sequence, skipped) for sequence in batch]
+            samples: list[Any] = [sequence for sequence in sequences if sequence]
+        else:
+            samples = self._read_ids(batch, skipped)
+        if not samples:
+            raise ShardError(
+                f"on_error='skip' dropped every sample of a batch ({dict(skipped)}): too much of the build cannot be "
+                "read to go on (shardkit verify names the damaged files)"
+            )
+        return ReadBatch(samples, dict(skipped))
+
+    def _read_ids(self, ids: np.ndarray, skipped: Counter[str]) -> list[Sample]:
+        out = []
+        for sample_id in ids:
+            try:
+                out.append(self._sample(int(sample_id)))
+            except ShardError as exc:
+                if self.on_error == "raise" or exc.kind not in SKIPPABLE:
+                    raise
+                logger.warning("skipped sample %d (on_error='skip'): %s", sample_id, exc)
+                skipped[exc.kind] += 1
+        return out
 
     def _sample(self, sample_id: int) -> Sample:
         sample = self.source.get(sample_id)
         return sample if self.embeddings is None else self.embeddings.attach(sample_id, sample)
 
-    def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[list[Sample] | list[list[Sample]]]:
-        """The rest of this epoch's batches for one reader: batch ``j`` goes to reader ``j mod workers``.
+    def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[ReadBatch]:
+        """The rest of this epoch's batches for one of ``workers`` readers: counting from the first batch not
+        yet consumed, batch ``j`` goes to reader ``j mod workers`` (the order in which a DataLoader hands out
+        its workers' outputs, so the sequence is the same for any number of workers).
 
         Does not record progress (readers run in worker processes); the
-        consumer calls :meth:`advance`.
+        consumer calls :meth:`advance` with each batch's ``skipped``.
         """
         plan = self.plan()
         start = self._levels[-1].batches
@@ -343,10 +401,9 @@ class ShardStream:
 
     def __iter__(self) -> Iterator[list[Sample] | list[list[Sample]]]:
         """The rest of the current epoch in this process, recording progress as batches are taken."""
-        self.workers = 0
         for batch in self.batches():
-            self.advance()
-            yield batch
+            self.advance(skipped=batch.skipped)
+            yield batch.samples
 
 
 class StreamBatches:

@@ -25,7 +25,7 @@ from shardkit.shards import Sample
 def sample_to_datum(sample: Sample, *, reduction: Literal["mean", "none"] = "mean") -> tinker.Datum:
     """One stored sample as a training Datum for Tinker's ``cross_entropy`` loss."""
     if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     ids = sample.input_ids.astype(np.int64)
     targets = ids.copy()
     segments: list[tuple[int, int, bytes | None]] = []  # (start, end, jpeg or None for text)

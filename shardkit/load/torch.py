@@ -323,7 +323,7 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for batch in self.stream.batches(worker=worker, workers=workers):
-            yield self.collate(batch)
+            yield self.collate(batch.samples), batch.skipped
 
 
 def _default_collate(stream: ShardStream) -> Qwen2VLCollator:
@@ -363,22 +363,15 @@ class TorchLoader(StreamBatches):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
-        stream.workers = num_workers
-
-    def __len__(self) -> int:
-        """Batches left in the current epoch."""
-        self.stream.workers = self.num_workers
-        return self.stream.remaining_steps()
 
     def __iter__(self) -> Iterator[Any]:
-        self.stream.workers = self.num_workers
         self.stream.plan()
         if hasattr(self.collate, "set_epoch"):
             self.collate.set_epoch(self.stream.epoch)  # before worker processes take their copy
         if self.num_workers == 0:
             for batch in self.stream.batches():
-                out = self.collate(batch)
-                self.stream.advance()
+                out = self.collate(batch.samples)
+                self.stream.advance(skipped=batch.skipped)
                 yield out
             return
         loader = torch.utils.data.DataLoader(
@@ -389,6 +382,6 @@ class TorchLoader(StreamBatches):
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
         )
-        for out in loader:
-            self.stream.advance()
+        for out, skipped in loader:
+            self.stream.advance(skipped=skipped)
             yield out

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shardkit.errors import ShardError
+from shardkit.errors import ShardError, ShardMissingError
+from shardkit.shards.files import reading_error
 from shardkit.storage import join, open_fs, write_bytes
 
 MANIFEST_NAME = "manifest.json"
@@ -169,8 +170,12 @@ def read_json_model(location: str, name: str, model: type[M], folder_kind: str, 
     try:
         with fs.open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
-        raise ShardError(f"{location} has no {name}: not a complete {folder_kind}") from None
+    except Exception as exc:
+        if (error := reading_error(exc, path)) is None:
+            raise
+        if isinstance(error, ShardMissingError):
+            raise ShardMissingError(f"{location} has no {name}: not a complete {folder_kind}") from None
+        raise error from None
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:

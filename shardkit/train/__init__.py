@@ -126,6 +126,11 @@ class TrainConfig(TrainOptions):
         "tower is not run; needs --freeze-vision-tower (or LoRA), not --augment",
     )
     num_workers: int = Field(2, ge=0, description="torch: DataLoader worker processes per rank")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise",
+        description="torch: a sample that cannot be read (corrupt bytes, a missing shard): stop with an error "
+        "naming shard and key, or skip it with a warning and count it in metrics.jsonl's skipped",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="torch: how many checkpoints to keep")
 
     @model_validator(mode="after")

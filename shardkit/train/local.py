@@ -20,8 +20,9 @@ one and gives the same losses as a run that was never interrupted.
 Output folder::
 
     train_config.json   the options of the run
-    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s (and, for a
-                        mix, source_samples per build); one line per evaluation: step, eval_loss
+    metrics.jsonl       one line per optimizer step: loss, lr, grad norm, samples/s, tokens/s, skipped (samples
+                        rank 0's loader dropped so far, on_error="skip") (and, for a mix, source_samples per
+                        build); one line per evaluation: step, eval_loss
     loss.png            the loss curve (when matplotlib is installed)
     checkpoints/step-000100/   trainable.safetensors, optimizer.pt, scheduler.pt, state.json
     final/              the fine-tuned model (save_pretrained), or the LoRA adapter
@@ -294,6 +295,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         pack_tokens=config.batch_tokens if config.pack else None,
         seed=config.seed,
         image_embeddings=config.image_embeddings,
+        on_error=config.on_error,
     )
     manifest = stream.source.manifest
     augment = Augment(seed=config.seed) if config.augment else None
@@ -418,6 +420,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
                 "samples_per_s": counts[0] / seconds,
                 "tokens_per_s": counts[1] / seconds,
                 "elapsed_s": time.perf_counter() - started,
+                "skipped": sum(stream.skipped.values()),  # this rank's; rank 0 writes the line
             }
             if (source_samples := sources.update(_all_reduce_numpy)) is not None:
                 record["source_samples"] = source_samples
