@@ -3,6 +3,7 @@
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,52 +161,36 @@ def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable,
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
 
 
-def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):
-    output = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            *torchrun(2),
-            "-m",
-            "shardkit.cli",
-            "-q",
-            "train",
-            "--data",
-            memorisable,
-            "--model",
-            tiny_model,
-            "--output",
-            str(output),
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--num-workers",
-            "0",
-            "--lr",
-            "1e-3",
-            "--save-every",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["samples"] == 4 for r in rows)  # 2 per rank, counted over both ranks
-    assert (output / "final" / "config.json").exists() and (output / "checkpoints" / "step-000003").exists()
-    assert result.stdout.count("trained to step 3") == 1  # only rank 0 reports
+def test_two_process_torchrun_on_cpu_resumes_mid_epoch_with_the_same_losses(tmp_path, memorisable, tiny_model):
+    # 8 samples, 2 a rank a step: 2 steps an epoch; a checkpoint at 3 (epoch 1's first step), a stop after 4
+    options = ["--data", memorisable, "--model", tiny_model, "--max-steps", "5", "--batch-size", "2"]
+    options += ["--num-workers", "1", "--lr", "1e-2", "--save-every", "3"]
 
-    # both ranks resume from rank 0's checkpoint and stay in step (a rank left at step 0 would hang the run)
-    launcher = torchrun(2)  # a fresh port
-    train_args = result.args[len(launcher) : result.args.index("--save-every")]
-    longer = [*launcher, *(a if a != "3" else "5" for a in train_args)]
-    again = subprocess.run([*longer, "--save-every", "5", "--resume"], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    def torchrun_train(output, *extra, script=("-m", "shardkit.cli", "-q", "train")):
+        command = [*torchrun(2), *script, *options, "--output", str(output), *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    whole = torchrun_train(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    rows = metrics(tmp_path / "whole")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["samples"] == 4 for r in rows)  # 2 per rank, counted over both ranks
+    assert (tmp_path / "whole" / "final" / "config.json").exists()
+    assert whole.stdout.count("trained to step 5") == 1  # only rank 0 reports
+
+    broken = tmp_path / "broken"
+    stopped = torchrun_train(broken, script=(str(Path(__file__).with_name("distributed_train.py")), "4"))
+    assert stopped.returncode != 0 and "trained to step" not in stopped.stdout, stopped.stderr[-3000:]
+    assert [r["step"] for r in metrics(broken)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-000003"]
+    # both ranks resume from rank 0's checkpoint and stay in step (a rank left at step 0 would hang the run)
+    again = torchrun_train(broken, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("trained to step 5") == 1
+    got = metrics(broken)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5] and [r["epoch"] for r in got] == [0, 0, 1, 1, 2]
+    # exact: the same deterministic CPU ops (gloo sums of 2 ranks included) on the same inputs and weights
+    assert [(r["loss"], r["lr"], r["grad_norm"]) for r in got] == [(r["loss"], r["lr"], r["grad_norm"]) for r in rows]
 
 
 def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
