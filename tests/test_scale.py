@@ -1,5 +1,6 @@
 """Scale and resilience of the build: worker processes, a real Ray head, a real SIGKILL."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -7,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,30 +39,71 @@ def test_worker_processes_give_byte_identical_shards(clinical, tmp_path, fmt):
     assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "two" / "rejects.jsonl").read_bytes()
 
 
+@dataclass(frozen=True)
+class RayHead:
+    address: str
+    env: dict[str, str]  # what a driver on this machine starts from: no token mode set
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real Ray head on 127.0.0.1 with 2 CPUs, started for this test and stopped after it."""
+    """A real Ray head with token authentication and 2 CPUs, kept to itself: 127.0.0.1 only, its session files in
+    a temp dir, its token in HOME/.ray/auth_token under a HOME of its own (as on a machine where someone ran
+    ``ray get-auth-token --generate``), none of this machine's RAY_* settings. Stopped after the module."""
     pytest.importorskip("ray")
     ray_bin = Path(sys.executable).with_name("ray")
+    home, temp = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ray")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray then keeps 127.0.0.1 as given instead of replacing it with the
+    # machine's network address, for the head and for the driver
+    env |= {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     port = free_port()
-    temp = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run(
-        [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        check=True, capture_output=True, env=env, timeout=180,
-    )  # fmt: skip
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    log = temp / "head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+            stdout=out, stderr=subprocess.STDOUT, env={**env, "RAY_AUTH_MODE": "token"}, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in log.read_text():
+            assert head.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        yield RayHead(f"127.0.0.1:{port}", env)
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of its process group is left
 
 
-def test_ray_engine_matches_the_local_engine(clinical, tmp_path, ray_head):
+def test_ray_engine_matches_the_local_engine_on_a_cluster_with_token_authentication(clinical, tmp_path, ray_head):
     build(make_config(clinical, tmp_path / "local"), progress=False)
-    manifest = build(
-        make_config(clinical, tmp_path / "ray"), progress=False, engine="ray", ray_address=ray_head, workers=2
-    )
+
+    def build_on_ray(out, **env):
+        command = [sys.executable, "-m", "shardkit.cli", "-q", "build", str(clinical.jsonl), "--out", str(out),
+                   "--samples-per-shard", "3", "--engine", "ray", "--ray-address", ray_head.address, "--workers", "2",
+                   "--no-progress"]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, env={**ray_head.env, **env}, timeout=600)
+
+    # the token is in HOME/.ray/auth_token, but Ray sends it to a given address only with RAY_AUTH_MODE=token
+    refused = build_on_ray(tmp_path / "refused")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("shardkit: ")]  # Ray logs its own too
+    assert errors == [
+        f"shardkit: error: the Ray cluster at {ray_head.address} requires token authentication: set "
+        "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in "
+        "~/.ray/auth_token"
+    ], refused.stderr[-3000:]
+
+    done = build_on_ray(tmp_path / "ray", RAY_AUTH_MODE="token")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
-    assert manifest.num_rejected == len(clinical.bad_lines)
+    assert read_manifest(str(tmp_path / "ray")).num_rejected == len(clinical.bad_lines)
     assert (tmp_path / "ray" / "index.parquet").read_bytes() == (tmp_path / "local" / "index.parquet").read_bytes()
 
 

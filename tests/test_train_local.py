@@ -3,6 +3,7 @@
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from shardkit.config import BuildConfig
 from shardkit.load.mix import MixStream
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
+from shardkit.train import local
 from shardkit.train.local import TrainConfig, train
 from tests.conftest import torchrun
 
@@ -72,30 +74,77 @@ def test_lora_learns_and_saves_an_adapter(tmp_path, memorisable, tiny_model):
     assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
 
 
-def test_an_interrupted_run_resumes_with_the_same_losses(tmp_path, memorisable, tiny_model):
-    options = {
-        "max_steps": 6,
-        "save_every": 2,
-        "batch_size": 2,
-        "num_workers": 1,
-        "grad_accum": 2,
-        "lr": 1e-2,
-        "warmup_ratio": 0.1,
-    }
-    _, uninterrupted = run(tmp_path, memorisable, tiny_model, name="whole", **options)
+def metrics(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def fed(monkeypatch):
+    """The inputs each micro-batch fed to the model, in order, as they reach the loss (``fed[-1]``: the last)."""
+    seen = []
+    step_loss = local._step_loss
+
+    def recording(model, inputs, num_items):
+        seen.append({k: inputs[k].detach().clone() for k in ("input_ids", "pixel_values")})
+        return step_loss(model, inputs, num_items)
+
+    monkeypatch.setattr(local, "_step_loss", recording)
+    return seen
+
+
+def assert_same_inputs(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_an_augmented_run_stopped_mid_epoch_resumes_with_the_same_pixels_and_losses(
+    tmp_path, memorisable, tiny_model, fed
+):
+    # 8 samples, 1 a batch, 2 batches a step: 4 steps an epoch; checkpoints at 3 and 6, a crash after step 4, so
+    # the resumed run starts with the last batches of epoch 0 and goes on into epoch 1 (other augmentations)
+    options = ["--lr", "1e-2", "--batch-size", "1", "--grad-accum", "2", "--num-workers", "1", "--warmup-ratio", "0.1"]
+    options += ["--max-steps", "6", "--save-every", "3", "--seed", "0", "--augment"]
+    whole = tmp_path / "whole"
+    assert main(["train", "--data", memorisable, "--model", tiny_model, "--output", str(whole), *options]) == 0
+    uninterrupted = fed[:]
+    config = TrainConfig.model_validate(json.loads((whole / "train_config.json").read_text()))
+    assert config.augment and config.grad_accum == 2
 
     def crash(step, record):
-        if step == 5:
+        if step == 4:
             raise KeyboardInterrupt
 
-    config = TrainConfig.create(data=memorisable, model=tiny_model, output=str(tmp_path / "broken"), **options)
+    fed.clear()
+    broken = config.model_copy(update={"output": str(tmp_path / "broken")})
     with pytest.raises(KeyboardInterrupt):
-        train(config, on_step=crash)
-    resumed = train(config.model_copy(update={"resume": True}))
-    assert [h["step"] for h in resumed] == [5, 6]
-    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in uninterrupted[4:]], rel=1e-6, abs=1e-7)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+        train(broken, on_step=crash)
+    assert_same_inputs(fed, uninterrupted[:8])
+    assert [r["step"] for r in metrics(tmp_path / "broken")] == [1, 2, 3, 4]
+    fed.clear()
+    resumed = train(broken.model_copy(update={"resume": True}))
+    assert [h["step"] for h in resumed] == [4, 5, 6] and [h["epoch"] for h in resumed] == [0, 1, 1]
+    assert_same_inputs(fed, uninterrupted[6:])  # the same samples with the same changes, epoch 1's included
+    # losses step for step; exact: the same deterministic CPU ops on the same inputs and restored weights
+    expected, got = metrics(whole), metrics(tmp_path / "broken")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["lr"], r["grad_norm"]) for r in got] == [
+        (r["loss"], r["lr"], r["grad_norm"]) for r in expected
+    ]
+
+    # the pixels fed are not the stored ones: a plain run feeds the same samples with other pixels
+    fed.clear()
+    plain = config.model_copy(update={"output": str(tmp_path / "plain"), "augment": False, "max_steps": 1})
+    train(plain)
+    assert len(fed) == 2
+    for augmented, stored in zip(uninterrupted[:2], fed, strict=True):
+        assert torch.equal(augmented["input_ids"], stored["input_ids"])
+        assert augmented["pixel_values"].shape == stored["pixel_values"].shape
+        assert not torch.equal(augmented["pixel_values"], stored["pixel_values"])
+    # epoch 1 changes a sample's images otherwise than epoch 0 did
+    epoch0 = {tuple(f["input_ids"].flatten().tolist()): f["pixel_values"] for f in uninterrupted[:8]}
+    epoch1 = [(tuple(f["input_ids"].flatten().tolist()), f["pixel_values"]) for f in uninterrupted[8:]]
+    assert all(ids in epoch0 and not torch.equal(epoch0[ids], pixels) for ids, pixels in epoch1)
 
 
 def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable, tiny_model):
@@ -112,64 +161,36 @@ def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable,
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
 
 
-def test_augmented_training_sees_other_pixels(tmp_path, memorisable, tiny_model):
-    _, plain = run(tmp_path, memorisable, tiny_model, name="plain", max_steps=2)
-    output = tmp_path / "augmented"
-    options = ["--lr", "1e-2", "--batch-size", "4", "--warmup-ratio", "0.1", "--num-workers", "0", "--max-steps", "2"]
-    args = ["train", "--data", memorisable, "--model", tiny_model, "--output", str(output), *options]
-    assert main([*args, "--augment"]) == 0
-    assert json.loads((output / "train_config.json").read_text())["augment"] is True
-    losses = [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and all(map(torch.isfinite, map(torch.tensor, losses)))
-    assert losses[0] != pytest.approx(plain[0]["loss"], rel=1e-6)  # the same samples, other pixels
+def test_two_process_torchrun_on_cpu_resumes_mid_epoch_with_the_same_losses(tmp_path, memorisable, tiny_model):
+    # 8 samples, 2 a rank a step: 2 steps an epoch; a checkpoint at 3 (epoch 1's first step), a stop after 4
+    options = ["--data", memorisable, "--model", tiny_model, "--max-steps", "5", "--batch-size", "2"]
+    options += ["--num-workers", "1", "--lr", "1e-2", "--save-every", "3"]
 
+    def torchrun_train(output, *extra, script=("-m", "shardkit.cli", "-q", "train")):
+        command = [*torchrun(2), *script, *options, "--output", str(output), *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
-def test_two_process_torchrun_on_cpu(tmp_path, memorisable, tiny_model):
-    output = tmp_path / "ddp"
-    result = subprocess.run(
-        [
-            *torchrun(2),
-            "-m",
-            "shardkit.cli",
-            "-q",
-            "train",
-            "--data",
-            memorisable,
-            "--model",
-            tiny_model,
-            "--output",
-            str(output),
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--num-workers",
-            "0",
-            "--lr",
-            "1e-3",
-            "--save-every",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["samples"] == 4 for r in rows)  # 2 per rank, counted over both ranks
-    assert (output / "final" / "config.json").exists() and (output / "checkpoints" / "step-000003").exists()
-    assert result.stdout.count("trained to step 3") == 1  # only rank 0 reports
-
-    # both ranks resume from rank 0's checkpoint and stay in step (a rank left at step 0 would hang the run)
-    launcher = torchrun(2)  # a fresh port
-    train_args = result.args[len(launcher) : result.args.index("--save-every")]
-    longer = [*launcher, *(a if a != "3" else "5" for a in train_args)]
-    again = subprocess.run([*longer, "--save-every", "5", "--resume"], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    whole = torchrun_train(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    rows = metrics(tmp_path / "whole")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["samples"] == 4 for r in rows)  # 2 per rank, counted over both ranks
+    assert (tmp_path / "whole" / "final" / "config.json").exists()
+    assert whole.stdout.count("trained to step 5") == 1  # only rank 0 reports
+
+    broken = tmp_path / "broken"
+    stopped = torchrun_train(broken, script=(str(Path(__file__).with_name("distributed_train.py")), "4"))
+    assert stopped.returncode != 0 and "trained to step" not in stopped.stdout, stopped.stderr[-3000:]
+    assert [r["step"] for r in metrics(broken)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == ["step-000003"]
+    # both ranks resume from rank 0's checkpoint and stay in step (a rank left at step 0 would hang the run)
+    again = torchrun_train(broken, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("trained to step 5") == 1
+    got = metrics(broken)
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5] and [r["epoch"] for r in got] == [0, 0, 1, 1, 2]
+    # exact: the same deterministic CPU ops (gloo sums of 2 ranks included) on the same inputs and weights
+    assert [(r["loss"], r["lr"], r["grad_norm"]) for r in got] == [(r["loss"], r["lr"], r["grad_norm"]) for r in rows]
 
 
 def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
