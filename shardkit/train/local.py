@@ -38,6 +38,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,18 +278,8 @@ def _windows(loader: TorchLoader, size: int) -> Iterator[list[dict[str, torch.Te
         yield window
 
 
-def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run training; returns the metrics of the steps run in this call (rank 0's view).
-
-    ``on_step(step, metrics)`` is called after each optimizer step (and its checkpoint).
-    """
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
-    rank, world, device = _setup_distributed()
-    output = Path(config.output)
-    torch.manual_seed(config.seed)
-
+def _open_data(config: TrainConfig) -> tuple[Any, Any, TorchLoader]:
+    """The training stream, its collator and the loader of model-ready batches."""
     stream = config.open_stream(
         batch_size=None if config.batch_tokens else (config.batch_size or 1),
         max_tokens=None if config.pack else config.batch_tokens,
@@ -298,16 +289,18 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         on_error=config.on_error,
     )
     manifest = stream.source.manifest
-    augment = Augment(seed=config.seed) if config.augment else None
     if config.image_embeddings:
         collator = EmbeddingCollator.for_build(manifest)
     else:
+        augment = Augment(seed=config.seed) if config.augment else None
         collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
-    loader = TorchLoader(stream, collate=collator, num_workers=config.num_workers)
-    evaluation = Evaluation(config.eval_data, manifest, config.batch_size or 1) if config.eval_data else None
+    return stream, collator, TorchLoader(stream, collate=collator, num_workers=config.num_workers)
 
+
+def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
+    """The model to train, checked against the build (and the cached embeddings), frozen and wrapped as asked."""
     model = load_model(config.model, config.attn_implementation)
-    _check_model_fits_build(model, manifest.config)
+    _check_model_fits_build(model, stream.source.manifest.config)
     if config.freeze_vision_tower:
         vision_tower(model).requires_grad_(False)
     if stream.embeddings is not None:
@@ -326,53 +319,161 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             model.enable_input_require_grads()
     if stream.embeddings is not None and any(p.requires_grad for p in vision_tower(model).parameters()):
         raise ConfigError("--image-embeddings: the vision tower would be trained; add --freeze-vision-tower")
-    model.to(device)
+    return model
+
+
+@dataclass
+class _Stepper:
+    """One optimizer step over a window of ``grad_accum`` batches, taken by every rank together."""
+
+    config: TrainConfig
+    model: torch.nn.Module  # wrapped in DDP when world > 1
+    collator: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    world: int
+    autocast: Any
+
+    @property
+    def inner(self) -> torch.nn.Module:
+        """The model itself (not its DDP wrapper)."""
+        return self.model.module if self.world > 1 else self.model
+
+    def __call__(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, float, int, int]:
+        """Step on ``window``: the loss and gradient norm, and the samples and tokens, of all ranks together."""
+        world, device = self.world, self.device
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        targets = _all_reduce_sum(torch.tensor(float(local_targets), device=device))
+        loss_sum = torch.zeros((), device=device)
+        samples = tokens = 0
+        for i, batch in enumerate(window):
+            batch_samples, batch_tokens = self.collator.count(batch)
+            inputs = self.collator.to_device(batch, device)
+            if int(inputs["input_ids"].max()) >= self.inner.config.text_config.vocab_size:
+                raise ConfigError(
+                    "the build's token ids exceed the model's vocabulary: was it built with this model's tokenizer?"
+                )
+            if self.config.image_embeddings:
+                inputs = self.collator.model_inputs(self.inner, inputs)
+            sync = world > 1 and i < len(window) - 1
+            with self.model.no_sync() if sync else nullcontext(), self.autocast:
+                # loss = sum of token losses / targets of the whole step; DDP averages over ranks, so scale by world
+                loss_part = _step_loss(self.model, inputs, targets / world)
+                loss_part.backward()
+            loss_sum += loss_part.detach() / world
+            samples += batch_samples
+            tokens += batch_tokens
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(_all_reduce_sum(loss_sum))
+        counts = _all_reduce_sum(torch.tensor([samples, tokens], dtype=torch.float64, device=device)).tolist()
+        return loss, float(grad_norm), int(counts[0]), int(counts[1])
+
+
+def _resume(config: TrainConfig, output: Path, rank: int, model, optimizer, scheduler, loader) -> dict[str, Any]:
+    """Restore the latest checkpoint under ``output`` when resuming: its state (``step`` 0 and nothing else
+    when there is none)."""
+    if config.resume and (latest := _latest_checkpoint(output, rank)) is not None:
+        state = _load_checkpoint(latest, model, optimizer, scheduler)
+        loader.load_state_dict(state["loader"])
+        logger.info("resumed from %s (step %d, epoch %d)", latest, state["step"], loader.epoch)
+        return state
+    if config.resume:
+        logger.info("no checkpoint in %s: starting from the beginning", output)
+    return {"step": 0}
+
+
+class _Log:
+    """Rank 0's account of a run: ``metrics.jsonl`` (cut back to ``step`` on resume) and the progress bar."""
+
+    def __init__(self, path: Path, rank: int, total_steps: int, step: int):
+        from tqdm import tqdm
+
+        self.path, self.writes = path, rank == 0
+        if self.writes:
+            keep_metrics_until(path, step)
+        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not self.writes or None)
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict[str, Any]) -> None:
+        """An optimizer step's metrics."""
+        self.loss = record["loss"]
+        if self.writes:
+            self._write(record)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                samples_s=f"{record['samples_per_s']:.1f}",
+                tokens_s=f"{record['tokens_per_s']:.0f}",
+                **({"eval_loss": f"{self.eval_loss:.4f}"} if self.eval_loss is not None else {}),
+            )
+            self.bar.update(1)
+
+    def evaluation(self, step: int, result: EvalResult) -> None:
+        """An evaluation after ``step``."""
+        self.eval_loss = result.loss
+        if self.writes:
+            self._write(result.record(step))
+            self.bar.set_postfix(loss="-" if self.loss is None else f"{self.loss:.4f}", eval_loss=f"{result.loss:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run training; returns the metrics of the steps run in this call (rank 0's view).
+
+    ``on_step(step, metrics)`` is called after each optimizer step (and its checkpoint).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    rank, world, device = _setup_distributed()
+    output = Path(config.output)
+    torch.manual_seed(config.seed)
+
+    stream, collator, loader = _open_data(config)
+    manifest = stream.source.manifest
+    evaluation = Evaluation(config.eval_data, manifest, config.batch_size or 1) if config.eval_data else None
+    model = _prepare_model(config, stream).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-
     steps_per_epoch = math.ceil(stream.steps_in_epoch(0) / config.grad_accum)
     if not steps_per_epoch:
         raise ConfigError(f"{config.data} gives this rank no batch: too few samples for {world} ranks")
     total_steps = config.max_steps or steps_per_epoch * (config.epochs or 1)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+    state = _resume(config, output, rank, model, optimizer, scheduler, loader)
+    step = state["step"]
 
-    step = 0
-    state: dict[str, Any] = {}
-    if config.resume and (latest := _latest_checkpoint(output, rank)) is not None:
-        state = _load_checkpoint(latest, model, optimizer, scheduler)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-        logger.info("resumed from %s (step %d, epoch %d)", latest, step, loader.epoch)
-    elif config.resume:
-        logger.info("no checkpoint in %s: starting from the beginning", output)
-
-    ddp = world > 1
-    if ddp:
+    if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    inner = model.module if ddp else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    take_step = _Stepper(config, model, collator, optimizer, scheduler, device, world, autocast)
+    inner = take_step.inner
 
-    metrics_path = output / "metrics.jsonl"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         (output / "train_config.json").write_text(json.dumps(config.model_dump(), indent=2, sort_keys=True))
-        keep_metrics_until(metrics_path, step)
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    log = _Log(output / "metrics.jsonl", rank, total_steps, step)
     sources = SourceCounter(stream, state.get("source_samples"))
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=rank != 0 or None)
-    evaluated = {"step": None, "loss": None}
+    evaluated_at = None
 
     def run_evaluation() -> None:  # every rank takes part; rank 0 writes
-        result = evaluate(inner, evaluation, device, autocast)
+        nonlocal evaluated_at
+        log.evaluation(step, evaluate(inner, evaluation, device, autocast))
         model.train()
-        evaluated.update(step=step, loss=result.loss)
-        if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(result.record(step)) + "\n")
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}" if history else "-", eval_loss=f"{result.loss:.4f}")
+        evaluated_at = step
 
     model.train()
     started = time.perf_counter()
@@ -380,86 +481,50 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         epoch = loader.epoch
         for window in _windows(loader, config.grad_accum):
             step_start = time.perf_counter()
-            local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-            targets = _all_reduce_sum(torch.tensor(float(local_targets), device=device))
-            loss_sum = torch.zeros((), device=device)
-            samples = tokens = 0
-            for i, batch in enumerate(window):
-                batch_samples, batch_tokens = collator.count(batch)
-                inputs = collator.to_device(batch, device)
-                if int(inputs["input_ids"].max()) >= inner.config.text_config.vocab_size:
-                    raise ConfigError(
-                        "the build's token ids exceed the model's vocabulary: was it built with this model's tokenizer?"
-                    )
-                if config.image_embeddings:
-                    inputs = collator.model_inputs(inner, inputs)
-                sync = ddp and i < len(window) - 1
-                with model.no_sync() if sync else nullcontext(), autocast:
-                    # loss = sum of token losses / targets of the whole step; DDP averages over ranks, so scale by world
-                    loss_part = _step_loss(model, inputs, targets / world)
-                    loss_part.backward()
-                loss_sum += loss_part.detach() / world
-                samples += batch_samples
-                tokens += batch_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, samples, tokens = take_step(window)
             step += 1
-            loss = float(_all_reduce_sum(loss_sum))
-            counts = _all_reduce_sum(torch.tensor([samples, tokens], dtype=torch.float64, device=device)).tolist()
             seconds = time.perf_counter() - step_start
             record = {
                 "step": step,
                 "epoch": epoch,
                 "loss": loss,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "samples": int(counts[0]),
-                "tokens": int(counts[1]),
-                "samples_per_s": counts[0] / seconds,
-                "tokens_per_s": counts[1] / seconds,
+                "grad_norm": grad_norm,
+                "samples": samples,
+                "tokens": tokens,
+                "samples_per_s": samples / seconds,
+                "tokens_per_s": tokens / seconds,
                 "elapsed_s": time.perf_counter() - started,
                 "skipped": sum(stream.skipped.values()),  # this rank's; rank 0 writes the line
             }
             if (source_samples := sources.update(_all_reduce_numpy)) is not None:
                 record["source_samples"] = source_samples
             history.append(record)
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    samples_s=f"{record['samples_per_s']:.1f}",
-                    tokens_s=f"{record['tokens_per_s']:.0f}",
-                    **({"eval_loss": f"{evaluated['loss']:.4f}"} if evaluated["loss"] is not None else {}),
-                )
-                bar.update(1)
+            log.step(record)
             if evaluation and config.eval_every and step % config.eval_every == 0:
                 run_evaluation()
-            if rank == 0:
-                if step % config.save_every == 0 or step == total_steps:
-                    _save_checkpoint(
-                        output,
-                        step,
-                        inner,
-                        optimizer,
-                        scheduler,
-                        loader.state_dict(),
-                        config.keep_checkpoints,
-                        source_samples=record.get("source_samples"),
-                    )
+            if rank == 0 and (step % config.save_every == 0 or step == total_steps):
+                _save_checkpoint(
+                    output,
+                    step,
+                    inner,
+                    optimizer,
+                    scheduler,
+                    loader.state_dict(),
+                    config.keep_checkpoints,
+                    source_samples=record.get("source_samples"),
+                )
             if on_step:
                 on_step(step, record)
             if step >= total_steps:
                 break
-    if evaluation and evaluated["step"] != step:
+    if evaluation and evaluated_at != step:
         run_evaluation()
-    bar.close()
+    log.close()
     if rank == 0:
         _save_final(output, inner)
-        _plot_loss(metrics_path, output / "loss.png")
-    if ddp:
+        _plot_loss(log.path, output / "loss.png")
+    if world > 1:
         torch.distributed.barrier()
     return history
 
