@@ -24,6 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,96 @@ class TinkerEvaluation:
         return combine(loss_sums, tokens, len(self.source))
 
 
+@dataclass
+class _Queued:
+    """A step queued on the service; its results are collected one step later, while the next one runs."""
+
+    step: int
+    epoch: int
+    lr: float
+    datums: list[Any]
+    forward_backward: Any
+    optim_step: Any
+    loader: dict[str, Any]  # the loader's state after this step's batch
+    save: Any  # the queued save_state, on a checkpoint step
+    eval: Any  # the queued evaluation, on an evaluation step
+    source_samples: dict[str, int] | None
+    started: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(d.model_input.length + 1 for d in self.datums)
+
+
+@dataclass
+class _Finisher:
+    """Collects a queued step's results: ``metrics.jsonl`` (and the evaluation's line), the resume state on a
+    checkpoint step, ``on_step``."""
+
+    config: TinkerTrainConfig
+    evaluation: TinkerEvaluation | None
+    on_step: Callable[[int, dict[str, Any]], None] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+    def __call__(self, queued: _Queued) -> None:
+        output_fb = queued.forward_backward.result()
+        queued.optim_step.result()
+        seconds = time.perf_counter() - queued.started
+        samples, tokens = len(queued.datums), queued.tokens
+        record = {
+            "step": queued.step,
+            "epoch": queued.epoch,
+            "loss": _mean_nll(output_fb, queued.datums),
+            "lr": queued.lr,
+            "samples": samples,
+            "tokens": tokens,
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+        }
+        if queued.source_samples is not None:
+            record["source_samples"] = queued.source_samples
+        self.history.append(record)
+        with (self.output / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            if queued.eval is not None and self.evaluation is not None:
+                result = self.evaluation.collect(queued.eval)
+                f.write(json.dumps(result.record(queued.step)) + "\n")
+                logger.info("step %d eval_loss %.4f", queued.step, result.loss)
+        logger.info("step %d loss %.4f", queued.step, record["loss"])
+        if queued.save is not None:
+            state = {
+                "step": queued.step,
+                "base_model": self.config.base_model,
+                "tinker_path": queued.save.result().path,
+                "loader": queued.loader,
+                "source_samples": queued.source_samples,
+            }
+            fs, _ = open_fs(str(self.output))
+            write_bytes(fs, str(self.output / STATE_FILE), json.dumps(state, indent=2).encode())
+        if self.on_step:
+            self.on_step(queued.step, record)
+
+
+def _client(config: TinkerTrainConfig, service: Any, batches: DatumBatches) -> tuple[Any, dict[str, Any]]:
+    """A training client: restored from the last saved state when resuming (with the loader), else a new LoRA;
+    and the saved state (``step`` 0 when starting)."""
+    state_path = Path(config.output) / STATE_FILE
+    if config.resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["base_model"] != config.base_model:
+            raise ConfigError(f"{state_path} is a run of {state['base_model']}, not {config.base_model}")
+        client = _result(service.create_training_client_from_state_with_optimizer(state["tinker_path"]))
+        batches.load_state_dict(state["loader"])
+        logger.info("resumed from %s at step %d", state["tinker_path"], state["step"])
+        return client, state
+    client = service.create_lora_training_client(base_model=config.base_model, rank=config.lora_rank, seed=config.seed)
+    return _result(client), {"step": 0}
+
+
 def train_tinker(
     config: TinkerTrainConfig,
     *,
@@ -136,68 +227,13 @@ def train_tinker(
     total_steps = config.max_steps or stream.steps_in_epoch(0) * (config.epochs or 1)
     warmup = round(config.warmup_ratio * total_steps)
 
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    state_path = output / STATE_FILE
-    metrics_path = output / "metrics.jsonl"
-    step = 0
-    state: dict[str, Any] = {}
-    if config.resume and state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state["base_model"] != config.base_model:
-            raise ConfigError(f"{state_path} is a run of {state['base_model']}, not {config.base_model}")
-        client = _result(service.create_training_client_from_state_with_optimizer(state["tinker_path"]))
-        batches.load_state_dict(state["loader"])
-        step = state["step"]
-        logger.info("resumed from %s at step %d", state["tinker_path"], step)
-    else:
-        client = _result(
-            service.create_lora_training_client(base_model=config.base_model, rank=config.lora_rank, seed=config.seed)
-        )
-    keep_metrics_until(metrics_path, step)
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    client, state = _client(config, service, batches)
+    step = state["step"]
+    keep_metrics_until(Path(config.output) / "metrics.jsonl", step)
     sources = SourceCounter(stream, state.get("source_samples"))
-
-    history: list[dict[str, Any]] = []
-    pending: dict[str, Any] | None = None
-
-    def finish(submitted: dict[str, Any]) -> None:
-        output_fb = submitted["forward_backward"].result()
-        submitted["optim_step"].result()
-        seconds = time.perf_counter() - submitted["started"]
-        record = {
-            "step": submitted["step"],
-            "epoch": submitted["epoch"],
-            "loss": _mean_nll(output_fb, submitted["datums"]),
-            "lr": submitted["lr"],
-            "samples": len(submitted["datums"]),
-            "tokens": submitted["tokens"],
-            "samples_per_s": len(submitted["datums"]) / seconds,
-            "tokens_per_s": submitted["tokens"] / seconds,
-        }
-        if submitted["source_samples"] is not None:
-            record["source_samples"] = submitted["source_samples"]
-        history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            if submitted["eval"] is not None:
-                result = evaluation.collect(submitted["eval"])
-                f.write(json.dumps(result.record(submitted["step"])) + "\n")
-                logger.info("step %d eval_loss %.4f", submitted["step"], result.loss)
-        logger.info("step %d loss %.4f", record["step"], record["loss"])
-        if submitted["save"] is not None:
-            saved = submitted["save"].result()
-            state = {
-                "step": submitted["step"],
-                "base_model": config.base_model,
-                "tinker_path": saved.path,
-                "loader": submitted["loader"],
-                "source_samples": submitted["source_samples"],
-            }
-            fs, folder = open_fs(str(output))
-            write_bytes(fs, str(state_path), json.dumps(state, indent=2).encode())
-        if on_step:
-            on_step(record["step"], record)
-
+    finish = _Finisher(config, evaluation, on_step)
+    pending: _Queued | None = None
     while step < total_steps and (config.max_steps or batches.epoch < (config.epochs or 1)):
         epoch = batches.epoch
         for datums in batches:
@@ -212,26 +248,24 @@ def train_tinker(
             )
             # evaluated on the weights after this step, queued behind it: training goes on while it runs
             due = config.eval_every and step % config.eval_every == 0 or step == total_steps
-            evaluate = evaluation.submit(client) if evaluation and due else None
-            submitted = {
-                "step": step,
-                "epoch": epoch,
-                "lr": lr,
-                "datums": datums,
-                "tokens": sum(d.model_input.length + 1 for d in datums),
-                "forward_backward": forward_backward,
-                "optim_step": optim_step,
-                "loader": batches.state_dict(),
-                "save": save,
-                "eval": evaluate,
-                "source_samples": sources.update(),
-                "started": started,
-            }
+            queued = _Queued(
+                step,
+                epoch,
+                lr,
+                datums,
+                forward_backward,
+                optim_step,
+                loader=batches.state_dict(),
+                save=save,
+                eval=evaluation.submit(client) if evaluation and due else None,
+                source_samples=sources.update(),
+                started=started,
+            )
             if pending is not None:  # the next step is already queued on the service
                 finish(pending)
-            pending = submitted
+            pending = queued
             if step >= total_steps:
                 break
     if pending is not None:
         finish(pending)
-    return history
+    return finish.history
