@@ -24,6 +24,15 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    """Folder of a 2,048-token Qwen-style tokenizer (``shardkit.testing.write_tiny_tokenizer``): for builds that
+    train tiny models, where token parity is not what is tested, a ~70x smaller output layer than the real one."""
+    from shardkit.testing import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
 def qwen2_vl_template() -> str:
     return (FIXTURES / "qwen2_vl_chat_template.jinja").read_text()
 

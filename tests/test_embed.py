@@ -174,16 +174,23 @@ def test_two_ranks_embed_their_shares_into_the_same_shards(family_model, small_b
 
 
 @pytest.fixture(scope="module")
-def train_setup(tmp_path_factory):
+def train_setup(tmp_path_factory, tiny_tokenizer):
     """A build of 8 one-image cases, a tiny Qwen2-VL and its cache (float32)."""
     root = tmp_path_factory.mktemp("embed-train")
     data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
     build(
-        BuildConfig.create(input=str(data.jsonl), out=str(root / "build"), max_pixels=56 * 56, samples_per_shard=4),
+        BuildConfig.create(
+            input=str(data.jsonl),
+            out=str(root / "build"),
+            max_pixels=56 * 56,
+            samples_per_shard=4,
+            tokenizer=tiny_tokenizer,
+        ),
         progress=False,
     )
     torch.manual_seed(0)
-    model_class("qwen2_vl")(tiny_qwen2_vl_config(initializer_range=0.2)).save_pretrained(root / "model")
+    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
+    model_class("qwen2_vl")(config).save_pretrained(root / "model")
     args = ["embed", str(root / "build"), "--model", str(root / "model"), "--out", str(root / "emb")]
     assert main([*args, "--dtype", "float32", "--no-progress"]) == 0
     return {"data": str(root / "build"), "model": str(root / "model"), "embeddings": str(root / "emb")}
