@@ -51,6 +51,7 @@ def test_the_rank_split_covers_every_batch_once(samples):
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+@pytest.mark.slow
 def test_evaluation_on_two_gloo_ranks_equals_one_process_exactly(seven, tiny_model, tmp_path):
     location = seven  # 7 samples: batches of 2 (the last of 1), 2 on each rank
     result = subprocess.run(

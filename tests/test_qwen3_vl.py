@@ -149,6 +149,7 @@ def test_mrope_positions_equal_the_models_rope_index(hf_build):
 
 
 @pytest.mark.parametrize("moe, attn", [(False, "sdpa"), (False, "eager"), (True, "sdpa")])
+@pytest.mark.slow
 def test_packed_losses_equal_each_sample_alone(hf_build, moe, attn):
     model = tiny_model(moe, attn)
     stream = ShardStream(hf_build, pack_tokens=1200, sequences_per_batch=2, seed=0)
@@ -203,6 +204,7 @@ def falls(history) -> bool:
     return sum(losses[-3:]) / 3 < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_full_fine_tune_of_qwen3_vl_moe_learns(tmp_path, memorisable, checkpoints):
     from transformers import Qwen3VLMoeForConditionalGeneration
 
@@ -212,6 +214,7 @@ def test_full_fine_tune_of_qwen3_vl_moe_learns(tmp_path, memorisable, checkpoint
     assert final.config.text_config.vocab_size == TINY_VOCAB_SIZE and final.config.text_config.num_experts == 4
 
 
+@pytest.mark.slow
 def test_lora_on_qwen3_vl_learns(tmp_path, memorisable, checkpoints):
     _, history = run(tmp_path, memorisable, checkpoints["dense"], max_steps=20, lr=2e-2, lora_rank=16)
     assert falls(history), [h["loss"] for h in history]
@@ -219,6 +222,7 @@ def test_lora_on_qwen3_vl_learns(tmp_path, memorisable, checkpoints):
     assert adapter["base_model_name_or_path"] == checkpoints["dense"]
 
 
+@pytest.mark.slow
 def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable, checkpoints):
     options = {"max_steps": 4, "save_every": 2, "batch_size": 2, "grad_accum": 2}
     _, uninterrupted = run(tmp_path, memorisable, checkpoints["dense"], name="whole", **options)
@@ -236,6 +240,7 @@ def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable, checkpoint
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in uninterrupted[2:]], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints):
     output = tmp_path / "ddp"
     args = ["-m", "shardkit.cli", "-q", "train", "--data", memorisable, "--model", checkpoints["moe"],
@@ -250,6 +255,7 @@ def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints)
     assert again.stdout.count("trained to step 3") == 1
 
 
+@pytest.mark.slow
 def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable, checkpoints):
     # the mean over every target token of the step, whatever the micro-batches (Qwen3-VL's own loss would not be)
     _, whole = run(tmp_path, memorisable, checkpoints["dense"], name="whole", max_steps=1, batch_size=8)
@@ -261,6 +267,7 @@ def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memor
     assert packed[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_freezing_the_qwen3_vl_vision_tower_leaves_it_and_its_deepstack_mergers_unchanged(
     tmp_path, memorisable, checkpoints
 ):

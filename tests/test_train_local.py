@@ -17,6 +17,8 @@ from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
 from tests.conftest import torchrun
 
+pytestmark = pytest.mark.slow  # trains tiny models
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, tiny_tokenizer):
