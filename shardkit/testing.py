@@ -29,6 +29,7 @@ _VISION_TOKENS = {
     "vision_start_token_id": "<|vision_start|>",
     "vision_end_token_id": "<|vision_end|>",
 }
+_TEXT_TOKENS = {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>"}
 _LAST_QWEN2_VL_ADDED = "<|video_pad|>"
 
 
@@ -76,14 +77,15 @@ def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = TINY_VOCAB
 
 
 def _vocabulary(tokenizer: Any) -> dict[str, int]:
-    """``vocab_size`` and the vision token ids of the config for ``tokenizer`` (None: the real vocabulary)."""
+    """``vocab_size``, the vision token ids and (with a tokenizer) the text model's bos/eos ids of the config for
+    ``tokenizer`` (None: the real vocabulary, the configs' own bos/eos ids)."""
     if tokenizer is None:
         return {"vocab_size": REAL_VOCAB_SIZE, **VISION_TOKEN_IDS}
     if isinstance(tokenizer, str | os.PathLike):
         from shardkit.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(tokenizer))[0]
-    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in _VISION_TOKENS.items()}
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in (_VISION_TOKENS | _TEXT_TOKENS).items()}
     return {"vocab_size": len(tokenizer), **ids}
 
 
@@ -138,6 +140,7 @@ def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
         "rope_theta": 10000.0,
         "initializer_range": initializer_range,
+        **{key: vocabulary[key] for key in _TEXT_TOKENS if key in vocabulary},
     }
     return Config(text_config=text, vision_config=vision, initializer_range=initializer_range, **token_ids)
 
@@ -178,6 +181,7 @@ def tiny_qwen3_vl_config(moe: bool = False, initializer_range: float = 0.02, tok
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
                             "mrope_interleaved": True},
         "initializer_range": initializer_range,
+        **{key: vocabulary[key] for key in _TEXT_TOKENS if key in vocabulary},
     }  # fmt: skip
     if moe:
         from transformers import Qwen3VLMoeConfig as Config
