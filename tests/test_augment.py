@@ -69,6 +69,7 @@ def test_off_by_default_and_on_changes_pixels_but_not_shapes(builds):
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
+@pytest.mark.slow
 def test_same_epoch_same_pixels_across_loaders_workers_batches_and_resume(builds, fmt):
     augment = Augment(rotation=15, brightness=0.3, contrast=0.3)
     whole = pixels(loader(builds[fmt], augment=augment))
@@ -108,6 +109,7 @@ def test_an_augmented_image_keeps_its_size_and_fills_corners_with_the_mean():
             Augment(**bad)
 
 
+@pytest.mark.slow
 def test_a_tiny_qwen2_vl_trains_on_an_augmented_uint8_batch(builds):
     from transformers import Qwen2VLForConditionalGeneration
 

@@ -57,6 +57,7 @@ def read_all(folder, **options):
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
+@pytest.mark.slow
 def test_no_bit_flip_is_read_back_as_different_data(builds, tmp_path, fmt):
     copy = copy_build(builds, fmt, tmp_path)
     unchecked = flip_bits(copy, 300, seed=1, checksums=False)

@@ -13,6 +13,8 @@ from shardkit.load import ShardStream
 from shardkit.synthetic import make_clinical_dataset
 from tests.conftest import torchrun
 
+pytestmark = pytest.mark.slow  # torchrun process groups
+
 
 @pytest.fixture(scope="module")
 def epoch_build(tmp_path_factory):

@@ -71,6 +71,7 @@ def loss_and_grads(model, inputs):
 @pytest.mark.parametrize(
     "batching", [{"batch_size": 3}, {"max_tokens": 700}, {"pack_tokens": 700, "sequences_per_batch": 2}]
 )
+@pytest.mark.slow
 def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family_model, small_build, cache, batching):
     family, folder = family_model
     model = model_class(family).from_pretrained(folder, dtype=torch.float32)
@@ -156,6 +157,7 @@ def test_embed_resumes_after_a_kill_keeping_finished_shards(family_model, small_
         ShardStream(small_build, batch_size=2, image_embeddings=str(out), verify=True)
 
 
+@pytest.mark.slow
 def test_two_ranks_embed_their_shares_into_the_same_shards(family_model, small_build, cache, tmp_path):
     if family_model[0] != "qwen2_vl":
         pytest.skip("one family is enough for the process layout")
@@ -174,21 +176,29 @@ def test_two_ranks_embed_their_shares_into_the_same_shards(family_model, small_b
 
 
 @pytest.fixture(scope="module")
-def train_setup(tmp_path_factory):
+def train_setup(tmp_path_factory, tiny_tokenizer):
     """A build of 8 one-image cases, a tiny Qwen2-VL and its cache (float32)."""
     root = tmp_path_factory.mktemp("embed-train")
     data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
     build(
-        BuildConfig.create(input=str(data.jsonl), out=str(root / "build"), max_pixels=56 * 56, samples_per_shard=4),
+        BuildConfig.create(
+            input=str(data.jsonl),
+            out=str(root / "build"),
+            max_pixels=56 * 56,
+            samples_per_shard=4,
+            tokenizer=tiny_tokenizer,
+        ),
         progress=False,
     )
     torch.manual_seed(0)
-    model_class("qwen2_vl")(tiny_qwen2_vl_config(initializer_range=0.2)).save_pretrained(root / "model")
+    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
+    model_class("qwen2_vl")(config).save_pretrained(root / "model")
     args = ["embed", str(root / "build"), "--model", str(root / "model"), "--out", str(root / "emb")]
     assert main([*args, "--dtype", "float32", "--no-progress"]) == 0
     return {"data": str(root / "build"), "model": str(root / "model"), "embeddings": str(root / "emb")}
 
 
+@pytest.mark.slow
 def test_training_with_the_cache_gives_the_live_frozen_losses_and_resumes(tmp_path, train_setup):
     options = ["--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--num-workers", "0", "--save-every", "2"]
     common = ["train", "--data", train_setup["data"], "--model", train_setup["model"], *options]
@@ -236,6 +246,7 @@ def test_a_cache_that_does_not_fit_is_refused(tmp_path, train_setup, small_build
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_freezing_the_vision_tower_leaves_it_unchanged(tmp_path, train_setup):
     from transformers import Qwen2VLForConditionalGeneration
 

@@ -19,21 +19,24 @@ from tests.conftest import torchrun
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tmp_path_factory, tiny_tokenizer):
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-eval")
-    Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(initializer_range=0.2)).save_pretrained(folder)
+    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module")
-def seven(tmp_path_factory):
+def seven(tmp_path_factory, tiny_tokenizer):
     """7 short cases with one small image each: an odd number, so the rank split has a remainder."""
     root = tmp_path_factory.mktemp("seven")
     data = make_clinical_dataset(root / "data", cases=7, seed=5, megapixels=(0.01, 0.02), images_per_case=(1, 1))
-    config = BuildConfig.create(input=str(data.jsonl), out=str(root / "build"), max_pixels=56 * 56)
+    config = BuildConfig.create(
+        input=str(data.jsonl), out=str(root / "build"), max_pixels=56 * 56, tokenizer=tiny_tokenizer
+    )
     build(config, progress=False)
     return str(root / "build")
 
@@ -48,6 +51,7 @@ def test_the_rank_split_covers_every_batch_once(samples):
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+@pytest.mark.slow
 def test_evaluation_on_two_gloo_ranks_equals_one_process_exactly(seven, tiny_model, tmp_path):
     location = seven  # 7 samples: batches of 2 (the last of 1), 2 on each rank
     result = subprocess.run(

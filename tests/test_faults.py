@@ -68,6 +68,7 @@ def test_read_only_output_is_one_line(clinical, tmp_path, mount_tmpfs):
     assert str(out / "shards") in line
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_a_rerun_after_freeing_space_resumes(clinical, tmp_path, mount_tmpfs):
     options = ["--samples-per-shard", "2", "--workers", "1", "--no-progress"]
     reference = tmp_path / "reference"
@@ -91,6 +92,7 @@ def children(pid):
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_one_line_and_a_rerun_resumes(tmp_path):
     data = make_clinical_dataset(tmp_path / "data", cases=16, seed=1, megapixels=(0.2, 0.4))
     out = tmp_path / "out"
@@ -128,6 +130,7 @@ def test_an_unreachable_http_input_is_one_line(tmp_path, capsys):
     assert err.startswith("shardkit: error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_object_store_without_credentials_is_one_line(clinical, tmp_path):
     pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")

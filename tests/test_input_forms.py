@@ -446,6 +446,7 @@ def test_a_json_file_as_hf_input_is_one_clear_error(tmp_path):
 # -- output a user can act on ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_piping_to_head_shows_no_broken_pipe(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text("{not json}\n" * 5000)

@@ -84,6 +84,7 @@ def test_patch_order_matches_the_processor_on_an_odd_grid(processor):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.slow
 def test_a_tiny_qwen2_vl_trains_on_a_batch(builds, family):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
@@ -190,6 +191,7 @@ def per_sample_losses(logits, labels, sequences):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.slow
 def test_packed_losses_equal_each_sample_alone(builds, family, attn):
     model = tiny_model(family, attn)
     sequences, collate = packed_batch(builds)

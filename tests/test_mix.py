@@ -210,6 +210,7 @@ def test_train_refuses_a_bad_mix_in_one_line(builds, tiny, tmp_path, capsys):
     assert "does not match" in err and "train_on differs" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_read_the_planned_split_of_a_mix(builds, tiny, tmp_path):
     args = [builds["tar"], tiny["same"], str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

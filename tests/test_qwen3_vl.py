@@ -1,6 +1,7 @@
 """Qwen3-VL on the local torch path: tokens against the published chat template and tinker-cookbook,
 batches against ``Qwen3VLProcessor``, M-RoPE positions against the model, packed losses, and training
-(dense and MoE, full fine-tune and LoRA, resume, torchrun) with tiny random models (real vocabulary)."""
+(dense and MoE, full fine-tune and LoRA, resume, torchrun) with tiny random models (the parity tests with the real
+vocabulary, the training tests with a small tokenizer)."""
 
 import json
 import subprocess
@@ -16,7 +17,7 @@ from shardkit.load.torch import Qwen2VLCollator, mrope_positions
 from shardkit.render import TrainOn, get_family
 from shardkit.schema import Record
 from shardkit.synthetic import make_clinical_dataset
-from shardkit.testing import tiny_qwen3_vl_config
+from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen3_vl_config
 from shardkit.train.local import TrainConfig, train
 from tests.conftest import FIXTURES, qwen3_image_processor, torchrun
 from tests.test_load_torch import per_sample_losses, spans
@@ -125,12 +126,12 @@ def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset,
     assert torch.equal(uint8.to_device(uint8(samples), "cpu")["pixel_values"], batch["pixel_values"])
 
 
-def tiny_model(moe=False, attn="sdpa"):
+def tiny_model(moe=False, attn="sdpa", tokenizer=None):
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
     torch.manual_seed(0)  # sharp enough that attention across samples shows clearly in the losses
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
-    model = cls(tiny_qwen3_vl_config(moe, initializer_range=0.2))
+    model = cls(tiny_qwen3_vl_config(moe, initializer_range=0.2, tokenizer=tokenizer))
     model.set_attn_implementation(attn)
     return model
 
@@ -148,6 +149,7 @@ def test_mrope_positions_equal_the_models_rope_index(hf_build):
 
 
 @pytest.mark.parametrize("moe, attn", [(False, "sdpa"), (False, "eager"), (True, "sdpa")])
+@pytest.mark.slow
 def test_packed_losses_equal_each_sample_alone(hf_build, moe, attn):
     model = tiny_model(moe, attn)
     stream = ShardStream(hf_build, pack_tokens=1200, sequences_per_batch=2, seed=0)
@@ -169,23 +171,24 @@ def test_packed_losses_equal_each_sample_alone(hf_build, moe, attn):
 
 
 @pytest.fixture(scope="module")
-def memorisable(tmp_path_factory) -> str:
+def memorisable(tmp_path_factory, tiny_tokenizer) -> str:
     """8 short cases, one 64x64 image each (4 image tokens), in the template's format."""
     root = tmp_path_factory.mktemp("memo3")
     data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
     config = BuildConfig.create(input=str(data.jsonl), out=str(root / "build"), model="qwen3_vl_hf",
-                                min_pixels=32 * 32, max_pixels=64 * 64, samples_per_shard=4)  # fmt: skip
+                                min_pixels=32 * 32, max_pixels=64 * 64, samples_per_shard=4,
+                                tokenizer=tiny_tokenizer)  # fmt: skip
     build(config, progress=False)
     return str(root / "build")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, str]:
+def checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
     """Tiny random Qwen3-VL and Qwen3-VL-MoE checkpoints, saved as a model folder is."""
     out = {}
     for name, moe in (("dense", False), ("moe", True)):
         folder = tmp_path_factory.mktemp(f"tiny-qwen3-{name}")
-        tiny_model(moe).save_pretrained(folder)
+        tiny_model(moe, tokenizer=tiny_tokenizer).save_pretrained(folder)
         out[name] = str(folder)
     return out
 
@@ -201,15 +204,17 @@ def falls(history) -> bool:
     return sum(losses[-3:]) / 3 < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_full_fine_tune_of_qwen3_vl_moe_learns(tmp_path, memorisable, checkpoints):
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     _, history = run(tmp_path, memorisable, checkpoints["moe"], max_steps=16)
     assert falls(history), [h["loss"] for h in history]
     final = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
-    assert final.config.text_config.vocab_size == 151936 and final.config.text_config.num_experts == 4
+    assert final.config.text_config.vocab_size == TINY_VOCAB_SIZE and final.config.text_config.num_experts == 4
 
 
+@pytest.mark.slow
 def test_lora_on_qwen3_vl_learns(tmp_path, memorisable, checkpoints):
     _, history = run(tmp_path, memorisable, checkpoints["dense"], max_steps=20, lr=2e-2, lora_rank=16)
     assert falls(history), [h["loss"] for h in history]
@@ -217,6 +222,7 @@ def test_lora_on_qwen3_vl_learns(tmp_path, memorisable, checkpoints):
     assert adapter["base_model_name_or_path"] == checkpoints["dense"]
 
 
+@pytest.mark.slow
 def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable, checkpoints):
     options = {"max_steps": 4, "save_every": 2, "batch_size": 2, "grad_accum": 2}
     _, uninterrupted = run(tmp_path, memorisable, checkpoints["dense"], name="whole", **options)
@@ -234,6 +240,7 @@ def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable, checkpoint
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in uninterrupted[2:]], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints):
     output = tmp_path / "ddp"
     args = ["-m", "shardkit.cli", "-q", "train", "--data", memorisable, "--model", checkpoints["moe"],
@@ -248,6 +255,7 @@ def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints)
     assert again.stdout.count("trained to step 3") == 1
 
 
+@pytest.mark.slow
 def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable, checkpoints):
     # the mean over every target token of the step, whatever the micro-batches (Qwen3-VL's own loss would not be)
     _, whole = run(tmp_path, memorisable, checkpoints["dense"], name="whole", max_steps=1, batch_size=8)
@@ -259,6 +267,7 @@ def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memor
     assert packed[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_freezing_the_qwen3_vl_vision_tower_leaves_it_and_its_deepstack_mergers_unchanged(
     tmp_path, memorisable, checkpoints
 ):

@@ -14,6 +14,7 @@ from shardkit.shards import read_manifest
 from tests.conftest import S3_SECRET as SECRET
 
 
+@pytest.mark.slow
 def test_build_from_and_to_s3_then_stream_it(s3, clinical, tmp_path):
     import fsspec
 

@@ -31,6 +31,7 @@ def make_config(dataset, out, **options):
 
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
+@pytest.mark.slow
 def test_worker_processes_give_byte_identical_shards(clinical, tmp_path, fmt):
     one = build(make_config(clinical, tmp_path / "one", format=fmt), progress=False, workers=1)
     two = build(make_config(clinical, tmp_path / "two", format=fmt), progress=False, workers=2)
@@ -81,6 +82,7 @@ def ray_head(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)  # whatever of its process group is left
 
 
+@pytest.mark.slow
 def test_ray_engine_matches_the_local_engine_on_a_cluster_with_token_authentication(clinical, tmp_path, ray_head):
     build(make_config(clinical, tmp_path / "local"), progress=False)
 
@@ -107,6 +109,7 @@ def test_ray_engine_matches_the_local_engine_on_a_cluster_with_token_authenticat
     assert (tmp_path / "ray" / "index.parquet").read_bytes() == (tmp_path / "local" / "index.parquet").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_build_killed_with_sigkill_finishes_when_run_again(tmp_path):
     data = make_clinical_dataset(tmp_path / "data", cases=60, seed=8, megapixels=(0.2, 0.6), bad_lines=True)
     out = tmp_path / "out"

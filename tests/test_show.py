@@ -172,6 +172,7 @@ PAGE_FACTS = """(async () => {
 })()"""
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(chromium, shown_build, tmp_path):
     build_dir, data = shown_build
     page = tmp_path / "show.html"
@@ -278,6 +279,7 @@ def test_unknown_key_and_missing_build_are_one_line_errors(builds, tmp_path, cap
     assert not (tmp_path / "x.html").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_page_and_reports(builds, tmp_path):
     out = tmp_path / "page.html"
     command = [sys.executable, "-m", "shardkit.cli", "show", builds["tar"], "--out", str(out), "--samples", "3"]

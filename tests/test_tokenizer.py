@@ -65,6 +65,7 @@ def test_the_offline_vocabulary_has_qwen3s_later_added_tokens(tokenizer):
 
 
 @pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.slow
 def test_qwen2_families_tokenize_later_added_tokens_as_their_own_tokenizer(tokenizer, qwen2_vl_template, model):
     text = " ".join(LATER) + " <think>\nreasoning</think><tool_call>{}</tool_call>"
     messages = [{"role": "user", "content": text}, {"role": "assistant", "content": f"answer {text}"}]

@@ -1,4 +1,4 @@
-"""The local torch trainer on CPU with a tiny randomly initialised Qwen2-VL (real vocabulary size)."""
+"""The local torch trainer on CPU with a tiny randomly initialised Qwen2-VL (and a small tokenizer)."""
 
 import json
 import math
@@ -14,30 +14,36 @@ from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.load.mix import MixStream
 from shardkit.synthetic import make_clinical_dataset
-from shardkit.testing import tiny_qwen2_vl_config
+from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen2_vl_config
 from shardkit.train import local
 from shardkit.train.local import TrainConfig, train
 from tests.conftest import torchrun
 
+pytestmark = pytest.mark.slow  # trains tiny models
+
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tmp_path_factory, tiny_tokenizer):
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
-    Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(initializer_range=0.2)).save_pretrained(folder)
+    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module")
-def memorisable(tmp_path_factory):
+def memorisable(tmp_path_factory, tiny_tokenizer):
     """8 short cases, one small image each (4 image tokens): a set a tiny model can learn by heart."""
     root = tmp_path_factory.mktemp("memo")
     data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
     out = root / "build"
     build(
-        BuildConfig.create(input=str(data.jsonl), out=str(out), max_pixels=56 * 56, samples_per_shard=4), progress=False
+        BuildConfig.create(
+            input=str(data.jsonl), out=str(out), max_pixels=56 * 56, samples_per_shard=4, tokenizer=tiny_tokenizer
+        ),
+        progress=False,
     )
     return str(out)
 
@@ -62,7 +68,7 @@ def test_full_fine_tune_memorises_and_writes_its_outputs(tmp_path, memorisable, 
     from transformers import Qwen2VLForConditionalGeneration
 
     final = Qwen2VLForConditionalGeneration.from_pretrained(output / "final")
-    assert final.config.text_config.vocab_size == 151936
+    assert final.config.text_config.vocab_size == TINY_VOCAB_SIZE
 
 
 def test_lora_learns_and_saves_an_adapter(tmp_path, memorisable, tiny_model):
@@ -153,7 +159,7 @@ def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable,
     output = tmp_path / "packed"
     options = ["--lr", "1e-2", "--warmup-ratio", "0.1", "--num-workers", "0", "--save-every", "100"]
     args = ["train", "--data", memorisable, "--model", tiny_model, "--output", str(output), *options]
-    assert main([*args, "--pack", "--batch-tokens", "512", "--grad-accum", "2", "--max-steps", "12"]) == 0
+    assert main([*args, "--pack", "--batch-tokens", "800", "--grad-accum", "2", "--max-steps", "12"]) == 0
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5)
     assert all(r["samples"] == 8 and r["tokens"] == padded[0]["tokens"] for r in rows)  # no padding counted
@@ -206,11 +212,12 @@ def test_cli_errors_are_clear(tmp_path, memorisable, capsys):
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
+def split(tmp_path_factory, tiny_tokenizer):
     """The clinical seed's layout built with --val-fraction 0.25: OUT/train and OUT/val."""
     root = tmp_path_factory.mktemp("split")
     data = make_clinical_dataset(root / "data", cases=12, seed=4, megapixels=(0.01, 0.02), images_per_case=(1, 1))
     args = ["build", str(data.jsonl), "--out", str(root / "shards"), "--max-pixels", "3136", "--val-fraction", "0.25"]
+    args += ["--tokenizer", tiny_tokenizer]
     assert main(["-q", *args, "--no-progress"]) == 0
     return root / "shards"
 
