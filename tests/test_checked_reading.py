@@ -263,25 +263,26 @@ def test_on_error_raise_names_the_shard_and_key_and_skip_drops_and_counts_the_sa
     for workers in (0, 2):  # the error crosses from a DataLoader worker intact
         with pytest.raises(ShardCorruptError, match=f"{shard}: sample 5 \\(key '{key}' as read"):
             list(loader(workers))
-    skipping = loader(on_error="skip")
     with caplog.at_level(logging.WARNING, logger="shardkit.load.stream"):
-        read = [k for b in skipping for k in b]
+        read = [k for b in loader(on_error="skip") for k in b]
+    assert shard in caplog.text and key in caplog.text and "on_error='skip'" in caplog.text  # logged in this process
     assert read == [k for k in clean if k != key]  # the rest, in the same batches and order
-    assert skipping.stream.skipped == {"corrupt": 1} and skipping.state_dict()["skipped"] == {"corrupt": 1}
-    assert shard in caplog.text and key in caplog.text and "on_error='skip'" in caplog.text
 
-    # the count survives a resume
-    first = loader(on_error="skip")
-    taken = []
-    for batch in first:
-        taken += batch
-        if key in clean[: len(taken)]:  # past the damaged sample
-            break
-    state = json.loads(json.dumps(first.state_dict()))
-    assert state["skipped"] == {"corrupt": 1}
-    second = loader(on_error="skip")
-    second.load_state_dict(state)
-    assert taken + [k for b in second for k in b] == read and second.stream.skipped == {"corrupt": 1}
+    for workers in (0, 2):  # the count comes back from DataLoader workers, and survives a resume
+        skipping = loader(workers, on_error="skip")
+        assert [k for b in skipping for k in b] == read
+        assert skipping.stream.skipped == {"corrupt": 1} and skipping.state_dict()["skipped"] == {"corrupt": 1}
+        first = loader(workers, on_error="skip")
+        taken = []
+        for batch in first:
+            taken += batch
+            if key in clean[: len(taken)]:  # past the damaged sample
+                break
+        state = json.loads(json.dumps(first.state_dict()))
+        assert state["skipped"] == {"corrupt": 1}
+        second = loader(workers, on_error="skip")
+        second.load_state_dict(state)
+        assert taken + [k for b in second for k in b] == read and second.stream.skipped == {"corrupt": 1}
 
 
 def test_on_error_skip_drops_a_missing_shard_and_still_raises_for_the_setup(builds, tmp_path):
