@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from shardkit.errors import ShardError
 from shardkit.shards.base import checksum_of
-from shardkit.shards.manifest import IndexFile, Manifest, ShardEntry, read_json_model
+from shardkit.shards.manifest import FolderManifest, IndexFile, Manifest, ShardEntry, read_json_model
 from shardkit.shards.tar import TarArchive, tar_member
 from shardkit.shards.task import TaskRecord
-from shardkit.storage import join, open_fs, write_bytes
+from shardkit.storage import join, open_fs
 
 EMBEDDINGS_NAME = "embeddings.json"
 EMBEDDINGS_VERSION = 1
@@ -62,10 +61,10 @@ class VisionTower(BaseModel):
     hidden_size: int
 
 
-class EmbeddingManifest(BaseModel):
+class EmbeddingManifest(FolderManifest):
     """A complete embeddings folder."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    FILE: ClassVar[str] = EMBEDDINGS_NAME
     version: int = EMBEDDINGS_VERSION
     build: BuildRef
     vision: VisionTower
@@ -77,12 +76,6 @@ class EmbeddingManifest(BaseModel):
     shards: list[ShardEntry]
     index: IndexFile
     created_by: str
-
-    def to_json(self) -> bytes:
-        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
-
-    def write(self, fs: Any, folder: str) -> None:
-        write_bytes(fs, join(folder, EMBEDDINGS_NAME), self.to_json())
 
 
 def read_embedding_manifest(location: str) -> EmbeddingManifest:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -103,10 +103,23 @@ class BuildInfo(BaseModel):
     max_image_pixels: int
 
 
-class Manifest(BaseModel):
-    """A complete build."""
+class FolderManifest(BaseModel):
+    """Base of the JSON file that completes a folder (a build, an embeddings cache): written last, keys sorted."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    FILE: ClassVar[str]
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
+
+    def write(self, fs: Any, folder: str) -> None:
+        write_bytes(fs, join(folder, self.FILE), self.to_json())
+
+
+class Manifest(FolderManifest):
+    """A complete build."""
+
+    FILE: ClassVar[str] = MANIFEST_NAME
     version: int = MANIFEST_VERSION
     format: str
     num_records: int
@@ -122,12 +135,6 @@ class Manifest(BaseModel):
     index: IndexFile
     config: BuildInfo
     created_by: str
-
-    def to_json(self) -> bytes:
-        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2) + "\n").encode()
-
-    def write(self, fs: Any, folder: str) -> None:
-        write_bytes(fs, join(folder, MANIFEST_NAME), self.to_json())
 
     @property
     def digest(self) -> str:
