@@ -329,6 +329,7 @@ class _Stepper:
     config: TrainConfig
     model: torch.nn.Module  # wrapped in DDP when world > 1
     collator: Any
+    trainable: list[torch.nn.Parameter]  # what the optimizer updates, and the gradients clipped
     optimizer: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
@@ -364,8 +365,7 @@ class _Stepper:
             loss_sum += loss_part.detach() / world
             samples += batch_samples
             tokens += batch_tokens
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -458,7 +458,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    take_step = _Stepper(config, model, collator, optimizer, scheduler, device, world, autocast)
+    take_step = _Stepper(config, model, collator, trainable, optimizer, scheduler, device, world, autocast)
     inner = take_step.inner
 
     if rank == 0:
