@@ -38,7 +38,7 @@ from shardkit.inputs.base import hash_files
 from shardkit.ledger import Ledger, changed_images, file_stamp, record_read
 from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
 from shardkit.render import Expanded, Renderer
-from shardkit.schema import ImagePart, Record
+from shardkit.schema import ImagePart, InlineImage, Record
 from shardkit.shards import WRITERS, Manifest, Sample, read_manifest
 from shardkit.shards.folder import (
     ERRORS_LOG,
@@ -398,6 +398,8 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
     image_digests: dict[str, bytes] = {}
 
     def image_digest(ref: str) -> bytes:
+        if isinstance(ref, InlineImage) or ref.startswith("data:"):  # holds its bytes: not kept in the cache
+            return hashlib.sha256(images.read(ref)).digest()
         if ref not in image_digests:
             image_digests[ref] = hashlib.sha256(images.read(ref)).digest()
         return image_digests[ref]

@@ -70,15 +70,13 @@ class IndexWriter:
     def __init__(self, f: Any):
         self._hashed = HashingWriter(f)
         self._writer = pq.ParquetWriter(self._hashed, SCHEMA, compression="zstd")
-        self._pending: list[tuple[int, list[list[int]], list[int]]] = []
+        self._pending: list[tuple[int, list[tuple[int, int, int]], list[int]]] = []
         self._pending_rows = 0
         self.rows = 0
 
-    def add(self, shard: int, locations: list[list[int]], tokens: list[int]) -> None:
+    def add(self, shard: int, locations: list[tuple[int, int, int]], tokens: list[int]) -> None:
         """Append the samples of shard number ``shard`` (manifest order); ``locations`` are
         ``(offset, size, checksum)``."""
-        if any(len(location) != 3 for location in locations):
-            raise ShardError("a task result without sample checksums (from an older shardkit): rerun with --overwrite")
         self._pending.append((shard, locations, tokens))
         self._pending_rows += len(tokens)
         if self._pending_rows >= self.FLUSH_ROWS:
