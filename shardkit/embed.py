@@ -35,7 +35,6 @@ from shardkit.shards.embeddings import (
     EmbeddingShardWriter,
     EmbedTaskResult,
     VisionTower,
-    build_identity,
     read_embedding_manifest,
 )
 from shardkit.shards.folder import check_tasks, claim, cleanup, save_result, task_results
@@ -208,7 +207,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
     visual, tower = _load_vision(config.model, source.manifest.config, device, compute)
     identity = {
         "kind": "image_embeddings",
-        "build": build_identity(source.manifest),
+        "build": source.manifest.sha256,
         "vision": tower.fingerprint,
         "dtype": config.dtype,
     }
@@ -261,7 +260,7 @@ def _assemble(fs: Any, out: str, source: BuildSource, tower: VisionTower, config
         index_entry = index.close()
     manifest = EmbeddingManifest(
         build=BuildRef(
-            manifest_sha256=build_identity(source.manifest),
+            manifest_sha256=source.manifest.sha256,
             num_samples=source.manifest.num_samples,
             num_images=source.manifest.num_images,
         ),

@@ -29,7 +29,6 @@ from shardkit.shards import Sample
 from shardkit.shards.base import checksum_of
 from shardkit.shards.embeddings import (
     EmbeddingManifest,
-    build_identity,
     read_blob,
     read_embedding_manifest,
     verify_embeddings,
@@ -52,7 +51,7 @@ class EmbeddingSource:
     def __init__(self, location: str, build: BuildSource, *, verify: bool = False):
         self.location = location
         self.manifest: EmbeddingManifest = read_embedding_manifest(location)
-        if self.manifest.build.manifest_sha256 != build_identity(build.manifest):
+        if self.manifest.build.manifest_sha256 != build.manifest.sha256:
             raise ConfigError(
                 f"the image embeddings in {location} were made from another build than {build.location} "
                 "(or from an earlier version of it): run shardkit embed on this build"

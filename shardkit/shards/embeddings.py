@@ -18,7 +18,6 @@ the tensor names, and every shard's size and sha256.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from typing import Any, ClassVar, Literal
@@ -27,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shardkit.errors import ShardError
 from shardkit.shards.base import checksum_of
-from shardkit.shards.manifest import FolderManifest, IndexFile, Manifest, ShardEntry, read_json_model
+from shardkit.shards.manifest import FolderManifest, IndexFile, ShardEntry, read_json_model
 from shardkit.shards.tar import TarArchive, tar_member
 from shardkit.shards.task import TaskRecord
 from shardkit.storage import join, open_fs
@@ -35,11 +34,6 @@ from shardkit.storage import join, open_fs
 EMBEDDINGS_NAME = "embeddings.json"
 EMBEDDINGS_VERSION = 1
 MEMBER = "safetensors"
-
-
-def build_identity(manifest: Manifest) -> str:
-    """The sha256 of a build's manifest: names the build an embeddings folder was made from."""
-    return hashlib.sha256(manifest.to_json()).hexdigest()
 
 
 class BuildRef(BaseModel):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -136,10 +137,15 @@ class Manifest(FolderManifest):
     config: BuildInfo
     created_by: str
 
+    @cached_property
+    def sha256(self) -> str:
+        """The sha256 of this manifest's JSON (shard and index sha256s included): names the build."""
+        return hashlib.sha256(self.to_json()).hexdigest()
+
     @property
     def digest(self) -> str:
-        """The build's identity: a hash of this manifest (shard and index sha256s included)."""
-        return hashlib.sha256(self.to_json()).hexdigest()[:16]
+        """The build's identity in short: the first 16 hex digits of :attr:`sha256`."""
+        return self.sha256[:16]
 
 
 def manifest_problems(manifest: Manifest) -> list[str]:
