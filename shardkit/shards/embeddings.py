@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from shardkit.errors import ShardError
 from shardkit.shards.base import checksum_of
 from shardkit.shards.manifest import FolderManifest, IndexFile, ShardEntry, read_json_model
-from shardkit.shards.tar import TarArchive, tar_member
+from shardkit.shards.tar import TarArchive, read_range, tar_member
 from shardkit.shards.task import TaskRecord
 from shardkit.storage import join, open_fs
 
@@ -103,10 +103,7 @@ class EmbeddingShardWriter(TarArchive):
 
 def read_blob(f: Any, offset: int, size: int) -> tuple[str, bytes]:
     """``(key, safetensors blob)`` of the sample at a recorded location of an open shard."""
-    f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError(f"{size - len(data)} bytes missing at offset {offset}")
+    data = read_range(f, offset, size)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as members:
         member = members.next()
         if member is None:

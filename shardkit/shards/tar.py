@@ -67,6 +67,15 @@ class TarShardWriter(TarArchive, ShardWriter):
         self._append(data, checksum_of(data), len(sample.input_ids))
 
 
+def read_range(f: Any, offset: int, size: int) -> bytes:
+    """The ``size`` bytes at ``offset`` of an open file (a sample's recorded location); :class:`EOFError` if short."""
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"{size - len(data)} bytes missing at offset {offset}")
+    return data
+
+
 class TarShardReader(ShardReader):
     format = "tar"
     magic = (257, b"ustar")
@@ -80,10 +89,7 @@ class _OpenTar(OpenShard):
         self.f = f
 
     def read_at(self, offset: int, size: int, checksum: int | None = None) -> Sample:
-        self.f.seek(offset)
-        data = self.f.read(size)
-        if len(data) != size:
-            raise EOFError(f"{size - len(data)} bytes missing at offset {offset}")
+        data = read_range(self.f, offset, size)
         if checksum is not None and checksum_of(data) != checksum:
             raise ChecksumMismatch(_first_key(data))
         group: dict[str, Any] = {}
