@@ -440,7 +440,7 @@ def test_a_json_file_as_hf_input_is_one_clear_error(tmp_path):
         list(open_input(str(data), "hf").items())
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="cannot be read as parquet"):
-        open_input(str(tmp_path / "broken.parquet")).summary()
+        open_input(str(tmp_path / "broken.parquet")).count()
 
 
 # -- output a user can act on ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from shardkit.build import build, build_train_val
 from shardkit.config import BuildConfig
 from shardkit.errors import InputError, RecordError
 from shardkit.inputs import detect, open_input
-from shardkit.inputs.base import RawItem
+from shardkit.inputs.base import RawItem, hash_files
 from shardkit.inputs.jsonl import QwenJsonl, iter_lines
 from shardkit.schema import InlineImage
 from shardkit.shards.reading import iter_build_samples
@@ -37,15 +37,15 @@ def test_blank_lines_are_skipped_and_numbers_are_physical(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n   \n{"b": 2}\r\n{"c": 3}')
     lines = list(iter_lines(str(path)))
     assert [(r.number, r.data.strip()) for r in lines] == [(1, b'{"a": 1}'), (4, b'{"b": 2}'), (5, b'{"c": 3}')]
-    assert QwenJsonl(str(path)).summary().records == 3
+    assert QwenJsonl(str(path)).count() == 3
 
 
-def test_summary_hash_changes_with_content(tmp_path):
+def test_input_hash_changes_with_content(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text('{"a": 1}\n')
-    first = QwenJsonl(str(path)).summary().sha256
+    first = hash_files(QwenJsonl(str(path)).files())
     path.write_text('{"a": 2}\n')
-    assert QwenJsonl(str(path)).summary().sha256 != first
+    assert hash_files(QwenJsonl(str(path)).files()) != first
 
 
 def test_invalid_utf8_and_json_are_record_errors(tmp_path):
@@ -64,7 +64,7 @@ def test_missing_or_folder_input_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="input not found"):
         list(QwenJsonl(str(tmp_path / "nope.jsonl")).items())
     with pytest.raises(InputError, match="is a folder"):
-        QwenJsonl(str(tmp_path)).summary()
+        QwenJsonl(str(tmp_path)).count()
 
 
 # -- ShareGPT / LLaMA-Factory ---------------------------------------------------------------

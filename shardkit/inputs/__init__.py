@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from shardkit.errors import ConfigError, InputError
-from shardkit.inputs.base import InputFormat, InputSummary, RawItem
+from shardkit.inputs.base import InputFormat, RawItem
 from shardkit.inputs.folder import LABELS, ImageFolder
 from shardkit.inputs.hf import HFDataset
 from shardkit.inputs.jsonl import Llava, QwenJsonl, ShareGPT, is_json_array, iter_array, iter_lines
@@ -72,4 +72,4 @@ def open_input(location: str, form: str = "auto", **options: Any) -> InputFormat
     return FORMATS[name](location, **{k: v for k, v in options.items() if v is not None})
 
 
-__all__ = ["FORMATS", "InputFormat", "InputSummary", "RawItem", "detect", "open_input"]
+__all__ = ["FORMATS", "InputFormat", "RawItem", "detect", "open_input"]

@@ -44,14 +44,6 @@ def _bytes_digest(value: Any) -> str:
     raise TypeError(f"cannot hash {type(value).__name__}")
 
 
-@dataclass(frozen=True)
-class InputSummary:
-    """How many items the input holds, and the sha256 of its files."""
-
-    records: int
-    sha256: str
-
-
 class InputFormat(ABC):
     """One form of input: enumerates raw items (streaming) and turns each into a :class:`Record`.
 
@@ -81,10 +73,6 @@ class InputFormat(ABC):
     def count(self) -> int:
         """How many items the input holds (a pass over them, unless the form knows a cheaper way)."""
         return sum(1 for _ in self.items())
-
-    def summary(self) -> InputSummary:
-        """Count the items and hash the input."""
-        return InputSummary(self.count(), hash_files(self.files()))
 
     def files(self) -> list[str]:
         """The files whose bytes make up the input."""

@@ -120,11 +120,6 @@ class ShardFile(ABC):
     def num_samples(self) -> int:
         return len(self.locations)
 
-    @property
-    def bytes(self) -> int:
-        """Bytes written so far."""
-        return self._hashed.bytes
-
     def _record(self, offset: int, size: int, checksum: int, tokens: int) -> None:
         """Note where the sample just written lies, its checksum and its token count."""
         self.locations.append((offset, size, checksum))
