@@ -72,12 +72,8 @@ class EmbeddingSource:
         path = self.files.paths[number]
         try:
             key, blob = read_blob(self.files.get(number), offset, size)
-        except ShardError:
-            raise
-        except Exception as exc:
-            if (error := reading_error(exc, f"embeddings shard {path} (sample {sample_id} at {offset})")) is not None:
-                raise error from None
-            raise ShardCorruptError(
+        except Exception as exc:  # a ShardError (from opening it) as it is; the file, the network; else the bytes
+            raise reading_error(exc, f"embeddings shard {path} (sample {sample_id} at {offset})") or ShardCorruptError(
                 f"embeddings shard {path} is truncated or corrupt (sample {sample_id}, key {sample.key!r}, "
                 f"at {offset}): {exc}"
             ) from None

@@ -118,12 +118,8 @@ class BuildSource:
                 f"shard {path}: sample {sample_id} (key {exc.key!r} as read, at {offset}) does not match its "
                 "checksum: the shard is corrupt"
             ) from None
-        except ShardError:
-            raise
-        except Exception as exc:
-            if (error := reading_error(exc, f"shard {path} (sample {sample_id} at {offset})")) is not None:
-                raise error from None
-            raise ShardCorruptError(
+        except Exception as exc:  # a ShardError (from opening it) as it is; the file, the network; else the bytes
+            raise reading_error(exc, f"shard {path} (sample {sample_id} at {offset})") or ShardCorruptError(
                 f"shard {path} is truncated or corrupt (sample {sample_id} at {offset}): {exc}"
             ) from None
 
