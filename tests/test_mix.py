@@ -226,3 +226,21 @@ def test_two_gloo_ranks_read_the_planned_split_of_a_mix(builds, tiny, tmp_path):
         ids = np.concatenate(planned.whole_epoch(1).sequence)
         assert got["keys"] == [planned.source.get(int(i)).key for i in ids]  # the plan simulated in one process
         assert got["sources"] == np.bincount(planned.source.build_of(ids), minlength=2).tolist()
+
+
+def test_a_resume_state_late_in_a_mix_epoch_larger_than_its_builds_is_accepted(builds, tiny):
+    """A mix's state is checked against the mix's own plan (its epoch_size), not its builds laid end to end."""
+
+    def stream():
+        return MixStream([builds["tar"], tiny["same"]], weights=[1, 1], epoch_size=120, batch_size=4, seed=5)
+
+    first = stream()
+    total = len(first.source)
+    assert first.steps_in_epoch(0) * 4 > total  # the mix's epoch has more batches than the builds hold samples
+    whole = [[s.key for s in batch] for batch in first]
+    late = stream()
+    batches = iter(late)
+    taken = [[s.key for s in next(batches)] for _ in range(total // 4 + 2)]  # past what the builds alone would plan
+    resumed = stream()
+    resumed.load_state_dict(json.loads(json.dumps(late.state_dict())))
+    assert taken + [[s.key for s in batch] for batch in resumed] == whole

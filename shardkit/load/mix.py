@@ -209,7 +209,7 @@ class MixStream(ShardStream):
             u = np.full(len(builds), 0.5)
         return np.lexsort((builds, (k + u) / counts[builds]))
 
-    def _make_plan(self, epoch: int, levels: list[Level]) -> EpochPlan:
+    def _make_plan(self, epoch: int, levels: list[Level], rank: int | None = None) -> EpochPlan:
         order, ids = self.epoch_slots(epoch)
         lengths = self._lengths()
         plan = make_plan(
@@ -217,7 +217,7 @@ class MixStream(ShardStream):
             None if lengths is None else lengths[ids],
             epoch=epoch,
             levels=levels,
-            rank=self.rank,
+            rank=self.rank if rank is None else rank,
             shuffle=self.shuffle,
             batching=self.batching,
             order=order,

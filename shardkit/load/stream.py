@@ -250,7 +250,8 @@ class ShardStream:
             )
         levels = [Level(level.world, level.batches, level.workers) for level in parsed.levels]
         for number, level in enumerate(levels):
-            steps = self._level_steps(parsed.epoch, [*levels[:number], replace(level, batches=0)])
+            # rank 0: every rank has the same steps, and this rank may be outside an earlier level's world
+            steps = self._make_plan(parsed.epoch, [*levels[:number], replace(level, batches=0)], rank=0).steps
             if level.batches > steps:
                 raise ConfigError(
                     f"the state says {level.batches} batches were read on {level.world} ranks, "
@@ -261,18 +262,6 @@ class ShardStream:
         self.skipped = Counter(parsed.skipped)
         self._plan = None
         self.plan()  # on this topology: a remainder with nothing left for it moves on to the next epoch now
-
-    def _level_steps(self, epoch: int, levels: list[Level]) -> int:
-        """Batches per rank in the last of ``levels`` of ``epoch``."""
-        return make_plan(
-            self.source.shard_sizes,
-            self._lengths(),
-            epoch=epoch,
-            levels=levels,
-            rank=0,
-            shuffle=self.shuffle,
-            batching=self.batching,
-        ).steps
 
     # -- planning --------------------------------------------------------------------------
 
@@ -310,14 +299,14 @@ class ShardStream:
         """This rank's plan for a whole ``epoch`` on the current world size, progress aside."""
         return self._make_plan(epoch, [Level(self.world_size)])
 
-    def _make_plan(self, epoch: int, levels: list[Level]) -> EpochPlan:
-        """This rank's plan of ``epoch`` after replaying ``levels`` (a mix of builds makes its own)."""
+    def _make_plan(self, epoch: int, levels: list[Level], rank: int | None = None) -> EpochPlan:
+        """This rank's (or ``rank``'s) plan of ``epoch`` after replaying ``levels`` (a mix of builds makes its own)."""
         return make_plan(
             self.source.shard_sizes,
             self._lengths(),
             epoch=epoch,
             levels=levels,
-            rank=self.rank,
+            rank=self.rank if rank is None else rank,
             shuffle=self.shuffle,
             batching=self.batching,
         )
