@@ -105,6 +105,9 @@ class EmbeddingCollator(Qwen2VLCollator):
     def __call__(self, samples: Sequence[Sample] | Sequence[Sequence[Sample]]) -> dict[str, Any]:
         batch = super().__call__(samples)
         batch.pop("mm_token_type_ids", None)
+        count = batch["image_embeds"].shape[0] if "image_embeds" in batch else 0
+        if (tokens := int((batch["input_ids"] == self.image_token_id).sum())) != count:  # on the CPU, in the worker
+            raise ShardError(f"the batch has {tokens} image tokens and {count} cached image embeddings")
         if "attention_mask" in batch:
             batch["position_ids"] = self._positions(samples, batch["input_ids"].shape[1])  # type: ignore[arg-type]
         return batch
@@ -144,10 +147,7 @@ class EmbeddingCollator(Qwen2VLCollator):
         input_ids = out.pop("input_ids")
         image_embeds = out.pop("image_embeds", None)
         embeds = model.get_input_embeddings()(input_ids)
-        mask = input_ids == self.image_token_id
-        count = 0 if image_embeds is None else image_embeds.shape[0]
-        if int(mask.sum()) != count:
-            raise ShardError(f"the batch has {int(mask.sum())} image tokens and {count} cached image embeddings")
+        mask = input_ids == self.image_token_id  # as many as image_embeds' rows: checked when collated
         if image_embeds is not None:
             image_embeds = image_embeds.to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), image_embeds)
