@@ -24,6 +24,7 @@ from shardkit.load import ShardStream
 from shardkit.load.embeddings import EmbeddingCollator
 from shardkit.load.torch import Qwen2VLCollator
 from shardkit.shards import read_manifest
+from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS
 
 STEPS = 3
 
@@ -35,11 +36,10 @@ def small_model():
 
     vision = {"depth": 8, "embed_dim": 448, "hidden_size": 128, "num_heads": 7, "mlp_ratio": 4, "patch_size": 14,
               "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3}  # fmt: skip
-    text = {"vocab_size": 151936, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 1,
+    text = {"vocab_size": REAL_VOCAB_SIZE, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 1,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
             "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "rope_theta": 10000.0}  # fmt: skip
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-                           vision_start_token_id=151652, vision_end_token_id=151653)  # fmt: skip
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **VISION_TOKEN_IDS)
     torch.manual_seed(0)
     return Qwen2VLForConditionalGeneration(config)
 

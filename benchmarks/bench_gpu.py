@@ -29,17 +29,17 @@ from shardkit.embed import EmbedConfig, embed, vision_tower
 from shardkit.load import ShardStream
 from shardkit.load.embeddings import EmbeddingCollator
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
-from shardkit.testing import tiny_qwen2_vl_config
+from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS, tiny_qwen2_vl_config
 
-TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-          "vision_end_token_id": 151653}  # fmt: skip
+TOKENS = VISION_TOKEN_IDS  # fmt: skip
 MROPE = {"type": "mrope", "mrope_section": [16, 24, 24]}
 # Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct config.json
 PUBLISHED = {
     "qwen2_vl": {
         "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "mlp_ratio": 4, "num_heads": 16,
                           "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
-        "text_config": {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+        "text_config": {"vocab_size": REAL_VOCAB_SIZE, "hidden_size": 1536, "intermediate_size": 8960,
+                        "num_hidden_layers": 28,
                         "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
                         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": MROPE,
                         "tie_word_embeddings": True, "hidden_act": "silu"},
@@ -50,7 +50,8 @@ PUBLISHED = {
                           "num_heads": 16, "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2,
                           "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
                           "tokens_per_second": 2, "hidden_act": "silu"},
-        "text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+        "text_config": {"vocab_size": REAL_VOCAB_SIZE, "hidden_size": 2048, "intermediate_size": 11008,
+                        "num_hidden_layers": 36,
                         "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
                         "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": MROPE,
                         "tie_word_embeddings": True, "hidden_act": "silu"},

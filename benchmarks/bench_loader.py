@@ -244,7 +244,6 @@ def main() -> dict:
         return time.perf_counter() - start
 
     probe = ShardStream(str(out), batch_size=BATCH, seed=0)
-    probe.workers = WORKERS
     probe.advance(int(probe.remaining_steps() * 0.9))
     state = probe.state_dict()
     fresh_s = min(first_batch() for _ in range(3))
