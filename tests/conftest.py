@@ -46,6 +46,43 @@ def tiny_tokenizer(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_tokenizer) -> str:
+    """Folder of a tiny randomly initialised Qwen2-VL (seed 0) on ``tiny_tokenizer``'s vocabulary."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from shardkit.testing import tiny_qwen2_vl_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def memorisable(tmp_path_factory, tiny_tokenizer) -> str:
+    """A build of 8 short cases, one small image each (4 image tokens), on ``tiny_tokenizer``: a set a tiny
+    model can learn by heart."""
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+
+    root = tmp_path_factory.mktemp("memo")
+    data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
+    out = root / "build"
+    config = BuildConfig.create(
+        input=str(data.jsonl), out=str(out), max_pixels=56 * 56, samples_per_shard=4, tokenizer=tiny_tokenizer
+    )
+    build(config, progress=False)
+    return str(out)
+
+
+def metrics(output: Path) -> list[dict]:
+    """The lines of a training run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
 def qwen2_vl_template() -> str:
     return (FIXTURES / "qwen2_vl_chat_template.jinja").read_text()
 

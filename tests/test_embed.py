@@ -1,7 +1,6 @@
 """Cached image embeddings (shardkit embed): exact against the live frozen vision tower, resumable, refused when
 they do not belong to the model or the build. CPU, tiny random models of both families."""
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,7 +21,7 @@ from shardkit.shards.embeddings import read_embedding_manifest
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import torchrun
+from tests.conftest import metrics, torchrun
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -176,26 +175,12 @@ def test_two_ranks_embed_their_shares_into_the_same_shards(family_model, small_b
 
 
 @pytest.fixture(scope="module")
-def train_setup(tmp_path_factory, tiny_tokenizer):
+def train_setup(tmp_path_factory, memorisable, tiny_model):
     """A build of 8 one-image cases, a tiny Qwen2-VL and its cache (float32)."""
-    root = tmp_path_factory.mktemp("embed-train")
-    data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
-    build(
-        BuildConfig.create(
-            input=str(data.jsonl),
-            out=str(root / "build"),
-            max_pixels=56 * 56,
-            samples_per_shard=4,
-            tokenizer=tiny_tokenizer,
-        ),
-        progress=False,
-    )
-    torch.manual_seed(0)
-    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
-    model_class("qwen2_vl")(config).save_pretrained(root / "model")
-    args = ["embed", str(root / "build"), "--model", str(root / "model"), "--out", str(root / "emb")]
+    emb = tmp_path_factory.mktemp("embed-train") / "emb"
+    args = ["embed", memorisable, "--model", tiny_model, "--out", str(emb)]
     assert main([*args, "--dtype", "float32", "--no-progress"]) == 0
-    return {"data": str(root / "build"), "model": str(root / "model"), "embeddings": str(root / "emb")}
+    return {"data": memorisable, "model": tiny_model, "embeddings": str(emb)}
 
 
 @pytest.mark.slow
@@ -208,7 +193,7 @@ def test_training_with_the_cache_gives_the_live_frozen_losses_and_resumes(tmp_pa
     assert main([*cached, "--output", str(tmp_path / "cached")]) == 0
 
     def losses(name):
-        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in metrics(tmp_path / name)]
 
     assert len(losses("live")) == 3 and losses("cached") == pytest.approx(losses("live"), rel=1e-4)
 
@@ -229,12 +214,13 @@ def test_training_with_the_cache_gives_the_live_frozen_losses_and_resumes(tmp_pa
     assert [h["loss"] for h in resumed] == pytest.approx(losses("cached")[2:], rel=1e-6)
 
 
-def test_a_cache_that_does_not_fit_is_refused(tmp_path, train_setup, small_build, capsys):
+def test_a_cache_that_does_not_fit_is_refused(tmp_path, train_setup, small_build, tiny_tokenizer, capsys):
     base = ["train", "--data", train_setup["data"], "--output", str(tmp_path / "o"), "--max-steps", "1"]
     cached = [*base, "--image-embeddings", train_setup["embeddings"], "--num-workers", "0"]
     torch.manual_seed(1)  # other vision weights, same architecture
     other = tmp_path / "other"
-    model_class("qwen2_vl")(tiny_qwen2_vl_config(initializer_range=0.2)).save_pretrained(other)
+    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
+    model_class("qwen2_vl")(config).save_pretrained(other)
     assert main([*cached, "--model", str(other), "--freeze-vision-tower"]) == 2
     assert "made by another vision tower" in capsys.readouterr().err
     assert main([*cached, "--model", train_setup["model"]]) == 2

@@ -12,21 +12,9 @@ from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.shards import read_manifest
 from shardkit.synthetic import make_clinical_dataset
-from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.evaluate import eval_batches, rank_share
 from shardkit.train.local import Evaluation, evaluate, load_model
 from tests.conftest import torchrun
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_tokenizer):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-eval")
-    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -9,43 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from shardkit.build import build
 from shardkit.cli import main
-from shardkit.config import BuildConfig
 from shardkit.load.mix import MixStream
 from shardkit.synthetic import make_clinical_dataset
-from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen2_vl_config
+from shardkit.testing import TINY_VOCAB_SIZE
 from shardkit.train import local
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import torchrun
+from tests.conftest import metrics, torchrun
 
 pytestmark = pytest.mark.slow  # trains tiny models
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_tokenizer):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-qwen2-vl")
-    config = tiny_qwen2_vl_config(initializer_range=0.2, tokenizer=tiny_tokenizer)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def memorisable(tmp_path_factory, tiny_tokenizer):
-    """8 short cases, one small image each (4 image tokens): a set a tiny model can learn by heart."""
-    root = tmp_path_factory.mktemp("memo")
-    data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
-    out = root / "build"
-    build(
-        BuildConfig.create(
-            input=str(data.jsonl), out=str(out), max_pixels=56 * 56, samples_per_shard=4, tokenizer=tiny_tokenizer
-        ),
-        progress=False,
-    )
-    return str(out)
 
 
 def run(tmp_path, data, model, name="run", **options):
@@ -60,7 +32,7 @@ def test_full_fine_tune_memorises_and_writes_its_outputs(tmp_path, memorisable, 
     assert len(losses) == 30 and all(map(torch.isfinite, map(torch.tensor, losses)))
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     output = tmp_path / "run"
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(output)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert rows[0]["samples"] == 4 and rows[0]["tokens_per_s"] > 0 and rows[-1]["lr"] < rows[3]["lr"]
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
@@ -78,10 +50,6 @@ def test_lora_learns_and_saves_an_adapter(tmp_path, memorisable, tiny_model):
     losses = [h["loss"] for h in history]
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
-
-
-def metrics(output):
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -160,7 +128,7 @@ def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable,
     options = ["--lr", "1e-2", "--warmup-ratio", "0.1", "--num-workers", "0", "--save-every", "100"]
     args = ["train", "--data", memorisable, "--model", tiny_model, "--output", str(output), *options]
     assert main([*args, "--pack", "--batch-tokens", "800", "--grad-accum", "2", "--max-steps", "12"]) == 0
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(output)
     assert rows[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5)
     assert all(r["samples"] == 8 and r["tokens"] == padded[0]["tokens"] for r in rows)  # no padding counted
     losses = [r["loss"] for r in rows]
@@ -229,7 +197,7 @@ def test_a_mix_with_evaluation_records_sources_and_eval_loss(tmp_path, split, me
     args = ["train", "--data", train_build, "--data", memorisable, "--weights", "0.5,0.5", "--epoch-size", "12"]
     args += ["--eval-data", val, "--eval-every", "2", "--model", tiny_model, "--output", str(output), *options]
     assert main(args) == 0
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(output)
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [2, 3]  # every 2, and the end
