@@ -222,9 +222,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
             logger.info("%s already holds these embeddings", config.out)
             return done
     if rank == 0:
-        claim(fs, out, identity, overwrite=config.overwrite)
-        if fs.exists(join(out, EMBEDDINGS_NAME)):  # replaced embeddings: their manifest goes first
-            fs.rm(join(out, EMBEDDINGS_NAME))
+        claim(fs, out, identity, overwrite=config.overwrite, manifest_name=EMBEDDINGS_NAME)
     _barrier()
     tasks = len(source.manifest.shards)
     # a task's inputs are the build's, fixed by its identity

@@ -1,6 +1,7 @@
 """Cached image embeddings (shardkit embed): exact against the live frozen vision tower, resumable, refused when
 they do not belong to the model or the build. CPU, tiny random models of both families."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -258,3 +259,15 @@ def test_embeddings_on_object_storage(family_model, small_build, cache):
     remote = TorchLoader(ShardStream(small_build, batch_size=4, image_embeddings=url, verify=True), num_workers=1)
     local = TorchLoader(ShardStream(small_build, batch_size=4, image_embeddings=cache))
     assert all(torch.equal(a["image_embeds"], b["image_embeds"]) for a, b in zip(remote, local, strict=True))
+
+
+def test_overwrite_replaces_embeddings_of_another_dtype(tmp_path, memorisable, tiny_model, capsys):
+    out = tmp_path / "emb"
+    args = ["embed", memorisable, "--model", tiny_model, "--out", str(out), "--no-progress"]
+    assert main([*args, "--dtype", "float32"]) == 0
+    assert main([*args, "--dtype", "bfloat16"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "embeddings.json").read_text())["dtype"] == "float32"  # refused: left as it was
+    assert main([*args, "--dtype", "bfloat16", "--overwrite"]) == 0
+    assert json.loads((out / "embeddings.json").read_text())["dtype"] == "bfloat16"
+    assert main(["verify", str(out)]) == 0

@@ -51,8 +51,11 @@ OWN_FILES = (BUILD_FILE, MANIFEST_NAME, INDEX_NAME, REJECTS_FILE, SHARD_STATS_FI
 R = TypeVar("R", bound=TaskRecord)
 
 
-def claim(fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool) -> bool:
-    """Make ``folder`` ready for the build ``identity``; True when it already holds it complete.
+def claim(
+    fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool, manifest_name: str = MANIFEST_NAME
+) -> bool:
+    """Make ``folder`` ready for the build ``identity``; True when it already holds it complete (its
+    ``manifest_name``: a build's manifest, or an embeddings folder's).
 
     A new or empty folder is claimed with ``build.json``. A folder holding a
     build with the same identity is resumed (or found complete); a different
@@ -65,20 +68,20 @@ def claim(fs: Any, folder: str, identity: dict[str, Any], *, overwrite: bool) ->
         with fs.open(build_file, "rb") as f:
             previous = json.loads(f.read()).get("identity", {})
         if previous == identity and not overwrite:
-            return fs.exists(join(folder, MANIFEST_NAME))
+            return fs.exists(join(folder, manifest_name))
         if previous != identity and not overwrite:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise OutputError(
                 f"{folder} holds a build made with other options or input (changed: {', '.join(changed)}); "
                 "pass --overwrite to replace it, or choose another folder"
             )
-        _remove_build(fs, folder)
+        _remove_build(fs, folder, manifest_name)
     fs.makedirs(folder, exist_ok=True)
     write_bytes(fs, build_file, json.dumps({"identity": identity}, sort_keys=True, indent=2).encode())
     return False
 
 
-def _remove_build(fs: Any, folder: str) -> None:
+def _remove_build(fs: Any, folder: str, manifest_name: str = MANIFEST_NAME) -> None:
     """Delete the files the build in ``folder`` recorded as its own, and nothing else.
 
     Those are the fixed files (``build.json``, the manifest, ...), the shards
@@ -87,10 +90,10 @@ def _remove_build(fs: Any, folder: str) -> None:
     The manifest goes first and ``build.json`` last, so an interruption leaves
     an incomplete build, never a manifest naming deleted shards.
     """
-    own = _own_names(fs, folder)
+    own = _own_names(fs, folder, manifest_name)
     present = {_name(e["name"]): e["name"] for e in fs.ls(folder, detail=True) if e["type"] == "file"}
     doomed = [name for name in present if _is_own(name, own) and name != BUILD_FILE]
-    for name in sorted(doomed, key=lambda name: name != MANIFEST_NAME):
+    for name in sorted(doomed, key=lambda name: name != manifest_name):
         fs.rm_file(present[name])
     if fs.exists(join(folder, PROGRESS_DIR)):
         fs.rm(join(folder, PROGRESS_DIR), recursive=True)
@@ -102,10 +105,10 @@ def _name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _own_names(fs: Any, folder: str) -> set[str]:
+def _own_names(fs: Any, folder: str, manifest_name: str = MANIFEST_NAME) -> set[str]:
     """Names of the files the build recorded: the fixed ones, the manifest's shards and the task results' shards."""
-    names = set(OWN_FILES)
-    manifest = join(folder, MANIFEST_NAME)
+    names = {*OWN_FILES, manifest_name}
+    manifest = join(folder, manifest_name)
     if fs.exists(manifest):
         try:
             names.update(_name(s["path"]) for s in _read_json(fs, manifest).get("shards", []))
