@@ -87,9 +87,22 @@ def test_disk_full_is_one_line_and_a_rerun_after_freeing_space_resumes(clinical,
     assert built == [(s.path, s.sha256) for s in read_manifest(str(reference)).shards]
 
 
-def children(pid):
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
+def workers_of(pid):
+    """The build's worker processes: its children forked from it (same command line). A short-lived helper a
+    library may run (``ldconfig``, ``uname``) is a child too, but killing it tests nothing."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # the build has ended
+        return []
+    workers = []
+    for child in found:
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                workers.append(int(child))
+        except OSError:  # gone already
+            pass
+    return workers
 
 
 @pytest.mark.slow
@@ -100,9 +113,9 @@ def test_a_killed_worker_is_one_line_and_a_rerun_resumes(tmp_path):
                "--samples-per-shard", "2", "--workers", "2", "--no-progress"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not children(process.pid) and process.poll() is None and time.monotonic() < deadline:
+    while not workers_of(process.pid) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    workers = children(process.pid)
+    workers = workers_of(process.pid)
     assert workers, "the build finished before its workers could be seen"
     os.kill(workers[0], signal.SIGKILL)
     stdout, stderr = process.communicate(timeout=300)
