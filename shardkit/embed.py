@@ -17,16 +17,14 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from shardkit import __version__
 from shardkit.errors import ShardError
 from shardkit.load.source import BuildSource
 from shardkit.load.torch import Qwen2VLCollator
-from shardkit.options import Options
 from shardkit.shards import Sample
 from shardkit.shards.embeddings import (
     EMBEDDINGS_NAME,
@@ -41,6 +39,7 @@ from shardkit.shards.folder import check_tasks, claim, cleanup, save_result, tas
 from shardkit.shards.index import INDEX_NAME, IndexWriter
 from shardkit.shards.manifest import BuildInfo, IndexFile, ShardEntry
 from shardkit.storage import atomic_write, join, open_fs
+from shardkit.train import EmbedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +57,6 @@ _NOT_ARCHITECTURE = {
     "attn_implementation",
     "use_cache",
 }
-
-
-class EmbedConfig(Options):
-    """Options of an embed pass."""
-
-    build: str = Field(description="a shardkit build (folder or fsspec URL)")
-    model: str = Field(description="the Qwen-VL model to train (local folder or Hugging Face id): its vision tower")
-    out: str = Field(description="the embeddings folder (new, or to resume)")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="stored precision")
-    batch_images: int = Field(32, ge=1, description="images per vision tower call")
-    overwrite: bool = Field(False, description="replace embeddings made with another model or build")
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:

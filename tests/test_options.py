@@ -16,14 +16,7 @@ from shardkit.config import BuildConfig, BuildRun
 from shardkit.engines.local import available_cores
 from shardkit.errors import ConfigError
 from shardkit.options import _without_none, add_options, flag, given, option_help
-from shardkit.train import DataOptions, TinkerTrainConfig, TrainConfig
-
-
-def embed_config():
-    from shardkit.embed import EmbedConfig  # imports torch
-
-    return EmbedConfig
-
+from shardkit.train import DataOptions, EmbedConfig, TinkerTrainConfig, TrainConfig
 
 # per command: the models its options come from, and the options that are the command's own (no model field)
 OWN = {
@@ -45,7 +38,7 @@ def models_of(command: str) -> list[type[BaseModel]]:
         "build": [BuildConfig, BuildRun],
         "stats": [DataOptions],
         "train": [TrainConfig, TinkerTrainConfig],
-        "embed": [embed_config()],
+        "embed": [EmbedConfig],
     }.get(command, [])
 
 

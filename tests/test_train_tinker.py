@@ -19,6 +19,7 @@ from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.mix import MixStream
 from shardkit.load.tinker import DatumBatches, sample_to_datum
+from shardkit.train import claim_output
 from shardkit.train.tinker import TinkerTrainConfig, default_service, learning_rate, train_tinker
 
 
@@ -245,3 +246,36 @@ def test_a_mix_of_builds_on_tinker_records_its_sources(qwen3_build, small_datase
         qwen3_build: 8,
         str(three): 8,
     }
+
+
+def test_an_output_holding_a_run_is_refused_unless_resumed_or_overwritten(qwen3_build, tmp_path):
+    """A second run into the same --output never starts over silently (metrics.jsonl replaced, checkpoints of two
+    runs mixed): it is refused with what to do; --overwrite deletes the run's own files only (a Tinker stand-in
+    service: the real one cannot be reached from the tests)."""
+    out = tmp_path / "run"
+    train_tinker(config(qwen3_build, out, max_steps=2, epochs=None), service=StandInService())
+    (out / "notes.txt").write_text("mine")
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="holds a run .*--resume to continue it, or --overwrite"):
+        train_tinker(config(qwen3_build, out, max_steps=2, epochs=None), service=StandInService())
+    assert (out / "metrics.jsonl").read_text() == before  # untouched
+    with pytest.raises(ValueError, match="--resume or --overwrite, not both"):
+        config(qwen3_build, out, resume=True, overwrite=True)
+    history = train_tinker(config(qwen3_build, out, max_steps=1, epochs=None, overwrite=True), service=StandInService())
+    assert [h["step"] for h in history] == [1]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert (out / "notes.txt").read_text() == "mine"  # not the run's: kept
+
+
+def test_claim_output_deletes_only_what_a_run_writes(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)
+    for name in ("metrics.jsonl", "train_config.json", "loss.png", "data.jsonl"):
+        (out / name).write_text("x")
+    claim_output(out, resume=True, overwrite=False)  # resuming: kept as it is
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints", "data.jsonl", "loss.png", "metrics.jsonl", "train_config.json"
+    ]  # fmt: skip
+    claim_output(out, resume=False, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["data.jsonl"]
+    claim_output(tmp_path / "new", resume=False, overwrite=False)  # nothing there: fine

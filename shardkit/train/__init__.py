@@ -1,19 +1,34 @@
-"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``), and their options.
+"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``), and the options of the
+commands that run a model (the trainers and ``shardkit embed``).
 
-The option sets live here, apart from the trainers, so that reading them needs
-neither torch nor the Tinker SDK (the command line is made from them).
+The option sets live here, apart from the code that runs them, so that reading
+them needs neither torch nor the Tinker SDK (the command line, ``--help``
+included, is made from them).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from shardkit.errors import ConfigError
 from shardkit.options import Options
+
+# What a run writes in --output (either trainer): the only files --overwrite deletes.
+RUN_FILES = (
+    "train_config.json",
+    "metrics.jsonl",
+    "loss.png",
+    "tinker_state.json",
+    "checkpoints",
+    "final",
+    "final.partial",
+)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -21,6 +36,26 @@ def keep_metrics_until(path: Path, step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def claim_output(output: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Make sure a run may write in ``output``: one that holds an earlier run is refused unless the run resumes it, or
+    ``overwrite`` asks to start over (then that run's own files, :data:`RUN_FILES`, are deleted; nothing else)."""
+    output = Path(output)
+    found = [name for name in RUN_FILES if (output / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"--output {output} holds a run ({', '.join(found)}): pass --resume to continue it, or --overwrite to "
+            "start over (deleting its checkpoints, metrics and final model)"
+        )
+    for name in found:
+        path = output / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 class DataOptions(Options):
@@ -77,11 +112,18 @@ class TrainOptions(DataOptions):
     save_every: int = Field(500, ge=1, description="checkpoint every N optimizer steps, and at the end")
     seed: int = Field(0, description="shuffling and initialisation seed")
     resume: bool = Field(False, description="continue from the latest checkpoint in --output")
+    overwrite: bool = Field(
+        False,
+        description="start over in an --output that holds a run: its checkpoints, metrics and final model are deleted "
+        "(without it, or --resume, such an --output is refused)",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainOptions:
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("give --epochs or --max-steps, not both")
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume or --overwrite, not both")
         return self
 
     def _default(self, **values: Any) -> None:
@@ -158,6 +200,17 @@ class TinkerTrainConfig(TrainOptions):
     def _check(self) -> TinkerTrainConfig:
         self._default(lora_rank=32, lr=1e-4, batch_size=32)
         return self
+
+
+class EmbedConfig(Options):
+    """Options of an embed pass."""
+
+    build: str = Field(description="a shardkit build (folder or fsspec URL)")
+    model: str = Field(description="the Qwen-VL model to train (local folder or Hugging Face id): its vision tower")
+    out: str = Field(description="the embeddings folder (new, or to resume)")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="stored precision")
+    batch_images: int = Field(32, ge=1, description="images per vision tower call")
+    overwrite: bool = Field(False, description="replace embeddings made with another model or build")
 
 
 class SourceCounter:

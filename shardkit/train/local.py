@@ -52,7 +52,7 @@ from shardkit.load.embeddings import EmbeddingCollator, check_vision_tower
 from shardkit.load.mix import check_compatible
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
 from shardkit.shards import BuildInfo, Manifest
-from shardkit.train import SourceCounter, TrainConfig, keep_metrics_until
+from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
 logger = logging.getLogger(__name__)
@@ -428,6 +428,20 @@ class _Log:
         self.bar.close()
 
 
+def _claim_output(config: TrainConfig, output: Path, rank: int, world: int) -> None:
+    """Rank 0 checks ``output`` (and clears it with --overwrite); every rank gets its verdict, so all stop together."""
+    verdict: list[str | None] = [None]
+    if rank == 0:
+        try:
+            claim_output(output, resume=config.resume, overwrite=config.overwrite)
+        except ConfigError as exc:
+            verdict = [str(exc)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise ConfigError(verdict[0])
+
+
 def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run training; returns the metrics of the steps run in this call (rank 0's view).
 
@@ -437,6 +451,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
 
     rank, world, device = _setup_distributed()
     output = Path(config.output)
+    _claim_output(config, output, rank, world)
     torch.manual_seed(config.seed)
 
     stream, collator, loader = _open_data(config)

@@ -33,7 +33,7 @@ from shardkit.load import BuildSource
 from shardkit.load.mix import check_compatible
 from shardkit.load.tinker import DatumBatches, sample_to_datum
 from shardkit.storage import open_fs, write_bytes
-from shardkit.train import SourceCounter, TinkerTrainConfig, keep_metrics_until
+from shardkit.train import SourceCounter, TinkerTrainConfig, claim_output, keep_metrics_until
 from shardkit.train.evaluate import EvalResult, combine, eval_batches
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ def train_tinker(
     """
     import tinker
 
+    claim_output(config.output, resume=config.resume, overwrite=config.overwrite)
     service = service or default_service()
     stream = config.open_stream(batch_size=config.batch_size, seed=config.seed)
     data = ", ".join(config.data) or config.mix
