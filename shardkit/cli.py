@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from shardkit import __version__
 from shardkit.errors import ConfigError, RecordError, ShardkitError
 from shardkit.options import add_options, flag, given
+from shardkit.words import counted
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL, EXIT_BUG = 0, 1, 2, 3
 
@@ -63,7 +64,6 @@ _BUILD_ONLY = (
     "out",
     "val_fraction",
     "split",
-    "dedup",
     "format",
     "samples_per_shard",
     "max_shard_bytes",
@@ -113,7 +113,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _embed_options(p: argparse.ArgumentParser) -> None:
-    from shardkit.embed import EmbedConfig
+    from shardkit.train import EmbedConfig
 
     spelling = {"build": {"flag": "build", "metavar": "BUILD"}, "model": {"metavar": "PATH_OR_ID"}}
     add_options(p, EmbedConfig, overrides={**spelling, "out": {"metavar": "DIR_OR_URL"}})
@@ -121,7 +121,7 @@ def _embed_options(p: argparse.ArgumentParser) -> None:
 
 
 def _verify_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("build", metavar="DIR_OR_URL")
+    p.add_argument("build", metavar="DIR_OR_URL", help="a shardkit build, or an embeddings folder made by embed")
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
@@ -146,7 +146,7 @@ def _show_options(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", metavar="DIR")
+    p.add_argument("out", metavar="DIR", help="the folder to write (created when missing)")
     p.add_argument("--cases", type=_positive, default=24, help="number of cases (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--min-megapixels", type=float, default=0.3, help="smallest photo (default: %(default)s)")
@@ -196,9 +196,12 @@ def _validate(args: argparse.Namespace) -> int:
         for problem in report.problems:
             where = f" (line {problem['source_line']})" if "source_line" in problem else ""
             print(f"{report.unit} {problem['line']}{where}: {problem['reason']} [{problem['code']}]")
-        verdict = "clean" if report.ok else f"{len(report.problems)} problems on {len(report.bad_lines)} lines"
-        verdict = verdict.replace(" lines", f" {report.unit}s")
-        print(f"{report.records} records, {report.images} images checked: {verdict}")
+        verdict = (
+            "clean"
+            if report.ok
+            else f"{counted(len(report.problems), 'problem')} on {counted(len(report.bad_lines), report.unit)}"
+        )
+        print(f"{counted(report.records, 'record')}, {counted(report.images, 'image')} checked: {verdict}")
     if report.traceback:
         print(f"shardkit: internal error (a bug in shardkit, please report it) on {report.traceback}", file=sys.stderr)
         return EXIT_BUG
@@ -235,17 +238,18 @@ def _build(args: argparse.Namespace) -> int:
     for split, manifest in manifests.items():
         out = f"{config.out.rstrip('/')}/{split}" if split else config.out
         print(
-            f"{manifest.num_samples} samples, {manifest.num_images} images, {manifest.num_tokens} tokens in "
-            f"{len(manifest.shards)} {manifest.format} shards -> {out}"
+            f"{counted(manifest.num_samples, 'sample')}, {counted(manifest.num_images, 'image')}, "
+            f"{counted(manifest.num_tokens, 'token')} in {counted(len(manifest.shards), manifest.format + ' shard')} "
+            f"-> {out}"
         )
         if manifest.num_fitted:
             print(
-                f"{manifest.num_fitted} samples had their images lowered in resolution to fit "
+                f"{counted(manifest.num_fitted, 'sample')} had their images lowered in resolution to fit "
                 f"--max-length {config.max_length}"
             )
         if manifest.num_rejected:
             print(
-                f"{manifest.num_rejected} records rejected (see {out}/rejects.jsonl): "
+                f"{counted(manifest.num_rejected, 'record')} rejected (see {out}/rejects.jsonl): "
                 + ", ".join(f"{k} {v}" for k, v in manifest.rejects_by_code.items())
             )
         code = max(code, _build_verdict(manifest, out, split))
@@ -260,7 +264,8 @@ def _build_verdict(manifest: Any, out: str, split: str) -> int:
 
     if internal := manifest.rejects_by_code.get(INTERNAL_ERROR):
         print(
-            f"shardkit: error: {internal} records met an internal error (a bug in shardkit, please report it); "
+            f"shardkit: error: {counted(internal, 'record')} met an internal error (a bug in shardkit, please report "
+            "it); "
             f"the other records are built; first traceback in {out}/{ERRORS_LOG}",
             file=sys.stderr,
         )
@@ -339,14 +344,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from shardkit.embed import EmbedConfig, embed
+    from shardkit.embed import embed
+    from shardkit.train import EmbedConfig
 
     config = EmbedConfig.create(**given(args, EmbedConfig))
     manifest = embed(config, progress=False if args.no_progress else None)
     if os.environ.get("RANK", "0") == "0":
         print(
-            f"{manifest.num_images} images, {manifest.num_image_tokens} image tokens ({manifest.dtype}, hidden "
-            f"{manifest.vision.hidden_size}) in {len(manifest.shards)} shards -> {config.out}"
+            f"{counted(manifest.num_images, 'image')}, {counted(manifest.num_image_tokens, 'image token')} "
+            f"({manifest.dtype}, hidden {manifest.vision.hidden_size}) in {counted(len(manifest.shards), 'shard')} -> "
+            f"{config.out}"
         )
     return EXIT_OK
 
@@ -361,7 +368,8 @@ def _verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     shards = len((read_embedding_manifest if embeddings else read_manifest)(args.build).shards)
-    print(f"{shards} shards and the index: " + (f"{len(problems)} problems" if problems else "all match the manifest"))
+    verdict = counted(len(problems), "problem") if problems else "all match the manifest"
+    print(f"{counted(shards, 'shard')} and the index: {verdict}")
     return EXIT_PROBLEMS if problems else EXIT_OK
 
 
@@ -372,9 +380,9 @@ def _export(args: argparse.Namespace) -> int:
     for problem in summary.skipped:
         print(f"line {problem['line']}: left out: {problem['reason']}")
     print(
-        f"{summary.samples} samples, {summary.images} images -> {args.out}/{summary.name}.jsonl "
+        f"{counted(summary.samples, 'sample')}, {counted(summary.images, 'image')} -> {args.out}/{summary.name}.jsonl "
         f"(dataset {summary.name!r} in {args.out}/dataset_info.json)"
-        + (f"; {len(summary.skipped)} samples left out" if summary.skipped else "")
+        + (f"; {counted(len(summary.skipped), 'sample')} left out" if summary.skipped else "")
     )
     print(
         f"in the LLaMA-Factory config: dataset_dir: {args.out}, dataset: {summary.name}, and image_max_pixels: "
@@ -399,8 +407,8 @@ def _show(args: argparse.Namespace) -> int:
         rejects=args.rejects,
         image_root=args.image_root,
     )
-    rejects = f", {page.rejects} rejects" if args.rejects else ""
-    print(f"{page.samples} samples{rejects} -> {page.out} ({page.bytes / 1e6:.1f} MB)")
+    rejects = f", {counted(page.rejects, 'reject')}" if args.rejects else ""
+    print(f"{counted(page.samples, 'sample')}{rejects} -> {page.out} ({page.bytes / 1e6:.1f} MB)")
     return EXIT_OK
 
 
@@ -415,9 +423,10 @@ def _demo_data(args: argparse.Namespace) -> int:
         bad_lines=args.bad_lines,
     )
     print(
-        f"wrote {len(dataset.good_lines)} cases to {dataset.jsonl}"
+        f"wrote {counted(len(dataset.good_lines), 'case')} to {dataset.jsonl}"
         + (
-            f" plus {len(dataset.bad_lines)} broken records (lines {min(dataset.bad_lines)}-{max(dataset.bad_lines)})"
+            f" plus {counted(len(dataset.bad_lines), 'broken record')} (lines {min(dataset.bad_lines)}-"
+            f"{max(dataset.bad_lines)})"
             if dataset.bad_lines
             else ""
         )
@@ -441,8 +450,9 @@ COMMANDS = {
         help="check an input as build would, without writing anything",
         description="Convert every record exactly as build does with the same options (images read and resized, "
         "the chat tokenized), writing nothing. Prints one line per record build would reject, with its 1-based line "
-        "number, code and plain reason, then a summary. Exit 0 when clean, 1 when any problem, 3 on an internal "
-        "error (a bug: its traceback is printed).",
+        "number, code and plain reason, then a summary. Exit 0 when clean; 1 when any problem; 2 a user or "
+        "environment error (one line: a bad option, an unreadable input); 3 an internal error (a bug: its traceback is "
+        "printed).",
     ),
     "build": Command(
         _build,
@@ -518,7 +528,14 @@ COMMANDS = {
 }
 
 
+# Optional dependencies (pyproject.toml's extras): the top-level module a command may import -> the extra installing it
+_EXTRAS = {"torch": "torch", "tinker": "tinker", "peft": "lora", "ray": "ray", "s3fs": "s3", "matplotlib": "plot"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    # transformers' advice "PyTorch was not found ..." on every command of a torch-less install: a command that needs
+    # torch says so itself (below)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(
@@ -539,20 +556,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # an optional dependency this command needs is not installed
+        if (extra := _EXTRAS.get((exc.name or "").partition(".")[0])) is None:
+            return _bug(args)
+        print(
+            f"shardkit: error: shardkit {args.command} needs {exc.name}, which is not installed: "
+            f"pip install 'shardkit[{extra}]'",
+            file=sys.stderr,
+        )
+        return EXIT_FATAL
     except Exception as exc:  # a bug: the traceback, and where it is kept
         from shardkit.storage import credentials_problem
 
         if problem := credentials_problem(exc):
             print(f"shardkit: error: {problem}", file=sys.stderr)
             return EXIT_FATAL
-        trace = traceback.format_exc()
-        print(trace, file=sys.stderr)
-        log = _log_bug(args, trace)
-        print(
-            "shardkit: internal error (a bug in shardkit, please report it)" + (f"; traceback in {log}" if log else ""),
-            file=sys.stderr,
-        )
-        return EXIT_BUG
+        return _bug(args)
+
+
+def _bug(args: argparse.Namespace) -> int:
+    """Report the exception being handled as a bug: its traceback, and where it is kept."""
+    trace = traceback.format_exc()
+    print(trace, file=sys.stderr)
+    log = _log_bug(args, trace)
+    print(
+        "shardkit: internal error (a bug in shardkit, please report it)" + (f"; traceback in {log}" if log else ""),
+        file=sys.stderr,
+    )
+    return EXIT_BUG
 
 
 def _first_reject(out: str, code: str) -> dict[str, Any] | None:

@@ -219,16 +219,27 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     }
 
 
-def write_json_schemas(folder: str) -> None:
-    """Write :func:`json_schemas` into ``folder`` (``python -m shardkit.schema schemas``)."""
+def write_json_schemas(folder: str) -> list[str]:
+    """Write :func:`json_schemas` into ``folder``, created when missing (``python -m shardkit.schema schemas``); the
+    paths written."""
     import json
     from pathlib import Path
 
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    written = []
     for name, schema in json_schemas().items():
-        (Path(folder) / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        path = Path(folder) / name
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(str(path))
+    return written
 
 
 if __name__ == "__main__":
     import sys
 
-    write_json_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas")
+    if len(sys.argv) > 2 or sys.argv[1:2] in (["-h"], ["--help"]):
+        sys.exit("usage: python -m shardkit.schema [FOLDER]  (writes the JSON Schemas there; default: schemas)")
+    try:
+        print("\n".join(write_json_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas")))
+    except OSError as exc:
+        sys.exit(f"shardkit.schema: error: {exc.strerror or exc}: {exc.filename or ''}")

@@ -14,6 +14,7 @@ import numpy as np
 
 from shardkit.shards import Manifest, read_manifest
 from shardkit.shards.reading import iter_build_samples
+from shardkit.words import counted
 
 
 def _distribution(values: list[float]) -> dict[str, float]:
@@ -87,15 +88,16 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines = [
         f"Build {stats['location']} ({stats['format']}, {stats['model']}, max_length {stats['max_length']})",
         f"  Records read:          {stats['records']}",
-        f"  Samples:               {stats['samples']} in {stats['shards']} shards ({stats['bytes'] / 1e6:.1f} MB)",
+        f"  Samples:               {stats['samples']} in {counted(stats['shards'], 'shard')} "
+        f"({stats['bytes'] / 1e6:.1f} MB)",
         f"  Rejected:              {stats['rejected']}"
         + (f"  ({', '.join(f'{k}: {v}' for k, v in stats['rejects_by_code'].items())})" if stats["rejected"] else ""),
         f"  Duplicates removed:    {stats['duplicates']}",
         f"  Images:                {stats['images']}",
         f"  Images per sample:     {stats['images_per_sample'].get('mean', 0):g} on average "
         f"({', '.join(f'{k}: {v}' for k, v in stats['images_per_sample_counts'].items())})",
-        f"  Fitted to max_length:  {stats['fitted']} samples (images lowered in resolution)",
-        f"  Truncated:             {stats['truncated']} samples",
+        f"  Fitted to max_length:  {counted(stats['fitted'], 'sample')} (images lowered in resolution)",
+        f"  Truncated:             {counted(stats['truncated'], 'sample')}",
         f"  Tokens:                {stats['tokens']} ({stats['trained_tokens']} trained)",
         f"  Tokens per sample:     {dist(stats['tokens_per_sample'])}",
         f"  Trained per sample:    {dist(stats['trained_tokens_per_sample'])}",

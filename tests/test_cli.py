@@ -63,3 +63,79 @@ def test_installed_command_help():
         "--overlength",
     ):
         assert option in result.stdout
+
+
+def run_without(modules, *args):
+    """``shardkit ARGS`` in a process where ``modules`` cannot be imported, as on an install without that extra."""
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({list(modules)!r}))\n"
+        "from shardkit.cli import main\n"
+        f"sys.exit(main({list(map(str, args))!r}))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_without_an_extra_help_works_and_a_command_names_the_extra(tmp_path):
+    from shardkit.cli import COMMANDS
+
+    for command in COMMANDS:
+        result = run_without(["torch", "tinker", "peft"], command, "--help")
+        assert result.returncode == 0 and "usage: shardkit" in result.stdout, (command, result.stderr[-2000:])
+        assert result.stderr == "", (command, result.stderr)  # no traceback, no "PyTorch was not found"
+    needs = [
+        (["torch"], ["embed", tmp_path, "--model", "m", "--out", tmp_path / "e"], "torch", "torch"),
+        (["torch"], ["train", "--data", tmp_path, "--model", "m", "--output", tmp_path / "r"], "torch", "torch"),
+        (["tinker"], ["train", "--backend", "tinker", "--base-model", "B", "--data", tmp_path,
+                      "--output", tmp_path / "t"], "tinker", "tinker"),
+    ]  # fmt: skip
+    for blocked, args, module, extra in needs:
+        result = run_without(blocked, *args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.splitlines() == [
+            f"shardkit: error: shardkit {args[0]} needs {module}, which is not installed: "
+            f"pip install 'shardkit[{extra}]'"
+        ]
+
+
+def test_validate_takes_dedup_as_build_does(tmp_path, capsys):
+    from tests.conftest import conversation, write_image, write_jsonl
+
+    write_image(tmp_path / "a.jpg", 64, 64)
+    record = conversation("a.jpg", question="What is it?", answer="A rash.")
+    other = conversation("a.jpg", question="And this?", answer="A rash.")
+    data = write_jsonl(tmp_path / "in.jsonl", [record, other, record])
+    assert main(["validate", str(data), "--dedup"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "line 3: duplicate of line 1 (same images and text) [duplicate]"
+    assert lines[-1] == "3 records, 2 images checked: 1 problem on 1 line"
+    assert main(["validate", str(data)]) == 0
+
+
+def test_one_of_a_thing_is_said_in_the_singular(tmp_path, capsys):
+    from tests.conftest import conversation, write_image, write_jsonl
+
+    write_image(tmp_path / "a.jpg", 64, 64)
+    data = write_jsonl(tmp_path / "in.jsonl", [conversation("a.jpg", question="What?", answer="A rash.")])
+    assert main(["build", str(data), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("1 sample, 1 image, ") and " in 1 tar shard -> " in printed
+    assert main(["verify", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == "1 shard and the index: all match the manifest"
+
+
+def test_validate_help_states_every_exit_code():
+    result = subprocess.run(
+        [sys.executable, "-m", "shardkit.cli", "validate", "--help"], capture_output=True, text=True, check=True
+    )
+    text = " ".join(result.stdout.split())
+    assert "Exit 0 when clean; 1 when any problem; 2 a user or environment error" in text and "3 an internal" in text
+
+
+def test_schemas_are_written_into_a_new_folder(tmp_path):
+    folder = tmp_path / "new" / "schemas"
+    result = subprocess.run(
+        [sys.executable, "-m", "shardkit.schema", str(folder)], capture_output=True, text=True, check=True
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.schema.json", "record.schema.json"]
+    assert result.stdout.split() == [str(folder / "record.schema.json"), str(folder / "manifest.schema.json")]
