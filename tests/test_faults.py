@@ -5,13 +5,15 @@ read-only folder), a worker process killed with SIGKILL, a second build into a f
 unreachable server, an object store without credentials.
 """
 
+import http.server
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
+import threading
 
+import psutil
 import pytest
 
 from shardkit.build import build
@@ -87,43 +89,76 @@ def test_disk_full_is_one_line_and_a_rerun_after_freeing_space_resumes(clinical,
     assert built == [(s.path, s.sha256) for s in read_manifest(str(reference)).shards]
 
 
-def workers_of(pid):
-    """The build's worker processes: its children forked from it (same command line). A short-lived helper a
-    library may run (``ldconfig``, ``uname``) is a child too, but killing it tests nothing."""
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:  # the build has ended
-        return []
-    workers = []
-    for child in found:
+class HeldImage(http.server.BaseHTTPRequestHandler):
+    """Serves one image, but only once the test releases it: until then the build worker that asked holds an
+    unfinished task, blocked on a socket the test can see."""
+
+    image: bytes
+    asked = threading.Event()
+    release = threading.Event()
+
+    def do_GET(self):
+        type(self).asked.set()
+        type(self).release.wait(300)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.image)))
+        self.end_headers()
+        self.wfile.write(self.image)
+
+    def log_message(self, *args):
+        pass
+
+
+def worker_asking(build_pid: int, port: int) -> int:
+    """The build's worker process holding a connection to the test's server on ``port``."""
+    for child in psutil.Process(build_pid).children(recursive=True):
         try:
-            if Path(f"/proc/{child}/cmdline").read_bytes() == command:
-                workers.append(int(child))
-        except OSError:  # gone already
+            if any(c.raddr and c.raddr.port == port for c in child.net_connections(kind="tcp")):
+                return child.pid
+        except psutil.NoSuchProcess:
             pass
-    return workers
+    raise AssertionError("no worker of the build holds the connection to the image server")
 
 
 @pytest.mark.slow
 def test_a_killed_worker_is_one_line_and_a_rerun_resumes(tmp_path):
+    """A worker killed while it holds an unfinished task (blocked downloading an image from the test's server) ends
+    the build with one line; the same command then builds everything, that record included."""
     data = make_clinical_dataset(tmp_path / "data", cases=16, seed=1, megapixels=(0.2, 0.4))
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "shardkit.cli", "build", str(data.jsonl), "--out", str(out),
-               "--samples-per-shard", "2", "--workers", "2", "--no-progress"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not workers_of(process.pid) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    workers = workers_of(process.pid)
-    assert workers, "the build finished before its workers could be seen"
-    os.kill(workers[0], signal.SIGKILL)
-    stdout, stderr = process.communicate(timeout=300)
-    line = one_line_error(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
-    assert "worker process died" in line and "run the same command again" in line
-    result = shardkit(*command[3:])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_manifest(str(out)).num_samples == len(data.good_lines)
+    lines = data.jsonl.read_text().splitlines()
+    record = json.loads(lines[9])
+    part = record["messages"][0]["content"][0]
+    held = data.root / part["image"]
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        type(
+            "Held", (HeldImage,), {"image": held.read_bytes(), "asked": threading.Event(), "release": threading.Event()}
+        ),
+    )
+    handler = server.RequestHandlerClass
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        part["image"] = f"http://127.0.0.1:{server.server_port}/{held.name}"
+        lines[9] = json.dumps(record)
+        data.jsonl.write_text("\n".join(lines) + "\n")
+        out = tmp_path / "out"
+        command = [sys.executable, "-m", "shardkit.cli", "build", str(data.jsonl), "--out", str(out),
+                   "--samples-per-shard", "2", "--workers", "2", "--no-progress", "--allow-remote",
+                   "--remote-timeout", "600"]  # fmt: skip
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert handler.asked.wait(300), "the build never asked for the held image"
+        os.kill(worker_asking(process.pid, server.server_port), signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=300)
+        line = one_line_error(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+        assert "worker process died" in line and "run the same command again" in line
+        assert not (out / "manifest.json").exists()
+        handler.release.set()
+        result = shardkit(*command[3:])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert read_manifest(str(out)).num_samples == len(data.good_lines)
+    finally:
+        handler.release.set()
+        server.shutdown()
 
 
 def test_a_second_build_into_a_folder_being_built_is_refused(clinical, tmp_path):
