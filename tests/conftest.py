@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import sys
@@ -130,11 +131,30 @@ def torchrun(processes: int) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
 
 
-def qwen3_image_processor():
-    """Qwen3-VL's published preprocessor settings, built offline (the model files cannot be downloaded here)."""
-    from transformers import Qwen2VLImageProcessor
+# transformers' two Qwen2-VL image processors, compared with by name (see image_processor_class)
+IMAGE_BACKENDS = ["pil", "torchvision"]
 
-    return Qwen2VLImageProcessor(
+
+def image_processor_class(backend: str = "pil") -> type:
+    """transformers' Qwen2-VL image processor of one backend, by its own name, never the class a bare
+    ``transformers.Qwen2VLImageProcessor`` resolves to (the torchvision class where torchvision is installed, else a
+    PIL fallback): ``pil`` is ``Qwen2VLImageProcessorPil`` (numpy and Pillow), ``torchvision`` is
+    ``Qwen2VLImageProcessor`` from its own module (skipped where torchvision is not installed: bin/test's
+    .venv-newest has it)."""
+    if backend == "pil":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed: the torchvision image processor is compared in .venv-newest")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor
+
+
+def qwen3_image_processor(backend: str = "pil"):
+    """Qwen3-VL's published preprocessor settings, built offline (the model files cannot be downloaded here)."""
+    return image_processor_class(backend)(
         patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         size={"shortest_edge": 65536, "longest_edge": 16777216},
     )  # fmt: skip

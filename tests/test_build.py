@@ -14,7 +14,14 @@ from shardkit.images import ImageRoot
 from shardkit.inputs import open_input
 from shardkit.shards import read_manifest
 from shardkit.shards.reading import iter_build_samples
-from tests.conftest import conversation, qwen3_image_processor, write_image, write_jsonl
+from tests.conftest import (
+    IMAGE_BACKENDS,
+    conversation,
+    image_processor_class,
+    qwen3_image_processor,
+    write_image,
+    write_jsonl,
+)
 
 
 def config(dataset_jsonl, out, **options):
@@ -64,16 +71,12 @@ def test_same_input_and_options_give_byte_identical_shards(clinical, tmp_path):
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
 
 
+@pytest.mark.parametrize("backend", IMAGE_BACKENDS)
 @pytest.mark.parametrize("model", ["qwen2_vl", "qwen3_vl"])
-def test_the_models_image_processor_leaves_stored_images_unchanged(clinical, tmp_path, model):
-    from transformers import Qwen2VLImageProcessor
-
+def test_the_models_image_processor_leaves_stored_images_unchanged(clinical, tmp_path, model, backend):
+    processor = image_processor_class(backend)() if model == "qwen2_vl" else qwen3_image_processor(backend)
     out = tmp_path / model
     build(config(clinical.jsonl, out, model=model), progress=False)
-    if model == "qwen2_vl":
-        processor = Qwen2VLImageProcessor()
-    else:
-        processor = qwen3_image_processor()
     pad = 151655
     checked = 0
     for sample in iter_build_samples(str(out)):

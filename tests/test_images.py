@@ -28,7 +28,7 @@ from shardkit.images import (
 )
 from shardkit.schema import InlineImage
 from shardkit.synthetic import _png_declaring, photo_like
-from tests.conftest import conversation, write_image, write_jsonl
+from tests.conftest import IMAGE_BACKENDS, conversation, image_processor_class, write_image, write_jsonl
 
 
 def test_smart_resize_matches_transformers_on_many_sizes():
@@ -89,10 +89,9 @@ def test_plan_lowers_a_shared_cap_until_the_budget_fits():
     assert grid.plan(sizes, 5) is None  # impossible even at min_pixels
 
 
-def test_qwen2_vl_processor_leaves_stored_images_unchanged():
-    from transformers import Qwen2VLImageProcessor
-
-    processor = Qwen2VLImageProcessor()
+@pytest.mark.parametrize("backend", IMAGE_BACKENDS)
+def test_qwen2_vl_processor_leaves_stored_images_unchanged(backend):
+    processor = image_processor_class(backend)()
     grid = Grid(28, processor.size["shortest_edge"], processor.size["longest_edge"])
     rng = np.random.default_rng(0)
     for h, w in [(37, 1500), (480, 640), (2000, 1000), (29, 29), (3000, 4000)]:

@@ -12,17 +12,17 @@ from shardkit.load import ShardStream
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches, mrope_positions
 from shardkit.shards import read_manifest
 from shardkit.testing import tiny_qwen2_vl_config
+from tests.conftest import IMAGE_BACKENDS, image_processor_class
 
 
 def stored_images(samples):
     return [Image.open(io.BytesIO(j)) for s in samples for j in s.images]
 
 
-@pytest.fixture(scope="module")
-def processor():
-    from transformers import Qwen2VLImageProcessor
-
-    return Qwen2VLImageProcessor()
+@pytest.fixture(scope="module", params=IMAGE_BACKENDS)
+def processor(request):
+    """transformers' Qwen2-VL image processor, each backend by name (tests/conftest.py: image_processor_class)."""
+    return image_processor_class(request.param)()
 
 
 def test_batch_equals_the_processor_and_the_chat_template(

@@ -19,7 +19,7 @@ from shardkit.schema import Record
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen3_vl_config
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import FIXTURES, qwen3_image_processor, torchrun
+from tests.conftest import FIXTURES, IMAGE_BACKENDS, qwen3_image_processor, torchrun
 from tests.test_load_torch import per_sample_losses, spans
 from tests.test_render import CONVERSATIONS, image_tokens
 
@@ -85,19 +85,25 @@ def hf_build(small_dataset, tmp_path_factory) -> str:
     return str(out)
 
 
-def qwen3_processor(tokenizer):
-    """``Qwen3VLProcessor`` from the published settings. Its (unused) video processor needs torchvision,
-    absent here, so the class check of that one argument is skipped."""
+def qwen3_processor(tokenizer, backend):
+    """``Qwen3VLProcessor`` from the published settings, with the image processor of ``backend`` (named, see
+    ``image_processor_class``). Its video processor (unused here) needs torchvision: where torchvision is absent a
+    bare ``BaseVideoProcessor`` stands in, and the class check of that one argument is skipped."""
     from transformers import Qwen3VLProcessor
+
+    images = qwen3_image_processor(backend)
+    if backend == "torchvision":
+        from transformers import Qwen3VLVideoProcessor
+
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor())
     from transformers.video_processing_utils import BaseVideoProcessor
 
     with mock.patch.object(Qwen3VLProcessor, "check_argument_for_proper_class", lambda self, name, arg: type(arg)):
-        return Qwen3VLProcessor(
-            image_processor=qwen3_image_processor(), tokenizer=tokenizer, video_processor=BaseVideoProcessor()
-        )
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=BaseVideoProcessor())
 
 
-def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset, tokenizer, template):
+@pytest.mark.parametrize("backend", IMAGE_BACKENDS)
+def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset, tokenizer, template, backend):
     import io
 
     from PIL import Image
@@ -105,7 +111,7 @@ def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset,
     stream = ShardStream(hf_build, batch_size=4, seed=0)
     samples = next(iter(stream))
     batch = Qwen2VLCollator.for_build(stream.source.manifest)(samples)
-    processor = qwen3_processor(tokenizer)
+    processor = qwen3_processor(tokenizer, backend)
     records = small_dataset.jsonl.read_text().splitlines()
     pixels, grids = [], []
     for row, sample in enumerate(samples):
