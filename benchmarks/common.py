@@ -22,6 +22,12 @@ def machine() -> dict:
     import torch
     import transformers
 
+    try:
+        import torchvision
+
+        optional = {"torchvision": torchvision.__version__}
+    except ImportError:
+        optional = {}
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,6 +47,7 @@ def machine() -> dict:
             "numpy": numpy.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            **optional,
         },
     }
 
