@@ -54,6 +54,7 @@ from shardkit.shards.manifest import BuildInfo, SpecialTokens
 from shardkit.shards.task import TaskResult, TaskShardWriter
 from shardkit.storage import join, open_fs, write_bytes
 from shardkit.tokenizer import TokenizerInfo, load_tokenizer
+from shardkit.words import counted
 
 logger = logging.getLogger(__name__)
 
@@ -647,9 +648,9 @@ def _assemble(fs: Any, folder: str, config: BuildConfig, tasks: SplitTasks, info
         created_by=f"shardkit {__version__}",
     )
     logger.info(
-        "built %d samples in %d shards (%d rejected) into %s",
-        manifest.num_samples,
-        len(manifest.shards),
+        "built %s in %s (%d rejected) into %s",
+        counted(manifest.num_samples, "sample"),
+        counted(len(manifest.shards), "shard"),
         manifest.num_rejected,
         config.out,
     )
