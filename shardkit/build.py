@@ -109,6 +109,7 @@ class Converter:
         expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
         input_ids, weights = self._cut(expanded)
         trained = int((weights > 0).sum())
+        turns = sum(Renderer.trained(record, i, self.config.train_on) for i in range(len(record.messages)))
         if not trained:
             raise RecordError("no training target left: every token has weight 0", "no_target")
         info: dict[str, Any] = {
@@ -117,6 +118,7 @@ class Converter:
             "meta": meta,
             "num_tokens": int(len(input_ids)),
             "num_trained_tokens": trained,
+            "num_trained_turns": turns,
             "images": self._images_info(refs, originals, planned, expanded.image_spans),
             "messages": stored_messages(record),
             "fitted": fitted,

@@ -238,6 +238,11 @@ def _build(args: argparse.Namespace) -> int:
             f"{manifest.num_samples} samples, {manifest.num_images} images, {manifest.num_tokens} tokens in "
             f"{len(manifest.shards)} {manifest.format} shards -> {out}"
         )
+        if manifest.num_samples:
+            print(
+                f"trained turns per sample: {manifest.num_trained_turns / manifest.num_samples:.3g} "
+                f"(--train-on {config.train_on}: {config.train_on.meaning})"
+            )
         if manifest.num_fitted:
             print(
                 f"{manifest.num_fitted} samples had their images lowered in resolution to fit "

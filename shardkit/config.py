@@ -116,9 +116,10 @@ class BuildConfig(Options):
         description="refuse image files (local, inline or downloaded) larger than this, before reading them",
     )
     train_on: TrainOn = Field(
-        TrainOn.LAST_ASSISTANT,
-        description='which tokens carry loss weight; a message\'s own "loss": true|false (ms-swift) overrides it for '
-        "that message",
+        TrainOn.ALL_ASSISTANT,
+        description="which tokens carry loss weight: every assistant turn (as LLaMA-Factory, ms-swift, Qwen's finetune "
+        "and tinker-cookbook train), only the last, or all text; a message's own \"loss\": true|false (ms-swift) "
+        "overrides it for that message",
     )
     overlength: Overlength = Field(
         Overlength.FIT,

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from shardkit.errors import InputError, RecordError
-from shardkit.schema import Record, format_validation_error
+from shardkit.schema import NO_ANSWER, Record, format_validation_error
 from shardkit.storage import hash_stream, open_fs
 
 
@@ -112,8 +112,9 @@ def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
         else:
             record = Record.model_validate_json(data)
     except ValidationError as exc:
-        code = "invalid_json" if exc.errors()[0]["type"] == "json_invalid" else "invalid_record"
-        if code == "invalid_record":
+        kind = exc.errors()[0]["type"]
+        code = {"json_invalid": "invalid_json", NO_ANSWER: NO_ANSWER}.get(kind, "invalid_record")
+        if code != "invalid_json":
             refuse_unsupported(data if isinstance(data, dict) else json.loads(data), line)
         raise RecordError(format_validation_error(exc), code, line) from None
     return record
