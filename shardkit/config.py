@@ -118,7 +118,7 @@ class BuildConfig(Options):
     train_on: TrainOn = Field(
         TrainOn.ALL_ASSISTANT,
         description="which tokens carry loss weight: every assistant turn (as LLaMA-Factory, ms-swift, Qwen's finetune "
-        "and tinker-cookbook train), only the last, or all text; a message's own \"loss\": true|false (ms-swift) "
+        'and tinker-cookbook train), only the last, or all text; a message\'s own "loss": true|false (ms-swift) '
         "overrides it for that message",
     )
     overlength: Overlength = Field(
