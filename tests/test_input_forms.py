@@ -152,6 +152,41 @@ def test_llava_records_build_as_the_chat_template_renders_them(
     assert kept[5].info["meta"] == {"source": "coco"}
 
 
+# InternVL's chat data format doc (internvl_chat docs, get_started/chat_data_format.md, "Multi-Image Data"): its
+# example record, with the images' sizes in width_list / height_list
+INTERNVL_MULTI_IMAGE = {
+    "id": 0,
+    "image": [
+        "cimages/multimages/16/5pc.png",
+        "cimages/multimages/16/5pd.png",
+        "cimages/multimages/16/1602207874_p5b.png",
+        "cimages/multimages/16/5pe.png",
+        "cimages/multimages/16/1473016381_p5a.png",
+    ],
+    "height_list": [23, 22, 23, 41, 52],
+    "width_list": [240, 240, 240, 240, 240],
+    "conversations": [
+        {
+            "from": "human",
+            "value": "Let F = {2, 5, 7, 9}\n\nLet G = {1, 4, 6, 8}\n\nWhich of the following is true?\nA. \n<image>\n\n"
+            "B. /\n<image>\n\nC. /\n<image>\n\nD. /\n<image>\n\nE. /\n<image>\n\nAnswer with the option's letter "
+            "from the given choices directly.",
+        },
+        {"from": "gpt", "value": "A"},
+    ],
+}
+
+
+def test_internvl_multi_image_sizes_are_ignored(tmp_path):
+    expected = list(zip(INTERNVL_MULTI_IMAGE["width_list"], INTERNVL_MULTI_IMAGE["height_list"], strict=True))
+    for seed, (name, (width, height)) in enumerate(zip(INTERNVL_MULTI_IMAGE["image"], expected, strict=True)):
+        write_image(tmp_path / name, width, height, fmt="PNG", seed=seed)
+    data = write_jsonl(tmp_path / "internvl.jsonl", [INTERNVL_MULTI_IMAGE])
+    assert validate(str(data)).problems == []
+    sample = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))[1]
+    assert sizes(sample) == expected
+
+
 def test_placeholders_are_counted_one_by_one(tmp_path):
     data = write_jsonl(
         tmp_path / "in.jsonl",

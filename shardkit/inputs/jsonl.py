@@ -146,13 +146,16 @@ class Llava(ShareGPT):
     """The LLaVA / InternVL / Qwen2-VL-Finetune form: ``image`` (a path or a list) and ``conversations``.
 
     ``{"id": "1", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-    {"from": "gpt", "value": "A cat."}]}``, one per line or a JSON array; InternVL's per-record ``width`` and
-    ``height`` are ignored (the image's own size is read). Otherwise as :class:`ShareGPT`.
+    {"from": "gpt", "value": "A cat."}]}``, one per line or a JSON array; InternVL's image sizes (``width`` and
+    ``height``, or ``width_list`` and ``height_list`` for several images) are ignored: the images' own sizes are
+    read. Otherwise as :class:`ShareGPT`.
     """
 
     name = "llava"
     image_key = "image"
-    known = frozenset({"id", "image", "conversations", "messages", "system", "meta", "width", "height"})
+    known = frozenset(
+        {"id", "image", "conversations", "messages", "system", "meta", "width", "height", "width_list", "height_list"}
+    )
 
 
 NOT_AN_OBJECT = "__not_an_object__"
