@@ -127,7 +127,7 @@ def test_llava_records_build_as_the_chat_template_renders_them(
         path.write_text(json.dumps(LLAVA, indent=2))
     else:
         path = write_jsonl(root / "llava_instruct.jsonl", LLAVA)
-    assert detect(str(path)) == "llava"
+    assert detect(str(path)) == "json"
     samples = built(BuildConfig.create(input=str(path), out=str(root / "out")))
     assert sorted(samples) == [1, 2, 3]
     for number, messages in LLAVA_EXPECTED.items():
@@ -146,7 +146,11 @@ def test_llava_records_build_as_the_chat_template_renders_them(
         assert f"record 5 (line {starts[4]}): unknown top-level key 'source'" in out
 
     as_sharegpt = validate(str(path), input_format="sharegpt").problems[0]
-    assert as_sharegpt["reason"] == "'image' is not read in the sharegpt form: use --input-format llava"
+    assert (as_sharegpt["code"], as_sharegpt["form"]) == ("other_form", "llava")
+    assert as_sharegpt["reason"] == (
+        "a LLaVA record ('image' and 'conversations'), which --input-format sharegpt does not read: use "
+        "--input-format llava, or auto to read each record in its own form"
+    )
 
     kept = built(BuildConfig.create(input=str(path), out=str(root / "kept"), keep_keys=("source",)))
     assert kept[5].info["meta"] == {"source": "coco"}
@@ -187,6 +191,129 @@ def test_internvl_multi_image_sizes_are_ignored(tmp_path):
     assert sizes(sample) == expected
 
 
+# -- one file, several forms ----------------------------------------------------------------
+
+# ms-swift's Custom-dataset.md, "Multimodal" / "Supervised Fine-tuning": one JSONL whose first record is text only,
+# the next with images and <image> placeholders, then audio and video records (image paths made relative here)
+SWIFT_SFT = [
+    {"messages": [{"role": "user", "content": "Where is the capital of Zhejiang?"},
+                  {"role": "assistant", "content": "The capital of Zhejiang is Hangzhou."}]},
+    {"messages": [{"role": "user", "content": "<image><image>What is the difference between the two images?"},
+                  {"role": "assistant", "content": "The first one is a kitten, and the second one is a puppy."}],
+     "images": ["x.jpg", "x.png"]},
+    {"messages": [{"role": "user", "content": "<audio>What did the audio say?"},
+                  {"role": "assistant", "content": "The weather is really nice today."}], "audios": ["x.mp3"]},
+    {"messages": [{"role": "system", "content": "You are a helpful and harmless assistant."},
+                  {"role": "user", "content": "<image>What is in the image, <video>What is in the video?"},
+                  {"role": "assistant", "content": "The image shows an elephant, and the video shows a puppy running "
+                                                   "on the grass."}],
+     "images": ["x.jpg"], "videos": ["x.mp4"]},
+]  # fmt: skip
+# InternVL's chat_data_format.md: "your JSONL file can contain different types of data": its pure-text and
+# single-image examples (shortened answers), then its multi-image example
+INTERNVL_MIXED = [
+    {"id": 0, "conversations": [
+        {"from": "human", "value": "Find the length of the hypotenuse given two sides\n\"side_length1 = 5, "
+                                   "side_length2 = 6\""},
+        {"from": "gpt", "value": "To find the length of the hypotenuse, use the Pythagorean theorem."}]},
+    {"id": 0, "image": "images/00000000.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nCan you extract any readable text from the image?"},
+        {"from": "gpt", "value": "Dares Wins Vol. 5 Tommy's Heroes Vol. 6: For Tomorrow Vol. 7: Closing Time "
+                                 "miniseries."}], "width": 897, "height": 1152},
+]  # fmt: skip
+
+
+def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer, qwen2_vl_template, capsys):
+    """ms-swift's and InternVL's documented examples mix forms in one file; a form guessed from the first record
+    rejected the others and the build exited 0. Each record is read in the form its keys name; a form named with
+    --input-format rejects the others' records, and that build exits 1 naming them and the option."""
+    write_image(tmp_path / "x.jpg", *SIZES[0])
+    write_image(tmp_path / "x.png", *SIZES[1], fmt="PNG")
+    write_image(tmp_path / "images" / "00000000.jpg", *SIZES[2])
+    for seed, (name, *size) in enumerate(zip(INTERNVL_MULTI_IMAGE["image"], *[INTERNVL_MULTI_IMAGE[k] for k in (
+        "width_list", "height_list")], strict=True)):  # fmt: skip
+        write_image(tmp_path / name, *size, fmt="PNG", seed=seed)
+    swift = write_jsonl(tmp_path / "swift.jsonl", SWIFT_SFT)
+    internvl = write_jsonl(tmp_path / "internvl.jsonl", [*INTERNVL_MIXED, INTERNVL_MULTI_IMAGE])
+
+    samples = built(BuildConfig.create(input=str(swift), out=str(tmp_path / "swift")))
+    expected = {
+        1: SWIFT_SFT[0]["messages"],
+        2: [
+            {"role": "user", "content": [IMAGE, IMAGE, text("What is the difference between the two images?")]},
+            SWIFT_SFT[1]["messages"][1],
+        ],
+    }
+    assert sorted(samples) == [1, 2]
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    assert sizes(samples[2]) == [SIZES[0], SIZES[1]]
+    found = rejects(tmp_path / "swift")
+    assert {line: r["code"] for line, r in found.items()} == {3: "audio_not_supported", 4: "video_not_supported"}
+
+    samples = built(BuildConfig.create(input=str(internvl), out=str(tmp_path / "internvl")))
+    assert sorted(samples) == [1, 2, 3] and sizes(samples[2]) == [SIZES[2]] and len(sizes(samples[3])) == 5
+    first = INTERNVL_MIXED[0]["conversations"]
+    messages = [{"role": "user", "content": first[0]["value"]}, {"role": "assistant", "content": first[1]["value"]}]
+    assert samples[1].input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, samples[1])
+
+    command = ["build", str(swift), "--out", str(tmp_path / "named"), "--input-format", "qwen", "--no-progress"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "1 records are in other input forms (sharegpt 1; e.g. line 2: a ShareGPT record" in err
+    assert "--input-format qwen reads its own form only: --input-format auto reads each record in its own form" in err
+    assert rejects(tmp_path / "named")[2]["code"] == "other_form"
+    assert [s.info["line"] for s in iter_build_samples(str(tmp_path / "named"))] == [1]
+
+
+# Qwen's finetune README (qwen-vl-finetune/README.md, "Packed Data Example"): one packed entry is a list of records,
+# as its tools/pack_data.py writes them (a JSON array of such lists, or one list per JSON line)
+QWEN_PACKED = [
+    {"image": "images/001.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat's the main object in this picture?"},
+        {"from": "gpt", "value": "A red apple on a wooden table"}]},
+    {"image": "images/002.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat's the main object in this picture?"},
+        {"from": "gpt", "value": "A green orange on a plastic table"}]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_qwen_packed_entries_are_unpacked_into_records(tmp_path, tokenizer, qwen2_vl_template, layout):
+    write_image(tmp_path / "images" / "001.jpg", *SIZES[0])
+    write_image(tmp_path / "images" / "002.jpg", *SIZES[1])
+    single = {**QWEN_PACKED[0], "image": "images/002.jpg"}
+    if layout == "json":
+        path = tmp_path / "packed.json"
+        path.write_text(json.dumps([QWEN_PACKED, [single]], indent=4))
+        starts = [n for n, line in enumerate(path.read_text().splitlines(), start=1) if line == "        {"]
+    else:
+        path = write_jsonl(tmp_path / "packed.jsonl", [QWEN_PACKED, single, b"[{not json"])
+        starts = [1, 1, 2, 3]
+    source = open_input(str(path))
+    assert source.unit == "record"
+    assert [(item.number, item.source_line) for item in source.items()] == list(enumerate(starts, start=1))[:3] + (
+        [] if layout == "json" else [(4, 3)]
+    )
+    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
+    assert sorted(samples) == [1, 2, 3]
+    assert [sizes(samples[n]) for n in (1, 2, 3)] == [[SIZES[0]], [SIZES[1]], [SIZES[1]]]
+    for number, record in zip((1, 2), QWEN_PACKED, strict=True):
+        question, answer = (turn["value"] for turn in record["conversations"])
+        messages = [
+            {"role": "user", "content": [IMAGE, text(question.removeprefix("<image>"))]},
+            {"role": "assistant", "content": answer},
+        ]
+        assert samples[number].input_ids.tolist() == template_tokens(
+            tokenizer, qwen2_vl_template, messages, samples[number]
+        )
+    if layout == "jsonl":
+        assert rejects(tmp_path / "out")[4] | {"reason": ""} == {
+            "line": 4, "code": "invalid_json", "reason": "", "source_line": 3
+        }  # fmt: skip
+
+
 def test_placeholders_are_counted_one_by_one(tmp_path):
     data = write_jsonl(
         tmp_path / "in.jsonl",
@@ -224,7 +351,7 @@ def test_llamafactory_mllm_demo_without_placeholders(tmp_path, tokenizer, qwen2_
     ]
     path = tmp_path / "mllm_demo.json"
     path.write_text(json.dumps(records, indent=2, ensure_ascii=False))
-    assert detect(str(path)) == "sharegpt"
+    assert detect(str(path)) == "json"
     sample = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))[1]
     messages = [
         {"role": "user", "content": [IMAGE, text("Who are they?")]},
@@ -344,7 +471,7 @@ def test_openai_image_url_parts(tmp_path, tokenizer, qwen2_vl_template):
         {"messages": [{"role": "user", "content": [remote]}, {"role": "assistant", "content": "A picture."}]}
     )
     data = write_jsonl(tmp_path / "openai.jsonl", records)
-    assert detect(str(data)) == "qwen"
+    assert detect(str(data)) == "json"
     samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
     assert [sizes(samples[n]) for n in (1, 2, 3, 4)] == [[SIZES[0]], [SIZES[1]], [SIZES[0]], [SIZES[1]]]
     messages = [
