@@ -92,13 +92,13 @@ LLAVA = [
 ]
 LLAVA_EXPECTED = {
     1: [
-        {"role": "user", "content": [IMAGE, text("\nWhat are the colors of the bus in the image?")]},
+        {"role": "user", "content": [IMAGE, text("What are the colors of the bus in the image?")]},
         {"role": "assistant", "content": "The bus in the image is white and red."},
         {"role": "user", "content": "What feature can be seen on the back of the bus?"},
         {"role": "assistant", "content": "The back of the bus features an advertisement."},
     ],
     2: [
-        {"role": "user", "content": [IMAGE, text("\n"), IMAGE, text("\nWhich is wider?")]},
+        {"role": "user", "content": [IMAGE, IMAGE, text("Which is wider?")]},
         {"role": "assistant", "content": "The second."},
     ],
     3: [
@@ -189,6 +189,52 @@ def test_internvl_multi_image_sizes_are_ignored(tmp_path):
     assert validate(str(data)).problems == []
     sample = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))[1]
     assert sizes(sample) == expected
+
+
+# Qwen's finetune (QwenLM/Qwen3-VL, qwen-vl-finetune): demo/single_images.json's first record (the placeholder after
+# the question) and the README's multi-image example
+QWEN_DEMO = [
+    {"image": "demo/images/10095.png", "conversations": [
+        {"from": "human", "value": "Is the value of Favorable 38 in 2015?\n<image>"}, {"from": "gpt", "value": "Yes"}]},
+    {"image": ["cats/001.jpg", "cats/002.jpg"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhat are the differences between these two cats?"},
+        {"from": "gpt", "value": "The first cat is an orange tabby with short fur and green eyes, while the second "
+                                 "is a gray Siamese with blue eyes and pointed coloration."}]},
+]  # fmt: skip
+
+
+def test_newlines_around_image_follow_the_project_of_each_form(tmp_path, tokenizer, qwen2_vl_template):
+    """One rule per form, the rule of the project the form comes from. llava: as Qwen's finetune reads LLaVA-style
+    text (qwen-vl-finetune/qwenvl/data/data_processor.py, _build_messages, at QwenLM/Qwen3-VL 96588727): a user
+    turn is split at each <image>, each piece stripped, blank pieces dropped; the assistant's text is kept (2U1's
+    Qwen2-VL-Finetune drops one newline on each side, the same for these records). sharegpt: as LLaMA-Factory's
+    mm_plugin and ms-swift's template replace the placeholder, the text around it is kept. The projects' own code
+    cannot be imported here (neither is a package), so the records are their published examples and the expected
+    messages are what that code makes of them."""
+    write_image(tmp_path / "demo" / "images" / "10095.png", *SIZES[0], fmt="PNG")
+    write_image(tmp_path / "cats" / "001.jpg", *SIZES[1])
+    write_image(tmp_path / "cats" / "002.jpg", *SIZES[2], seed=1)
+    llava = write_jsonl(tmp_path / "qwen_demo.jsonl", QWEN_DEMO)
+    sharegpt = write_jsonl(
+        tmp_path / "as_sharegpt.jsonl", [{"images": r["image"], "conversations": r["conversations"]} for r in QWEN_DEMO]
+    )
+    answers = [r["conversations"][1]["value"] for r in QWEN_DEMO]
+    expected = {
+        "llava": [
+            [text("Is the value of Favorable 38 in 2015?"), IMAGE],
+            [IMAGE, IMAGE, text("What are the differences between these two cats?")],
+        ],
+        "sharegpt": [
+            [text("Is the value of Favorable 38 in 2015?\n"), IMAGE],
+            [IMAGE, text("\n"), IMAGE, text("\nWhat are the differences between these two cats?")],
+        ],
+    }
+    for form, path in (("llava", llava), ("sharegpt", sharegpt)):
+        samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / form)))
+        for number, (content, answer) in enumerate(zip(expected[form], answers, strict=True), start=1):
+            messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+            sample = samples[number]
+            assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
 
 
 # -- one file, several forms ----------------------------------------------------------------
@@ -302,7 +348,7 @@ def test_qwen_packed_entries_are_unpacked_into_records(tmp_path, tokenizer, qwen
     for number, record in zip((1, 2), QWEN_PACKED, strict=True):
         question, answer = (turn["value"] for turn in record["conversations"])
         messages = [
-            {"role": "user", "content": [IMAGE, text(question.removeprefix("<image>"))]},
+            {"role": "user", "content": [IMAGE, text(question.removeprefix("<image>\n"))]},
             {"role": "assistant", "content": answer},
         ]
         assert samples[number].input_ids.tolist() == template_tokens(

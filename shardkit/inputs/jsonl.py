@@ -326,6 +326,7 @@ class Llava(ShareGPT):
     known = frozenset(
         {"id", "image", "conversations", "messages", "system", "meta", "width", "height", "width_list", "height_list"}
     )
+    placeholders = Placeholders.STRIP
 
 
 def record_images(data: dict[str, Any], key: str, line: int) -> list[Any]:
