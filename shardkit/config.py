@@ -50,9 +50,11 @@ class BuildConfig(Options):
         json_schema_extra={"enum": ["auto", *FORMATS]},
         description="json: a JSONL/JSON file, each record in the form its keys name; qwen: conversation JSONL; "
         "sharegpt: LLaMA-Factory/ms-swift <image> placeholders + images list (JSONL or a JSON array); llava: "
-        "LLaVA/InternVL image + conversations; folder: images + labels.json; hf: local Hugging Face Parquet/Arrow "
-        "files or a save_to_disk folder: messages + images, the_cauldron's images + texts, or an image with a "
-        "label/text answer and an optional question; auto: json for a JSON file, else by the files",
+        "LLaVA/InternVL image + conversations; trl: TRL prompt + completion (+ images); swift: ms-swift query + "
+        "response + history; llamafactory_v1: LLaMA-Factory v1 type/value parts + loss_weight; folder: images + "
+        "labels.json; hf: local Hugging Face Parquet/Arrow files or a save_to_disk folder: messages + images, TRL's "
+        "prompt + completion, the_cauldron's images + texts, or an image with a label/text answer and an optional "
+        "question; auto: json for a JSON file, else by the files",
     )
     prompt: str | None = Field(
         None, description="folder/hf: the user's text next to each image (default: 'Classify this image.')"

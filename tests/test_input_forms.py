@@ -51,6 +51,14 @@ def text(value: str) -> dict:
     return {"type": "text", "text": value}
 
 
+def user(content) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content) -> dict:
+    return {"role": "assistant", "content": content}
+
+
 # -- LLaVA / InternVL / Qwen2-VL-Finetune ------------------------------------------------------
 
 LLAVA = [
@@ -429,6 +437,194 @@ def test_ms_swift_per_message_loss(tmp_path, tokenizer):
         out = tmp_path / train_on
         sample = built(BuildConfig.create(input=str(data), out=str(out), train_on=train_on))[1]
         assert tokenizer.decode(sample.input_ids[sample.weights > 0].tolist()) == trained
+
+
+# -- TRL, LLaMA-Factory v1, ms-swift query-response -----------------------------------------
+
+LLAVA_MIX_ROWS = [  # as theblackcat102/llava-instruct-mix holds them: the conversation as a Python literal string
+    [{"from": "human", "value": "<image>\nWhat is the man doing?"}, {"from": "gpt", "value": "He is surfing."},
+     {"from": "human", "value": "Is the water calm?"}, {"from": "gpt", "value": "No, there are waves."}],
+    [{"from": "human", "value": "What colour is the bus?\n<image>"}, {"from": "gpt", "value": "Red."}],
+]  # fmt: skip
+
+
+def trl_llava_instruct_mix(path: Path) -> Path:
+    """A Parquet file made as TRL's examples/datasets/llava_instruct_mix.py makes trl-lib/llava-instruct-mix
+    (huggingface/trl at f2cd5771), with ``datasets``: each LLaVA turn's text without ``<image>`` and stripped,
+    roles user/assistant, the image as a one-image ``images`` list; the last message is the completion, the
+    others the prompt. (trl is not installed here, so its script's steps are written again, not imported.)"""
+    import ast
+
+    import datasets
+    from PIL import Image
+
+    images = [Image.new("RGB", size, colour) for size, colour in zip(SIZES, ("red", "blue"), strict=False)]
+    features = datasets.Features({"conversations": datasets.Value("string"), "image": datasets.Image()})
+    source = datasets.Dataset.from_dict(
+        {"conversations": [repr(rows) for rows in LLAVA_MIX_ROWS], "image": images}, features=features
+    )
+
+    def messages(example):
+        turns = [
+            {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"].replace("<image>", "")}
+            for t in ast.literal_eval(example["conversations"])
+        ]
+        turns = [{**t, "content": t["content"].strip()} for t in turns]
+        return {"messages": turns, "images": [example["image"]]}
+
+    def prompt_completion(example):
+        return {"prompt": example["messages"][:-1], "completion": example["messages"][-1:]}
+
+    dataset = source.map(messages, remove_columns=["conversations", "image"])
+    dataset.map(prompt_completion, remove_columns=["messages"]).to_parquet(str(path))
+    return path
+
+
+def trained_text(tokenizer, sample) -> str:
+    return tokenizer.decode(sample.input_ids[sample.weights > 0].tolist())
+
+
+def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl_template):
+    """TRL's vision SFT form: images go before the first user text (TRL's prepare_multimodal_messages), only the
+    completion is trained (TRL's completion-only loss); a prompt without a completion has no answer."""
+    import pyarrow.parquet as pq
+
+    path = trl_llava_instruct_mix(tmp_path / "llava-instruct-mix.parquet")
+    assert set(pq.read_schema(path).names) == {"images", "prompt", "completion"} and detect(str(path)) == "hf"
+    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "parquet")))
+    expected = {
+        1: [
+            {"role": "user", "content": [IMAGE, text("What is the man doing?")]},
+            {"role": "assistant", "content": "He is surfing."},
+            {"role": "user", "content": "Is the water calm?"},
+            {"role": "assistant", "content": "No, there are waves."},
+        ],
+        2: [user([IMAGE, text("What colour is the bus?")]), assistant("Red.")],
+    }
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+        assert trained_text(tokenizer, sample) == messages[-1]["content"] + "<|im_end|>"
+    assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0]], [SIZES[1]]]
+
+    write_image(tmp_path / "a.jpg", *SIZES[2])
+    records = [
+        {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is the man doing?"}],
+         "completion": [{"role": "assistant", "content": "He is surfing."}]},
+        {"image": "a.jpg", "prompt": [{"role": "user", "content": [{"type": "text", "text": "Look: <image> "},
+                                                                    {"type": "image"}]}],
+         "completion": [{"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]}]},
+        {"images": ["a.jpg"], "prompt": "<image>What is it?", "completion": "A pattern."},  # ms-swift reads these
+        {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is it?"}]},  # TRL's prompt-only form
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "trl.jsonl", records)
+    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "json")))
+    expected = {
+        1: [expected[1][0], expected[1][1]],
+        2: [user([text("Look: <image> "), IMAGE]), assistant("A pattern.")],
+        3: [user([IMAGE, text("What is it?")]), assistant("A pattern.")],
+    }  # TRL leaves "<image>" in a message list as text; in a string, ms-swift's placeholder
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    (reject,) = rejects(tmp_path / "json").values()
+    assert (reject["line"], reject["code"]) == (4, "no_answer") and "TRL's prompt-only form" in reject["reason"]
+
+
+# LLaMA-Factory's data/v1_multimodal_demo.jsonl (its first two records) and data/v1_sft_demo.jsonl (its first record),
+# hiyouga/LLaMA-Factory at ff6d4d12; then a record that trains only its last answer
+LF_V1 = [
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "value": "data/mllm_demo_data/1.jpg"},
+                                               {"type": "text", "value": "Who are they?"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "They're Kane and Gretzka from Bayern Munich."}]},
+                  {"role": "user", "content": [{"type": "text", "value": "What are they doing?"},
+                                               {"type": "image_url", "value": "data/mllm_demo_data/1.jpg"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "They are celebrating on the soccer field."}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "value": "data/mllm_demo_data/2.jpg"},
+                                               {"type": "text", "value": "Who is he?"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "He's Thomas Muller from Bayern Munich."}]},
+                  {"role": "user", "content": [{"type": "text", "value": "Why is he on the ground?"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "Because he's sliding on his knees to celebrate."}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},
+                  {"role": "assistant", "content": [{"type": "text", "value": "Hello! I am {{name}}, an AI assistant "
+                   "developed by {{author}}. How can I assist you today?"}], "loss_weight": 1.0}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},
+                  {"role": "assistant", "content": [{"type": "text", "value": "Hello."}], "loss_weight": 0.0},
+                  {"role": "user", "content": [{"type": "text", "value": "Who are you?"}], "loss_weight": 0.0},
+                  {"role": "assistant", "content": [{"type": "text", "value": "An assistant."}], "loss_weight": 1.0}]},
+]  # fmt: skip
+
+
+def v1_to_template(record: dict) -> list[dict]:
+    """LLaMA-Factory v1's messages as the chat template's (as its rendering/format.py _to_hf_messages does)."""
+    return [
+        {"role": m["role"], "content": [IMAGE if p["type"] == "image_url" else text(p["value"]) for p in m["content"]]}
+        for m in record["messages"]
+    ]
+
+
+def test_llamafactory_v1_records(tmp_path, tokenizer, qwen2_vl_template):
+    """image_url parts are images where they stand; an assistant turn is trained unless its loss_weight is 0 (LLaMA-
+    Factory never trains the other turns, whatever their weight); other weights and reasoning parts are refused."""
+    write_image(tmp_path / "data" / "mllm_demo_data" / "1.jpg", *SIZES[0])
+    write_image(tmp_path / "data" / "mllm_demo_data" / "2.jpg", *SIZES[1])
+    bad = [
+        {"messages": [LF_V1[2]["messages"][0], {**LF_V1[2]["messages"][1], "loss_weight": 0.5}]},
+        {"messages": [LF_V1[2]["messages"][0], {"role": "assistant", "content": [
+            {"type": "reasoning", "value": "The user greets."}, {"type": "text", "value": "Hello."}]}]},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "v1.jsonl", LF_V1 + bad)
+    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    assert sorted(samples) == [1, 2, 3, 4]
+    for number, record in enumerate(LF_V1, start=1):
+        sample = samples[number]
+        messages = v1_to_template(record)
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0], SIZES[0]], [SIZES[1]]]
+    answers = [m["content"][0]["value"] for m in LF_V1[0]["messages"] if m["role"] == "assistant"]
+    assert trained_text(tokenizer, samples[1]) == "".join(a + "<|im_end|>" for a in answers)
+    assert trained_text(tokenizer, samples[4]) == "An assistant.<|im_end|>"
+    found = rejects(tmp_path / "out")
+    assert "messages[1] has loss_weight 0.5: shardkit trains a turn wholly or not at all" in found[5]["reason"]
+    assert "messages[1] has a 'reasoning' part" in found[6]["reason"]
+    as_qwen = validate(str(data), input_format="qwen").problems[0]
+    assert (as_qwen["code"], as_qwen["form"]) == ("other_form", "llamafactory_v1")
+    assert "use --input-format llamafactory_v1" in as_qwen["reason"]
+
+
+# ms-swift's Custom-dataset.md: the query-response form ({"system", "query", "response", "history"}) and the
+# ShareGPT form ({"system", "conversation": [{"human", "assistant"}]}), with images as its multimodal section adds
+SWIFT_FORMS = [
+    {"system": "You are a helpful assistant.", "query": "<image>And this one?", "response": "A dog.",
+     "history": [["<image>What is this?", "A cat."]], "images": ["cat.jpg", "dog.jpg"]},
+    {"system": "You are a helpful assistant.", "conversation": [
+        {"human": "<image>What is this?", "assistant": "A cat."}, {"human": "Sure?", "assistant": "Yes."}],
+     "images": ["cat.jpg"]},
+    {"query": "<image>What is this?", "images": ["cat.jpg"]},
+]  # fmt: skip
+
+
+def test_ms_swift_query_response_and_conversation(tmp_path, tokenizer, qwen2_vl_template):
+    write_image(tmp_path / "cat.jpg", *SIZES[0])
+    write_image(tmp_path / "dog.jpg", *SIZES[1])
+    data = write_jsonl(tmp_path / "swift.jsonl", SWIFT_FORMS)
+    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    expected = {
+        1: [system, user([IMAGE, text("What is this?")]), assistant("A cat."), user([IMAGE, text("And this one?")]),
+            assistant("A dog.")],
+        2: [system, user([IMAGE, text("What is this?")]), assistant("A cat."), user("Sure?"), assistant("Yes.")],
+    }  # fmt: skip
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    assert sizes(samples[1]) == [SIZES[0], SIZES[1]] and sizes(samples[2]) == [SIZES[0]]
+    (reject,) = rejects(tmp_path / "out").values()
+    assert (reject["line"], reject["code"]) == (3, "no_answer")
 
 
 # -- refusals --------------------------------------------------------------------------------

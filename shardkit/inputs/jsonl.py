@@ -33,30 +33,59 @@ from shardkit.inputs.base import (
     refuse_unsupported,
     validate_record,
 )
-from shardkit.inputs.chat import Placeholders, to_messages
+from shardkit.inputs.chat import (
+    Placeholders,
+    lf_v1_messages,
+    prompt_completion_turns,
+    query_response_turns,
+    to_messages,
+)
 from shardkit.schema import Record
 from shardkit.storage import parent
 
 NOT_AN_OBJECT = "__not_an_object__"
-TURN_KEYS = ("messages", "conversations")
+TURN_KEYS = ("messages", "conversations", "conversation")
 PLACEHOLDERS = ("<image>", "<video>", "<audio>")
 #: what each form's records look like, for reasons that name a form
 DESCRIPTIONS = {
     "qwen": "a Qwen-form record ('messages' of image/text parts)",
     "sharegpt": "a ShareGPT record ('images' list, <image> placeholders, 'conversations' or a 'system' key)",
     "llava": "a LLaVA record ('image' and 'conversations')",
+    "trl": "a TRL prompt-completion record ('prompt' and 'completion')",
+    "swift": "an ms-swift query-response record ('query', 'response', 'history')",
+    "llamafactory_v1": "a LLaMA-Factory v1 record (parts of 'type' and 'value', 'loss_weight')",
 }
 
 
 def form_of(data: dict[str, Any]) -> str:
-    """The form a record's keys name: ``llava`` (``image`` without ``images``), ``sharegpt`` (``images``,
-    ``conversations`` or a ``system`` key), else ``qwen``. ``<image>`` in a text is not a key:
-    :class:`JsonAuto` reads it as a placeholder."""
+    """The form a record's keys name. Without ``messages``/``conversations``/``conversation``: ``trl``
+    (``prompt``/``completion``) or ``swift`` (``query``/``response``/``history``). Then ``llava`` (``image``
+    without ``images``), ``llamafactory_v1`` (message parts with a ``value``, or a ``loss_weight``), ``sharegpt``
+    (``images``, ``conversations``, ``conversation`` or a ``system`` key), else ``qwen``. ``<image>`` in a text
+    is not a key: :class:`JsonAuto` reads it as a placeholder."""
+    if not any(key in data for key in TURN_KEYS):
+        if "prompt" in data or "completion" in data:
+            return "trl"
+        if "query" in data or "response" in data or "history" in data:
+            return "swift"
     if "image" in data and "images" not in data:
         return "llava"
-    if any(key in data for key in ("images", "conversations", "system")):
+    if _is_lf_v1(data.get("messages")):
+        return "llamafactory_v1"
+    if any(key in data for key in ("images", "conversations", "conversation", "system")):
         return "sharegpt"
     return "qwen"
+
+
+def _is_lf_v1(messages: Any) -> bool:
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        parts = content if isinstance(content, list) else []
+        if "loss_weight" in message or any(isinstance(p, dict) and "value" in p and "type" in p for p in parts):
+            return True
+    return False
 
 
 def _has_placeholder(data: dict[str, Any]) -> bool:
@@ -287,7 +316,8 @@ class ShareGPT(JsonInput):
     """LLaMA-Factory's and ms-swift's multimodal form: ``<image>`` placeholders in the text and an ``images`` list.
 
     ``{"messages": [{"role": "user", "content": "<image>What is this?"}, ...], "images": ["a.jpg"]}``,
-    or with ``"conversations": [{"from": "human", "value": ...}]``; an optional ``"system"`` string, ``"id"`` and
+    or with ``"conversations": [{"from": "human", "value": ...}]``, or ms-swift's ``"conversation"`` of
+    ``{"human": ..., "assistant": ...}`` pairs; an optional ``"system"`` string, ``"id"`` and
     ``"meta"`` object; a message's ``"loss": true|false`` (ms-swift) says whether it is trained. Each placeholder
     takes the next image, in order, the text around it kept as it is; their numbers must match. Other top-level
     keys that hold data are refused (``unknown_key``) unless named in ``keep_keys``, which keeps them in ``meta``.
@@ -298,7 +328,9 @@ class ShareGPT(JsonInput):
     #: the top-level key of the images
     image_key: ClassVar[str] = "images"
     #: top-level keys read as the record
-    known: ClassVar[frozenset[str]] = frozenset({"messages", "conversations", "images", "system", "id", "meta"})
+    known: ClassVar[frozenset[str]] = frozenset(
+        {"messages", "conversations", "conversation", "images", "system", "id", "meta"}
+    )
     #: how ``<image>`` in a text is read
     placeholders: ClassVar[Placeholders] = Placeholders.KEEP
 
@@ -339,6 +371,58 @@ def record_images(data: dict[str, Any], key: str, line: int) -> list[Any]:
     return [i["path"] if isinstance(i, dict) and not i.get("bytes") and i.get("path") else i for i in images]
 
 
+class Trl(JsonInput):
+    """TRL's prompt-completion form, as its vision SFT data sets hold it (``trl-lib/llava-instruct-mix``).
+
+    ``{"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is it?"}], "completion": [{"role":
+    "assistant", "content": "A cat."}]}`` (``image`` for one image). As lists of messages (the conversational
+    form) images are ``{"type": "image"}`` parts, or go before the first user text, and ``<image>`` is text, as in
+    TRL; as strings (ms-swift reads ``prompt`` and ``completion`` as its query and response) the prompt is one user
+    turn where ``<image>`` is a placeholder. Only the completion is trained, as TRL does: the prompt's assistant
+    turns are context. A prompt without a completion is ``no_answer``.
+    """
+
+    name = "trl"
+    known = frozenset({"prompt", "completion", "images", "image", "id", "meta"})
+
+    def convert(self, data: dict[str, Any], line: int) -> Record:
+        images = record_images(data, "images" if "images" in data else "image", line)
+        meta = self.extra_meta(data, self.known, line)
+        turns = prompt_completion_turns(data.get("prompt"), data.get("completion"), line)
+        rule = Placeholders.TEXT if isinstance(data.get("prompt"), list) else Placeholders.KEEP
+        return self.finish(to_messages(turns, images, line, placeholders=rule), data, meta, line)
+
+
+class Swift(JsonInput):
+    """ms-swift's query-response form: ``{"system": ..., "query": "<image>What is it?", "response": "A cat.",
+    "history": [["query 1", "response 1"]], "images": ["a.jpg"]}``; ``<image>`` placeholders as in ``sharegpt``.
+    A query without a response is ``no_answer``."""
+
+    name = "swift"
+    known = frozenset({"query", "response", "history", "system", "images", "id", "meta"})
+
+    def convert(self, data: dict[str, Any], line: int) -> Record:
+        images = record_images(data, "images", line)
+        meta = self.extra_meta(data, self.known, line)
+        turns = query_response_turns(data.get("query"), data.get("response"), data.get("history"), line)
+        return self.finish(to_messages(turns, images, line, system=data.get("system")), data, meta, line)
+
+
+class LlamaFactoryV1(JsonInput):
+    """LLaMA-Factory's v1 form (``data/v1_sft_demo.jsonl``, ``data/v1_multimodal_demo.jsonl``): ``{"messages":
+    [{"role": "user", "content": [{"type": "image_url", "value": "a.jpg"}, {"type": "text", "value": "Who?"}],
+    "loss_weight": 0.0}, {"role": "assistant", "content": [{"type": "text", "value": "..."}], "loss_weight":
+    1.0}]}``. Images are where their parts are; see :func:`~shardkit.inputs.chat.lf_v1_messages` for the weights.
+    """
+
+    name = "llamafactory_v1"
+    known = frozenset({"messages", "id", "meta"})
+
+    def convert(self, data: dict[str, Any], line: int) -> Record:
+        meta = self.extra_meta(data, self.known, line)
+        return self.finish(lf_v1_messages(data.get("messages"), line), data, meta, line)
+
+
 class JsonAuto(JsonInput):
     """Each record in the form its keys name (:func:`form_of`); a ``messages`` record with ``<image>``, ``<video>``
     or ``<audio>`` in a string content and no other sign of a form is read as ``sharegpt`` (the placeholder form)."""
@@ -358,4 +442,4 @@ class JsonAuto(JsonInput):
         return self.forms[found].convert(data, item.number)
 
 
-JSON_FORMS: tuple[type[JsonInput], ...] = (QwenJsonl, ShareGPT, Llava)
+JSON_FORMS: tuple[type[JsonInput], ...] = (QwenJsonl, ShareGPT, Llava, Trl, Swift, LlamaFactoryV1)
