@@ -3,6 +3,7 @@ Parquet written by ``datasets`` in the current and the older layout, Pillow imag
 token for token as the published chat template renders the same conversation, with the right images in order;
 what shardkit cannot train is refused with its own reject code."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -836,6 +837,46 @@ def test_hf_question_column_option(tmp_path):
     report = validate(str(tmp_path / "vqa_v2.parquet"))
     assert "'answers' holds a list that is not of strings" in report.problems[0]["reason"]
     assert main(["validate", str(tmp_path / "vqa.parquet"), "--question-column", "nope"]) == 2
+
+
+def test_reasons_say_what_was_found_and_what_would_work(tmp_path, tokenizer, qwen2_vl_template):
+    """An image column holding a list (one image, as TRL-style ``images`` columns do) is read, not called empty;
+    a record without turns is not sent to --keep-keys for a key that then leaves it without a conversation."""
+    import datasets
+    from PIL import Image
+
+    pictures = [[Image.new("RGB", SIZES[0], "red")], [Image.new("RGB", SIZES[1]), Image.new("RGB", SIZES[2])], []]
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "label": datasets.Value("string")})
+    path = tmp_path / "listed.parquet"
+    datasets.Dataset.from_dict({"images": pictures, "label": ["red", "two", "none"]}, features=features).to_parquet(
+        str(path)
+    )
+    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out"), image_column="images"))
+    assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0]], [SIZES[1], SIZES[2]]]
+    messages = [user([IMAGE, IMAGE, text("Classify this image.")]), assistant("two")]
+    assert samples[2].input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, samples[2])
+    reject = rejects(tmp_path / "out")[3]
+    assert (reject["code"], reject["reason"]) == ("image_missing", "the image column 'images' holds an empty list")
+
+    write_image(tmp_path / "a.jpg", *SIZES[0])
+    records = [
+        {"question": "What is it?", "answer": "A square.", "images": ["a.jpg"]},
+        {"prompt": [{"role": "user", "content": "What is it?"}], "completion": [{"role": "assistant", "content": "A."}],
+         "images": ["a.jpg"]},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "odd.jsonl", records)
+    for form, keep in itertools.product(("auto", "sharegpt"), ((), ("question", "answer"))):
+        problems = validate(str(data), input_format=form, keep_keys=keep).problems
+        assert (problems[0]["line"], problems[0]["code"]) == (1, "invalid_record")
+        assert problems[0]["reason"] == (
+            "no conversation: the record has 'question', 'answer', 'images' but no 'messages', 'conversations' or "
+            "'conversation' list (nor 'prompt' and 'completion', or 'query' and 'response'); put its turns in "
+            "'messages'"
+        )
+        assert not any("--keep-keys" in p["reason"] for p in problems)
+    assert [p["line"] for p in validate(str(data)).problems] == [1]  # auto reads the second record as TRL's form
+    reason = validate(str(data), input_format="sharegpt").problems[1]["reason"]
+    assert reason.startswith("a TRL prompt-completion record ('prompt' and 'completion'), which --input-format")
 
 
 def test_a_json_file_as_hf_input_is_one_clear_error(tmp_path):

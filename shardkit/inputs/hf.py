@@ -141,16 +141,14 @@ class HFDataset(InputFormat):
         row, columns = item.data["row"], item.data["columns"]
         if columns.chat or columns.pairs or columns.completion:
             return self._conversation(row, columns, item.number)
-        image = _image(row[columns.image], item.number)
-        if image is None:
-            raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.number)
+        images = _row_images(row[columns.image], columns.image, item.number)
         reply = _answer(row[columns.answer], columns, item.number)
         question = row[columns.question] if columns.question else None
         prompt = question if isinstance(question, str) and question else self.options.get("prompt") or DEFAULT_PROMPT
         label = {"label": row[columns.answer]} if columns.label else {}
         record = {
             "messages": [
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]},
+                {"role": "user", "content": [*({"type": "image", "image": i} for i in images), _text(prompt)]},
                 {"role": "assistant", "content": reply},
             ],
             "meta": {"row": item.number, **label},
@@ -204,6 +202,23 @@ class Columns:
         """The columns to read, in order."""
         trl = (PROMPT, COMPLETION) if self.completion else ()
         return [c for c in (self.image, self.chat, self.pairs, *trl, self.question, self.answer) if c]
+
+
+def _row_images(value: Any, column: str, row: int) -> list[str]:
+    """The images of a row with one answer: its image column's image, or each image of a list (as an ``images``
+    column of ``List(Image)`` holds them), in order, to go before the question."""
+    cells = value if isinstance(value, list) else [value]
+    if not cells:
+        raise RecordError(f"the image column {column!r} holds an empty list", "image_missing", row)
+    images = [_image(cell, row, number) for number, cell in enumerate(cells, start=1)]
+    if any(image is None for image in images):
+        where = "" if len(cells) == 1 else f" (image {images.index(None) + 1} of {len(cells)})"
+        raise RecordError(f"the image column {column!r} is empty{where}", "image_missing", row)
+    return images  # type: ignore[return-value]
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
 
 
 def _image(value: Any, row: int, number: int = 1) -> str | None:

@@ -209,6 +209,17 @@ def parse_record(item: RawItem) -> dict[str, Any]:
     return data
 
 
+def no_conversation(data: dict[str, Any], line: int) -> RecordError:
+    """The reject of a record with no turns in any form: it names the keys the record has, and where turns go."""
+    keys = ", ".join(repr(key) for key in data) or "no keys"
+    return RecordError(
+        f"no conversation: the record has {keys} but no 'messages', 'conversations' or 'conversation' list (nor "
+        "'prompt' and 'completion', or 'query' and 'response'); put its turns in 'messages'",
+        "invalid_record",
+        line,
+    )
+
+
 def other_form(found: str, form: str, line: int) -> RecordError:
     """The reject of a record in the form ``found`` read as ``form``: it names both, and the options that read it."""
     return RecordError(
@@ -309,6 +320,8 @@ class QwenJsonl(JsonInput):
     name = "qwen"
 
     def convert(self, data: dict[str, Any], line: int) -> Record:
+        if "messages" not in data:
+            raise no_conversation(data, line)
         return validate_record(data, line)
 
 
@@ -335,9 +348,11 @@ class ShareGPT(JsonInput):
     placeholders: ClassVar[Placeholders] = Placeholders.KEEP
 
     def convert(self, data: dict[str, Any], line: int) -> Record:
+        turns = next((data[key] for key in TURN_KEYS if key in data), None)
+        if turns is None:
+            raise no_conversation(data, line)
         images = record_images(data, self.image_key, line)
         meta = self.extra_meta(data, self.known, line)
-        turns = next((data[key] for key in TURN_KEYS if key in data), None)
         messages = to_messages(turns, images, line, system=data.get("system"), placeholders=self.placeholders)
         return self.finish(messages, data, meta, line)
 
