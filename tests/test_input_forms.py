@@ -627,6 +627,16 @@ def test_ms_swift_query_response_and_conversation(tmp_path, tokenizer, qwen2_vl_
     (reject,) = rejects(tmp_path / "out").values()
     assert (reject["line"], reject["code"]) == (3, "no_answer")
 
+    import datasets
+    from PIL import Image
+
+    pairs = {"conversation": [SWIFT_FORMS[1]["conversation"]], "images": [[Image.new("RGB", SIZES[0], "red")]]}
+    parquet = tmp_path / "conversation.parquet"
+    datasets.Dataset.from_dict(pairs).to_parquet(str(parquet))  # as ms-swift reads a data set of this form
+    sample = built(BuildConfig.create(input=str(parquet), out=str(tmp_path / "parquet")))[1]
+    messages = expected[2][1:]  # no system column
+    assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+
 
 # -- refusals --------------------------------------------------------------------------------
 
