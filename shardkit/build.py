@@ -88,7 +88,7 @@ class Converter:
         except RecursionError:
             raise RecordError("nested too deeply to be read", "invalid_json").at(raw.number, raw.source_line) from None
         except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
-            logger.debug("unexpected error on %s %d", self.input.unit, raw.number, exc_info=True)
+            logger.debug("unexpected error on %s %d", self.input.unit_of(raw), raw.number, exc_info=True)
             raise RecordError(
                 f"internal error (a bug in shardkit): {type(exc).__name__}: {exc}",
                 INTERNAL_ERROR,
@@ -133,7 +133,8 @@ class Converter:
     def _record(self, raw: RawItem) -> Record:
         """The item's validated record, its text and answers checked."""
         if raw.duplicate_of is not None:
-            raise RecordError(f"duplicate of {self.input.unit} {raw.duplicate_of} (same images and text)", "duplicate")
+            unit = self.input.unit_of(raw)
+            raise RecordError(f"duplicate of {unit} {raw.duplicate_of} (same images and text)", "duplicate")
         record = self.input.record(raw)
         check_text(record)
         check_answers(record, self.config.train_on)
@@ -342,7 +343,7 @@ def run_task(
             except RecordError as exc:
                 if strict:
                     raise
-                _reject(result, exc, f"{convert.input.unit} {raw.number}")
+                _reject(result, exc, f"{convert.input.unit_of(raw)} {raw.number}")
                 sample = None
             else:
                 writer.write(sample)

@@ -70,6 +70,11 @@ class InputFormat(ABC):
     def image_root(self) -> str:
         """The folder image paths are relative to, unless ``--image-root`` says otherwise."""
 
+    def unit_of(self, item: RawItem) -> str:
+        """How ``item`` is counted in messages (:attr:`unit`; a form whose numbering depends on the file may tell
+        from the item alone, without reading the file)."""
+        return self.unit
+
     def count(self) -> int:
         """How many items the input holds (a pass over them, unless the form knows a cheaper way)."""
         return sum(1 for _ in self.items())

@@ -251,6 +251,9 @@ class JsonInput(InputFormat):
     def unit(self) -> str:  # type: ignore[override]
         return "record" if self.is_array or self.is_packed else "line"
 
+    def unit_of(self, item: RawItem) -> str:
+        return "line" if item.source_line is None else "record"
+
     def items(self) -> Iterator[RawItem]:
         if self.is_array:
             return iter_array(self.location)
