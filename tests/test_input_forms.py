@@ -517,6 +517,8 @@ def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl
          "completion": [{"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]}]},
         {"images": ["a.jpg"], "prompt": "<image>What is it?", "completion": "A pattern."},  # ms-swift reads these
         {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is it?"}]},  # TRL's prompt-only form
+        {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is it?"}],
+         "completion": [{"role": "assistant", "content": "A pattern."}], "label": False},  # unpaired preference
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "trl.jsonl", records)
     samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "json")))
@@ -528,8 +530,9 @@ def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl
     for number, messages in expected.items():
         sample = samples[number]
         assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
-    (reject,) = rejects(tmp_path / "json").values()
-    assert (reject["line"], reject["code"]) == (4, "no_answer") and "TRL's prompt-only form" in reject["reason"]
+    found = rejects(tmp_path / "json")
+    assert {line: r["code"] for line, r in found.items()} == {4: "no_answer", 5: "preference_pair"}
+    assert "TRL's prompt-only form" in found[4]["reason"] and "TRL's KTO form" in found[5]["reason"]
 
 
 # LLaMA-Factory's data/v1_multimodal_demo.jsonl (its first two records) and data/v1_sft_demo.jsonl (its first record),

@@ -397,13 +397,20 @@ class Trl(JsonInput):
     form) images are ``{"type": "image"}`` parts, or go before the first user text, and ``<image>`` is text, as in
     TRL; as strings (ms-swift reads ``prompt`` and ``completion`` as its query and response) the prompt is one user
     turn where ``<image>`` is a placeholder. Only the completion is trained, as TRL does: the prompt's assistant
-    turns are context. A prompt without a completion is ``no_answer``.
+    turns are context. A prompt without a completion is ``no_answer``; a boolean ``label`` (TRL's unpaired
+    preference form, for KTO) is ``preference_pair``.
     """
 
     name = "trl"
     known = frozenset({"prompt", "completion", "images", "image", "id", "meta"})
 
     def convert(self, data: dict[str, Any], line: int) -> Record:
+        if isinstance(data.get("label"), bool):
+            raise RecordError(
+                "an unpaired preference record ('label', TRL's KTO form): shardkit builds supervised samples only",
+                "preference_pair",
+                line,
+            )
         images = record_images(data, "images" if "images" in data else "image", line)
         meta = self.extra_meta(data, self.known, line)
         turns = prompt_completion_turns(data.get("prompt"), data.get("completion"), line)
