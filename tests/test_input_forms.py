@@ -15,7 +15,7 @@ from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.errors import InputError
-from shardkit.inputs import detect, open_input
+from shardkit.inputs import RawItem, detect, open_input
 from shardkit.shards.reading import iter_build_samples
 from shardkit.stats import build_stats, format_stats
 from shardkit.validate import validate
@@ -312,6 +312,13 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
     first = INTERNVL_MIXED[0]["conversations"]
     messages = [{"role": "user", "content": first[0]["value"]}, {"role": "assistant", "content": first[1]["value"]}]
     assert samples[1].input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, samples[1])
+
+    # a record with content parts is in the Qwen form, where "<image>" and "<video>" in a string are plain text
+    literal = {"messages": [user([{"type": "image", "image": "x.jpg"}, text("What does <image> mean?")]),
+                            assistant("See the <video>.")]}  # fmt: skip
+    record = open_input(str(swift)).record(RawItem(1, json.dumps(literal).encode()))
+    assert [p.type for p in record.messages[0].content] == ["image", "text"]
+    assert record.messages[1].content[0].text == "See the <video>."
 
     command = ["build", str(swift), "--out", str(tmp_path / "named"), "--input-format", "qwen", "--no-progress"]
     assert main(command) == 1

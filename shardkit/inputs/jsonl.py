@@ -89,11 +89,14 @@ def _is_lf_v1(messages: Any) -> bool:
 
 
 def _has_placeholder(data: dict[str, Any]) -> bool:
-    """Whether a string content of ``messages`` holds an ``<image>``, ``<video>`` or ``<audio>`` placeholder."""
+    """Whether ``messages`` are in the placeholder form: a string content holds ``<image>``, ``<video>`` or
+    ``<audio>``, and no content is a list of parts (the Qwen form's, where such strings are plain text)."""
     messages = data.get("messages")
-    return isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), str) and any(p in m["content"] for p in PLACEHOLDERS)
-        for m in messages
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return False
+    contents = [m.get("content") for m in messages]
+    return not any(isinstance(c, list) for c in contents) and any(
+        isinstance(c, str) and any(p in c for p in PLACEHOLDERS) for c in contents
     )
 
 
@@ -450,7 +453,8 @@ class LlamaFactoryV1(JsonInput):
 
 class JsonAuto(JsonInput):
     """Each record in the form its keys name (:func:`form_of`); a ``messages`` record with ``<image>``, ``<video>``
-    or ``<audio>`` in a string content and no other sign of a form is read as ``sharegpt`` (the placeholder form)."""
+    or ``<audio>`` in a string content, no content given as a list of parts and no other sign of a form is read as
+    ``sharegpt`` (the placeholder form)."""
 
     name = "json"
 
