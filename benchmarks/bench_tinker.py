@@ -46,7 +46,7 @@ def main() -> dict:
                     content = [{"type": "image", "image": Image.open(dataset.root / p["image"])} if p["type"] == "image"
                                else p for p in content]  # fmt: skip
                 messages.append({"role": m["role"], "content": content})
-            conversation_to_datum(messages, renderer, max_length=None, train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE)
+            conversation_to_datum(messages, renderer, max_length=None, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES)
 
     def shardkit_epoch():
         return sum(len(batch) for batch in DatumBatches(ShardStream(str(out), batch_size=8, seed=0)))

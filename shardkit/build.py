@@ -89,7 +89,7 @@ class Converter:
         except RecursionError:
             raise RecordError("nested too deeply to be read", "invalid_json").at(raw.number, raw.source_line) from None
         except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
-            logger.debug("unexpected error on %s %d", self.input.unit, raw.number, exc_info=True)
+            logger.debug("unexpected error on %s %d", self.input.unit_of(raw), raw.number, exc_info=True)
             raise RecordError(
                 f"internal error (a bug in shardkit): {type(exc).__name__}: {exc}",
                 INTERNAL_ERROR,
@@ -110,6 +110,7 @@ class Converter:
         expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
         input_ids, weights = self._cut(expanded)
         trained = int((weights > 0).sum())
+        turns = sum(Renderer.trained(record, i, self.config.train_on) for i in range(len(record.messages)))
         if not trained:
             raise RecordError("no training target left: every token has weight 0", "no_target")
         info: dict[str, Any] = {
@@ -118,6 +119,7 @@ class Converter:
             "meta": meta,
             "num_tokens": int(len(input_ids)),
             "num_trained_tokens": trained,
+            "num_trained_turns": turns,
             "images": self._images_info(refs, originals, planned, expanded.image_spans),
             "messages": stored_messages(record),
             "fitted": fitted,
@@ -132,7 +134,8 @@ class Converter:
     def _record(self, raw: RawItem) -> Record:
         """The item's validated record, its text and answers checked."""
         if raw.duplicate_of is not None:
-            raise RecordError(f"duplicate of {self.input.unit} {raw.duplicate_of} (same images and text)", "duplicate")
+            unit = self.input.unit_of(raw)
+            raise RecordError(f"duplicate of {unit} {raw.duplicate_of} (same images and text)", "duplicate")
         record = self.input.record(raw)
         check_text(record)
         check_answers(record, self.config.train_on)
@@ -341,7 +344,7 @@ def run_task(
             except RecordError as exc:
                 if strict:
                     raise
-                _reject(result, exc, f"{convert.input.unit} {raw.number}")
+                _reject(result, exc, f"{convert.input.unit_of(raw)} {raw.number}")
                 sample = None
             else:
                 writer.write(sample)

@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from shardkit import __version__
@@ -242,6 +243,11 @@ def _build(args: argparse.Namespace) -> int:
             f"{counted(manifest.num_tokens, 'token')} in {counted(len(manifest.shards), manifest.format + ' shard')} "
             f"-> {out}"
         )
+        if manifest.num_samples:
+            print(
+                f"trained turns per sample: {manifest.num_trained_turns / manifest.num_samples:.3g} "
+                f"(--train-on {config.train_on}: {config.train_on.meaning})"
+            )
         if manifest.num_fitted:
             print(
                 f"{counted(manifest.num_fitted, 'sample')} had their images lowered in resolution to fit "
@@ -257,8 +263,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _build_verdict(manifest: Any, out: str, split: str) -> int:
-    """The exit code of a finished build: a bug (3) or no samples at all (1) fail it, with one line saying why
-    (a split that no record fell into is no failure)."""
+    """The exit code of a finished build: a bug (3), records rejected for their input form (1) or no samples at
+    all (1) fail it, with one line saying why (a split that no record fell into is no failure)."""
     from shardkit.build import INTERNAL_ERROR
     from shardkit.shards.folder import ERRORS_LOG
 
@@ -270,6 +276,17 @@ def _build_verdict(manifest: Any, out: str, split: str) -> int:
             file=sys.stderr,
         )
         return EXIT_BUG
+    if manifest.rejects_by_code.get("other_form"):
+        other = list(_rejects_with(out, "other_form"))
+        forms = ", ".join(f"{form} {count}" for form, count in Counter(r.get("form") for r in other).most_common())
+        print(
+            f"shardkit: error: {len(other)} records are in other input forms ({forms}; e.g. line {other[0]['line']}: "
+            f"{other[0]['reason']}); they were rejected and the other records built. --input-format "
+            f"{getattr(manifest.config, 'input_format', '?')} reads its own form only: --input-format auto reads "
+            "each record in its own form",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
     if not manifest.num_samples and (manifest.num_records or not split):
         top = sorted(manifest.rejects_by_code.items(), key=lambda kv: -kv[1])[:3]
         reasons = ", ".join(f"{code} {count}" for code, count in top) or "the input has no records"
@@ -588,12 +605,17 @@ def _bug(args: argparse.Namespace) -> int:
 
 def _first_reject(out: str, code: str) -> dict[str, Any] | None:
     """The first row of ``OUT/rejects.jsonl`` with ``code``."""
+    return next(_rejects_with(out, code), None)
+
+
+def _rejects_with(out: str, code: str) -> Iterator[dict[str, Any]]:
+    """The rows of ``OUT/rejects.jsonl`` with ``code``, in order."""
     from shardkit.shards.folder import REJECTS_FILE
     from shardkit.storage import join, open_fs
 
     fs, folder = open_fs(out)
     with fs.open(join(folder, REJECTS_FILE), "rb") as f:
-        return next((row for line in f if (row := json.loads(line))["code"] == code), None)
+        yield from (row for line in f if (row := json.loads(line))["code"] == code)
 
 
 def _log_bug(args: argparse.Namespace, trace: str) -> str | None:

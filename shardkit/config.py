@@ -48,10 +48,13 @@ class BuildConfig(Options):
     input_format: str = Field(
         "auto",
         json_schema_extra={"enum": ["auto", *FORMATS]},
-        description="qwen: conversation JSONL; sharegpt: LLaMA-Factory/ms-swift <image> placeholders + images list "
-        "(JSONL or a JSON array); llava: LLaVA/InternVL image + conversations; folder: images + labels.json; hf: local "
-        "Hugging Face Parquet/Arrow files or a save_to_disk folder: messages + images, the_cauldron's images + texts, "
-        "or an image with a label/text answer and an optional question; auto: detected",
+        description="json: a JSONL/JSON file, each record in the form its keys name; qwen: conversation JSONL; "
+        "sharegpt: LLaMA-Factory/ms-swift <image> placeholders + images list (JSONL or a JSON array); llava: "
+        "LLaVA/InternVL image + conversations; trl: TRL prompt + completion (+ images); swift: ms-swift query + "
+        "response + history; llamafactory_v1: LLaMA-Factory v1 type/value parts + loss_weight; folder: images + "
+        "labels.json; hf: local Hugging Face Parquet/Arrow files or a save_to_disk folder: messages + images, TRL's "
+        "prompt + completion, the_cauldron's images + texts, or an image with a label/text answer and an optional "
+        "question; auto: json for a JSON file, else by the files",
     )
     prompt: str | None = Field(
         None, description="folder/hf: the user's text next to each image (default: 'Classify this image.')"
@@ -116,9 +119,10 @@ class BuildConfig(Options):
         description="refuse image files (local, inline or downloaded) larger than this, before reading them",
     )
     train_on: TrainOn = Field(
-        TrainOn.LAST_ASSISTANT,
-        description='which tokens carry loss weight; a message\'s own "loss": true|false (ms-swift) overrides it for '
-        "that message",
+        TrainOn.ALL_ASSISTANT,
+        description="which tokens carry loss weight: every assistant turn (as LLaMA-Factory, ms-swift, Qwen's finetune "
+        'and tinker-cookbook train), only the last, or all text; a message\'s own "loss": true|false (ms-swift) '
+        "overrides it for that message",
     )
     overlength: Overlength = Field(
         Overlength.FIT,

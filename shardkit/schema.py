@@ -22,6 +22,7 @@ from pydantic import (
     WrapValidator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 
 class TextPart(BaseModel):
@@ -136,8 +137,16 @@ class Message(BaseModel):
         return [p for p in self.content if isinstance(p, ImagePart)]
 
 
+#: the error type (and reject code) of a record whose last message is not the assistant's answer
+NO_ANSWER = "no_answer"
+
+
 class Record(BaseModel):
-    """One training sample: a conversation with 1..N images and optional free-form ``meta``."""
+    """One training sample: a conversation with 1..N images and optional free-form ``meta``.
+
+    It ends with the assistant's answer: a record whose last message is a user (or system) turn is a prompt
+    for generation (GRPO, evaluation), not a training sample, and is rejected as ``no_answer``.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     messages: list[Message] = Field(min_length=1)
@@ -147,8 +156,13 @@ class Record(BaseModel):
     @model_validator(mode="after")
     def _check_turns(self) -> Record:
         roles = [m.role for m in self.messages]
-        if "assistant" not in roles:
-            raise ValueError("no assistant turn: nothing to train on")
+        if roles[-1] != "assistant":
+            raise PydanticCustomError(
+                NO_ANSWER,
+                "the last message is a {role} turn that no answer follows (a prompt-only record, as for GRPO): "
+                "nothing to train on; end the record with the assistant's answer",
+                {"role": roles[-1]},
+            )
         if "system" in roles[1:]:
             raise ValueError(f"a system message may only come first (found at message {roles.index('system', 1)})")
         for i, m in enumerate(self.messages):
@@ -188,6 +202,8 @@ def format_validation_error(error: ValidationError) -> str:
             msg = "unknown field (not allowed)"
         elif kind == "value_error":
             msg = str(item["ctx"]["error"])
+        elif kind == NO_ANSWER:
+            msg = item["msg"]
         else:
             msg = item["msg"]
         parts.append(f"{loc}: {msg}" if loc and kind != "json_invalid" else msg)

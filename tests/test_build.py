@@ -49,7 +49,7 @@ def test_seed_layout_with_bad_lines_builds_and_reports_exactly_the_bad_lines(cli
     for entry in manifest.shards:
         data = (out / entry.path).read_bytes()
         assert entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
-    assert manifest.config.model == "qwen2_vl" and manifest.config.train_on == "last_assistant"
+    assert manifest.config.model == "qwen2_vl" and manifest.config.train_on == "all_assistant"
     assert len(manifest.config.tokenizer_fingerprint) == 64
     assert (out / "manifest.json").exists() and (out / "_progress").is_dir()  # kept: a rerun re-checks images
     assert not list(out.glob("*.partial"))
@@ -224,6 +224,47 @@ def test_an_interrupted_build_resumes_and_keeps_finished_shards(clinical, tmp_pa
     resumed = build(config(clinical.jsonl, out, samples_per_shard=3), progress=False)
     assert {p: (out / p).stat().st_mtime_ns for p in kept} == kept
     assert [(s.path, s.sha256) for s in resumed.shards] == [(s.path, s.sha256) for s in reference.shards]
+
+
+# ms-swift's documented PPO/GRPO record (Custom-dataset.md): it ends with a user turn, a prompt to generate from
+GRPO_RECORD = {
+    "messages": [
+        {"role": "system", "content": "You are a useful and harmless math calculator"},
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "It equals 2"},
+        {"role": "user", "content": "What about adding 1?"},
+    ]
+}
+THREE_TURNS = {
+    "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A test pattern of soft colours."},
+        {"role": "user", "content": "Which colour covers most of it?"},
+        {"role": "assistant", "content": "Mostly a muted blue, with some green."},
+        {"role": "user", "content": "Is it a photograph?"},
+        {"role": "assistant", "content": "No, it is generated."},
+    ]
+}
+
+
+def test_every_assistant_turn_is_trained_by_default_and_a_prompt_only_record_has_no_answer(tmp_path, tokenizer):
+    """The trainers these files come from (LLaMA-Factory, ms-swift, Qwen's finetune, 2U1, tinker-cookbook's chat SFT)
+    train every assistant turn; last_assistant stays an option. A record whose last message is a user turn is
+    refused as no_answer (never trained on the answer in its middle), whatever --train-on says."""
+    write_image(tmp_path / "a.jpg", 64, 48)
+    data = write_jsonl(tmp_path / "in.jsonl", [THREE_TURNS, GRPO_RECORD])
+    answers = [m["content"] + "<|im_end|>" for m in THREE_TURNS["messages"] if m["role"] == "assistant"]
+    for train_on, trained, turns in [(None, answers, 3), ("last_assistant", answers[-1:], 1)]:
+        options = {} if train_on is None else {"train_on": train_on}
+        manifest = build(config(data, tmp_path / str(train_on), **options), progress=False)
+        (sample,) = iter_build_samples(str(tmp_path / str(train_on)))
+        weighted = sample.input_ids[sample.weights > 0].tolist()
+        assert weighted == tokenizer.encode("".join(trained), add_special_tokens=False)
+        assert manifest.config.train_on == (train_on or "all_assistant")
+        assert sample.info["num_trained_turns"] == manifest.num_trained_turns == turns
+        (reject,) = rejects(tmp_path / str(train_on))
+        assert (reject["line"], reject["code"]) == (2, "no_answer")
+        assert reject["reason"].startswith("the last message is a user turn that no answer follows")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from shardkit.cli import main
+from tests.conftest import write_image, write_jsonl
 
 
 def test_validate_reports_each_bad_line_and_exits_1(clinical, capsys):
@@ -43,6 +44,20 @@ def test_build_exit_codes(clinical, tmp_path, capsys):
     assert "input not found" in capsys.readouterr().err
     assert main(["build", str(clinical.jsonl), "--out", str(tmp_path / "o"), "--min-pixels", "99999999"]) == 2
     assert "larger than max_pixels" in capsys.readouterr().err
+
+
+def test_build_says_how_many_turns_each_sample_trains(tmp_path, capsys):
+    from tests.test_build import THREE_TURNS
+
+    write_image(tmp_path / "a.jpg", 64, 48)
+    data = write_jsonl(tmp_path / "in.jsonl", [THREE_TURNS])
+    assert main(["build", str(data), "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    assert "trained turns per sample: 3 (--train-on all_assistant: every assistant turn)" in capsys.readouterr().out
+    command = ["build", str(data), "--out", str(tmp_path / "last"), "--no-progress", "--train-on", "last_assistant"]
+    assert main(command) == 0
+    assert "trained turns per sample: 1 (--train-on last_assistant: the last assistant turn only)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_installed_command_help():
@@ -139,3 +154,4 @@ def test_schemas_are_written_into_a_new_folder(tmp_path):
     )
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.schema.json", "record.schema.json"]
     assert result.stdout.split() == [str(folder / "record.schema.json"), str(folder / "manifest.schema.json")]
+    assert "(default: all_assistant)" in " ".join(result.stdout.split())

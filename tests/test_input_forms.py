@@ -3,6 +3,7 @@ Parquet written by ``datasets`` in the current and the older layout, Pillow imag
 token for token as the published chat template renders the same conversation, with the right images in order;
 what shardkit cannot train is refused with its own reject code."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.errors import InputError
-from shardkit.inputs import detect, open_input
+from shardkit.inputs import RawItem, detect, open_input
 from shardkit.shards.reading import iter_build_samples
 from shardkit.stats import build_stats, format_stats
 from shardkit.validate import validate
@@ -49,6 +50,14 @@ IMAGE = {"type": "image"}
 
 def text(value: str) -> dict:
     return {"type": "text", "text": value}
+
+
+def user(content) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content) -> dict:
+    return {"role": "assistant", "content": content}
 
 
 # -- LLaVA / InternVL / Qwen2-VL-Finetune ------------------------------------------------------
@@ -92,13 +101,13 @@ LLAVA = [
 ]
 LLAVA_EXPECTED = {
     1: [
-        {"role": "user", "content": [IMAGE, text("\nWhat are the colors of the bus in the image?")]},
+        {"role": "user", "content": [IMAGE, text("What are the colors of the bus in the image?")]},
         {"role": "assistant", "content": "The bus in the image is white and red."},
         {"role": "user", "content": "What feature can be seen on the back of the bus?"},
         {"role": "assistant", "content": "The back of the bus features an advertisement."},
     ],
     2: [
-        {"role": "user", "content": [IMAGE, text("\n"), IMAGE, text("\nWhich is wider?")]},
+        {"role": "user", "content": [IMAGE, IMAGE, text("Which is wider?")]},
         {"role": "assistant", "content": "The second."},
     ],
     3: [
@@ -127,7 +136,7 @@ def test_llava_records_build_as_the_chat_template_renders_them(
         path.write_text(json.dumps(LLAVA, indent=2))
     else:
         path = write_jsonl(root / "llava_instruct.jsonl", LLAVA)
-    assert detect(str(path)) == "llava"
+    assert detect(str(path)) == "json"
     samples = built(BuildConfig.create(input=str(path), out=str(root / "out")))
     assert sorted(samples) == [1, 2, 3]
     for number, messages in LLAVA_EXPECTED.items():
@@ -146,10 +155,225 @@ def test_llava_records_build_as_the_chat_template_renders_them(
         assert f"record 5 (line {starts[4]}): unknown top-level key 'source'" in out
 
     as_sharegpt = validate(str(path), input_format="sharegpt").problems[0]
-    assert as_sharegpt["reason"] == "'image' is not read in the sharegpt form: use --input-format llava"
+    assert (as_sharegpt["code"], as_sharegpt["form"]) == ("other_form", "llava")
+    assert as_sharegpt["reason"] == (
+        "a LLaVA record ('image' and 'conversations'), which --input-format sharegpt does not read: use "
+        "--input-format llava, or auto to read each record in its own form"
+    )
 
     kept = built(BuildConfig.create(input=str(path), out=str(root / "kept"), keep_keys=("source",)))
     assert kept[5].info["meta"] == {"source": "coco"}
+
+
+# InternVL's chat data format doc (internvl_chat docs, get_started/chat_data_format.md, "Multi-Image Data"): its
+# example record, with the images' sizes in width_list / height_list
+INTERNVL_MULTI_IMAGE = {
+    "id": 0,
+    "image": [
+        "cimages/multimages/16/5pc.png",
+        "cimages/multimages/16/5pd.png",
+        "cimages/multimages/16/1602207874_p5b.png",
+        "cimages/multimages/16/5pe.png",
+        "cimages/multimages/16/1473016381_p5a.png",
+    ],
+    "height_list": [23, 22, 23, 41, 52],
+    "width_list": [240, 240, 240, 240, 240],
+    "conversations": [
+        {
+            "from": "human",
+            "value": "Let F = {2, 5, 7, 9}\n\nLet G = {1, 4, 6, 8}\n\nWhich of the following is true?\nA. \n<image>\n\n"
+            "B. /\n<image>\n\nC. /\n<image>\n\nD. /\n<image>\n\nE. /\n<image>\n\nAnswer with the option's letter "
+            "from the given choices directly.",
+        },
+        {"from": "gpt", "value": "A"},
+    ],
+}
+
+
+def test_internvl_multi_image_sizes_are_ignored(tmp_path):
+    expected = list(zip(INTERNVL_MULTI_IMAGE["width_list"], INTERNVL_MULTI_IMAGE["height_list"], strict=True))
+    for seed, (name, (width, height)) in enumerate(zip(INTERNVL_MULTI_IMAGE["image"], expected, strict=True)):
+        write_image(tmp_path / name, width, height, fmt="PNG", seed=seed)
+    data = write_jsonl(tmp_path / "internvl.jsonl", [INTERNVL_MULTI_IMAGE])
+    assert validate(str(data)).problems == []
+    sample = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))[1]
+    assert sizes(sample) == expected
+
+
+# Qwen's finetune (QwenLM/Qwen3-VL, qwen-vl-finetune): demo/single_images.json's first record (the placeholder after
+# the question) and the README's multi-image example
+QWEN_DEMO = [
+    {"image": "demo/images/10095.png", "conversations": [
+        {"from": "human", "value": "Is the value of Favorable 38 in 2015?\n<image>"}, {"from": "gpt", "value": "Yes"}]},
+    {"image": ["cats/001.jpg", "cats/002.jpg"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhat are the differences between these two cats?"},
+        {"from": "gpt", "value": "The first cat is an orange tabby with short fur and green eyes, while the second "
+                                 "is a gray Siamese with blue eyes and pointed coloration."}]},
+]  # fmt: skip
+
+
+def test_newlines_around_image_follow_the_project_of_each_form(tmp_path, tokenizer, qwen2_vl_template):
+    """One rule per form, the rule of the project the form comes from. llava: as Qwen's finetune reads LLaVA-style
+    text (qwen-vl-finetune/qwenvl/data/data_processor.py, _build_messages, at QwenLM/Qwen3-VL 96588727): a user
+    turn is split at each <image>, each piece stripped, blank pieces dropped; the assistant's text is kept (2U1's
+    Qwen2-VL-Finetune drops one newline on each side, the same for these records). sharegpt: as LLaMA-Factory's
+    mm_plugin and ms-swift's template replace the placeholder, the text around it is kept. The projects' own code
+    cannot be imported here (neither is a package), so the records are their published examples and the expected
+    messages are what that code makes of them."""
+    write_image(tmp_path / "demo" / "images" / "10095.png", *SIZES[0], fmt="PNG")
+    write_image(tmp_path / "cats" / "001.jpg", *SIZES[1])
+    write_image(tmp_path / "cats" / "002.jpg", *SIZES[2], seed=1)
+    llava = write_jsonl(tmp_path / "qwen_demo.jsonl", QWEN_DEMO)
+    sharegpt = write_jsonl(
+        tmp_path / "as_sharegpt.jsonl", [{"images": r["image"], "conversations": r["conversations"]} for r in QWEN_DEMO]
+    )
+    answers = [r["conversations"][1]["value"] for r in QWEN_DEMO]
+    expected = {
+        "llava": [
+            [text("Is the value of Favorable 38 in 2015?"), IMAGE],
+            [IMAGE, IMAGE, text("What are the differences between these two cats?")],
+        ],
+        "sharegpt": [
+            [text("Is the value of Favorable 38 in 2015?\n"), IMAGE],
+            [IMAGE, text("\n"), IMAGE, text("\nWhat are the differences between these two cats?")],
+        ],
+    }
+    for form, path in (("llava", llava), ("sharegpt", sharegpt)):
+        samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / form)))
+        for number, (content, answer) in enumerate(zip(expected[form], answers, strict=True), start=1):
+            messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+            sample = samples[number]
+            assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+
+
+# -- one file, several forms ----------------------------------------------------------------
+
+# ms-swift's Custom-dataset.md, "Multimodal" / "Supervised Fine-tuning": one JSONL whose first record is text only,
+# the next with images and <image> placeholders, then audio and video records (image paths made relative here)
+SWIFT_SFT = [
+    {"messages": [{"role": "user", "content": "Where is the capital of Zhejiang?"},
+                  {"role": "assistant", "content": "The capital of Zhejiang is Hangzhou."}]},
+    {"messages": [{"role": "user", "content": "<image><image>What is the difference between the two images?"},
+                  {"role": "assistant", "content": "The first one is a kitten, and the second one is a puppy."}],
+     "images": ["x.jpg", "x.png"]},
+    {"messages": [{"role": "user", "content": "<audio>What did the audio say?"},
+                  {"role": "assistant", "content": "The weather is really nice today."}], "audios": ["x.mp3"]},
+    {"messages": [{"role": "system", "content": "You are a helpful and harmless assistant."},
+                  {"role": "user", "content": "<image>What is in the image, <video>What is in the video?"},
+                  {"role": "assistant", "content": "The image shows an elephant, and the video shows a puppy running "
+                                                   "on the grass."}],
+     "images": ["x.jpg"], "videos": ["x.mp4"]},
+]  # fmt: skip
+# InternVL's chat_data_format.md: "your JSONL file can contain different types of data": its pure-text and
+# single-image examples (shortened answers), then its multi-image example
+INTERNVL_MIXED = [
+    {"id": 0, "conversations": [
+        {"from": "human", "value": "Find the length of the hypotenuse given two sides\n\"side_length1 = 5, "
+                                   "side_length2 = 6\""},
+        {"from": "gpt", "value": "To find the length of the hypotenuse, use the Pythagorean theorem."}]},
+    {"id": 0, "image": "images/00000000.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nCan you extract any readable text from the image?"},
+        {"from": "gpt", "value": "Dares Wins Vol. 5 Tommy's Heroes Vol. 6: For Tomorrow Vol. 7: Closing Time "
+                                 "miniseries."}], "width": 897, "height": 1152},
+]  # fmt: skip
+
+
+def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer, qwen2_vl_template, capsys):
+    """ms-swift's and InternVL's documented examples mix forms in one file; a form guessed from the first record
+    rejected the others and the build exited 0. Each record is read in the form its keys name; a form named with
+    --input-format rejects the others' records, and that build exits 1 naming them and the option."""
+    write_image(tmp_path / "x.jpg", *SIZES[0])
+    write_image(tmp_path / "x.png", *SIZES[1], fmt="PNG")
+    write_image(tmp_path / "images" / "00000000.jpg", *SIZES[2])
+    for seed, (name, *size) in enumerate(zip(INTERNVL_MULTI_IMAGE["image"], *[INTERNVL_MULTI_IMAGE[k] for k in (
+        "width_list", "height_list")], strict=True)):  # fmt: skip
+        write_image(tmp_path / name, *size, fmt="PNG", seed=seed)
+    swift = write_jsonl(tmp_path / "swift.jsonl", SWIFT_SFT)
+    internvl = write_jsonl(tmp_path / "internvl.jsonl", [*INTERNVL_MIXED, INTERNVL_MULTI_IMAGE])
+
+    samples = built(BuildConfig.create(input=str(swift), out=str(tmp_path / "swift")))
+    expected = {
+        1: SWIFT_SFT[0]["messages"],
+        2: [
+            {"role": "user", "content": [IMAGE, IMAGE, text("What is the difference between the two images?")]},
+            SWIFT_SFT[1]["messages"][1],
+        ],
+    }
+    assert sorted(samples) == [1, 2]
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    assert sizes(samples[2]) == [SIZES[0], SIZES[1]]
+    found = rejects(tmp_path / "swift")
+    assert {line: r["code"] for line, r in found.items()} == {3: "audio_not_supported", 4: "video_not_supported"}
+
+    samples = built(BuildConfig.create(input=str(internvl), out=str(tmp_path / "internvl")))
+    assert sorted(samples) == [1, 2, 3] and sizes(samples[2]) == [SIZES[2]] and len(sizes(samples[3])) == 5
+    first = INTERNVL_MIXED[0]["conversations"]
+    messages = [{"role": "user", "content": first[0]["value"]}, {"role": "assistant", "content": first[1]["value"]}]
+    assert samples[1].input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, samples[1])
+
+    # a record with content parts is in the Qwen form, where "<image>" and "<video>" in a string are plain text
+    literal = {"messages": [user([{"type": "image", "image": "x.jpg"}, text("What does <image> mean?")]),
+                            assistant("See the <video>.")]}  # fmt: skip
+    record = open_input(str(swift)).record(RawItem(1, json.dumps(literal).encode()))
+    assert [p.type for p in record.messages[0].content] == ["image", "text"]
+    assert record.messages[1].content[0].text == "See the <video>."
+
+    command = ["build", str(swift), "--out", str(tmp_path / "named"), "--input-format", "qwen", "--no-progress"]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "1 records are in other input forms (sharegpt 1; e.g. line 2: a ShareGPT record" in err
+    assert "--input-format qwen reads its own form only: --input-format auto reads each record in its own form" in err
+    assert rejects(tmp_path / "named")[2]["code"] == "other_form"
+    assert [s.info["line"] for s in iter_build_samples(str(tmp_path / "named"))] == [1]
+
+
+# Qwen's finetune README (qwen-vl-finetune/README.md, "Packed Data Example"): one packed entry is a list of records,
+# as its tools/pack_data.py writes them (a JSON array of such lists, or one list per JSON line)
+QWEN_PACKED = [
+    {"image": "images/001.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat's the main object in this picture?"},
+        {"from": "gpt", "value": "A red apple on a wooden table"}]},
+    {"image": "images/002.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat's the main object in this picture?"},
+        {"from": "gpt", "value": "A green orange on a plastic table"}]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_qwen_packed_entries_are_unpacked_into_records(tmp_path, tokenizer, qwen2_vl_template, layout):
+    write_image(tmp_path / "images" / "001.jpg", *SIZES[0])
+    write_image(tmp_path / "images" / "002.jpg", *SIZES[1])
+    single = {**QWEN_PACKED[0], "image": "images/002.jpg"}
+    if layout == "json":
+        path = tmp_path / "packed.json"
+        path.write_text(json.dumps([QWEN_PACKED, [single]], indent=4))
+        starts = [n for n, line in enumerate(path.read_text().splitlines(), start=1) if line == "        {"]
+    else:
+        path = write_jsonl(tmp_path / "packed.jsonl", [QWEN_PACKED, single, b"[{not json"])
+        starts = [1, 1, 2, 3]
+    source = open_input(str(path))
+    assert source.unit == "record"
+    assert [(item.number, item.source_line) for item in source.items()] == list(enumerate(starts, start=1))[:3] + (
+        [] if layout == "json" else [(4, 3)]
+    )
+    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
+    assert sorted(samples) == [1, 2, 3]
+    assert [sizes(samples[n]) for n in (1, 2, 3)] == [[SIZES[0]], [SIZES[1]], [SIZES[1]]]
+    for number, record in zip((1, 2), QWEN_PACKED, strict=True):
+        question, answer = (turn["value"] for turn in record["conversations"])
+        messages = [
+            {"role": "user", "content": [IMAGE, text(question.removeprefix("<image>\n"))]},
+            {"role": "assistant", "content": answer},
+        ]
+        assert samples[number].input_ids.tolist() == template_tokens(
+            tokenizer, qwen2_vl_template, messages, samples[number]
+        )
+    if layout == "jsonl":
+        assert rejects(tmp_path / "out")[4] | {"reason": ""} == {
+            "line": 4, "code": "invalid_json", "reason": "", "source_line": 3
+        }  # fmt: skip
 
 
 def test_placeholders_are_counted_one_by_one(tmp_path):
@@ -189,7 +413,7 @@ def test_llamafactory_mllm_demo_without_placeholders(tmp_path, tokenizer, qwen2_
     ]
     path = tmp_path / "mllm_demo.json"
     path.write_text(json.dumps(records, indent=2, ensure_ascii=False))
-    assert detect(str(path)) == "sharegpt"
+    assert detect(str(path)) == "json"
     sample = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))[1]
     messages = [
         {"role": "user", "content": [IMAGE, text("Who are they?")]},
@@ -221,6 +445,207 @@ def test_ms_swift_per_message_loss(tmp_path, tokenizer):
         out = tmp_path / train_on
         sample = built(BuildConfig.create(input=str(data), out=str(out), train_on=train_on))[1]
         assert tokenizer.decode(sample.input_ids[sample.weights > 0].tolist()) == trained
+
+
+# -- TRL, LLaMA-Factory v1, ms-swift query-response -----------------------------------------
+
+LLAVA_MIX_ROWS = [  # as theblackcat102/llava-instruct-mix holds them: the conversation as a Python literal string
+    [{"from": "human", "value": "<image>\nWhat is the man doing?"}, {"from": "gpt", "value": "He is surfing."},
+     {"from": "human", "value": "Is the water calm?"}, {"from": "gpt", "value": "No, there are waves."}],
+    [{"from": "human", "value": "What colour is the bus?\n<image>"}, {"from": "gpt", "value": "Red."}],
+]  # fmt: skip
+
+
+def trl_llava_instruct_mix(path: Path) -> Path:
+    """A Parquet file made as TRL's examples/datasets/llava_instruct_mix.py makes trl-lib/llava-instruct-mix
+    (huggingface/trl at f2cd5771), with ``datasets``: each LLaVA turn's text without ``<image>`` and stripped,
+    roles user/assistant, the image as a one-image ``images`` list; the last message is the completion, the
+    others the prompt. (trl is not installed here, so its script's steps are written again, not imported.)"""
+    import ast
+
+    import datasets
+    from PIL import Image
+
+    images = [Image.new("RGB", size, colour) for size, colour in zip(SIZES, ("red", "blue"), strict=False)]
+    features = datasets.Features({"conversations": datasets.Value("string"), "image": datasets.Image()})
+    source = datasets.Dataset.from_dict(
+        {"conversations": [repr(rows) for rows in LLAVA_MIX_ROWS], "image": images}, features=features
+    )
+
+    def messages(example):
+        turns = [
+            {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"].replace("<image>", "")}
+            for t in ast.literal_eval(example["conversations"])
+        ]
+        turns = [{**t, "content": t["content"].strip()} for t in turns]
+        return {"messages": turns, "images": [example["image"]]}
+
+    def prompt_completion(example):
+        return {"prompt": example["messages"][:-1], "completion": example["messages"][-1:]}
+
+    dataset = source.map(messages, remove_columns=["conversations", "image"])
+    dataset.map(prompt_completion, remove_columns=["messages"]).to_parquet(str(path))
+    return path
+
+
+def trained_text(tokenizer, sample) -> str:
+    return tokenizer.decode(sample.input_ids[sample.weights > 0].tolist())
+
+
+def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl_template):
+    """TRL's vision SFT form: images go before the first user text (TRL's prepare_multimodal_messages), only the
+    completion is trained (TRL's completion-only loss); a prompt without a completion has no answer."""
+    import pyarrow.parquet as pq
+
+    path = trl_llava_instruct_mix(tmp_path / "llava-instruct-mix.parquet")
+    assert set(pq.read_schema(path).names) == {"images", "prompt", "completion"} and detect(str(path)) == "hf"
+    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "parquet")))
+    expected = {
+        1: [
+            {"role": "user", "content": [IMAGE, text("What is the man doing?")]},
+            {"role": "assistant", "content": "He is surfing."},
+            {"role": "user", "content": "Is the water calm?"},
+            {"role": "assistant", "content": "No, there are waves."},
+        ],
+        2: [user([IMAGE, text("What colour is the bus?")]), assistant("Red.")],
+    }
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+        assert trained_text(tokenizer, sample) == messages[-1]["content"] + "<|im_end|>"
+    assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0]], [SIZES[1]]]
+
+    write_image(tmp_path / "a.jpg", *SIZES[2])
+    records = [
+        {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is the man doing?"}],
+         "completion": [{"role": "assistant", "content": "He is surfing."}]},
+        {"image": "a.jpg", "prompt": [{"role": "user", "content": [{"type": "text", "text": "Look: <image> "},
+                                                                    {"type": "image"}]}],
+         "completion": [{"role": "assistant", "content": [{"type": "text", "text": "A pattern."}]}]},
+        {"images": ["a.jpg"], "prompt": "<image>What is it?", "completion": "A pattern."},  # ms-swift reads these
+        {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is it?"}]},  # TRL's prompt-only form
+        {"images": ["a.jpg"], "prompt": [{"role": "user", "content": "What is it?"}],
+         "completion": [{"role": "assistant", "content": "A pattern."}], "label": False},  # unpaired preference
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "trl.jsonl", records)
+    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "json")))
+    expected = {
+        1: [expected[1][0], expected[1][1]],
+        2: [user([text("Look: <image> "), IMAGE]), assistant("A pattern.")],
+        3: [user([IMAGE, text("What is it?")]), assistant("A pattern.")],
+    }  # TRL leaves "<image>" in a message list as text; in a string, ms-swift's placeholder
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    found = rejects(tmp_path / "json")
+    assert {line: r["code"] for line, r in found.items()} == {4: "no_answer", 5: "preference_pair"}
+    assert "TRL's prompt-only form" in found[4]["reason"] and "TRL's KTO form" in found[5]["reason"]
+
+
+# LLaMA-Factory's data/v1_multimodal_demo.jsonl (its first two records) and data/v1_sft_demo.jsonl (its first record),
+# hiyouga/LLaMA-Factory at ff6d4d12; then a record that trains only its last answer
+LF_V1 = [
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "value": "data/mllm_demo_data/1.jpg"},
+                                               {"type": "text", "value": "Who are they?"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "They're Kane and Gretzka from Bayern Munich."}]},
+                  {"role": "user", "content": [{"type": "text", "value": "What are they doing?"},
+                                               {"type": "image_url", "value": "data/mllm_demo_data/1.jpg"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "They are celebrating on the soccer field."}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "value": "data/mllm_demo_data/2.jpg"},
+                                               {"type": "text", "value": "Who is he?"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "He's Thomas Muller from Bayern Munich."}]},
+                  {"role": "user", "content": [{"type": "text", "value": "Why is he on the ground?"}]},
+                  {"role": "assistant", "content": [{"type": "text",
+                                                     "value": "Because he's sliding on his knees to celebrate."}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},
+                  {"role": "assistant", "content": [{"type": "text", "value": "Hello! I am {{name}}, an AI assistant "
+                   "developed by {{author}}. How can I assist you today?"}], "loss_weight": 1.0}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0},
+                  {"role": "assistant", "content": [{"type": "text", "value": "Hello."}], "loss_weight": 0.0},
+                  {"role": "user", "content": [{"type": "text", "value": "Who are you?"}], "loss_weight": 0.0},
+                  {"role": "assistant", "content": [{"type": "text", "value": "An assistant."}], "loss_weight": 1.0}]},
+]  # fmt: skip
+
+
+def v1_to_template(record: dict) -> list[dict]:
+    """LLaMA-Factory v1's messages as the chat template's (as its rendering/format.py _to_hf_messages does)."""
+    return [
+        {"role": m["role"], "content": [IMAGE if p["type"] == "image_url" else text(p["value"]) for p in m["content"]]}
+        for m in record["messages"]
+    ]
+
+
+def test_llamafactory_v1_records(tmp_path, tokenizer, qwen2_vl_template):
+    """image_url parts are images where they stand; an assistant turn is trained unless its loss_weight is 0 (LLaMA-
+    Factory never trains the other turns, whatever their weight); other weights and reasoning parts are refused."""
+    write_image(tmp_path / "data" / "mllm_demo_data" / "1.jpg", *SIZES[0])
+    write_image(tmp_path / "data" / "mllm_demo_data" / "2.jpg", *SIZES[1])
+    bad = [
+        {"messages": [LF_V1[2]["messages"][0], {**LF_V1[2]["messages"][1], "loss_weight": 0.5}]},
+        {"messages": [LF_V1[2]["messages"][0], {"role": "assistant", "content": [
+            {"type": "reasoning", "value": "The user greets."}, {"type": "text", "value": "Hello."}]}]},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "v1.jsonl", LF_V1 + bad)
+    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    assert sorted(samples) == [1, 2, 3, 4]
+    for number, record in enumerate(LF_V1, start=1):
+        sample = samples[number]
+        messages = v1_to_template(record)
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0], SIZES[0]], [SIZES[1]]]
+    answers = [m["content"][0]["value"] for m in LF_V1[0]["messages"] if m["role"] == "assistant"]
+    assert trained_text(tokenizer, samples[1]) == "".join(a + "<|im_end|>" for a in answers)
+    assert trained_text(tokenizer, samples[4]) == "An assistant.<|im_end|>"
+    found = rejects(tmp_path / "out")
+    assert "messages[1] has loss_weight 0.5: shardkit trains a turn wholly or not at all" in found[5]["reason"]
+    assert "messages[1] has a 'reasoning' part" in found[6]["reason"]
+    as_qwen = validate(str(data), input_format="qwen").problems[0]
+    assert (as_qwen["code"], as_qwen["form"]) == ("other_form", "llamafactory_v1")
+    assert "use --input-format llamafactory_v1" in as_qwen["reason"]
+
+
+# ms-swift's Custom-dataset.md: the query-response form ({"system", "query", "response", "history"}) and the
+# ShareGPT form ({"system", "conversation": [{"human", "assistant"}]}), with images as its multimodal section adds
+SWIFT_FORMS = [
+    {"system": "You are a helpful assistant.", "query": "<image>And this one?", "response": "A dog.",
+     "history": [["<image>What is this?", "A cat."]], "images": ["cat.jpg", "dog.jpg"]},
+    {"system": "You are a helpful assistant.", "conversation": [
+        {"human": "<image>What is this?", "assistant": "A cat."}, {"human": "Sure?", "assistant": "Yes."}],
+     "images": ["cat.jpg"]},
+    {"query": "<image>What is this?", "images": ["cat.jpg"]},
+]  # fmt: skip
+
+
+def test_ms_swift_query_response_and_conversation(tmp_path, tokenizer, qwen2_vl_template):
+    write_image(tmp_path / "cat.jpg", *SIZES[0])
+    write_image(tmp_path / "dog.jpg", *SIZES[1])
+    data = write_jsonl(tmp_path / "swift.jsonl", SWIFT_FORMS)
+    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    expected = {
+        1: [system, user([IMAGE, text("What is this?")]), assistant("A cat."), user([IMAGE, text("And this one?")]),
+            assistant("A dog.")],
+        2: [system, user([IMAGE, text("What is this?")]), assistant("A cat."), user("Sure?"), assistant("Yes.")],
+    }  # fmt: skip
+    for number, messages in expected.items():
+        sample = samples[number]
+        assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
+    assert sizes(samples[1]) == [SIZES[0], SIZES[1]] and sizes(samples[2]) == [SIZES[0]]
+    (reject,) = rejects(tmp_path / "out").values()
+    assert (reject["line"], reject["code"]) == (3, "no_answer")
+
+    import datasets
+    from PIL import Image
+
+    pairs = {"conversation": [SWIFT_FORMS[1]["conversation"]], "images": [[Image.new("RGB", SIZES[0], "red")]]}
+    parquet = tmp_path / "conversation.parquet"
+    datasets.Dataset.from_dict(pairs).to_parquet(str(parquet))  # as ms-swift reads a data set of this form
+    sample = built(BuildConfig.create(input=str(parquet), out=str(tmp_path / "parquet")))[1]
+    messages = expected[2][1:]  # no system column
+    assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -309,7 +734,7 @@ def test_openai_image_url_parts(tmp_path, tokenizer, qwen2_vl_template):
         {"messages": [{"role": "user", "content": [remote]}, {"role": "assistant", "content": "A picture."}]}
     )
     data = write_jsonl(tmp_path / "openai.jsonl", records)
-    assert detect(str(data)) == "qwen"
+    assert detect(str(data)) == "json"
     samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
     assert [sizes(samples[n]) for n in (1, 2, 3, 4)] == [[SIZES[0]], [SIZES[1]], [SIZES[0]], [SIZES[1]]]
     messages = [
@@ -432,6 +857,46 @@ def test_hf_question_column_option(tmp_path):
     report = validate(str(tmp_path / "vqa_v2.parquet"))
     assert "'answers' holds a list that is not of strings" in report.problems[0]["reason"]
     assert main(["validate", str(tmp_path / "vqa.parquet"), "--question-column", "nope"]) == 2
+
+
+def test_reasons_say_what_was_found_and_what_would_work(tmp_path, tokenizer, qwen2_vl_template):
+    """An image column holding a list (one image, as TRL-style ``images`` columns do) is read, not called empty;
+    a record without turns is not sent to --keep-keys for a key that then leaves it without a conversation."""
+    import datasets
+    from PIL import Image
+
+    pictures = [[Image.new("RGB", SIZES[0], "red")], [Image.new("RGB", SIZES[1]), Image.new("RGB", SIZES[2])], []]
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "label": datasets.Value("string")})
+    path = tmp_path / "listed.parquet"
+    datasets.Dataset.from_dict({"images": pictures, "label": ["red", "two", "none"]}, features=features).to_parquet(
+        str(path)
+    )
+    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out"), image_column="images"))
+    assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0]], [SIZES[1], SIZES[2]]]
+    messages = [user([IMAGE, IMAGE, text("Classify this image.")]), assistant("two")]
+    assert samples[2].input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, samples[2])
+    reject = rejects(tmp_path / "out")[3]
+    assert (reject["code"], reject["reason"]) == ("image_missing", "the image column 'images' holds an empty list")
+
+    write_image(tmp_path / "a.jpg", *SIZES[0])
+    records = [
+        {"question": "What is it?", "answer": "A square.", "images": ["a.jpg"]},
+        {"prompt": [{"role": "user", "content": "What is it?"}], "completion": [{"role": "assistant", "content": "A."}],
+         "images": ["a.jpg"]},
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "odd.jsonl", records)
+    for form, keep in itertools.product(("auto", "sharegpt"), ((), ("question", "answer"))):
+        problems = validate(str(data), input_format=form, keep_keys=keep).problems
+        assert (problems[0]["line"], problems[0]["code"]) == (1, "invalid_record")
+        assert problems[0]["reason"] == (
+            "no conversation: the record has 'question', 'answer', 'images' but no 'messages', 'conversations' or "
+            "'conversation' list (nor 'prompt' and 'completion', or 'query' and 'response'); put its turns in "
+            "'messages'"
+        )
+        assert not any("--keep-keys" in p["reason"] for p in problems)
+    assert [p["line"] for p in validate(str(data)).problems] == [1]  # auto reads the second record as TRL's form
+    reason = validate(str(data), input_format="sharegpt").problems[1]["reason"]
+    assert reason.startswith("a TRL prompt-completion record ('prompt' and 'completion'), which --input-format")
 
 
 def test_a_json_file_as_hf_input_is_one_clear_error(tmp_path):

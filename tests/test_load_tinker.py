@@ -22,6 +22,7 @@ from tests.conftest import conversation, qwen3_image_processor, write_image, wri
 
 
 def cookbook_datum(record, images, tokenizer, reduction):
+    """The cookbook's Datum of ``record``, every assistant turn trained (shardkit's default --train-on)."""
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
     from tinker_cookbook.supervised.data import conversation_to_datum
 
@@ -35,7 +36,7 @@ def cookbook_datum(record, images, tokenizer, reduction):
             content = [{"type": "image", "image": next(pictures)} if p["type"] == "image" else p for p in content]
         messages.append({"role": m["role"], "content": content})
     return conversation_to_datum(
-        messages, renderer, max_length=None, train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE, reduction=reduction
+        messages, renderer, max_length=None, train_on_what=TrainOnWhat.ALL_ASSISTANT_MESSAGES, reduction=reduction
     )
 
 

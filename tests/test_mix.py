@@ -26,7 +26,7 @@ def tiny(small_dataset, tmp_path_factory):
     jsonl = root / "three.jsonl"
     jsonl.write_text("\n" * 100 + "\n".join(lines) + "\n")  # keys (line numbers) 101-103: unlike the big build's
     out = {}
-    for name, train_on in (("same", "last_assistant"), ("all", "all")):
+    for name, train_on in (("same", "all_assistant"), ("all", "all")):
         config = BuildConfig.create(
             input=str(jsonl),
             out=str(root / name),
@@ -150,7 +150,7 @@ def test_same_order_with_0_and_2_workers_and_after_resume_on_other_ranks(builds,
 
 
 def test_incompatible_builds_are_refused_naming_the_difference(builds, tiny, qwen3_build):
-    with pytest.raises(ConfigError, match=r"train_on differs \(all vs last_assistant\)"):
+    with pytest.raises(ConfigError, match=r"train_on differs \(all vs all_assistant\)"):
         MixStream([builds["tar"], tiny["all"]], batch_size=2)
     with pytest.raises(ConfigError, match="model family differs"):
         MixStream([builds["tar"], qwen3_build], batch_size=2)

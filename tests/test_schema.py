@@ -73,7 +73,7 @@ def test_images_in_order_and_meta_kept():
             "messages[0].content[0].txt: unknown field",
         ),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: must be a string or a list of parts"),
-        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "the last message is a user turn that no answer follows"),
         (
             {
                 "messages": [

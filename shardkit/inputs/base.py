@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from shardkit.errors import InputError, RecordError
-from shardkit.schema import Record, format_validation_error
+from shardkit.schema import NO_ANSWER, Record, format_validation_error
 from shardkit.storage import hash_stream, open_fs
 
 
@@ -70,6 +70,11 @@ class InputFormat(ABC):
     def image_root(self) -> str:
         """The folder image paths are relative to, unless ``--image-root`` says otherwise."""
 
+    def unit_of(self, item: RawItem) -> str:
+        """How ``item`` is counted in messages (:attr:`unit`; a form whose numbering depends on the file may tell
+        from the item alone, without reading the file)."""
+        return self.unit
+
     def count(self) -> int:
         """How many items the input holds (a pass over them, unless the form knows a cheaper way)."""
         return sum(1 for _ in self.items())
@@ -112,8 +117,9 @@ def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
         else:
             record = Record.model_validate_json(data)
     except ValidationError as exc:
-        code = "invalid_json" if exc.errors()[0]["type"] == "json_invalid" else "invalid_record"
-        if code == "invalid_record":
+        kind = exc.errors()[0]["type"]
+        code = {"json_invalid": "invalid_json", NO_ANSWER: NO_ANSWER}.get(kind, "invalid_record")
+        if code != "invalid_json":
             refuse_unsupported(data if isinstance(data, dict) else json.loads(data), line)
         raise RecordError(format_validation_error(exc), code, line) from None
     return record

@@ -2,10 +2,13 @@
 
 Three row shapes, chosen by the columns:
 
-- conversations: a ``messages`` / ``conversations`` column (role/content or
-  from/value turns; string contents with ``<image>`` placeholders, or part
-  lists as ``{"type": "image", "index": 0}``) and an ``images`` (list) or
-  ``image`` column, as TRL and LLaMA-Factory write them;
+- conversations: a ``messages`` / ``conversations`` / ``conversation`` column
+  (role/content or from/value turns, or ms-swift's ``{"human", "assistant"}``
+  pairs; string contents with ``<image>`` placeholders, or part lists as
+  ``{"type": "image", "index": 0}``) and an ``images`` (list) or ``image``
+  column, as TRL and LLaMA-Factory write them; or TRL's ``prompt`` and
+  ``completion`` columns (see :class:`~shardkit.inputs.jsonl.Trl`), as in
+  ``trl-lib/llava-instruct-mix``;
 - the_cauldron: ``images`` and ``texts``, a list of ``{"user", "assistant"}``
   pairs, one turn pair each;
 - one image with an answer: an image column (the ``Image`` feature, stored as
@@ -44,7 +47,7 @@ from shardkit.inputs.base import (
     refuse_unsupported,
     validate_record,
 )
-from shardkit.inputs.chat import to_messages
+from shardkit.inputs.chat import Placeholders, prompt_completion_turns, to_messages
 from shardkit.inputs.folder import DEFAULT_PROMPT
 from shardkit.schema import InlineImage, Record
 from shardkit.storage import open_fs, parent
@@ -56,6 +59,7 @@ TEXT_NAMES = ("text", "caption", "answer", "answers", "response")
 QUESTION_NAMES = ("question", "query", "prompt", "instruction")
 CHAT_NAMES = ("messages", "conversations", "conversation")
 PAIRS_NAME = "texts"
+PROMPT, COMPLETION = "prompt", "completion"
 
 
 class HFDataset(InputFormat):
@@ -91,9 +95,10 @@ class HFDataset(InputFormat):
         if not any(given[k] for k in ("label", "text", "question")):
             chat = next((n for n in CHAT_NAMES if n in names), None)
             pairs = PAIRS_NAME if PAIRS_NAME in names else None
-            if chat or pairs:
+            completion = not chat and PROMPT in names and COMPLETION in names
+            if chat or pairs or completion:
                 images = given["image"] or next((n for n in IMAGES_NAMES if n in names), None)
-                return Columns(image=images, chat=chat, pairs=None if chat else pairs)
+                return Columns(image=images, chat=chat, pairs=None if chat else pairs, completion=completion)
         image = (
             given["image"]
             or next((n for n in names if _feature_type(features.get(n)) == "Image"), None)
@@ -134,18 +139,16 @@ class HFDataset(InputFormat):
     def record(self, item: RawItem) -> Record:
         assert isinstance(item.data, dict)
         row, columns = item.data["row"], item.data["columns"]
-        if columns.chat or columns.pairs:
+        if columns.chat or columns.pairs or columns.completion:
             return self._conversation(row, columns, item.number)
-        image = _image(row[columns.image], item.number)
-        if image is None:
-            raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.number)
+        images = _row_images(row[columns.image], columns.image, item.number)
         reply = _answer(row[columns.answer], columns, item.number)
         question = row[columns.question] if columns.question else None
         prompt = question if isinstance(question, str) and question else self.options.get("prompt") or DEFAULT_PROMPT
         label = {"label": row[columns.answer]} if columns.label else {}
         record = {
             "messages": [
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]},
+                {"role": "user", "content": [*({"type": "image", "image": i} for i in images), _text(prompt)]},
                 {"role": "assistant", "content": reply},
             ],
             "meta": {"row": item.number, **label},
@@ -158,8 +161,12 @@ class HFDataset(InputFormat):
         images = [_image(value, line, number) for number, value in enumerate(raw, start=1)]
         if any(i is None for i in images):
             raise RecordError(f"an image of the column {columns.image!r} is empty", "image_missing", line)
+        rule = Placeholders.KEEP
         if columns.chat:
             turns = row[columns.chat]
+        elif columns.completion:
+            turns = prompt_completion_turns(row[PROMPT], row[COMPLETION], line)
+            rule = Placeholders.TEXT if isinstance(row[PROMPT], list) else Placeholders.KEEP
         else:
             pairs = row[columns.pairs] or []
             if not all(isinstance(p, dict) for p in pairs):
@@ -169,7 +176,7 @@ class HFDataset(InputFormat):
             # no placeholders: the images go before the first question
             turns = [{"role": role, "content": pair.get(role)} for pair in pairs for role in ("user", "assistant")]
         refuse_unsupported({"messages": turns}, line)
-        record = {"messages": to_messages(turns, images, line), "meta": {"row": line}}
+        record = {"messages": to_messages(turns, images, line, placeholders=rule), "meta": {"row": line}}
         return refuse_placeholders(validate_record(record, line), line)
 
     def image_root(self) -> str:
@@ -179,7 +186,8 @@ class HFDataset(InputFormat):
 
 @dataclass(frozen=True)
 class Columns:
-    """The columns a row is read from: ``chat`` or ``pairs`` with ``image`` (a list), or ``image`` and ``answer``."""
+    """The columns a row is read from: ``chat``, ``pairs`` or ``prompt`` and ``completion`` (``completion``) with
+    ``image`` (a list), or ``image`` and ``answer``."""
 
     image: str | None = None
     answer: str | None = None
@@ -187,11 +195,30 @@ class Columns:
     classes: list[str] | None = None
     chat: str | None = None
     pairs: str | None = None
+    completion: bool = False
     label: bool = False
 
     def names(self) -> list[str]:
         """The columns to read, in order."""
-        return [c for c in (self.image, self.chat, self.pairs, self.question, self.answer) if c]
+        trl = (PROMPT, COMPLETION) if self.completion else ()
+        return [c for c in (self.image, self.chat, self.pairs, *trl, self.question, self.answer) if c]
+
+
+def _row_images(value: Any, column: str, row: int) -> list[str]:
+    """The images of a row with one answer: its image column's image, or each image of a list (as an ``images``
+    column of ``List(Image)`` holds them), in order, to go before the question."""
+    cells = value if isinstance(value, list) else [value]
+    if not cells:
+        raise RecordError(f"the image column {column!r} holds an empty list", "image_missing", row)
+    images = [_image(cell, row, number) for number, cell in enumerate(cells, start=1)]
+    if any(image is None for image in images):
+        where = "" if len(cells) == 1 else f" (image {images.index(None) + 1} of {len(cells)})"
+        raise RecordError(f"the image column {column!r} is empty{where}", "image_missing", row)
+    return images  # type: ignore[return-value]
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
 
 
 def _image(value: Any, row: int, number: int = 1) -> str | None:

@@ -36,6 +36,13 @@ class TrainOn(StrEnum):
     ALL = "all"
     """The text of every message (system, user, assistant); never headers or image tokens."""
 
+    @property
+    def meaning(self) -> str:
+        """What it trains, in a few words."""
+        return {"last_assistant": "the last assistant turn only", "all_assistant": "every assistant turn"}.get(
+            self.value, "the text of every message"
+        )
+
 
 @dataclass(frozen=True)
 class Piece:

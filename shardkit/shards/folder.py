@@ -257,6 +257,7 @@ def assemble(
                 images=result.images,
                 tokens=result.tokens,
                 trained_tokens=result.trained_tokens,
+                trained_turns=result.trained_turns,
                 fitted=result.fitted,
                 truncated=result.truncated,
             )
@@ -268,6 +269,7 @@ def assemble(
         num_images=counts["images"],
         num_tokens=counts["tokens"],
         num_trained_tokens=counts["trained_tokens"],
+        num_trained_turns=counts["trained_turns"],
         num_rejected=sum(codes.values()),
         num_fitted=counts["fitted"],
         num_truncated=counts["truncated"],

@@ -128,6 +128,9 @@ class Manifest(FolderManifest):
     num_images: int
     num_tokens: int
     num_trained_tokens: int
+    num_trained_turns: int = 0
+    """Messages trained (by ``train_on`` and their own ``loss``), over all samples; 0 in builds made before it was
+    counted."""
     num_rejected: int
     num_fitted: int
     num_truncated: int

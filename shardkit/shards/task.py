@@ -47,6 +47,7 @@ class TaskResult(TaskRecord):
     images: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    trained_turns: int = 0
     fitted: int = 0
     truncated: int = 0
     seconds: float = 0.0
@@ -58,6 +59,7 @@ class TaskResult(TaskRecord):
         self.images += len(sample.images)
         self.tokens += len(sample.input_ids)
         self.trained_tokens += sample.info["num_trained_tokens"]
+        self.trained_turns += sample.info["num_trained_turns"]
         self.fitted += bool(sample.info["fitted"])
         self.truncated += bool(sample.info["truncated_tokens"])
 
