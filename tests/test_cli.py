@@ -78,6 +78,7 @@ def test_installed_command_help():
         "--overlength",
     ):
         assert option in result.stdout
+    assert "(default: all_assistant)" in " ".join(result.stdout.split())
 
 
 def run_without(modules, *args):
@@ -154,4 +155,3 @@ def test_schemas_are_written_into_a_new_folder(tmp_path):
     )
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.schema.json", "record.schema.json"]
     assert result.stdout.split() == [str(folder / "record.schema.json"), str(folder / "manifest.schema.json")]
-    assert "(default: all_assistant)" in " ".join(result.stdout.split())
