@@ -3,6 +3,7 @@ they do not belong to the model or the build. CPU, tiny random models of both fa
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -271,3 +272,36 @@ def test_overwrite_replaces_embeddings_of_another_dtype(tmp_path, memorisable, t
     assert main([*args, "--dtype", "bfloat16", "--overwrite"]) == 0
     assert json.loads((out / "embeddings.json").read_text())["dtype"] == "bfloat16"
     assert main(["verify", str(out)]) == 0
+
+
+REFUSED = "--overwrite replaces only a folder of the same kind; choose another folder"
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("shardkit:")]
+
+
+def test_embed_and_build_never_replace_each_others_folders(tmp_path, memorisable, tiny_model, capsys):
+    target = shutil.copytree(memorisable, tmp_path / "build")
+    files = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    for overwrite in ([], ["--overwrite"]):
+        args = ["embed", str(target), "--model", tiny_model, "--out", str(target), "--no-progress", *overwrite]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        held = f"{target} holds a shardkit build, not shardkit image embeddings"
+        assert errors(err) == [f"shardkit: error: {held}: {REFUSED}"]
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == files  # nothing deleted or changed
+    assert main(["verify", str(target)]) == 0
+
+    emb = tmp_path / "emb"
+    assert main(["embed", memorisable, "--model", tiny_model, "--out", str(emb), "--no-progress"]) == 0
+    files = {p: p.read_bytes() for p in emb.rglob("*") if p.is_file()}
+    data = make_clinical_dataset(tmp_path / "data", cases=2, seed=1, megapixels=(0.01, 0.02))
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["build", str(data.jsonl), "--out", str(emb), "--no-progress", *overwrite]) == 2
+        err = capsys.readouterr().err
+        held = f"{emb} holds shardkit image embeddings, not a shardkit build"
+        assert errors(err) == [f"shardkit: error: {held}: {REFUSED}"]
+    assert {p: p.read_bytes() for p in emb.rglob("*") if p.is_file()} == files
+    capsys.readouterr()
+    assert main(["verify", str(emb)]) == 0
