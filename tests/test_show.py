@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
+from shardkit.errors import ShardCorruptError
 from shardkit.load.source import BuildSource
+from shardkit.shards.base import SampleInfo
 from shardkit.show import make_page, show_text, write_page
 from shardkit.synthetic import make_clinical_dataset
 
@@ -58,6 +61,32 @@ def shown_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("show-build")
     build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=4), progress=False)
     return str(out), data
+
+
+PWN = "document.title='pwned'"
+
+
+@pytest.fixture(scope="module")
+def forged_build(tmp_path_factory):
+    """A build whose samples' JSON hold markup where numbers belong, its checksums valid (the build wrote them)."""
+    from shardkit.build import Converter
+
+    convert = Converter.__call__
+
+    def forged(self, raw, ledger=None):
+        sample = convert(self, raw, ledger)
+        sample.info["line"] = f"<script>{PWN}</script>"
+        sample.info["images"][0]["width"] = f'1" onerror="{PWN}"'
+        sample.info["images"][0]["grid_thw"] = [1, f'<img src=x onerror="{PWN}">', 2]
+        del sample.__dict__["info_json"]  # the JSON written (and checksummed) is the forged one
+        return sample
+
+    root = tmp_path_factory.mktemp("forged")
+    data = make_clinical_dataset(root / "data", cases=3, seed=5, megapixels=(0.01, 0.02), images_per_case=(1, 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Converter, "__call__", forged)
+        build(BuildConfig.create(input=str(data.jsonl), out=str(root / "build")), progress=False, workers=1)
+    return str(root / "build")
 
 
 def find_chromium() -> str | None:
@@ -224,6 +253,52 @@ def test_filter_box_in_chromium(chromium, shown_build, tmp_path):
     assert errors == []
     assert sorted(card["key"] for card in facts["cards"] if card["visible"]) == expected
     assert facts["shown"] == f"{len(expected)} of {len(samples)} samples shown"
+
+
+def test_the_pages_policy_runs_its_own_script_and_no_other(chromium, builds, tmp_path):
+    page = make_page(builds["tar"], samples=3).html
+    injected = f'<script>{PWN}</script><img src=x onerror="{PWN}"><p onclick="{PWN}" id=p>x</p>'
+    path = tmp_path / "show.html"
+    path.write_text(page.replace('<main id="cards">', '<main id="cards">' + injected))  # markup escaping missed
+    expression = "document.getElementById('p').click(), {title: document.title, shown: shown.textContent}"
+    facts, errors, _ = asyncio.run(chromium.inspect(path.as_uri(), expression))
+    assert facts == {"title": "shardkit show", "shown": "3 of 3 samples shown"}  # the page's own script ran
+    assert errors and all("Content Security Policy" in error for error in errors)  # only the refusals
+
+
+def test_a_sample_with_markup_where_numbers_belong_is_refused(forged_build, builds, tmp_path, capsys):
+    assert main(["verify", forged_build]) == 0  # every checksum is valid
+    capsys.readouterr()
+    page = tmp_path / "show.html"
+    for command in (["--out", str(page)], ["--text"]):
+        assert main(["show", forged_build, *command]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1
+        assert "shard-000000-000.tar: sample 0 (key '0000000001') is not valid: line: Input should be a valid " in (
+            captured.err
+        )
+    assert not page.exists()
+    with pytest.raises(ShardCorruptError, match=r"sample 0 .* line: Input should be a valid integer"):
+        BuildSource(forged_build).get(0)  # every reader of a build gets typed fields, or this error
+    info = BuildSource(builds["tar"]).get(0).info
+    for field, value in (("width", "1"), ("grid_thw", [1, "2", 2]), ("num_tokens", 4.0), ("height", True)):
+        with pytest.raises(ValidationError, match=f"images.0.{field}"):
+            SampleInfo.model_validate({**info, "images": [{**info["images"][0], field: value}]})
+
+
+def test_manifest_fields_are_typed_and_escaped(builds, tmp_path, capsys):
+    folder = shutil.copytree(builds["tar"], tmp_path / "build")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"] |= {"train_on": HOSTILE_META, HOSTILE_TEXT: HOSTILE_META}
+    manifest["rejects_by_code"] = {HOSTILE_META: 1}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    html = make_page(str(folder), samples=2).html
+    assert html.count("<script") == 1 and "<img src=x" not in html
+    assert "&lt;/script&gt;&lt;script&gt;console.error(&#x27;escaped badly&#x27;)" in html
+    manifest["num_images"] = f"<script>{PWN}</script>"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["show", str(folder), "--out", str(tmp_path / "x.html")]) == 2
+    assert "manifest.json is not a valid shardkit manifest: Input should be a valid integer" in capsys.readouterr().err
 
 
 def test_page_escapes_sample_text_and_is_self_contained(shown_build):

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from shardkit.errors import ShardCorruptError, ShardError
 from shardkit.shards import Manifest, Sample, get_reader, read_manifest
 from shardkit.shards.base import ChecksumMismatch, OpenShard
@@ -112,7 +114,7 @@ class BuildSource:
         path = self.files.paths[number]
         try:
             shard: OpenShard = self.files.get(number)
-            return shard.read_at(offset, size, checksum)
+            sample = shard.read_at(offset, size, checksum)
         except ChecksumMismatch as exc:
             raise ShardCorruptError(
                 f"shard {path}: sample {sample_id} (key {exc.key!r} as read, at {offset}) does not match its "
@@ -122,6 +124,15 @@ class BuildSource:
             raise reading_error(exc, f"shard {path} (sample {sample_id} at {offset})") or ShardCorruptError(
                 f"shard {path} is truncated or corrupt (sample {sample_id} at {offset}): {exc}"
             ) from None
+        try:
+            sample.stored  # noqa: B018 -- every reader gets typed fields, or this error
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ShardCorruptError(
+                f"shard {path}: sample {sample_id} (key {sample.key!r}) is not valid: "
+                f"{'.'.join(map(str, error['loc']))}: {error['msg']}, got {repr(error['input'])[:80]}"
+            ) from None
+        return sample
 
     def samples(self, *, images: bool = True) -> Iterator[Sample]:
         """Every sample in manifest order, checked; ``images=False`` leaves out their image bytes."""

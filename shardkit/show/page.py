@@ -1,24 +1,25 @@
 """The HTML page of ``shardkit show``: one static file, images inline, every piece of user data escaped.
 
-A Content-Security-Policy in the page forbids loading anything from outside it
-(only ``data:`` images and the page's own style and script run).
+Samples are read through their typed model (:class:`~shardkit.shards.base.SampleInfo`:
+a number is a number). A Content-Security-Policy in the page forbids loading
+anything from outside it: only ``data:`` images, the page's own style, and the
+page's own script (allowed by its sha256; no other script or event handler runs).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from html import escape
-from typing import Any
 
 import numpy as np
 
 from shardkit.shards import BuildInfo, Manifest, Sample
+from shardkit.shards.base import StoredImage
 from shardkit.show.charts import histogram_svg
 from shardkit.show.data import Reject
 from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn
-
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:16px;color:#222;background:#fafafa}
@@ -57,6 +58,8 @@ function applyFilter() {
 box.addEventListener('input', applyFilter);
 applyFilter();
 """
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{SCRIPT_HASH}'"
 
 
 def _data_uri(jpeg: bytes) -> str:
@@ -89,11 +92,11 @@ def summary_html(location: str, manifest: Manifest, samples: list[Sample], token
     ]
     boxes = "".join(f'<div class="count"><b>{v}</b>{escape(k)}</div>' for k, v in counts)
     rejected = ", ".join(f"{escape(k)} {v}" for k, v in m.rejects_by_code.items())
-    images = [image for sample in samples for image in sample.info["images"]]
+    images = [image for sample in samples for image in sample.stored.images]
     charts = [
         histogram_svg(token_lengths, "tokens per sample, whole build"),
-        histogram_svg(np.array([len(s.info["images"]) for s in samples], dtype=np.int64), "images per sample, shown"),
-        histogram_svg(np.array([i["num_tokens"] for i in images], dtype=np.int64), "tokens per image, shown"),
+        histogram_svg(np.array([len(s.stored.images) for s in samples], dtype=np.int64), "images per sample, shown"),
+        histogram_svg(np.array([i.num_tokens for i in images], dtype=np.int64), "tokens per image, shown"),
     ]
     return (
         f'<h1>shardkit show <small>{escape(location)}</small></h1><div class="counts">{boxes}</div>'
@@ -114,8 +117,8 @@ def _token_html(token: Token) -> str:
 def _chip_html(span: ImageSpan) -> str:
     grid = ",".join(map(str, span.grid_thw))
     return (
-        f'<span class="chip" data-image="{span.number}" data-grid="{grid}" data-tokens="{span.num_tokens}" '
-        f'data-trained="{span.trained}">{escape(span.label)}</span>'
+        f'<span class="chip" data-image="{span.number}" data-grid="{escape(grid)}" '
+        f'data-tokens="{span.num_tokens:d}" data-trained="{span.trained:d}">{escape(span.label)}</span>'
     )
 
 
@@ -125,38 +128,39 @@ def _turn_html(turn: Turn) -> str:
     return f'<div class="turn"><div class="role">{role}</div><div class="toks">{items}</div></div>'
 
 
-def _figure_html(number: int, image: dict[str, Any], jpeg: bytes) -> str:
-    t, h, w = image["grid_thw"]
+def _figure_html(number: int, image: StoredImage, jpeg: bytes) -> str:
+    t, h, w = image.grid_thw
     caption = (
-        f"image {number} · stored {image['width']}×{image['height']} (original {image['original_width']}×"
-        f"{image['original_height']}) · grid {t}×{h}×{w} · {image['num_tokens']} tokens · {image.get('source', '')}"
+        f"image {number} · stored {image.width}×{image.height} (original {image.original_width}×"
+        f"{image.original_height}) · grid {t}×{h}×{w} · {image.num_tokens} tokens · {image.source}"
     )
     return (
-        f'<figure><img src="{_data_uri(jpeg)}" width="{image["width"]}" height="{image["height"]}" '
+        f'<figure><img src="{_data_uri(jpeg)}" width="{image.width:d}" height="{image.height:d}" '
         f'alt="image {number}"><figcaption>{escape(caption)}</figcaption></figure>'
     )
 
 
 def card_html(sample: Sample, decoder: TokenDecoder) -> str:
     """One sample: images, facts, the conversation as tokens, meta."""
-    info = sample.info
+    info = sample.stored
     badges = []
-    if info.get("fitted"):
+    if info.fitted:
         badges.append('<span class="badge">fitted: images lowered in resolution</span>')
-    if info.get("truncated_tokens"):
-        badges.append(f'<span class="badge">truncated: {int(info["truncated_tokens"])} tokens cut</span>')
+    if info.truncated_tokens:
+        badges.append(f'<span class="badge">truncated: {info.truncated_tokens:d} tokens cut</span>')
     facts = (
-        f"source line {escape(str(info.get('line')))} · {int(info['num_tokens'])} tokens, "
-        f"{int(info['num_trained_tokens'])} trained · {len(info['images'])} images " + " ".join(badges)
+        f"source line {info.line:d} · {info.num_tokens:d} tokens, "
+        f"{info.num_trained_tokens:d} trained · {len(info.images)} images " + " ".join(badges)
     )
     figures = "".join(
-        _figure_html(n, i, jpeg) for n, (i, jpeg) in enumerate(zip(info["images"], sample.images, strict=True), 1)
+        _figure_html(n, i, jpeg) for n, (i, jpeg) in enumerate(zip(info.images, sample.images, strict=True), 1)
     )
     turns = "".join(_turn_html(turn) for turn in decoder.turns(sample))
-    meta = escape(json.dumps(info.get("meta"), indent=1, ensure_ascii=False, sort_keys=True))
+    meta = escape(json.dumps(info.meta, indent=1, ensure_ascii=False, sort_keys=True))
+    key = escape(sample.key)
     return (
-        f'<section class="card" data-key="{escape(sample.key)}" data-trained="{int(info["num_trained_tokens"])}">'
-        f'<h2>{escape(sample.key)}</h2><div class="facts">{facts}</div>'
+        f'<section class="card" data-key="{key}" data-trained="{info.num_trained_tokens:d}">'
+        f'<h2>{key}</h2><div class="facts">{facts}</div>'
         f'<div class="images">{figures}</div>{turns}'
         f"<details open><summary>meta</summary><pre>{meta}</pre></details></section>"
     )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from shardkit.shards import Sample
+from shardkit.shards.base import StoredImage
 
 TURN_START = "<|im_start|>"
 
@@ -102,8 +103,9 @@ class TokenDecoder:
     def turns(self, sample: Sample) -> list[Turn]:
         """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan`."""
         ids, weights = sample.input_ids, sample.weights
-        spans = {image["token_start"]: _span(n, image, weights) for n, image in enumerate(sample.info["images"], 1)}
-        texts = self.texts(np.delete(ids, _image_positions(sample.info["images"])))
+        images = sample.stored.images
+        spans = {image.token_start: _span(n, image, weights) for n, image in enumerate(images, 1)}
+        texts = self.texts(np.delete(ids, _image_positions(images)))
         turns: list[Turn] = []
         items: list[Token | ImageSpan] = []
         position, text_index = 0, 0
@@ -124,20 +126,20 @@ class TokenDecoder:
         return turns
 
 
-def _image_positions(images: list[dict[str, Any]]) -> np.ndarray:
-    ranges = [np.arange(i["token_start"], i["token_start"] + i["num_tokens"]) for i in images]
+def _image_positions(images: list[StoredImage]) -> np.ndarray:
+    ranges = [np.arange(i.token_start, i.token_start + i.num_tokens) for i in images]
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
 
 
-def _span(number: int, image: dict[str, Any], weights: np.ndarray) -> ImageSpan:
-    start, count = image["token_start"], image["num_tokens"]
+def _span(number: int, image: StoredImage, weights: np.ndarray) -> ImageSpan:
+    start, count = image.token_start, image.num_tokens
     return ImageSpan(
         number=number,
-        width=image["width"],
-        height=image["height"],
-        original_width=image["original_width"],
-        original_height=image["original_height"],
-        grid_thw=tuple(image["grid_thw"]),
+        width=image.width,
+        height=image.height,
+        original_width=image.original_width,
+        original_height=image.original_height,
+        grid_thw=tuple(image.grid_thw),
         num_tokens=count,
         trained=int(np.count_nonzero(weights[start : start + count] > 0)),
     )
