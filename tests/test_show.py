@@ -339,6 +339,52 @@ def test_text_mode_marks_trained_tokens(builds, capsys):
     assert "\x1b[1;30;43m" + answer in colored and "[[" not in colored
 
 
+HIDDEN_ANSWER = "Diagnosis: malignant\rDiagnosis: benign"
+HIDING_QUESTION = "Look.\x1b[1A\x1b[2K\x1b]52;c;cHduZWQ=\x07\u202eevil"  # up a line, erase it; clipboard; RTL
+
+
+@pytest.fixture(scope="module")
+def control_build(tmp_path_factory):
+    """A build of one record whose text holds a carriage return, escape sequences and a right-to-left override."""
+    root = tmp_path_factory.mktemp("controls")
+    write_image(root / "a.jpg", 64, 64)
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                                        {"type": "text", "text": HIDING_QUESTION}]},
+                           {"role": "assistant", "content": HIDDEN_ANSWER}]}  # fmt: skip
+    (root / "data.jsonl").write_text(json.dumps(record) + "\n")
+    build(BuildConfig.create(input=str(root / "data.jsonl"), out=str(root / "build")), progress=False)
+    return str(root / "build")
+
+
+def test_text_mode_shows_control_characters_in_a_real_terminal(control_build, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not found")
+    repo = Path(__file__).resolve().parents[1]
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+    command = f"cd {repo} && {sys.executable} -m shardkit.cli show {control_build} --text; echo END; sleep 60"
+    subprocess.run([*tmux, "new-session", "-d", "-x", "160", "-y", "40", command], check=True)
+    try:
+        deadline, screen = time.monotonic() + 120, ""
+        while "END" not in screen and time.monotonic() < deadline:
+            time.sleep(0.5)
+            screen = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+        buffers = subprocess.run([*tmux, "list-buffers"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert "END" in screen, screen
+    assert "== 0000000001 (source line 1)" in screen  # not erased by the text's escape sequences
+    assert "Diagnosis: malignant␍Diagnosis: benign" in screen  # what is trained is what is seen
+    assert "Look.␛[1A␛[2K␛]52;c;cHduZWQ=␇\\u202eevil" in screen
+    assert buffers == ""  # nothing was written to the clipboard
+
+
+def test_page_shows_control_characters(control_build):
+    html = make_page(control_build).html
+    text = re.sub(r"</?span[^>]*>", "", html)
+    assert "Diagnosis: malignant␍Diagnosis: benign" in text and "Look.␛[1A␛[2K␛]52;c;cHduZWQ=␇\\u202eevil" in text
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", html)
+
+
 def test_unknown_key_and_missing_build_are_one_line_errors(builds, tmp_path, capsys):
     assert main(["show", builds["tar"], "--key", "nope", "--out", str(tmp_path / "x.html")]) == 2
     assert "no sample with key nope" in capsys.readouterr().err

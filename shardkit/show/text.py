@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shardkit.shards import Sample
-from shardkit.show.tokens import ImageSpan, TokenDecoder
+from shardkit.show.tokens import ImageSpan, TokenDecoder, visible
 
 TRAINED_ON, TRAINED_OFF = "\x1b[1;30;43m", "\x1b[0m"  # bold black on yellow
 MUTED_ON = "\x1b[2m"
@@ -14,7 +14,8 @@ def sample_text(sample: Sample, decoder: TokenDecoder, *, color: bool) -> str:
     info = sample.stored
     open_mark, close_mark = (TRAINED_ON, TRAINED_OFF) if color else ("[[", "]]")
     out = [
-        f"== {sample.key} (source line {info.line}): {info.num_tokens} tokens, {info.num_trained_tokens} trained"
+        f"== {visible(sample.key)} (source line {info.line}): {info.num_tokens} tokens, "
+        f"{info.num_trained_tokens} trained"
         + (", fitted" if info.fitted else "")
         + (f", {info.truncated_tokens} tokens truncated" if info.truncated_tokens else "")
         + " =="

@@ -20,6 +20,21 @@ from shardkit.shards.base import StoredImage
 TURN_START = "<|im_start|>"
 
 
+#: control characters (but newline and tab) as visible symbols: C0 as their control pictures (␍, ␛, ...), DEL as ␡,
+#: C1 and the bidirectional embeddings, overrides and isolates as ``\\uXXXX`` (they reorder the text around them)
+_VISIBLE = {
+    **{c: chr(0x2400 + c) for c in range(0x20) if chr(c) not in "\n\t"},
+    0x7F: "␡",
+    **{c: f"\\u{c:04x}" for c in [*range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]},
+}
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters shown as symbols (``\\r`` as ␍, ESC as ␛), so a terminal or a page
+    displays every character the model is trained on, in order."""
+    return text.translate(_VISIBLE)
+
+
 def _byte_decoder() -> dict[str, int]:
     """The inverse of byte-level BPE's byte-to-character table (GPT-2's: printable bytes map to themselves)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -83,7 +98,7 @@ class TokenDecoder:
         return value if isinstance(value, int) and self.special.get(value) == token else None
 
     def texts(self, ids: np.ndarray) -> list[str]:
-        """The displayed text of each token of ``ids``."""
+        """The displayed text of each token of ``ids`` (control characters made :func:`visible`)."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
         out = []
@@ -98,7 +113,7 @@ class TokenDecoder:
                 utf8.reset()
         if out:
             out[-1] += utf8.decode(b"", final=True)
-        return out
+        return [visible(text) for text in out]
 
     def turns(self, sample: Sample) -> list[Turn]:
         """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan`."""
