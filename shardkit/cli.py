@@ -488,7 +488,8 @@ COMMANDS = {
         "counts; the index)",
         description="Read every shard and the index of a build or embeddings folder (folder or URL), no further than "
         "their recorded size, and compare size, sha256 and format with the manifest; check the manifest's counts "
-        "against its shards and the index. Prints one line per problem; exit 0 when all match, 1 otherwise.",
+        "against its shards and the index, and its model family's constants against the family it names. Prints one "
+        "line per problem; exit 0 when all match, 1 otherwise.",
     ),
     "export": Command(
         _export,
