@@ -44,6 +44,16 @@ def credentials_problem(exc: BaseException) -> str | None:
     )
 
 
+def resolved(location: str) -> str:
+    """One spelling of ``location``: a local path absolute, its links, ``.`` and ``..`` resolved; a URL with its path
+    normalised (``s3://b/x/`` and ``s3://b/x/.`` are ``s3://b/x``)."""
+    fs, path = open_fs(location)
+    if is_local(fs):
+        return os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{posixpath.normpath(path)}"
+
+
 def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from collections import Counter
 
@@ -160,6 +162,25 @@ def test_incompatible_builds_are_refused_naming_the_difference(builds, tiny, qwe
         MixStream([builds["tar"], tiny["same"]], weights=[1, 0], batch_size=2)
     with pytest.raises(ConfigError, match="twice"):
         MixStream([builds["tar"], builds["tar"]], batch_size=2)
+
+
+def test_one_build_under_two_spellings_or_as_a_copy_is_refused(builds, tmp_path, capsys):
+    build = builds["tar"]
+    os.symlink(build, tmp_path / "link")
+    copy = shutil.copytree(build, tmp_path / "copy")
+    relative = os.path.relpath(build)
+    for other, why in (
+        (build + "/", "the same folder"),
+        (build + "/.", "the same folder"),
+        (str(tmp_path / "link"), "the same folder"),
+        (relative, "the same folder"),
+        (str(copy), "copies of one build (the same manifest)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{build} and {other} are {why}: ")):
+            MixStream([build, other], batch_size=2)
+        assert main(["stats", build, other]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "every sample would be read twice an epoch" in err
 
 
 def test_a_resume_state_of_another_mix_is_refused(builds, tiny):

@@ -45,7 +45,7 @@ from shardkit.load.stream import ShardStream
 from shardkit.shards import Manifest, Sample
 from shardkit.shards.index import SampleIndex
 from shardkit.shards.manifest import BuildInfo, FamilyInfo
-from shardkit.storage import open_fs
+from shardkit.storage import open_fs, resolved
 
 MIX_KEY = 0x6D6978  # separates the mix's random streams from a single build's
 
@@ -70,6 +70,23 @@ def check_compatible(
                 )
 
 
+def check_distinct(locations: Sequence[str], manifests: Sequence[Manifest]) -> None:
+    """:class:`ConfigError` naming two of ``locations`` that are one build: the same folder however spelled
+    (``A/``, ``A/.``, a link to ``A``), or copies of one build (the same manifest sha256)."""
+    seen: dict[str, str] = {}
+    for location, manifest in zip(locations, manifests, strict=True):
+        for key, why in (
+            (resolved(location), "the same folder"),
+            (manifest.sha256, "copies of one build (the same manifest)"),
+        ):
+            if key in seen:
+                raise ConfigError(
+                    f"{seen[key]} and {location} are {why}: every sample would be read twice an epoch; give the "
+                    "build once (with a larger weight to read it more)"
+                )
+            seen[key] = location
+
+
 def _short(value: Any) -> str:
     return value.name if isinstance(value, FamilyInfo) else str(value)
 
@@ -89,10 +106,9 @@ class MixSource:
     """Samples of several builds by mix id (position in the builds' concatenation)."""
 
     def __init__(self, locations: Sequence[str], *, verify: bool = False, checksums: bool = True):
-        if len(set(locations)) != len(locations):
-            raise ConfigError(f"a build appears twice in the mix: {list(locations)}")
         self.locations = list(locations)
         self.sources = [BuildSource(location, verify=verify, checksums=checksums) for location in locations]
+        check_distinct(self.locations, [s.manifest for s in self.sources])
         check_compatible([s.manifest for s in self.sources], self.locations)
         for location, source in zip(locations, self.sources, strict=True):
             if not len(source):
