@@ -220,6 +220,24 @@ def test_stats_describes_a_mix(builds, tiny, capsys):
     assert rows[1]["distinct"] == 3 and rows[0]["distinct"] == 20
 
 
+def test_mix_statistics_are_bounded_and_bad_values_are_one_line_errors(builds, tiny, capsys):
+    mix = [builds["tar"], tiny["same"]]
+    for options, message in (
+        (["--epoch-size", str(10**15)], "epoch_size 1000000000000000 is more than the plan of an epoch can hold in "),
+        (["--epoch", "-1"], "epoch must be 0 or more, got -1"),
+    ):
+        assert main(["stats", *mix, *options]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and f"shardkit: error: {message}" in err
+    with pytest.raises(ConfigError, match="the plan of an epoch can hold"):
+        MixStream(mix, epoch_size=10**12, batch_size=1)
+    # weights are normalised before use: their sum cannot overflow
+    assert main(["stats", *mix, "--weights", "1e308,1e308", "--epoch-size", "40", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["mix"]
+    assert [r["slots"] for r in rows] == [20, 20] and [r["target_share"] for r in rows] == [0.5, 0.5]
+    assert share_counts([3e307, 1e307], 8) == [6, 2]
+
+
 def test_train_refuses_a_bad_mix_in_one_line(builds, tiny, tmp_path, capsys):
     base = ["train", "--model", "unused", "--output", str(tmp_path / "out")]
     assert main(base) == 2

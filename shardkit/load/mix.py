@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -39,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shardkit.errors import ConfigError
-from shardkit.load.plan import EpochPlan, Level, Shuffle, batch_samples, epoch_order, make_plan
+from shardkit.load.plan import EpochPlan, Level, Shuffle, batch_samples, check_epoch, epoch_order, make_plan
 from shardkit.load.source import BuildSource
 from shardkit.load.stream import ShardStream
 from shardkit.shards import Manifest, Sample
@@ -48,6 +49,8 @@ from shardkit.shards.manifest import BuildInfo, FamilyInfo
 from shardkit.storage import open_fs, resolved
 
 MIX_KEY = 0x6D6978  # separates the mix's random streams from a single build's
+#: memory the plan of an epoch takes per slot at most (measured: about 300 bytes with one sample a batch)
+PLAN_BYTES_PER_SLOT = 320
 
 #: what must agree between the builds of a mix, by name: the manifest's build info field
 COMPATIBLE: dict[str, Callable[[BuildInfo], Any]] = {
@@ -68,6 +71,11 @@ def check_compatible(
                 raise ConfigError(
                     f"{name} does not match {names[0]}: its {key} differs ({_short(theirs)} vs {_short(mine)})"
                 )
+
+
+def max_epoch_size() -> int:
+    """The most slots the plan of an epoch can hold in this machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // PLAN_BYTES_PER_SLOT
 
 
 def check_distinct(locations: Sequence[str], manifests: Sequence[Manifest]) -> None:
@@ -91,9 +99,16 @@ def _short(value: Any) -> str:
     return value.name if isinstance(value, FamilyInfo) else str(value)
 
 
+def normalised(weights: Sequence[float]) -> np.ndarray:
+    """``weights`` scaled by a power of two to a largest weight in [0.5, 1): their sum cannot overflow, and the shares
+    computed from them are exactly those of the weights as given (scaling by a power of two loses no digit)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return np.ldexp(w, -np.frexp(w.max())[1])
+
+
 def share_counts(weights: Sequence[float], total: int) -> list[int]:
     """``total`` slots shared by weight with the largest remainder rule (module rule, step 1)."""
-    w = np.asarray(weights, dtype=np.float64)
+    w = normalised(weights)
     quotas = w * total / w.sum()
     counts = np.floor(quotas).astype(np.int64)
     left = total - int(counts.sum())
@@ -180,6 +195,11 @@ class MixStream(ShardStream):
             raise ConfigError(f"epoch_size must be positive, got {epoch_size}")
         self.weights = [float(w) for w in weights]
         self.epoch_size = epoch_size or sum(sizes)
+        if self.epoch_size > (most := max_epoch_size()):
+            raise ConfigError(
+                f"epoch_size {self.epoch_size} is more than the plan of an epoch can hold in this machine's memory "
+                f"(about {PLAN_BYTES_PER_SLOT} bytes a sample): at most {most}"
+            )
         self.counts = share_counts(self.weights, self.epoch_size)
         self.source_counts = np.zeros(len(sizes), dtype=np.int64)
         self._slots: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -196,6 +216,7 @@ class MixStream(ShardStream):
 
     def epoch_slots(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(order, ids)``: the epoch's slots in reading order, and the mix id each slot reads."""
+        check_epoch(epoch)
         if self._slots is None or self._slots[0] != epoch:
             ids = np.concatenate([self._build_run(b, epoch) for b in range(len(self.counts))])
             self._slots = (epoch, self._interleave(epoch), ids)
@@ -254,7 +275,7 @@ class MixStream(ShardStream):
         """Per build, what a whole ``epoch`` on this stream's topology reads: samples, distinct ones, share."""
         ids = np.concatenate([batch_samples(b) for b in self.whole_epoch(epoch).sequence] or [np.zeros(0, int)])
         builds = self.source.build_of(ids)
-        total = sum(self.weights)
+        shares = normalised(self.weights) / normalised(self.weights).sum()
         rows = []
         for b, location in enumerate(self.source.locations):
             mine = ids[builds == b]
@@ -263,7 +284,7 @@ class MixStream(ShardStream):
                     "build": location,
                     "samples": self.source.sizes[b],
                     "weight": self.weights[b],
-                    "target_share": self.weights[b] / total,
+                    "target_share": float(shares[b]),
                     "slots": self.counts[b],
                     "read": len(mine),
                     "distinct": len(np.unique(mine)),
