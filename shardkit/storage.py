@@ -124,7 +124,11 @@ class AtomicFile:
         if unless_sha256 and os.path.exists(self.path) and _sha256_of(self.path) == unless_sha256:
             os.remove(tmp)  # a complete copy from an interrupted run: keep it as it is
         else:
-            os.replace(tmp, self.path)
+            try:
+                os.replace(tmp, self.path)
+            except OSError as exc:  # e.g. the path is a folder: nothing is left behind, and the error names the path
+                os.remove(tmp)
+                raise type(exc)(exc.errno, exc.strerror, self.path) from None
 
     def discard(self) -> None:
         """Drop what was written."""

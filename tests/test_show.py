@@ -400,6 +400,13 @@ def test_unknown_key_and_missing_build_are_one_line_errors(builds, tmp_path, cap
     assert not (tmp_path / "x.html").exists()
 
 
+def test_an_out_that_is_a_folder_is_a_one_line_error_leaving_nothing(builds, tmp_path, capsys):
+    (tmp_path / "pages").mkdir()
+    assert main(["show", builds["tar"], "--out", str(tmp_path / "pages"), "--samples", "2"]) == 2
+    assert capsys.readouterr().err == f"shardkit: error: Is a directory: {tmp_path / 'pages'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pages"]  # no pages.partial left behind
+
+
 @pytest.mark.slow
 def test_cli_writes_page_and_reports(builds, tmp_path):
     out = tmp_path / "page.html"
