@@ -23,6 +23,7 @@ from shardkit.errors import ConfigError, RecordError, ShardkitError
 from shardkit.options import add_options, flag, given
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL, EXIT_BUG = 0, 1, 2, 3
+DEFAULT_META_KEY = "diagnosis"  # stats: the seed's label
 
 logger = logging.getLogger("shardkit")
 
@@ -97,9 +98,7 @@ def _stats_options(p: argparse.ArgumentParser) -> None:
     add_options(p, DataOptions, ["weights", "mix", "epoch_size"], overrides=_DATA_SPELLING)
     p.add_argument("--epoch", type=int, default=0, help="mix: the epoch to describe (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="mix: the shuffling seed (default: %(default)s)")
-    p.add_argument(
-        "--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)"
-    )
+    p.add_argument("--meta-key", help=f"meta field whose most common values are listed (default: {DEFAULT_META_KEY})")
     p.add_argument("--top", type=_positive, default=10, help="how many values to list (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -197,7 +196,7 @@ def _validate(args: argparse.Namespace) -> int:
             where = f" (line {problem['source_line']})" if "source_line" in problem else ""
             print(f"{report.unit} {problem['line']}{where}: {problem['reason']} [{problem['code']}]")
         verdict = "clean" if report.ok else f"{len(report.problems)} problems on {len(report.bad_lines)} lines"
-        verdict = verdict.replace(" lines", f" {report.unit}s")
+        verdict = verdict.replace(" lines", f" {report.unit}s") if report.records else "the input has no records"
         print(f"{report.records} records, {report.images} images checked: {verdict}")
     if report.traceback:
         print(f"shardkit: internal error (a bug in shardkit, please report it) on {report.traceback}", file=sys.stderr)
@@ -299,7 +298,12 @@ def _stats(args: argparse.Namespace) -> int:
         )
         print(json.dumps(stats, indent=2) if args.json else format_mix_stats(stats))
         return EXIT_OK
-    stats = build_stats(args.build[0], meta_key=args.meta_key, top=args.top)
+    stats = build_stats(args.build[0], meta_key=args.meta_key or DEFAULT_META_KEY, top=args.top)
+    if args.meta_key and args.meta_key not in stats["meta_keys"]:  # asked for, and absent: a typo?
+        raise ConfigError(
+            f"no sample of {args.build[0]} has the meta key {args.meta_key!r} "
+            f"(their meta keys: {', '.join(stats['meta_keys']) or 'none'})"
+        )
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return EXIT_OK
 

@@ -30,6 +30,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
     manifest: Manifest = read_manifest(location)
     tokens, trained, per_sample, pixels, image_tokens, originals = [], [], [], [], [], []
     labels: Counter[str] = Counter()
+    meta_keys: set[str] = set()
     for sample in iter_build_samples(location, manifest, images=False):
         info = sample.info
         tokens.append(info["num_tokens"])
@@ -39,7 +40,9 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
             pixels.append(image["width"] * image["height"])
             image_tokens.append(image["num_tokens"])
             originals.append(image["original_width"] * image["original_height"])
-        value = (info.get("meta") or {}).get(meta_key)
+        meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+        meta_keys.update(meta)
+        value = meta.get(meta_key)
         if isinstance(value, (str, int, float, bool)):
             labels[str(value)] += 1
     config = manifest.config
@@ -68,6 +71,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
         "original_image_megapixels": _distribution([p / 1e6 for p in originals]),
         "tokens_per_image": _distribution(image_tokens),
         "meta_key": meta_key,
+        "meta_keys": sorted(meta_keys),
         "unique_labels": len(labels),
         "top_labels": labels.most_common(top),
     }
@@ -107,6 +111,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  Unique {stats['meta_key']} values: {stats['unique_labels']}")
         lines.append(f"  Top {len(stats['top_labels'])} {stats['meta_key']} values:")
         lines += [f"    - {label}: {count}" for label, count in stats["top_labels"]]
+    elif stats["meta_key"] not in stats["meta_keys"]:
+        keys = ", ".join(stats["meta_keys"]) or "none"
+        lines.append(f"  Meta key {stats['meta_key']!r}: in no sample (their meta keys: {keys})")
     return "\n".join(lines)
 
 
