@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from shardkit.options import add_options, flag, given
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL, EXIT_BUG = 0, 1, 2, 3
 DEFAULT_META_KEY = "diagnosis"  # stats: the seed's label
+#: words argparse takes as values although they start with "-": negative numbers and lists of numbers (no option
+#: of shardkit's looks like one)
+NEGATIVE_NUMBERS = re.compile(r"^-\.?\d[\d.eE+,-]*$")
 
 logger = logging.getLogger("shardkit")
 
@@ -165,6 +169,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, spec in COMMANDS.items():
         p = commands.add_parser(name, help=spec.help, description=spec.description)
+        p._negative_number_matcher = NEGATIVE_NUMBERS  # so that --weights -1,2 is a value (then refused as such)
         if name == command:
             spec.options(p)
     return parser

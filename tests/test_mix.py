@@ -231,6 +231,9 @@ def test_mix_statistics_are_bounded_and_bad_values_are_one_line_errors(builds, t
         assert len(err.splitlines()) == 1 and f"shardkit: error: {message}" in err
     with pytest.raises(ConfigError, match="the plan of an epoch can hold"):
         MixStream(mix, epoch_size=10**12, batch_size=1)
+    for weights in ("-1,2", "-0.5,1", "-1e-3,2"):  # a value, not an option argparse does not know
+        assert main(["stats", *mix, "--weights", weights]) == 2
+        assert capsys.readouterr().err.startswith("shardkit: error: weights must be positive numbers, got [-")
     # weights are normalised before use: their sum cannot overflow
     assert main(["stats", *mix, "--weights", "1e308,1e308", "--epoch-size", "40", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["mix"]
