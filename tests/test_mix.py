@@ -1,6 +1,7 @@
 """A weighted mix of real builds: exact shares, repetition and subsampling, split, resume, refusals."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -239,6 +240,20 @@ def test_mix_statistics_are_bounded_and_bad_values_are_one_line_errors(builds, t
     rows = json.loads(capsys.readouterr().out)["mix"]
     assert [r["slots"] for r in rows] == [20, 20] and [r["target_share"] for r in rows] == [0.5, 0.5]
     assert share_counts([3e307, 1e307], 8) == [6, 2]
+
+
+def test_a_weight_too_small_for_one_sample_an_epoch_is_warned_of(builds, tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="shardkit.load.mix"):
+        stream = MixStream([builds["tar"], tiny["same"]], weights=[1, 1e-320], batch_size=2)
+    assert stream.counts == [50, 0]
+    assert caplog.messages == [
+        f"{tiny['same']} gets no sample in an epoch of 50 (its share of the weights is 1e-320): "
+        "raise its weight or the epoch size"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shardkit.load.mix"):
+        MixStream([builds["tar"], tiny["same"]], weights=[1, 0.05], batch_size=2)
+    assert caplog.messages == []
 
 
 def test_train_refuses_a_bad_mix_in_one_line(builds, tiny, tmp_path, capsys):

@@ -28,6 +28,7 @@ ids of a mix are positions in the builds' concatenation (build 0 first).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import posixpath
@@ -47,6 +48,8 @@ from shardkit.shards import Manifest, Sample
 from shardkit.shards.index import SampleIndex
 from shardkit.shards.manifest import BuildInfo, FamilyInfo
 from shardkit.storage import open_fs, resolved
+
+logger = logging.getLogger(__name__)
 
 MIX_KEY = 0x6D6978  # separates the mix's random streams from a single build's
 #: memory the plan of an epoch takes per slot at most (measured: about 300 bytes with one sample a batch)
@@ -201,6 +204,14 @@ class MixStream(ShardStream):
                 f"(about {PLAN_BYTES_PER_SLOT} bytes a sample): at most {most}"
             )
         self.counts = share_counts(self.weights, self.epoch_size)
+        scaled = normalised(self.weights)
+        self.shares = (scaled / scaled.sum()).tolist()  # each build's share of the weights
+        for location, share, count in zip(self.source.locations, self.shares, self.counts, strict=True):
+            if not count:
+                logger.warning(
+                    "%s gets no sample in an epoch of %d (its share of the weights is %.3g): raise its weight or "
+                    "the epoch size", location, self.epoch_size, share,
+                )  # fmt: skip
         self.source_counts = np.zeros(len(sizes), dtype=np.int64)
         self._slots: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -275,7 +286,6 @@ class MixStream(ShardStream):
         """Per build, what a whole ``epoch`` on this stream's topology reads: samples, distinct ones, share."""
         ids = np.concatenate([batch_samples(b) for b in self.whole_epoch(epoch).sequence] or [np.zeros(0, int)])
         builds = self.source.build_of(ids)
-        shares = normalised(self.weights) / normalised(self.weights).sum()
         rows = []
         for b, location in enumerate(self.source.locations):
             mine = ids[builds == b]
@@ -284,7 +294,7 @@ class MixStream(ShardStream):
                     "build": location,
                     "samples": self.source.sizes[b],
                     "weight": self.weights[b],
-                    "target_share": float(shares[b]),
+                    "target_share": self.shares[b],
                     "slots": self.counts[b],
                     "read": len(mine),
                     "distinct": len(np.unique(mine)),
