@@ -111,9 +111,6 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  Unique {stats['meta_key']} values: {stats['unique_labels']}")
         lines.append(f"  Top {len(stats['top_labels'])} {stats['meta_key']} values:")
         lines += [f"    - {label}: {count}" for label, count in stats["top_labels"]]
-    elif stats["meta_key"] not in stats["meta_keys"]:
-        keys = ", ".join(stats["meta_keys"]) or "none"
-        lines.append(f"  Meta key {stats['meta_key']!r}: in no sample (their meta keys: {keys})")
     return "\n".join(lines)
 
 
