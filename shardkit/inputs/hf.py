@@ -136,7 +136,7 @@ class HFDataset(InputFormat):
         row, columns = item.data["row"], item.data["columns"]
         if columns.chat or columns.pairs:
             return self._conversation(row, columns, item.number)
-        image = _image(row[columns.image], item.number)
+        image = _image(row[columns.image], item.number, f"the column {columns.image!r}")
         if image is None:
             raise RecordError(f"the image column {columns.image!r} is empty", "image_missing", item.number)
         reply = _answer(row[columns.answer], columns, item.number)
@@ -155,7 +155,10 @@ class HFDataset(InputFormat):
     def _conversation(self, row: dict[str, Any], columns: Columns, line: int) -> Record:
         raw = row[columns.image] if columns.image else None
         raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
-        images = [_image(value, line, number) for number, value in enumerate(raw, start=1)]
+        images = [
+            _image(value, line, f"image {number} of the column {columns.image!r}", number)
+            for number, value in enumerate(raw, start=1)
+        ]
         if any(i is None for i in images):
             raise RecordError(f"an image of the column {columns.image!r} is empty", "image_missing", line)
         if columns.chat:
@@ -194,11 +197,19 @@ class Columns:
         return [c for c in (self.image, self.chat, self.pairs, self.question, self.answer) if c]
 
 
-def _image(value: Any, row: int, number: int = 1) -> str | None:
-    """Image ``number`` of a row (``{bytes, path}``, bytes, or a path) as an image reference; None when empty.
+def _image(value: Any, row: int, where: str, number: int = 1) -> str | None:
+    """Image ``number`` of a row (``{bytes, path}``, bytes, or a path) as an image reference; None when empty;
+    :class:`RecordError` naming ``where`` when the value is not an image (e.g. a list of images).
 
     Bytes become an :class:`InlineImage` labelled with the row, the number and the file name the cell keeps.
     """
+    if isinstance(value, list) or not isinstance(value, dict | bytes | bytearray | str | None):
+        what = f"a list of {len(value)} item{'s' * (len(value) != 1)}" if isinstance(value, list) else None
+        raise RecordError(
+            f"{where} holds {what or 'a ' + type(value).__name__}, not an image (bytes, a path, or {{bytes, path}})",
+            "invalid_record",
+            row,
+        )
     data = value.get("bytes") if isinstance(value, dict) else value
     if isinstance(data, bytes | bytearray) and data:
         name = value.get("path") if isinstance(value, dict) else None
