@@ -27,6 +27,7 @@ from shardkit.load.source import BuildSource
 from shardkit.shards.base import SampleInfo
 from shardkit.show import make_page, show_text, write_page
 from shardkit.synthetic import make_clinical_dataset
+from shardkit.tokenizer import _load, bundled_tokenizer_dir
 
 from .conftest import write_image
 
@@ -405,6 +406,43 @@ def test_an_out_that_is_a_folder_is_a_one_line_error_leaving_nothing(builds, tmp
     assert main(["show", builds["tar"], "--out", str(tmp_path / "pages"), "--samples", "2"]) == 2
     assert capsys.readouterr().err == f"shardkit: error: Is a directory: {tmp_path / 'pages'}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pages"]  # no pages.partial left behind
+
+
+def test_show_loads_the_builds_hub_tokenizer_from_this_machine_only(builds, tmp_path, monkeypatch, capsys):
+    import socket
+    import threading
+
+    import huggingface_hub.constants
+
+    hub = socket.create_server(("127.0.0.1", 0))  # a real server in the hub's place, counting who calls
+    calls = []
+    threading.Thread(target=lambda: calls.append(hub.accept()), daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    other = shutil.copytree(builds["tar"], tmp_path / "hub-tokenizer")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["config"]["tokenizer"] = "Qwen/Qwen2-VL-2B-Instruct"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    for mode in (["--out", str(tmp_path / "x.html")], ["--text"]):
+        assert main(["show", str(other), *mode]) == 2
+        assert capsys.readouterr().err == (
+            "shardkit: error: tokenizer 'Qwen/Qwen2-VL-2B-Instruct' is not in the local Hugging Face cache, and "
+            "nothing is downloaded here: fetch it first (huggingface-cli download Qwen/Qwen2-VL-2B-Instruct)\n"
+        )
+    cache = tmp_path / "hub-cache"  # the Hugging Face cache's layout, holding the build's tokenizer
+    snapshot = cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots" / "0123abc"
+    shutil.copytree(bundled_tokenizer_dir(), snapshot)
+    (cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "refs").mkdir()
+    (cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    try:
+        assert main(["show", str(other), "--text", "--samples", "1"]) == 0
+    finally:
+        _load.cache_clear()
+    assert "<|im_start|>user" in capsys.readouterr().out
+    time.sleep(0.5)
+    hub.close()
+    assert calls == []  # the hub was never asked
 
 
 @pytest.mark.slow
