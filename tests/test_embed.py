@@ -92,6 +92,28 @@ def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family
         assert float((cached_grads[name] - grad).norm()) <= 1e-5 * float(grad.norm()), name
 
 
+def test_a_bf16_cache_gives_the_live_loss_to_about_four_digits_a_float32_one_to_float_rounding(
+    family_model, small_build, cache, tmp_path
+):
+    if family_model[0] != "qwen2_vl":
+        pytest.skip("one family is enough for the precision")
+    family, folder = family_model
+    bf16 = tmp_path / "bf16"
+    embed(EmbedConfig.create(build=small_build, model=folder, out=str(bf16), dtype="bfloat16"), progress=False)
+    model = model_class(family).from_pretrained(folder, dtype=torch.float32)
+    manifest = read_manifest(small_build)
+    live = Qwen2VLCollator.for_build(manifest)(next(iter(ShardStream(small_build, seed=1, batch_size=4))))
+    with torch.no_grad():
+        live_loss = model(**live).loss.item()
+        differences = {}
+        for name, embeddings in (("float32", cache), ("bfloat16", str(bf16))):
+            collate = EmbeddingCollator.for_build(manifest)
+            batch = collate(next(iter(ShardStream(small_build, seed=1, batch_size=4, image_embeddings=embeddings))))
+            differences[name] = abs(model(**collate.model_inputs(model, batch)).loss.item() - live_loss) / live_loss
+    assert differences["float32"] <= 1e-6  # what the README calls identical
+    assert 1e-7 < differences["bfloat16"] <= 1e-4  # the fifth significant digit or beyond
+
+
 def test_the_manifest_names_the_build_and_the_vision_tower(family_model, small_build, cache, capsys):
     manifest = read_embedding_manifest(cache)
     build_manifest = read_manifest(small_build)
