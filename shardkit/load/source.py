@@ -5,7 +5,9 @@ index (checked against each other: see :mod:`shardkit.shards.index`), and
 returns samples by id (position in manifest order) by seeking to their
 recorded location. Every sample read is checked against the checksum the index
 recorded when it was written, so a flipped bit raises
-:class:`~shardkit.errors.ShardCorruptError` naming the shard and the sample; a
+:class:`~shardkit.errors.ShardCorruptError` naming the shard and the sample, as
+does JSON that its typed model (:class:`~shardkit.shards.base.SampleInfo`)
+refuses (text where a number belongs); a
 shard that is missing, may not be read or cannot be reached raises
 :class:`~shardkit.errors.ShardMissingError`, :class:`~shardkit.errors.ShardAccessError`
 or :class:`~shardkit.errors.ShardNetworkError` instead. Builds made before

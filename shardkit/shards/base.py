@@ -3,7 +3,8 @@
 A sample is its key, a JSON dict (source line, meta, image sizes and grids,
 token counts), ``input_ids`` (int32), ``weights`` (float32: the weight of
 token i as a training target, so ``labels[i] = input_ids[i]`` where weight > 0
-else -100) and its images as JPEG bytes in order of appearance.
+else -100) and its images as JPEG bytes in order of appearance. Readers take
+the JSON through its typed model, :class:`SampleInfo`.
 
 Every sample gets a checksum when it is written (xxh3-64, recorded in the
 index; what it covers is the format's: see each writer), and readers given it
