@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -362,7 +363,8 @@ def test_text_mode_shows_control_characters_in_a_real_terminal(control_build, tm
         pytest.skip("tmux not found")
     repo = Path(__file__).resolve().parents[1]
     tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
-    command = f"cd {repo} && {sys.executable} -m shardkit.cli show {control_build} --text; echo END; sleep 60"
+    show = shlex.join([sys.executable, "-m", "shardkit.cli", "show", control_build, "--text"])
+    command = f"cd {shlex.quote(str(repo))} && {show}; echo END; sleep 60"
     subprocess.run([*tmux, "new-session", "-d", "-x", "160", "-y", "40", command], check=True)
     try:
         deadline, screen = time.monotonic() + 120, ""
