@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections import Counter
@@ -25,6 +26,10 @@ from shardkit.options import add_options, flag, given
 from shardkit.words import counted
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL, EXIT_BUG = 0, 1, 2, 3
+DEFAULT_META_KEY = "diagnosis"  # stats: the seed's label
+#: words argparse takes as values although they start with "-": negative numbers and lists of numbers (no option
+#: of shardkit's looks like one)
+NEGATIVE_NUMBERS = re.compile(r"^-\.?\d[\d.eE+,-]*$")
 
 logger = logging.getLogger("shardkit")
 
@@ -98,9 +103,7 @@ def _stats_options(p: argparse.ArgumentParser) -> None:
     add_options(p, DataOptions, ["weights", "mix", "epoch_size"], overrides=_DATA_SPELLING)
     p.add_argument("--epoch", type=int, default=0, help="mix: the epoch to describe (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="mix: the shuffling seed (default: %(default)s)")
-    p.add_argument(
-        "--meta-key", default="diagnosis", help="meta field whose most common values are listed (default: %(default)s)"
-    )
+    p.add_argument("--meta-key", help=f"meta field whose most common values are listed (default: {DEFAULT_META_KEY})")
     p.add_argument("--top", type=_positive, default=10, help="how many values to list (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -167,6 +170,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, spec in COMMANDS.items():
         p = commands.add_parser(name, help=spec.help, description=spec.description)
+        p._negative_number_matcher = NEGATIVE_NUMBERS  # so that --weights -1,2 is a value (then refused as such)
         if name == command:
             spec.options(p)
     return parser
@@ -202,6 +206,7 @@ def _validate(args: argparse.Namespace) -> int:
             if report.ok
             else f"{counted(len(report.problems), 'problem')} on {counted(len(report.bad_lines), report.unit)}"
         )
+        verdict = verdict if report.records else "the input has no records"
         print(f"{counted(report.records, 'record')}, {counted(report.images, 'image')} checked: {verdict}")
     if report.traceback:
         print(f"shardkit: internal error (a bug in shardkit, please report it) on {report.traceback}", file=sys.stderr)
@@ -321,7 +326,12 @@ def _stats(args: argparse.Namespace) -> int:
         )
         print(json.dumps(stats, indent=2) if args.json else format_mix_stats(stats))
         return EXIT_OK
-    stats = build_stats(args.build[0], meta_key=args.meta_key, top=args.top)
+    stats = build_stats(args.build[0], meta_key=args.meta_key or DEFAULT_META_KEY, top=args.top)
+    if args.meta_key and args.meta_key not in stats["meta_keys"]:  # asked for, and absent: a typo?
+        raise ConfigError(
+            f"no sample of {args.build[0]} has the meta key {args.meta_key!r} "
+            f"(their meta keys: {', '.join(stats['meta_keys']) or 'none'})"
+        )
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return EXIT_OK
 
@@ -515,7 +525,8 @@ COMMANDS = {
         "counts; the index)",
         description="Read every shard and the index of a build or embeddings folder (folder or URL), no further than "
         "their recorded size, and compare size, sha256 and format with the manifest; check the manifest's counts "
-        "against its shards and the index. Prints one line per problem; exit 0 when all match, 1 otherwise.",
+        "against its shards and the index, and its model family's constants against the family it names. Prints one "
+        "line per problem; exit 0 when all match, 1 otherwise.",
     ),
     "export": Command(
         _export,

@@ -31,6 +31,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
     manifest: Manifest = read_manifest(location)
     tokens, trained, per_sample, pixels, image_tokens, originals = [], [], [], [], [], []
     labels: Counter[str] = Counter()
+    meta_keys: set[str] = set()
     for sample in iter_build_samples(location, manifest, images=False):
         info = sample.info
         tokens.append(info["num_tokens"])
@@ -40,7 +41,9 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
             pixels.append(image["width"] * image["height"])
             image_tokens.append(image["num_tokens"])
             originals.append(image["original_width"] * image["original_height"])
-        value = (info.get("meta") or {}).get(meta_key)
+        meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+        meta_keys.update(meta)
+        value = meta.get(meta_key)
         if isinstance(value, (str, int, float, bool)):
             labels[str(value)] += 1
     config = manifest.config
@@ -69,6 +72,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
         "original_image_megapixels": _distribution([p / 1e6 for p in originals]),
         "tokens_per_image": _distribution(image_tokens),
         "meta_key": meta_key,
+        "meta_keys": sorted(meta_keys),
         "unique_labels": len(labels),
         "top_labels": labels.most_common(top),
     }

@@ -44,6 +44,16 @@ def credentials_problem(exc: BaseException) -> str | None:
     )
 
 
+def resolved(location: str) -> str:
+    """One spelling of ``location``: a local path absolute, its links, ``.`` and ``..`` resolved; a URL with its path
+    normalised (``s3://b/x/`` and ``s3://b/x/.`` are ``s3://b/x``)."""
+    fs, path = open_fs(location)
+    if is_local(fs):
+        return os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{posixpath.normpath(path)}"
+
+
 def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -114,7 +124,11 @@ class AtomicFile:
         if unless_sha256 and os.path.exists(self.path) and _sha256_of(self.path) == unless_sha256:
             os.remove(tmp)  # a complete copy from an interrupted run: keep it as it is
         else:
-            os.replace(tmp, self.path)
+            try:
+                os.replace(tmp, self.path)
+            except OSError as exc:  # e.g. the path is a folder: nothing is left behind, and the error names the path
+                os.remove(tmp)
+                raise type(exc)(exc.errno, exc.strerror, self.path) from None
 
     def discard(self) -> None:
         """Drop what was written."""

@@ -47,25 +47,26 @@ def bundled_tokenizer_dir() -> Path:
     return folder
 
 
-def load_tokenizer(name: str | None = None) -> tuple[Any, TokenizerInfo]:
+def load_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[Any, TokenizerInfo]:
     """The tokenizer for ``name`` (None: the offline default) and its manifest info; loaded once per process.
+    ``offline``: a Hugging Face id only from the local cache, the hub never asked.
 
     The fingerprint is the sha256 of the serialized backend (vocabulary, merges,
     added tokens, normalizer), so two builds agree on it exactly when they
     tokenize alike.
     """
-    return _load(name or DEFAULT_TOKENIZER)
+    return _load(name or DEFAULT_TOKENIZER, offline)
 
 
 @functools.lru_cache(maxsize=4)
-def _load(name: str) -> tuple[Any, TokenizerInfo]:
+def _load(name: str, offline: bool = False) -> tuple[Any, TokenizerInfo]:
     source = str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name
     if Path(source).expanduser().exists():
         tokenizer = _from_pretrained(name, str(Path(source).expanduser()))
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
         raise ConfigError(f"tokenizer folder {name} does not exist")
     else:
-        tokenizer = _from_hub(name)
+        tokenizer = _from_cache(name) if offline else _from_hub(name)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ConfigError(f"tokenizer {name!r} has no fast (Rust) backend; shardkit needs tokenizer.json")
@@ -80,6 +81,20 @@ def _from_pretrained(name: str, source: str, **options: Any) -> Any:
         return AutoTokenizer.from_pretrained(source, **options)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         raise ConfigError(f"cannot load tokenizer {name!r}: {exc}") from exc
+
+
+def _from_cache(name: str) -> Any:
+    """A Hugging Face id from the local cache's snapshot folder, read as a local folder: the hub is not asked
+    anything (``local_files_only`` still asks it for its client's agent registry)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "tokenizer.json")
+    if not isinstance(found, str):
+        raise ConfigError(
+            f"tokenizer {name!r} is not in the local Hugging Face cache, and nothing is downloaded here: fetch it "
+            f"first (huggingface-cli download {name})"
+        )
+    return _from_pretrained(name, os.path.dirname(found))
 
 
 def _from_hub(name: str) -> Any:

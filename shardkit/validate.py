@@ -34,7 +34,8 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """No problem, and at least one record (an input without records builds nothing)."""
+        return self.records > 0 and not self.problems
 
 
 def validate(path: str, *, on_record: Callable[[], None] | None = None, **options: Any) -> ValidationReport:

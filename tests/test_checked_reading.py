@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 
@@ -124,6 +125,30 @@ def test_verify_checks_the_manifest_against_itself_and_the_index(builds, tmp_pat
     ]
     with pytest.raises(ShardError, match=f"{shard} has 5 samples in the index, 4 in the manifest"):
         read_all(copy, verify=True)
+
+
+@pytest.mark.parametrize(
+    "field, value, own",
+    [
+        ("image_mean", [0.5, 0.5, 0.5], "[0.48145466, 0.4578275, 0.40821073]"),
+        ("patch_size", 16, "14"),
+        ("name", "qwen3_vl", None),
+    ],
+)
+def test_a_hand_edited_family_is_refused_naming_the_field(builds, tmp_path, capsys, field, value, own):
+    copy = copy_build(builds, "tar", tmp_path)
+    edit_manifest(copy, lambda m: m["config"]["family"].update({field: value}))
+    if own is None:  # another family's name on this family's constants: its grid is not this one
+        expected = "config.family.image_mean is [0.48145466, 0.4578275, 0.40821073], but qwen3_vl's own is [0.5, 0.5"
+    else:
+        expected = f"config.family.{field} is {json.dumps(value)}, but qwen2_vl's own is {own}"
+    assert main(["verify", str(copy)]) == 1
+    assert expected in capsys.readouterr().out
+    with pytest.raises(ShardError, match=re.escape(expected)):
+        read_all(copy)  # every batch's pixel_values would have been normalised (or cut) by the edited value
+    assert main(["stats", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and expected in err
 
 
 def test_verify_checks_the_format_against_the_files(builds, tmp_path):

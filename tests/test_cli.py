@@ -155,3 +155,12 @@ def test_schemas_are_written_into_a_new_folder(tmp_path):
     )
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.schema.json", "record.schema.json"]
     assert result.stdout.split() == [str(folder / "record.schema.json"), str(folder / "manifest.schema.json")]
+
+
+def test_validate_of_an_input_with_no_records_exits_1_saying_so(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    for path in ("/dev/null", str(tmp_path / "empty.jsonl")):
+        assert main(["validate", path]) == 1
+        assert capsys.readouterr().out == "0 records, 0 images checked: the input has no records\n"
+        assert main(["validate", path, "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["ok"] is False

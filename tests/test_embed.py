@@ -3,6 +3,7 @@ they do not belong to the model or the build. CPU, tiny random models of both fa
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -89,6 +90,28 @@ def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family
     assert set(cached_grads) == set(live_grads) and not any("visual" in n for n in live_grads)
     for name, grad in live_grads.items():  # relative difference of each parameter's gradient
         assert float((cached_grads[name] - grad).norm()) <= 1e-5 * float(grad.norm()), name
+
+
+def test_a_bf16_cache_gives_the_live_loss_to_about_four_digits_a_float32_one_to_float_rounding(
+    family_model, small_build, cache, tmp_path
+):
+    if family_model[0] != "qwen2_vl":
+        pytest.skip("one family is enough for the precision")
+    family, folder = family_model
+    bf16 = tmp_path / "bf16"
+    embed(EmbedConfig.create(build=small_build, model=folder, out=str(bf16), dtype="bfloat16"), progress=False)
+    model = model_class(family).from_pretrained(folder, dtype=torch.float32)
+    manifest = read_manifest(small_build)
+    live = Qwen2VLCollator.for_build(manifest)(next(iter(ShardStream(small_build, seed=1, batch_size=4))))
+    with torch.no_grad():
+        live_loss = model(**live).loss.item()
+        differences = {}
+        for name, embeddings in (("float32", cache), ("bfloat16", str(bf16))):
+            collate = EmbeddingCollator.for_build(manifest)
+            batch = collate(next(iter(ShardStream(small_build, seed=1, batch_size=4, image_embeddings=embeddings))))
+            differences[name] = abs(model(**collate.model_inputs(model, batch)).loss.item() - live_loss) / live_loss
+    assert differences["float32"] <= 1e-6  # what the README calls identical
+    assert 1e-7 < differences["bfloat16"] <= 1e-4  # the fifth significant digit or beyond
 
 
 def test_the_manifest_names_the_build_and_the_vision_tower(family_model, small_build, cache, capsys):
@@ -271,3 +294,36 @@ def test_overwrite_replaces_embeddings_of_another_dtype(tmp_path, memorisable, t
     assert main([*args, "--dtype", "bfloat16", "--overwrite"]) == 0
     assert json.loads((out / "embeddings.json").read_text())["dtype"] == "bfloat16"
     assert main(["verify", str(out)]) == 0
+
+
+REFUSED = "--overwrite replaces only a folder of the same kind; choose another folder"
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("shardkit:")]
+
+
+def test_embed_and_build_never_replace_each_others_folders(tmp_path, memorisable, tiny_model, capsys):
+    target = shutil.copytree(memorisable, tmp_path / "build")
+    files = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    for overwrite in ([], ["--overwrite"]):
+        args = ["embed", str(target), "--model", tiny_model, "--out", str(target), "--no-progress", *overwrite]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        held = f"{target} holds a shardkit build, not shardkit image embeddings"
+        assert errors(err) == [f"shardkit: error: {held}: {REFUSED}"]
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == files  # nothing deleted or changed
+    assert main(["verify", str(target)]) == 0
+
+    emb = tmp_path / "emb"
+    assert main(["embed", memorisable, "--model", tiny_model, "--out", str(emb), "--no-progress"]) == 0
+    files = {p: p.read_bytes() for p in emb.rglob("*") if p.is_file()}
+    data = make_clinical_dataset(tmp_path / "data", cases=2, seed=1, megapixels=(0.01, 0.02))
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["build", str(data.jsonl), "--out", str(emb), "--no-progress", *overwrite]) == 2
+        err = capsys.readouterr().err
+        held = f"{emb} holds shardkit image embeddings, not a shardkit build"
+        assert errors(err) == [f"shardkit: error: {held}: {REFUSED}"]
+    assert {p: p.read_bytes() for p in emb.rglob("*") if p.is_file()} == files
+    capsys.readouterr()
+    assert main(["verify", str(emb)]) == 0

@@ -899,6 +899,22 @@ def test_reasons_say_what_was_found_and_what_would_work(tmp_path, tokenizer, qwe
     assert reason.startswith("a TRL prompt-completion record ('prompt' and 'completion'), which --input-format")
 
 
+def test_an_hf_image_cell_that_is_a_list_is_named_as_such(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = {"bytes": write_image(tmp_path / "x.jpg", *SIZES[0]).read_bytes(), "path": "x.jpg"}
+    chat = [{"role": "user", "content": "<image>Who?"}, {"role": "assistant", "content": "Two."}]
+    pq.write_table(pa.table({"messages": [chat], "images": [[[image]]]}), tmp_path / "chat.parquet")
+    # a list of images in an image column is read as images; a list of lists is not
+    pq.write_table(pa.table({"image": [[[image]]], "label": ["cat"]}), tmp_path / "labels.parquet")
+    for name, where in (("chat", "image 1 of the column 'images'"), ("labels", "the column 'image'")):
+        problems = validate(str(tmp_path / f"{name}.parquet")).problems
+        assert [(p["code"], p["reason"]) for p in problems] == [
+            ("invalid_record", f"{where} holds a list of 1 item, not an image (bytes, a path, or {{bytes, path}})")
+        ]
+
+
 def test_a_json_file_as_hf_input_is_one_clear_error(tmp_path):
     data = write_jsonl(tmp_path / "data.json", [{"a": 1}])
     with pytest.raises(InputError, match="is not a Parquet or Arrow file"):

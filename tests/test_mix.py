@@ -1,7 +1,10 @@
 """A weighted mix of real builds: exact shares, repetition and subsampling, split, resume, refusals."""
 
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 from collections import Counter
 
@@ -162,6 +165,25 @@ def test_incompatible_builds_are_refused_naming_the_difference(builds, tiny, qwe
         MixStream([builds["tar"], builds["tar"]], batch_size=2)
 
 
+def test_one_build_under_two_spellings_or_as_a_copy_is_refused(builds, tmp_path, capsys):
+    build = builds["tar"]
+    os.symlink(build, tmp_path / "link")
+    copy = shutil.copytree(build, tmp_path / "copy")
+    relative = os.path.relpath(build)
+    for other, why in (
+        (build + "/", "the same folder"),
+        (build + "/.", "the same folder"),
+        (str(tmp_path / "link"), "the same folder"),
+        (relative, "the same folder"),
+        (str(copy), "copies of one build (the same manifest)"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{build} and {other} are {why}: ")):
+            MixStream([build, other], batch_size=2)
+        assert main(["stats", build, other]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "every sample would be read twice an epoch" in err
+
+
 def test_a_resume_state_of_another_mix_is_refused(builds, tiny):
     state = MixStream([builds["tar"], tiny["same"]], weights=[1, 1], batch_size=2).state_dict()
     other = MixStream([builds["tar"], tiny["same"]], weights=[1, 2], batch_size=2)
@@ -197,6 +219,41 @@ def test_stats_describes_a_mix(builds, tiny, capsys):
     rows = json.loads(capsys.readouterr().out)["mix"]
     assert [r["slots"] for r in rows] == [20, 20] and [r["share"] for r in rows] == [0.5, 0.5]
     assert rows[1]["distinct"] == 3 and rows[0]["distinct"] == 20
+
+
+def test_mix_statistics_are_bounded_and_bad_values_are_one_line_errors(builds, tiny, capsys):
+    mix = [builds["tar"], tiny["same"]]
+    for options, message in (
+        (["--epoch-size", str(10**15)], "epoch_size 1000000000000000 is more than the plan of an epoch can hold in "),
+        (["--epoch", "-1"], "epoch must be 0 or more, got -1"),
+    ):
+        assert main(["stats", *mix, *options]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and f"shardkit: error: {message}" in err
+    with pytest.raises(ConfigError, match="the plan of an epoch can hold"):
+        MixStream(mix, epoch_size=10**12, batch_size=1)
+    for weights in ("-1,2", "-0.5,1", "-1e-3,2"):  # a value, not an option argparse does not know
+        assert main(["stats", *mix, "--weights", weights]) == 2
+        assert capsys.readouterr().err.startswith("shardkit: error: weights must be positive numbers, got [-")
+    # weights are normalised before use: their sum cannot overflow
+    assert main(["stats", *mix, "--weights", "1e308,1e308", "--epoch-size", "40", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["mix"]
+    assert [r["slots"] for r in rows] == [20, 20] and [r["target_share"] for r in rows] == [0.5, 0.5]
+    assert share_counts([3e307, 1e307], 8) == [6, 2]
+
+
+def test_a_weight_too_small_for_one_sample_an_epoch_is_warned_of(builds, tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="shardkit.load.mix"):
+        stream = MixStream([builds["tar"], tiny["same"]], weights=[1, 1e-320], batch_size=2)
+    assert stream.counts == [50, 0]
+    assert caplog.messages == [
+        f"{tiny['same']} gets no sample in an epoch of 50 (its share of the weights is 1e-320): "
+        "raise its weight or the epoch size"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shardkit.load.mix"):
+        MixStream([builds["tar"], tiny["same"]], weights=[1, 0.05], batch_size=2)
+    assert caplog.messages == []
 
 
 def test_train_refuses_a_bad_mix_in_one_line(builds, tiny, tmp_path, capsys):

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,13 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
+from shardkit.errors import ShardCorruptError
 from shardkit.load.source import BuildSource
+from shardkit.shards.base import SampleInfo
 from shardkit.show import make_page, show_text, write_page
 from shardkit.synthetic import make_clinical_dataset
+from shardkit.tokenizer import _load, bundled_tokenizer_dir
 
 from .conftest import write_image
 
@@ -58,6 +63,32 @@ def shown_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("show-build")
     build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=4), progress=False)
     return str(out), data
+
+
+PWN = "document.title='pwned'"
+
+
+@pytest.fixture(scope="module")
+def forged_build(tmp_path_factory):
+    """A build whose samples' JSON hold markup where numbers belong, its checksums valid (the build wrote them)."""
+    from shardkit.build import Converter
+
+    convert = Converter.__call__
+
+    def forged(self, raw, ledger=None):
+        sample = convert(self, raw, ledger)
+        sample.info["line"] = f"<script>{PWN}</script>"
+        sample.info["images"][0]["width"] = f'1" onerror="{PWN}"'
+        sample.info["images"][0]["grid_thw"] = [1, f'<img src=x onerror="{PWN}">', 2]
+        del sample.__dict__["info_json"]  # the JSON written (and checksummed) is the forged one
+        return sample
+
+    root = tmp_path_factory.mktemp("forged")
+    data = make_clinical_dataset(root / "data", cases=3, seed=5, megapixels=(0.01, 0.02), images_per_case=(1, 1))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Converter, "__call__", forged)
+        build(BuildConfig.create(input=str(data.jsonl), out=str(root / "build")), progress=False, workers=1)
+    return str(root / "build")
 
 
 def find_chromium() -> str | None:
@@ -226,6 +257,52 @@ def test_filter_box_in_chromium(chromium, shown_build, tmp_path):
     assert facts["shown"] == f"{len(expected)} of {len(samples)} samples shown"
 
 
+def test_the_pages_policy_runs_its_own_script_and_no_other(chromium, builds, tmp_path):
+    page = make_page(builds["tar"], samples=3).html
+    injected = f'<script>{PWN}</script><img src=x onerror="{PWN}"><p onclick="{PWN}" id=p>x</p>'
+    path = tmp_path / "show.html"
+    path.write_text(page.replace('<main id="cards">', '<main id="cards">' + injected))  # markup escaping missed
+    expression = "document.getElementById('p').click(), {title: document.title, shown: shown.textContent}"
+    facts, errors, _ = asyncio.run(chromium.inspect(path.as_uri(), expression))
+    assert facts == {"title": "shardkit show", "shown": "3 of 3 samples shown"}  # the page's own script ran
+    assert errors and all("Content Security Policy" in error for error in errors)  # only the refusals
+
+
+def test_a_sample_with_markup_where_numbers_belong_is_refused(forged_build, builds, tmp_path, capsys):
+    assert main(["verify", forged_build]) == 0  # every checksum is valid
+    capsys.readouterr()
+    page = tmp_path / "show.html"
+    for command in (["--out", str(page)], ["--text"]):
+        assert main(["show", forged_build, *command]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1
+        assert "shard-000000-000.tar: sample 0 (key '0000000001') is not valid: line: Input should be a valid " in (
+            captured.err
+        )
+    assert not page.exists()
+    with pytest.raises(ShardCorruptError, match=r"sample 0 .* line: Input should be a valid integer"):
+        BuildSource(forged_build).get(0)  # every reader of a build gets typed fields, or this error
+    info = BuildSource(builds["tar"]).get(0).info
+    for field, value in (("width", "1"), ("grid_thw", [1, "2", 2]), ("num_tokens", 4.0), ("height", True)):
+        with pytest.raises(ValidationError, match=f"images.0.{field}"):
+            SampleInfo.model_validate({**info, "images": [{**info["images"][0], field: value}]})
+
+
+def test_manifest_fields_are_typed_and_escaped(builds, tmp_path, capsys):
+    folder = shutil.copytree(builds["tar"], tmp_path / "build")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"] |= {"train_on": HOSTILE_META, HOSTILE_TEXT: HOSTILE_META}
+    manifest["rejects_by_code"] = {HOSTILE_META: 1}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    html = make_page(str(folder), samples=2).html
+    assert html.count("<script") == 1 and "<img src=x" not in html
+    assert "&lt;/script&gt;&lt;script&gt;console.error(&#x27;escaped badly&#x27;)" in html
+    manifest["num_images"] = f"<script>{PWN}</script>"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["show", str(folder), "--out", str(tmp_path / "x.html")]) == 2
+    assert "manifest.json is not a valid shardkit manifest: Input should be a valid integer" in capsys.readouterr().err
+
+
 def test_page_escapes_sample_text_and_is_self_contained(shown_build):
     build_dir, _ = shown_build
     page = make_page(build_dir, samples=100, rejects=True)
@@ -264,6 +341,53 @@ def test_text_mode_marks_trained_tokens(builds, capsys):
     assert "\x1b[1;30;43m" + answer in colored and "[[" not in colored
 
 
+HIDDEN_ANSWER = "Diagnosis: malignant\rDiagnosis: benign"
+HIDING_QUESTION = "Look.\x1b[1A\x1b[2K\x1b]52;c;cHduZWQ=\x07\u202eevil"  # up a line, erase it; clipboard; RTL
+
+
+@pytest.fixture(scope="module")
+def control_build(tmp_path_factory):
+    """A build of one record whose text holds a carriage return, escape sequences and a right-to-left override."""
+    root = tmp_path_factory.mktemp("controls")
+    write_image(root / "a.jpg", 64, 64)
+    record = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                                        {"type": "text", "text": HIDING_QUESTION}]},
+                           {"role": "assistant", "content": HIDDEN_ANSWER}]}  # fmt: skip
+    (root / "data.jsonl").write_text(json.dumps(record) + "\n")
+    build(BuildConfig.create(input=str(root / "data.jsonl"), out=str(root / "build")), progress=False)
+    return str(root / "build")
+
+
+def test_text_mode_shows_control_characters_in_a_real_terminal(control_build, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not found")
+    repo = Path(__file__).resolve().parents[1]
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
+    show = shlex.join([sys.executable, "-m", "shardkit.cli", "show", control_build, "--text"])
+    command = f"cd {shlex.quote(str(repo))} && {show}; echo END; sleep 60"
+    subprocess.run([*tmux, "new-session", "-d", "-x", "160", "-y", "40", command], check=True)
+    try:
+        deadline, screen = time.monotonic() + 120, ""
+        while "END" not in screen and time.monotonic() < deadline:
+            time.sleep(0.5)
+            screen = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+        buffers = subprocess.run([*tmux, "list-buffers"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    assert "END" in screen, screen
+    assert "== 0000000001 (source line 1)" in screen  # not erased by the text's escape sequences
+    assert "Diagnosis: malignant␍Diagnosis: benign" in screen  # what is trained is what is seen
+    assert "Look.␛[1A␛[2K␛]52;c;cHduZWQ=␇\\u202eevil" in screen
+    assert buffers == ""  # nothing was written to the clipboard
+
+
+def test_page_shows_control_characters(control_build):
+    html = make_page(control_build).html
+    text = re.sub(r"</?span[^>]*>", "", html)
+    assert "Diagnosis: malignant␍Diagnosis: benign" in text and "Look.␛[1A␛[2K␛]52;c;cHduZWQ=␇\\u202eevil" in text
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", html)
+
+
 def test_unknown_key_and_missing_build_are_one_line_errors(builds, tmp_path, capsys):
     assert main(["show", builds["tar"], "--key", "nope", "--out", str(tmp_path / "x.html")]) == 2
     assert "no sample with key nope" in capsys.readouterr().err
@@ -277,6 +401,50 @@ def test_unknown_key_and_missing_build_are_one_line_errors(builds, tmp_path, cap
     assert main(["show", str(other), "--out", str(tmp_path / "x.html")]) == 2
     assert "not the one the build used" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_an_out_that_is_a_folder_is_a_one_line_error_leaving_nothing(builds, tmp_path, capsys):
+    (tmp_path / "pages").mkdir()
+    assert main(["show", builds["tar"], "--out", str(tmp_path / "pages"), "--samples", "2"]) == 2
+    assert capsys.readouterr().err == f"shardkit: error: Is a directory: {tmp_path / 'pages'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pages"]  # no pages.partial left behind
+
+
+def test_show_loads_the_builds_hub_tokenizer_from_this_machine_only(builds, tmp_path, monkeypatch, capsys):
+    import socket
+    import threading
+
+    import huggingface_hub.constants
+
+    hub = socket.create_server(("127.0.0.1", 0))  # a real server in the hub's place, counting who calls
+    calls = []
+    threading.Thread(target=lambda: calls.append(hub.accept()), daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{hub.getsockname()[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    other = shutil.copytree(builds["tar"], tmp_path / "hub-tokenizer")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["config"]["tokenizer"] = "Qwen/Qwen2-VL-2B-Instruct"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    for mode in (["--out", str(tmp_path / "x.html")], ["--text"]):
+        assert main(["show", str(other), *mode]) == 2
+        assert capsys.readouterr().err == (
+            "shardkit: error: tokenizer 'Qwen/Qwen2-VL-2B-Instruct' is not in the local Hugging Face cache, and "
+            "nothing is downloaded here: fetch it first (huggingface-cli download Qwen/Qwen2-VL-2B-Instruct)\n"
+        )
+    cache = tmp_path / "hub-cache"  # the Hugging Face cache's layout, holding the build's tokenizer
+    snapshot = cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots" / "0123abc"
+    shutil.copytree(bundled_tokenizer_dir(), snapshot)
+    (cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "refs").mkdir()
+    (cache / "models--Qwen--Qwen2-VL-2B-Instruct" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    try:
+        assert main(["show", str(other), "--text", "--samples", "1"]) == 0
+    finally:
+        _load.cache_clear()
+    assert "<|im_start|>user" in capsys.readouterr().out
+    time.sleep(0.5)
+    hub.close()
+    assert calls == []  # the hub was never asked
 
 
 @pytest.mark.slow

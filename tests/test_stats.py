@@ -1,4 +1,5 @@
 from shardkit.build import build
+from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.stats import build_stats, format_stats
 
@@ -16,3 +17,16 @@ def test_stats_count_what_the_build_holds(clinical, tmp_path):
     assert sum(c for _, c in build_stats(str(out), top=100)["top_labels"]) == stats["samples"]
     text = format_stats(stats)
     assert "Tokens per sample" in text and "Stored image size" in text
+
+
+KEYS = "case_id, confirmation, diagnosis, symptoms, used_images"
+
+
+def test_a_meta_key_no_sample_has_is_said(clinical, tmp_path, capsys):
+    out = tmp_path / "out"
+    build(BuildConfig.create(input=str(clinical.jsonl), out=str(out)), progress=False)
+    assert main(["stats", str(out), "--meta-key", "diagnosys"]) == 2
+    assert capsys.readouterr().err == (
+        f"shardkit: error: no sample of {out} has the meta key 'diagnosys' (their meta keys: {KEYS})\n"
+    )
+    assert build_stats(str(out), meta_key="age")["meta_keys"] == KEYS.split(", ")

@@ -158,7 +158,10 @@ class HFDataset(InputFormat):
     def _conversation(self, row: dict[str, Any], columns: Columns, line: int) -> Record:
         raw = row[columns.image] if columns.image else None
         raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
-        images = [_image(value, line, number) for number, value in enumerate(raw, start=1)]
+        images = [
+            _image(value, line, f"image {number} of the column {columns.image!r}", number)
+            for number, value in enumerate(raw, start=1)
+        ]
         if any(i is None for i in images):
             raise RecordError(f"an image of the column {columns.image!r} is empty", "image_missing", line)
         rule = Placeholders.KEEP
@@ -210,7 +213,10 @@ def _row_images(value: Any, column: str, row: int) -> list[str]:
     cells = value if isinstance(value, list) else [value]
     if not cells:
         raise RecordError(f"the image column {column!r} holds an empty list", "image_missing", row)
-    images = [_image(cell, row, number) for number, cell in enumerate(cells, start=1)]
+    images = [
+        _image(cell, row, f"the column {column!r}" if len(cells) == 1 else f"image {n} of the column {column!r}", n)
+        for n, cell in enumerate(cells, start=1)
+    ]
     if any(image is None for image in images):
         where = "" if len(cells) == 1 else f" (image {images.index(None) + 1} of {len(cells)})"
         raise RecordError(f"the image column {column!r} is empty{where}", "image_missing", row)
@@ -221,11 +227,19 @@ def _text(text: str) -> dict[str, str]:
     return {"type": "text", "text": text}
 
 
-def _image(value: Any, row: int, number: int = 1) -> str | None:
-    """Image ``number`` of a row (``{bytes, path}``, bytes, or a path) as an image reference; None when empty.
+def _image(value: Any, row: int, where: str, number: int = 1) -> str | None:
+    """Image ``number`` of a row (``{bytes, path}``, bytes, or a path) as an image reference; None when empty;
+    :class:`RecordError` naming ``where`` when the value is not an image (e.g. a list of images).
 
     Bytes become an :class:`InlineImage` labelled with the row, the number and the file name the cell keeps.
     """
+    if isinstance(value, list) or not isinstance(value, dict | bytes | bytearray | str | None):
+        what = f"a list of {len(value)} item{'s' * (len(value) != 1)}" if isinstance(value, list) else None
+        raise RecordError(
+            f"{where} holds {what or 'a ' + type(value).__name__}, not an image (bytes, a path, or {{bytes, path}})",
+            "invalid_record",
+            row,
+        )
     data = value.get("bytes") if isinstance(value, dict) else value
     if isinstance(data, bytes | bytearray) and data:
         name = value.get("path") if isinstance(value, dict) else None

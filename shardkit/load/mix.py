@@ -28,7 +28,9 @@ ids of a mix are positions in the builds' concatenation (build 0 first).
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -39,15 +41,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shardkit.errors import ConfigError
-from shardkit.load.plan import EpochPlan, Level, Shuffle, batch_samples, epoch_order, make_plan
+from shardkit.load.plan import EpochPlan, Level, Shuffle, batch_samples, check_epoch, epoch_order, make_plan
 from shardkit.load.source import BuildSource
 from shardkit.load.stream import ShardStream
 from shardkit.shards import Manifest, Sample
 from shardkit.shards.index import SampleIndex
 from shardkit.shards.manifest import BuildInfo, FamilyInfo
-from shardkit.storage import open_fs
+from shardkit.storage import open_fs, resolved
+
+logger = logging.getLogger(__name__)
 
 MIX_KEY = 0x6D6978  # separates the mix's random streams from a single build's
+#: memory the plan of an epoch takes per slot at most (measured: about 300 bytes with one sample a batch)
+PLAN_BYTES_PER_SLOT = 320
 
 #: what must agree between the builds of a mix, by name: the manifest's build info field
 COMPATIBLE: dict[str, Callable[[BuildInfo], Any]] = {
@@ -70,13 +76,42 @@ def check_compatible(
                 )
 
 
+def max_epoch_size() -> int:
+    """The most slots the plan of an epoch can hold in this machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // PLAN_BYTES_PER_SLOT
+
+
+def check_distinct(locations: Sequence[str], manifests: Sequence[Manifest]) -> None:
+    """:class:`ConfigError` naming two of ``locations`` that are one build: the same folder however spelled
+    (``A/``, ``A/.``, a link to ``A``), or copies of one build (the same manifest sha256)."""
+    seen: dict[str, str] = {}
+    for location, manifest in zip(locations, manifests, strict=True):
+        for key, why in (
+            (resolved(location), "the same folder"),
+            (manifest.sha256, "copies of one build (the same manifest)"),
+        ):
+            if key in seen:
+                raise ConfigError(
+                    f"{seen[key]} and {location} are {why}: every sample would be read twice an epoch; give the "
+                    "build once (with a larger weight to read it more)"
+                )
+            seen[key] = location
+
+
 def _short(value: Any) -> str:
     return value.name if isinstance(value, FamilyInfo) else str(value)
 
 
+def normalised(weights: Sequence[float]) -> np.ndarray:
+    """``weights`` scaled by a power of two to a largest weight in [0.5, 1): their sum cannot overflow, and the shares
+    computed from them are exactly those of the weights as given (scaling by a power of two loses no digit)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return np.ldexp(w, -np.frexp(w.max())[1])
+
+
 def share_counts(weights: Sequence[float], total: int) -> list[int]:
     """``total`` slots shared by weight with the largest remainder rule (module rule, step 1)."""
-    w = np.asarray(weights, dtype=np.float64)
+    w = normalised(weights)
     quotas = w * total / w.sum()
     counts = np.floor(quotas).astype(np.int64)
     left = total - int(counts.sum())
@@ -89,10 +124,9 @@ class MixSource:
     """Samples of several builds by mix id (position in the builds' concatenation)."""
 
     def __init__(self, locations: Sequence[str], *, verify: bool = False, checksums: bool = True):
-        if len(set(locations)) != len(locations):
-            raise ConfigError(f"a build appears twice in the mix: {list(locations)}")
         self.locations = list(locations)
         self.sources = [BuildSource(location, verify=verify, checksums=checksums) for location in locations]
+        check_distinct(self.locations, [s.manifest for s in self.sources])
         check_compatible([s.manifest for s in self.sources], self.locations)
         for location, source in zip(locations, self.sources, strict=True):
             if not len(source):
@@ -164,7 +198,20 @@ class MixStream(ShardStream):
             raise ConfigError(f"epoch_size must be positive, got {epoch_size}")
         self.weights = [float(w) for w in weights]
         self.epoch_size = epoch_size or sum(sizes)
+        if self.epoch_size > (most := max_epoch_size()):
+            raise ConfigError(
+                f"epoch_size {self.epoch_size} is more than the plan of an epoch can hold in this machine's memory "
+                f"(about {PLAN_BYTES_PER_SLOT} bytes a sample): at most {most}"
+            )
         self.counts = share_counts(self.weights, self.epoch_size)
+        scaled = normalised(self.weights)
+        self.shares = (scaled / scaled.sum()).tolist()  # each build's share of the weights
+        for location, share, count in zip(self.source.locations, self.shares, self.counts, strict=True):
+            if not count:
+                logger.warning(
+                    "%s gets no sample in an epoch of %d (its share of the weights is %.3g): raise its weight or "
+                    "the epoch size", location, self.epoch_size, share,
+                )  # fmt: skip
         self.source_counts = np.zeros(len(sizes), dtype=np.int64)
         self._slots: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -180,6 +227,7 @@ class MixStream(ShardStream):
 
     def epoch_slots(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """``(order, ids)``: the epoch's slots in reading order, and the mix id each slot reads."""
+        check_epoch(epoch)
         if self._slots is None or self._slots[0] != epoch:
             ids = np.concatenate([self._build_run(b, epoch) for b in range(len(self.counts))])
             self._slots = (epoch, self._interleave(epoch), ids)
@@ -238,7 +286,6 @@ class MixStream(ShardStream):
         """Per build, what a whole ``epoch`` on this stream's topology reads: samples, distinct ones, share."""
         ids = np.concatenate([batch_samples(b) for b in self.whole_epoch(epoch).sequence] or [np.zeros(0, int)])
         builds = self.source.build_of(ids)
-        total = sum(self.weights)
         rows = []
         for b, location in enumerate(self.source.locations):
             mine = ids[builds == b]
@@ -247,7 +294,7 @@ class MixStream(ShardStream):
                     "build": location,
                     "samples": self.source.sizes[b],
                     "weight": self.weights[b],
-                    "target_share": self.weights[b] / total,
+                    "target_share": self.shares[b],
                     "slots": self.counts[b],
                     "read": len(mine),
                     "distinct": len(np.unique(mine)),

@@ -249,6 +249,12 @@ class EpochPlan:
         return len(self.sequence)
 
 
+def check_epoch(epoch: int) -> None:
+    """:class:`ConfigError` unless ``epoch`` is a number an epoch can have (0, 1, ...)."""
+    if epoch < 0:
+        raise ConfigError(f"epoch must be 0 or more, got {epoch}")
+
+
 def make_plan(
     shard_sizes: Sequence[int],
     lengths: np.ndarray | None,
@@ -265,6 +271,7 @@ def make_plan(
     ``order`` replaces step 1 of the rule (the epoch's ids in reading order, each
     once; a mix of builds makes its own, see :mod:`shardkit.load.mix`).
     """
+    check_epoch(epoch)
     if not levels:
         raise ConfigError("a plan needs at least one level")
     if not 0 <= rank < levels[-1].world:

@@ -5,7 +5,9 @@ index (checked against each other: see :mod:`shardkit.shards.index`), and
 returns samples by id (position in manifest order) by seeking to their
 recorded location. Every sample read is checked against the checksum the index
 recorded when it was written, so a flipped bit raises
-:class:`~shardkit.errors.ShardCorruptError` naming the shard and the sample; a
+:class:`~shardkit.errors.ShardCorruptError` naming the shard and the sample, as
+does JSON that its typed model (:class:`~shardkit.shards.base.SampleInfo`)
+refuses (text where a number belongs); a
 shard that is missing, may not be read or cannot be reached raises
 :class:`~shardkit.errors.ShardMissingError`, :class:`~shardkit.errors.ShardAccessError`
 or :class:`~shardkit.errors.ShardNetworkError` instead. Builds made before
@@ -21,6 +23,8 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from pydantic import ValidationError
 
 from shardkit.errors import ShardCorruptError, ShardError
 from shardkit.shards import Manifest, Sample, get_reader, read_manifest
@@ -112,7 +116,7 @@ class BuildSource:
         path = self.files.paths[number]
         try:
             shard: OpenShard = self.files.get(number)
-            return shard.read_at(offset, size, checksum)
+            sample = shard.read_at(offset, size, checksum)
         except ChecksumMismatch as exc:
             raise ShardCorruptError(
                 f"shard {path}: sample {sample_id} (key {exc.key!r} as read, at {offset}) does not match its "
@@ -122,6 +126,15 @@ class BuildSource:
             raise reading_error(exc, f"shard {path} (sample {sample_id} at {offset})") or ShardCorruptError(
                 f"shard {path} is truncated or corrupt (sample {sample_id} at {offset}): {exc}"
             ) from None
+        try:
+            sample.stored  # noqa: B018 -- every reader gets typed fields, or this error
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ShardCorruptError(
+                f"shard {path}: sample {sample_id} (key {sample.key!r}) is not valid: "
+                f"{'.'.join(map(str, error['loc']))}: {error['msg']}, got {repr(error['input'])[:80]}"
+            ) from None
+        return sample
 
     def samples(self, *, images: bool = True) -> Iterator[Sample]:
         """Every sample in manifest order, checked; ``images=False`` leaves out their image bytes."""

@@ -3,7 +3,8 @@
 A sample is its key, a JSON dict (source line, meta, image sizes and grids,
 token counts), ``input_ids`` (int32), ``weights`` (float32: the weight of
 token i as a training target, so ``labels[i] = input_ids[i]`` where weight > 0
-else -100) and its images as JPEG bytes in order of appearance.
+else -100) and its images as JPEG bytes in order of appearance. Readers take
+the JSON through its typed model, :class:`SampleInfo`.
 
 Every sample gets a checksum when it is written (xxh3-64, recorded in the
 index; what it covers is the format's: see each writer), and readers given it
@@ -22,10 +23,40 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import xxhash
+from pydantic import BaseModel, ConfigDict, Field
 
 from shardkit.errors import ShardError
 from shardkit.shards.manifest import ShardEntry
 from shardkit.storage import AtomicFile, HashingWriter
+
+
+class StoredImage(BaseModel):
+    """What a sample's JSON records of one of its images (strict: a number is a JSON number)."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+    source: str = ""
+    original_width: int = Field(ge=1)
+    original_height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    grid_thw: list[int] = Field(min_length=3, max_length=3)
+    token_start: int = Field(ge=0)
+    num_tokens: int = Field(ge=0)
+
+
+class SampleInfo(BaseModel):
+    """A sample's JSON, typed (strict: a number is a JSON number); what readers of a build rely on."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+    key: str
+    line: int = Field(ge=0)
+    meta: Any = None
+    num_tokens: int = Field(ge=0)
+    num_trained_tokens: int = Field(ge=0)
+    images: list[StoredImage]
+    messages: list[Any] | None = None
+    fitted: bool = False
+    truncated_tokens: int = Field(0, ge=0)
 
 
 @dataclass
@@ -37,6 +68,11 @@ class Sample:
     input_ids: np.ndarray
     weights: np.ndarray
     images: list[bytes] = field(default_factory=list)
+
+    @functools.cached_property
+    def stored(self) -> SampleInfo:
+        """``info`` through its typed model; :class:`pydantic.ValidationError` when a field is not what it must be."""
+        return SampleInfo.model_validate(self.info)
 
     @functools.cached_property
     def info_json(self) -> bytes:

@@ -47,6 +47,8 @@ SHARD_STATS_FILE = "shard_stats.jsonl"
 ERRORS_LOG = "errors.log"
 READERS = 16  # threads reading task results
 OWN_FILES = (BUILD_FILE, MANIFEST_NAME, INDEX_NAME, REJECTS_FILE, SHARD_STATS_FILE, ERRORS_LOG)
+# what a folder holds, by its identity's kind (a build's identity names none)
+_KINDS = {"build": "a shardkit build", "image_embeddings": "shardkit image embeddings"}
 
 R = TypeVar("R", bound=TaskRecord)
 
@@ -67,6 +69,11 @@ def claim(
             raise OutputError(f"{folder} exists and is not a shardkit build; choose a new or empty folder")
         with fs.open(build_file, "rb") as f:
             previous = json.loads(f.read()).get("identity", {})
+        if (held := previous.get("kind", "build")) != (wanted := identity.get("kind", "build")):
+            raise OutputError(
+                f"{folder} holds {_KINDS.get(held, held)}, not {_KINDS.get(wanted, wanted)}: --overwrite "
+                "replaces only a folder of the same kind; choose another folder"
+            )
         if previous == identity and not overwrite:
             return fs.exists(join(folder, manifest_name))
         if previous != identity and not overwrite:

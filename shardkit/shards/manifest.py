@@ -5,7 +5,8 @@ the totals, and what produced it (:class:`BuildInfo`: model family, tokenizer na
 and fingerprint, special token ids, pixel bounds, max_length, train_on, ...). Its presence means the
 build is complete. Every path in it is a plain file name inside the build
 folder (no ``..``, no ``/``, not absolute), and :func:`manifest_problems` checks
-that its counts and format agree with themselves.
+that its counts and format agree with themselves and its family's constants with
+the family it names.
 """
 
 from __future__ import annotations
@@ -151,12 +152,33 @@ class Manifest(FolderManifest):
         return self.sha256[:16]
 
 
+def family_problems(info: BuildInfo) -> list[str]:
+    """How the family the manifest records differs from the definition of the family it names (an edited
+    constant would change every batch's pixels); one problem per field, naming both values."""
+    from shardkit.render import FAMILIES
+
+    recorded = info.family.model_dump(mode="json")
+    if (family := FAMILIES.get(recorded["name"])) is None:
+        return [f"config.family.name is {recorded['name']!r}, not a model family this version knows "
+                f"({', '.join(FAMILIES)})"]  # fmt: skip
+    own = family.manifest_entry()
+    problems = [
+        f"config.family.{key} is {json.dumps(recorded[key])}, but {family.name}'s own is {json.dumps(value)}"
+        for key, value in own.items()
+        if recorded[key] != value
+    ]
+    if info.model != family.name:
+        problems.append(f"config.model is {info.model!r}, but config.family.name is {family.name!r}")
+    return problems
+
+
 def manifest_problems(manifest: Manifest) -> list[str]:
-    """How the manifest disagrees with itself: totals against its shards, shard names against its format."""
+    """How the manifest disagrees with itself: totals against its shards, shard names against its format, the
+    family's constants against the family it names."""
     from shardkit.shards import WRITERS
 
     shards = manifest.shards
-    problems = []
+    problems = family_problems(manifest.config)
     if manifest.format not in WRITERS:
         problems.append(f"unknown format {manifest.format!r}")
     elif wrong := [s.path for s in shards if not s.path.endswith(suffix := WRITERS[manifest.format].suffix)]:

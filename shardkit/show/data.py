@@ -65,8 +65,9 @@ def read_samples(source: BuildSource, *, count: int, seed: int, keys: list[str] 
 
 
 def build_decoder(manifest: Manifest) -> TokenDecoder:
-    """A decoder with the tokenizer the manifest names; :class:`ConfigError` if it tokenizes differently."""
-    tokenizer, info = load_tokenizer(manifest.config.tokenizer)
+    """A decoder with the tokenizer the manifest names, from this machine only (a hub id is never downloaded);
+    :class:`ConfigError` if it is not here or tokenizes differently."""
+    tokenizer, info = load_tokenizer(manifest.config.tokenizer, offline=True)
     expected = manifest.config.tokenizer_fingerprint
     if info.fingerprint != expected:
         raise ConfigError(

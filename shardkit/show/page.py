@@ -1,24 +1,25 @@
 """The HTML page of ``shardkit show``: one static file, images inline, every piece of user data escaped.
 
-A Content-Security-Policy in the page forbids loading anything from outside it
-(only ``data:`` images and the page's own style and script run).
+Samples are read through their typed model (:class:`~shardkit.shards.base.SampleInfo`:
+a number is a number). A Content-Security-Policy in the page forbids loading
+anything from outside it: only ``data:`` images, the page's own style, and the
+page's own script (allowed by its sha256; no other script or event handler runs).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from html import escape
-from typing import Any
 
 import numpy as np
 
 from shardkit.shards import BuildInfo, Manifest, Sample
+from shardkit.shards.base import StoredImage
 from shardkit.show.charts import histogram_svg
 from shardkit.show.data import Reject
-from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn
-
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn, visible
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:16px;color:#222;background:#fafafa}
@@ -57,6 +58,13 @@ function applyFilter() {
 box.addEventListener('input', applyFilter);
 applyFilter();
 """
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{SCRIPT_HASH}'"
+
+
+def _text(value: object) -> str:
+    """``value`` as HTML text: escaped, its control characters :func:`~shardkit.show.tokens.visible`."""
+    return escape(visible(str(value)))
 
 
 def _data_uri(jpeg: bytes) -> str:
@@ -69,7 +77,7 @@ def _options(info: BuildInfo) -> str:
     rows = [("model", f"{info.model} (patch {family.patch_size}, merge {family.merge_size})")]
     skip = {"family", "special_tokens", "model", "tokenizer_fingerprint", "input_sha256"}
     rows += [(k, v) for k, v in sorted(info.model_dump(mode="json").items()) if k not in skip and v is not None]
-    return " · ".join(f"<b>{escape(str(k))}</b> {escape(str(v))}" for k, v in rows)
+    return " · ".join(f"<b>{_text(k)}</b> {_text(v)}" for k, v in rows)
 
 
 def summary_html(location: str, manifest: Manifest, samples: list[Sample], token_lengths: np.ndarray) -> str:
@@ -87,23 +95,23 @@ def summary_html(location: str, manifest: Manifest, samples: list[Sample], token
         (f"{m.format} shards", len(m.shards)),
         ("shown here", len(samples)),
     ]
-    boxes = "".join(f'<div class="count"><b>{v}</b>{escape(k)}</div>' for k, v in counts)
-    rejected = ", ".join(f"{escape(k)} {v}" for k, v in m.rejects_by_code.items())
-    images = [image for sample in samples for image in sample.info["images"]]
+    boxes = "".join(f'<div class="count"><b>{v}</b>{_text(k)}</div>' for k, v in counts)
+    rejected = ", ".join(f"{_text(k)} {v}" for k, v in m.rejects_by_code.items())
+    images = [image for sample in samples for image in sample.stored.images]
     charts = [
         histogram_svg(token_lengths, "tokens per sample, whole build"),
-        histogram_svg(np.array([len(s.info["images"]) for s in samples], dtype=np.int64), "images per sample, shown"),
-        histogram_svg(np.array([i["num_tokens"] for i in images], dtype=np.int64), "tokens per image, shown"),
+        histogram_svg(np.array([len(s.stored.images) for s in samples], dtype=np.int64), "images per sample, shown"),
+        histogram_svg(np.array([i.num_tokens for i in images], dtype=np.int64), "tokens per image, shown"),
     ]
     return (
-        f'<h1>shardkit show <small>{escape(location)}</small></h1><div class="counts">{boxes}</div>'
+        f'<h1>shardkit show <small>{_text(location)}</small></h1><div class="counts">{boxes}</div>'
         + (f'<p class="options">rejected: {rejected}</p>' if rejected else "")
         + f'<p class="options">{_options(m.config)}</p><div class="charts">{"".join(charts)}</div>'
     )
 
 
 def _token_html(token: Token) -> str:
-    text = escape(token.text).replace("\n", '<b class="nl">↵</b>\n')
+    text = _text(token.text).replace("\n", '<b class="nl">↵</b>\n')
     css = "s" if token.special else ""
     if token.weight > 0:
         intensity = 0.25 + 0.75 * min(token.weight, 1.0)
@@ -114,49 +122,50 @@ def _token_html(token: Token) -> str:
 def _chip_html(span: ImageSpan) -> str:
     grid = ",".join(map(str, span.grid_thw))
     return (
-        f'<span class="chip" data-image="{span.number}" data-grid="{grid}" data-tokens="{span.num_tokens}" '
-        f'data-trained="{span.trained}">{escape(span.label)}</span>'
+        f'<span class="chip" data-image="{span.number}" data-grid="{_text(grid)}" '
+        f'data-tokens="{span.num_tokens:d}" data-trained="{span.trained:d}">{_text(span.label)}</span>'
     )
 
 
 def _turn_html(turn: Turn) -> str:
     items = "".join(_chip_html(i) if isinstance(i, ImageSpan) else _token_html(i) for i in turn.items)
-    role = escape(turn.role or "(no header)")
+    role = _text(turn.role or "(no header)")
     return f'<div class="turn"><div class="role">{role}</div><div class="toks">{items}</div></div>'
 
 
-def _figure_html(number: int, image: dict[str, Any], jpeg: bytes) -> str:
-    t, h, w = image["grid_thw"]
+def _figure_html(number: int, image: StoredImage, jpeg: bytes) -> str:
+    t, h, w = image.grid_thw
     caption = (
-        f"image {number} · stored {image['width']}×{image['height']} (original {image['original_width']}×"
-        f"{image['original_height']}) · grid {t}×{h}×{w} · {image['num_tokens']} tokens · {image.get('source', '')}"
+        f"image {number} · stored {image.width}×{image.height} (original {image.original_width}×"
+        f"{image.original_height}) · grid {t}×{h}×{w} · {image.num_tokens} tokens · {image.source}"
     )
     return (
-        f'<figure><img src="{_data_uri(jpeg)}" width="{image["width"]}" height="{image["height"]}" '
-        f'alt="image {number}"><figcaption>{escape(caption)}</figcaption></figure>'
+        f'<figure><img src="{_data_uri(jpeg)}" width="{image.width:d}" height="{image.height:d}" '
+        f'alt="image {number}"><figcaption>{_text(caption)}</figcaption></figure>'
     )
 
 
 def card_html(sample: Sample, decoder: TokenDecoder) -> str:
     """One sample: images, facts, the conversation as tokens, meta."""
-    info = sample.info
+    info = sample.stored
     badges = []
-    if info.get("fitted"):
+    if info.fitted:
         badges.append('<span class="badge">fitted: images lowered in resolution</span>')
-    if info.get("truncated_tokens"):
-        badges.append(f'<span class="badge">truncated: {int(info["truncated_tokens"])} tokens cut</span>')
+    if info.truncated_tokens:
+        badges.append(f'<span class="badge">truncated: {info.truncated_tokens:d} tokens cut</span>')
     facts = (
-        f"source line {escape(str(info.get('line')))} · {int(info['num_tokens'])} tokens, "
-        f"{int(info['num_trained_tokens'])} trained · {len(info['images'])} images " + " ".join(badges)
+        f"source line {info.line:d} · {info.num_tokens:d} tokens, "
+        f"{info.num_trained_tokens:d} trained · {len(info.images)} images " + " ".join(badges)
     )
     figures = "".join(
-        _figure_html(n, i, jpeg) for n, (i, jpeg) in enumerate(zip(info["images"], sample.images, strict=True), 1)
+        _figure_html(n, i, jpeg) for n, (i, jpeg) in enumerate(zip(info.images, sample.images, strict=True), 1)
     )
     turns = "".join(_turn_html(turn) for turn in decoder.turns(sample))
-    meta = escape(json.dumps(info.get("meta"), indent=1, ensure_ascii=False, sort_keys=True))
+    meta = _text(json.dumps(info.meta, indent=1, ensure_ascii=False, sort_keys=True))
+    key = _text(sample.key)
     return (
-        f'<section class="card" data-key="{escape(sample.key)}" data-trained="{int(info["num_trained_tokens"])}">'
-        f'<h2>{escape(sample.key)}</h2><div class="facts">{facts}</div>'
+        f'<section class="card" data-key="{key}" data-trained="{info.num_trained_tokens:d}">'
+        f'<h2>{key}</h2><div class="facts">{facts}</div>'
         f'<div class="images">{figures}</div>{turns}'
         f"<details open><summary>meta</summary><pre>{meta}</pre></details></section>"
     )
@@ -171,10 +180,10 @@ def rejects_html(rows: list[Reject], total: int, thumbnails_from: str | None) ->
     for r in rows:
         thumb = f'<img src="{_data_uri(r.thumbnail)}" alt="thumbnail">' if r.thumbnail else ""
         cells.append(
-            f"<tr><td>{escape(str(r.line))}</td><td>{escape(r.code)}</td><td>{escape(r.reason)}</td><td>{thumb}</td></tr>"
+            f"<tr><td>{_text(r.line)}</td><td>{_text(r.code)}</td><td>{_text(r.reason)}</td><td>{thumb}</td></tr>"
         )
     header = "<tr><th>line</th><th>code</th><th>reason</th><th>image</th></tr>"
-    return f'<h2 id="rejects">Rejects</h2><p>{escape(note)}</p><table class="rejects">{header}{"".join(cells)}</table>'
+    return f'<h2 id="rejects">Rejects</h2><p>{_text(note)}</p><table class="rejects">{header}{"".join(cells)}</table>'
 
 
 def page_html(summary: str, cards: list[str], rejects: str = "") -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shardkit.shards import Sample
-from shardkit.show.tokens import ImageSpan, TokenDecoder
+from shardkit.show.tokens import ImageSpan, TokenDecoder, visible
 
 TRAINED_ON, TRAINED_OFF = "\x1b[1;30;43m", "\x1b[0m"  # bold black on yellow
 MUTED_ON = "\x1b[2m"
@@ -11,13 +11,13 @@ MUTED_ON = "\x1b[2m"
 
 def sample_text(sample: Sample, decoder: TokenDecoder, *, color: bool) -> str:
     """The sample's header line and conversation; trained runs of tokens in colour or between ``[[`` and ``]]``."""
-    info = sample.info
+    info = sample.stored
     open_mark, close_mark = (TRAINED_ON, TRAINED_OFF) if color else ("[[", "]]")
     out = [
-        f"== {sample.key} (source line {info.get('line')}): {info['num_tokens']} tokens, "
-        f"{info['num_trained_tokens']} trained"
-        + (", fitted" if info.get("fitted") else "")
-        + (f", {info['truncated_tokens']} tokens truncated" if info.get("truncated_tokens") else "")
+        f"== {visible(sample.key)} (source line {info.line}): {info.num_tokens} tokens, "
+        f"{info.num_trained_tokens} trained"
+        + (", fitted" if info.fitted else "")
+        + (f", {info.truncated_tokens} tokens truncated" if info.truncated_tokens else "")
         + " =="
     ]
     trained = False

@@ -15,8 +15,24 @@ from typing import Any
 import numpy as np
 
 from shardkit.shards import Sample
+from shardkit.shards.base import StoredImage
 
 TURN_START = "<|im_start|>"
+
+
+#: control characters (but newline and tab) as visible symbols: C0 as their control pictures (␍, ␛, ...), DEL as ␡,
+#: C1 and the bidirectional embeddings, overrides and isolates as ``\\uXXXX`` (they reorder the text around them)
+_VISIBLE = {
+    **{c: chr(0x2400 + c) for c in range(0x20) if chr(c) not in "\n\t"},
+    0x7F: "␡",
+    **{c: f"\\u{c:04x}" for c in [*range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]},
+}
+
+
+def visible(text: str) -> str:
+    """``text`` with its control characters shown as symbols (``\\r`` as ␍, ESC as ␛), so a terminal or a page
+    displays every character the model is trained on, in order."""
+    return text.translate(_VISIBLE)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -82,7 +98,7 @@ class TokenDecoder:
         return value if isinstance(value, int) and self.special.get(value) == token else None
 
     def texts(self, ids: np.ndarray) -> list[str]:
-        """The displayed text of each token of ``ids``."""
+        """The displayed text of each token of ``ids`` (control characters made :func:`visible`)."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
         out = []
@@ -97,13 +113,14 @@ class TokenDecoder:
                 utf8.reset()
         if out:
             out[-1] += utf8.decode(b"", final=True)
-        return out
+        return [visible(text) for text in out]
 
     def turns(self, sample: Sample) -> list[Turn]:
         """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan`."""
         ids, weights = sample.input_ids, sample.weights
-        spans = {image["token_start"]: _span(n, image, weights) for n, image in enumerate(sample.info["images"], 1)}
-        texts = self.texts(np.delete(ids, _image_positions(sample.info["images"])))
+        images = sample.stored.images
+        spans = {image.token_start: _span(n, image, weights) for n, image in enumerate(images, 1)}
+        texts = self.texts(np.delete(ids, _image_positions(images)))
         turns: list[Turn] = []
         items: list[Token | ImageSpan] = []
         position, text_index = 0, 0
@@ -124,20 +141,20 @@ class TokenDecoder:
         return turns
 
 
-def _image_positions(images: list[dict[str, Any]]) -> np.ndarray:
-    ranges = [np.arange(i["token_start"], i["token_start"] + i["num_tokens"]) for i in images]
+def _image_positions(images: list[StoredImage]) -> np.ndarray:
+    ranges = [np.arange(i.token_start, i.token_start + i.num_tokens) for i in images]
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
 
 
-def _span(number: int, image: dict[str, Any], weights: np.ndarray) -> ImageSpan:
-    start, count = image["token_start"], image["num_tokens"]
+def _span(number: int, image: StoredImage, weights: np.ndarray) -> ImageSpan:
+    start, count = image.token_start, image.num_tokens
     return ImageSpan(
         number=number,
-        width=image["width"],
-        height=image["height"],
-        original_width=image["original_width"],
-        original_height=image["original_height"],
-        grid_thw=tuple(image["grid_thw"]),
+        width=image.width,
+        height=image.height,
+        original_width=image.original_width,
+        original_height=image.original_height,
+        grid_thw=tuple(image.grid_thw),
         num_tokens=count,
         trained=int(np.count_nonzero(weights[start : start + count] > 0)),
     )
