@@ -285,7 +285,8 @@ def _build_verdict(manifest: Any, out: str, split: str) -> int:
         other = list(_rejects_with(out, "other_form"))
         forms = ", ".join(f"{form} {count}" for form, count in Counter(r.get("form") for r in other).most_common())
         print(
-            f"shardkit: error: {len(other)} records are in other input forms ({forms}; e.g. line {other[0]['line']}: "
+            f"shardkit: error: {counted(len(other), 'record')} {'is' if len(other) == 1 else 'are'} in other input "
+            f"forms ({forms}; e.g. line {other[0]['line']}: "
             f"{other[0]['reason']}); they were rejected and the other records built. --input-format "
             f"{getattr(manifest.config, 'input_format', '?')} reads its own form only: --input-format auto reads "
             "each record in its own form",

@@ -323,7 +323,7 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
     command = ["build", str(swift), "--out", str(tmp_path / "named"), "--input-format", "qwen", "--no-progress"]
     assert main(command) == 1
     err = capsys.readouterr().err
-    assert "1 records are in other input forms (sharegpt 1; e.g. line 2: a ShareGPT record" in err
+    assert "1 record is in other input forms (sharegpt 1; e.g. line 2: a ShareGPT record" in err
     assert "--input-format qwen reads its own form only: --input-format auto reads each record in its own form" in err
     assert rejects(tmp_path / "named")[2]["code"] == "other_form"
     assert [s.info["line"] for s in iter_build_samples(str(tmp_path / "named"))] == [1]

@@ -120,7 +120,7 @@ def test_an_internal_error_finishes_the_build_then_fails_loudly_with_a_log(tmp_p
     argv = ["build", str(data), "--out", str(out), "--no-progress", "--workers", "1"]
     assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "1 records met an internal error" in err and str(out / "errors.log") in err
+    assert "1 record met an internal error" in err and str(out / "errors.log") in err
     log = (out / "errors.log").read_text()
     assert "line 2:" in log and "Traceback" in log and "ZeroDivisionError" in log
     assert [s.info["line"] for s in iter_build_samples(str(out))] == [1, 3]
