@@ -460,7 +460,8 @@ def trl_llava_instruct_mix(path: Path) -> Path:
     """A Parquet file made as TRL's examples/datasets/llava_instruct_mix.py makes trl-lib/llava-instruct-mix
     (huggingface/trl at f2cd5771), with ``datasets``: each LLaVA turn's text without ``<image>`` and stripped,
     roles user/assistant, the image as a one-image ``images`` list; the last message is the completion, the
-    others the prompt. (trl is not installed here, so its script's steps are written again, not imported.)"""
+    others the prompt. (The script is not part of the trl package, so its steps are written again here; what TRL
+    then does with a record is its own prepare_multimodal_messages, see trl_conversation.)"""
     import ast
 
     import datasets
@@ -488,6 +489,18 @@ def trl_llava_instruct_mix(path: Path) -> Path:
     return path
 
 
+def trl_conversation(prompt: list, completion: list, images: list) -> list[dict]:
+    """A prompt-completion record's conversation as TRL's own ``prepare_multimodal_messages`` (trl.data_utils) lays it
+    out for its vision SFT trainer (images placed before the first user text), image blocks as ``IMAGE``."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    prepared = prepare_multimodal_messages(prompt + completion, images=images)
+    return [
+        {"role": m["role"], "content": [IMAGE if p["type"] == "image" else text(p["text"]) for p in m["content"]]}
+        for m in prepared
+    ]
+
+
 def trained_text(tokenizer, sample) -> str:
     return tokenizer.decode(sample.input_ids[sample.weights > 0].tolist())
 
@@ -500,19 +513,13 @@ def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl
     path = trl_llava_instruct_mix(tmp_path / "llava-instruct-mix.parquet")
     assert set(pq.read_schema(path).names) == {"images", "prompt", "completion"} and detect(str(path)) == "hf"
     samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "parquet")))
-    expected = {
-        1: [
-            {"role": "user", "content": [IMAGE, text("What is the man doing?")]},
-            {"role": "assistant", "content": "He is surfing."},
-            {"role": "user", "content": "Is the water calm?"},
-            {"role": "assistant", "content": "No, there are waves."},
-        ],
-        2: [user([IMAGE, text("What colour is the bus?")]), assistant("Red.")],
-    }
+    rows = pq.read_table(path).to_pylist()
+    expected = {n: trl_conversation(row["prompt"], row["completion"], row["images"]) for n, row in enumerate(rows, 1)}
+    assert expected[2] == [user([IMAGE, text("What colour is the bus?")]), assistant([text("Red.")])]
     for number, messages in expected.items():
         sample = samples[number]
         assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
-        assert trained_text(tokenizer, sample) == messages[-1]["content"] + "<|im_end|>"
+        assert trained_text(tokenizer, sample) == messages[-1]["content"][0]["text"] + "<|im_end|>"
     assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0]], [SIZES[1]]]
 
     write_image(tmp_path / "a.jpg", *SIZES[2])
@@ -530,10 +537,11 @@ def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl
     data = write_jsonl(tmp_path / "trl.jsonl", records)
     samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "json")))
     expected = {
-        1: [expected[1][0], expected[1][1]],
-        2: [user([text("Look: <image> "), IMAGE]), assistant("A pattern.")],
+        1: trl_conversation(records[0]["prompt"], records[0]["completion"], ["a.jpg"]),
+        2: trl_conversation(records[1]["prompt"], records[1]["completion"], ["a.jpg"]),
         3: [user([IMAGE, text("What is it?")]), assistant("A pattern.")],
     }  # TRL leaves "<image>" in a message list as text; in a string, ms-swift's placeholder
+    assert expected[2][0] == user([text("Look: <image> "), IMAGE])
     for number, messages in expected.items():
         sample = samples[number]
         assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
