@@ -19,10 +19,11 @@ from common import WORK, machine, save, seed_dataset
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed, vision_tower
+from shardkit.embed import EmbedConfig, embed
 from shardkit.load import ShardStream
 from shardkit.load.embeddings import EmbeddingCollator
 from shardkit.load.torch import Qwen2VLCollator
+from shardkit.model import vision_tower
 from shardkit.shards import read_manifest
 from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS
 

@@ -13,11 +13,12 @@ import torch
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed, vision_fingerprint, vision_tower
+from shardkit.embed import EmbedConfig, embed
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.embeddings import EmbeddingCollator
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.model import vision_fingerprint, vision_tower
 from shardkit.shards import read_manifest
 from shardkit.shards.embeddings import read_embedding_manifest
 from shardkit.synthetic import make_clinical_dataset

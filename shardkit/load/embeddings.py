@@ -89,16 +89,6 @@ class EmbeddingSource:
         return EmbeddedSample(**{**values, "images": []}, features=blob)
 
 
-def check_vision_tower(manifest: EmbeddingManifest, fingerprint: str, location: str) -> None:
-    """Refuse embeddings made by a vision tower other than the one with ``fingerprint``."""
-    if manifest.vision.fingerprint != fingerprint:
-        raise ConfigError(
-            f"the image embeddings in {location} were made by another vision tower ({manifest.vision.model}, "
-            f"fingerprint {manifest.vision.fingerprint[:12]}) than this model's ({fingerprint[:12]}): "
-            "run shardkit embed with this model"
-        )
-
-
 class EmbeddingCollator(Qwen2VLCollator):
     """Samples with cached image embeddings -> a batch without pixels (see the module doc)."""
 

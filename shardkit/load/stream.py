@@ -47,6 +47,7 @@ from shardkit.load.plan import (
     plan_settings,
 )
 from shardkit.load.source import BuildSource
+from shardkit.model import rank_world
 from shardkit.shards import Sample
 
 logger = logging.getLogger(__name__)
@@ -102,17 +103,6 @@ def _level_state(level: Level) -> dict[str, int]:
     """A level as the state records it (``workers`` only for a level of an older state, see :class:`Level`)."""
     state = {"world": level.world, "batches": level.batches}
     return state if level.parts == 1 else {**state, "workers": level.parts}
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    """``(rank, world_size)`` from ``torch.distributed`` when it is initialised, else ``(0, 1)``."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ShardStream:
@@ -181,7 +171,7 @@ class ShardStream:
             sequences_per_batch=sequences_per_batch,
         )
         self.shuffle = Shuffle(shuffle, seed, shuffle_window)
-        auto_rank, auto_world = distributed_rank_world()
+        auto_rank, auto_world = rank_world()
         self.rank = auto_rank if rank is None else rank
         self.world_size = auto_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:

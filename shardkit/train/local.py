@@ -44,14 +44,22 @@ from typing import Any
 
 import torch
 
-from shardkit.embed import vision_fingerprint, vision_tower
 from shardkit.errors import ConfigError
 from shardkit.load import BuildSource
 from shardkit.load.augment import Augment
-from shardkit.load.embeddings import EmbeddingCollator, check_vision_tower
+from shardkit.load.embeddings import EmbeddingCollator
 from shardkit.load.mix import check_compatible
 from shardkit.load.torch import Qwen2VLCollator, TorchLoader
-from shardkit.shards import BuildInfo, Manifest
+from shardkit.model import (
+    check_fits_build,
+    check_fits_embeddings,
+    check_token_ids,
+    load_model,
+    rank_world,
+    setup_distributed,
+    vision_tower,
+)
+from shardkit.shards import Manifest
 from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
@@ -61,22 +69,6 @@ LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj
 
 
 # -- distributed -------------------------------------------------------------------------
-
-
-def _setup_distributed() -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when launched by torchrun; ``(rank, world, device)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    return 0, 1, device
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -106,12 +98,7 @@ class Evaluation:
             raise ConfigError(f"the evaluation build {location} has no samples")
         self.collator = Qwen2VLCollator.for_build(self.source.manifest, pixels="uint8")
         self.batches = eval_batches(len(self.source), batch_size)
-        rank, world = (
-            (torch.distributed.get_rank(), torch.distributed.get_world_size())
-            if torch.distributed.is_initialized()
-            else (0, 1)
-        )
-        self.mine = rank_share(len(self.batches), rank, world)
+        self.mine = rank_share(len(self.batches), *rank_world())
 
 
 @torch.no_grad()
@@ -138,31 +125,6 @@ def evaluate(model: torch.nn.Module, evaluation: Evaluation, device: torch.devic
 # -- model -------------------------------------------------------------------------------
 
 
-def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Module:
-    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE model from a local folder or a Hugging Face id."""
-    import transformers
-    from transformers import AutoConfig
-
-    classes = {
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-        "qwen3_vl": "Qwen3VLForConditionalGeneration",
-        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    }
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:
-        raise ConfigError(f"cannot load model {path!r}: {exc}") from None
-    if config.model_type not in classes:
-        raise ConfigError(
-            f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL, Qwen2.5-VL, Qwen3-VL "
-            "and Qwen3-VL-MoE"
-        )
-    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model_class = getattr(transformers, classes[config.model_type])
-    return model_class.from_pretrained(path, dtype=torch.float32, **options)
-
-
 def _step_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items: torch.Tensor) -> torch.Tensor:
     """Sum of the batch's token losses divided by ``num_items`` (the targets of the whole step).
 
@@ -173,16 +135,6 @@ def _step_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items: torch.
 
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     return ForCausalLMLoss(logits, inputs["labels"], logits.shape[-1], num_items_in_batch=num_items)
-
-
-def _check_model_fits_build(model: torch.nn.Module, build: BuildInfo) -> None:
-    vision = model.config.vision_config
-    family = build.family
-    if (vision.patch_size, vision.spatial_merge_size) != (family.patch_size, family.merge_size):
-        raise ConfigError(
-            f"the build's images are on a {family.patch_size}x{family.merge_size} patch grid "
-            f"({family.name}), the model's vision tower uses {vision.patch_size}x{vision.spatial_merge_size}"
-        )
 
 
 def _wrap_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -300,16 +252,11 @@ def _open_data(config: TrainConfig) -> tuple[Any, Any, TorchLoader]:
 def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
     """The model to train, checked against the build (and the cached embeddings), frozen and wrapped as asked."""
     model = load_model(config.model, config.attn_implementation)
-    _check_model_fits_build(model, stream.source.manifest.config)
+    check_fits_build(model, stream.source.manifest.config)
     if config.freeze_vision_tower:
         vision_tower(model).requires_grad_(False)
     if stream.embeddings is not None:
-        if model.config.model_type.startswith("qwen3_vl"):
-            raise ConfigError(
-                "cached image embeddings are not yet fed to Qwen3-VL (its deepstack features would be left out); "
-                "train it with --freeze-vision-tower alone, on pixels"
-            )
-        check_vision_tower(stream.embeddings.manifest, vision_fingerprint(model), config.image_embeddings)
+        check_fits_embeddings(model, stream.embeddings.manifest, config.image_embeddings)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -351,10 +298,7 @@ class _Stepper:
         for i, batch in enumerate(window):
             batch_samples, batch_tokens = self.collator.count(batch)
             inputs = self.collator.to_device(batch, device)
-            if int(inputs["input_ids"].max()) >= self.inner.config.text_config.vocab_size:
-                raise ConfigError(
-                    "the build's token ids exceed the model's vocabulary: was it built with this model's tokenizer?"
-                )
+            check_token_ids(self.inner, inputs["input_ids"])
             if self.config.image_embeddings:
                 inputs = self.collator.model_inputs(self.inner, inputs)
             sync = world > 1 and i < len(window) - 1
@@ -449,7 +393,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    rank, world, device = _setup_distributed()
+    rank, world, device = setup_distributed()
     output = Path(config.output)
     _claim_output(config, output, rank, world)
     torch.manual_seed(config.seed)
