@@ -21,8 +21,8 @@ from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.embed import EmbedConfig, embed
 from shardkit.load import ShardStream
-from shardkit.load.embeddings import EmbeddingCollator
-from shardkit.load.torch import Qwen2VLCollator
+from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.embeddings import EmbeddedSource
 from shardkit.model import vision_tower
 from shardkit.shards import read_manifest
 from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS
@@ -77,7 +77,7 @@ def main() -> None:
     manifest = read_manifest(folder / "build")
     take = STEPS + 1
     live_batches = list(islice(ShardStream(str(folder / "build"), batch_size=1, seed=0), take))
-    stream = ShardStream(str(folder / "build"), batch_size=1, seed=0, image_embeddings=str(folder / "emb"))
+    stream = ShardStream(EmbeddedSource(str(folder / "build"), str(folder / "emb")), batch_size=1, seed=0)
     cached_batches = list(islice(stream, take))
     live_collate, cached_collate = Qwen2VLCollator.for_build(manifest), EmbeddingCollator.for_build(manifest)
     live = step_seconds(model, live_batches, live_collate)

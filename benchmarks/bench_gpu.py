@@ -27,8 +27,9 @@ from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.embed import EmbedConfig, embed
 from shardkit.load import ShardStream
-from shardkit.load.embeddings import EmbeddingCollator
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.embeddings import EmbeddedSource
+from shardkit.load.torch import TorchLoader
 from shardkit.model import vision_tower
 from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS, tiny_qwen2_vl_config
 
@@ -138,8 +139,9 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
                                "embed_images_per_s": cache.num_images / embed_s}  # fmt: skip
     for mode in ("live_trained", "live_frozen", "cached"):
         vision_tower(model).requires_grad_(mode == "live_trained")
-        embeddings = str(folder / "emb") if mode == "cached" else None
-        stream = ShardStream(str(folder / "build"), batch_size=1, seed=0, image_embeddings=embeddings)
+        shards = str(folder / "build")
+        source = EmbeddedSource(shards, str(folder / "emb")) if mode == "cached" else shards
+        stream = ShardStream(source, batch_size=1, seed=0)
         if mode == "cached":
             collate = EmbeddingCollator.for_build(stream.source.manifest)
             prepare = lambda inputs, c=collate, m=model: c.model_inputs(m, inputs)  # noqa: E731

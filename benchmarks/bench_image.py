@@ -23,7 +23,7 @@ from bench_loader import loader_build
 from common import best_of, machine, save, seed_dataset
 from PIL import Image
 
-from shardkit.load.torch import expand_patches, image_patches
+from shardkit.load.batch import expand_patches, image_patches
 from shardkit.shards.reading import iter_build_samples
 
 

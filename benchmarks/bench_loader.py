@@ -29,7 +29,8 @@ from PIL import Image
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.load import BuildSource, ShardStream
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.load.batch import Qwen2VLCollator
+from shardkit.load.torch import TorchLoader
 from shardkit.shards.base import checksum_of, content_checksum
 from shardkit.tokenizer import load_tokenizer
 

@@ -20,8 +20,8 @@ import torch
 
 from shardkit import __version__
 from shardkit.errors import ShardError
+from shardkit.load.batch import Qwen2VLCollator
 from shardkit.load.source import BuildSource
-from shardkit.load.torch import Qwen2VLCollator
 from shardkit.model import check_fits_build, load_model, setup_distributed, vision_fingerprint, vision_tower
 from shardkit.shards import Sample
 from shardkit.shards.embeddings import (

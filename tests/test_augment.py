@@ -10,7 +10,8 @@ from PIL import Image
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.augment import Augment
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches
+from shardkit.load.batch import Qwen2VLCollator, expand_patches, image_patches
+from shardkit.load.torch import TorchLoader
 from shardkit.shards.reading import iter_build_samples
 from shardkit.testing import tiny_qwen2_vl_config
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from shardkit.load import ShardStream
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches, mrope_positions
+from shardkit.load.batch import Qwen2VLCollator, expand_patches, image_patches, mrope_positions
+from shardkit.load.torch import TorchLoader
 from shardkit.shards import read_manifest
 from shardkit.testing import tiny_qwen2_vl_config
 from tests.conftest import IMAGE_BACKENDS, image_processor_class

@@ -13,7 +13,7 @@ import torch
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.load import ShardStream
-from shardkit.load.torch import Qwen2VLCollator, mrope_positions
+from shardkit.load.batch import Qwen2VLCollator, mrope_positions
 from shardkit.render import TrainOn, get_family
 from shardkit.schema import Record
 from shardkit.synthetic import make_clinical_dataset

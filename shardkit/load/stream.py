@@ -46,7 +46,7 @@ from shardkit.load.plan import (
     padded_tokens,
     plan_settings,
 )
-from shardkit.load.source import BuildSource
+from shardkit.load.source import BuildSource, Source
 from shardkit.model import rank_world
 from shardkit.shards import Sample
 
@@ -117,9 +117,10 @@ class ShardStream:
     read them (:meth:`batches`). Every sample is checked against its
     checksum (``checksums=False`` skips that, for measuring its cost);
     ``verify=True`` also checks every shard's sha256 once, up front.
-    ``image_embeddings`` (a folder written by
-    ``shardkit embed`` for this build) gives samples with their cached image
-    embeddings instead of their images (see :mod:`shardkit.load.embeddings`).
+    ``location`` may also be a source already opened (a :class:`BuildSource`,
+    or a stage over one such as :class:`~shardkit.load.embeddings.EmbeddedSource`):
+    the stream reads its samples as they come; ``verify`` and ``checksums`` are
+    then the source's own.
 
     ``on_error`` says what a sample that cannot be read does: ``"raise"`` (the
     default) raises its :class:`~shardkit.errors.ShardError`; ``"skip"`` drops
@@ -134,7 +135,7 @@ class ShardStream:
 
     def __init__(
         self,
-        location: str,
+        location: str | Source,
         *,
         batch_size: int | None = None,
         max_tokens: int | None = None,
@@ -149,7 +150,6 @@ class ShardStream:
         world_size: int | None = None,
         verify: bool = False,
         checksums: bool = True,
-        image_embeddings: str | None = None,
         on_error: Literal["raise", "skip"] = "raise",
     ):
         if on_error not in ("raise", "skip"):
@@ -157,11 +157,6 @@ class ShardStream:
         self.on_error = on_error
         self.skipped: Counter[str] = Counter()
         self.source = self._open_source(location, verify, checksums)
-        self.embeddings = None
-        if image_embeddings is not None:
-            from shardkit.load.embeddings import EmbeddingSource  # torch, only when asked for
-
-            self.embeddings = EmbeddingSource(image_embeddings, self.source, verify=verify)
         self.batching = Batching(
             batch_size=batch_size,
             max_tokens=max_tokens,
@@ -189,9 +184,14 @@ class ShardStream:
         self._levels: list[Level] = [Level(self.world_size)]
         self._plan: EpochPlan | None = None
 
-    def _open_source(self, location: Any, verify: bool, checksums: bool) -> BuildSource:
-        """The samples the stream reads (a mix of builds opens several)."""
-        return BuildSource(location, verify=verify, checksums=checksums)
+    def _open_source(self, location: Any, verify: bool, checksums: bool) -> Source:
+        """The samples the stream reads: the build at ``location``, or ``location`` itself when it is a source (a mix
+        of builds opens several)."""
+        if isinstance(location, str):
+            return BuildSource(location, verify=verify, checksums=checksums)
+        if verify or not checksums:
+            raise ConfigError("verify and checksums are options of opening a build: give them to its source")
+        return location
 
     # -- state ---------------------------------------------------------------------------
 
@@ -353,17 +353,13 @@ class ShardStream:
         out = []
         for sample_id in ids:
             try:
-                out.append(self._sample(int(sample_id)))
+                out.append(self.source.get(int(sample_id)))
             except ShardError as exc:
                 if self.on_error == "raise" or exc.kind not in SKIPPABLE:
                     raise
                 logger.warning("skipped sample %d (on_error='skip'): %s", sample_id, exc)
                 skipped[exc.kind] += 1
         return out
-
-    def _sample(self, sample_id: int) -> Sample:
-        sample = self.source.get(sample_id)
-        return sample if self.embeddings is None else self.embeddings.attach(sample_id, sample)
 
     def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[ReadBatch]:
         """The rest of this epoch's batches for one of ``workers`` readers: counting from the first batch not

@@ -183,6 +183,8 @@ class TrainConfig(TrainOptions):
             raise ValueError("--pack needs --batch-tokens: the length of each packed sequence")
         if self.image_embeddings and self.augment:
             raise ValueError("--image-embeddings feeds cached embeddings of the stored images: --augment cannot apply")
+        if self.image_embeddings and (len(self.data) > 1 or self.mix or self.epoch_size):
+            raise ValueError("cached image embeddings (--image-embeddings) are for one build; a mix reads pixels")
         self._default(lr=1e-4 if self.lora_rank else 1e-5, batch_size=None if self.batch_tokens else 1)
         return self
 

@@ -45,11 +45,12 @@ from typing import Any
 import torch
 
 from shardkit.errors import ConfigError
-from shardkit.load import BuildSource
+from shardkit.load import BuildSource, ShardStream
 from shardkit.load.augment import Augment
-from shardkit.load.embeddings import EmbeddingCollator
+from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.mix import check_compatible
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.load.torch import TorchLoader
 from shardkit.model import (
     check_fits_build,
     check_fits_embeddings,
@@ -232,20 +233,20 @@ def _windows(loader: TorchLoader, size: int) -> Iterator[list[dict[str, torch.Te
 
 def _open_data(config: TrainConfig) -> tuple[Any, Any, TorchLoader]:
     """The training stream, its collator and the loader of model-ready batches."""
-    stream = config.open_stream(
-        batch_size=None if config.batch_tokens else (config.batch_size or 1),
-        max_tokens=None if config.pack else config.batch_tokens,
-        pack_tokens=config.batch_tokens if config.pack else None,
-        seed=config.seed,
-        image_embeddings=config.image_embeddings,
-        on_error=config.on_error,
-    )
-    manifest = stream.source.manifest
-    if config.image_embeddings:
-        collator = EmbeddingCollator.for_build(manifest)
+    options = {
+        "batch_size": None if config.batch_tokens else (config.batch_size or 1),
+        "max_tokens": None if config.pack else config.batch_tokens,
+        "pack_tokens": config.batch_tokens if config.pack else None,
+        "seed": config.seed,
+        "on_error": config.on_error,
+    }
+    if config.image_embeddings and config.data:  # one build: TrainConfig refuses them with a mix
+        stream = ShardStream(EmbeddedSource(config.data[0], config.image_embeddings), **options)
+        collator = EmbeddingCollator.for_build(stream.source.manifest)
     else:
+        stream = config.open_stream(**options)
         augment = Augment(seed=config.seed) if config.augment else None
-        collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
+        collator = Qwen2VLCollator.for_build(stream.source.manifest, pixels="uint8", augment=augment)
     return stream, collator, TorchLoader(stream, collate=collator, num_workers=config.num_workers)
 
 
@@ -255,8 +256,8 @@ def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
     check_fits_build(model, stream.source.manifest.config)
     if config.freeze_vision_tower:
         vision_tower(model).requires_grad_(False)
-    if stream.embeddings is not None:
-        check_fits_embeddings(model, stream.embeddings.manifest, config.image_embeddings)
+    if config.image_embeddings:
+        check_fits_embeddings(model, stream.source.embeddings, config.image_embeddings)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -264,7 +265,7 @@ def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
         model = _wrap_lora(model, config)
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
-    if stream.embeddings is not None and any(p.requires_grad for p in vision_tower(model).parameters()):
+    if config.image_embeddings and any(p.requires_grad for p in vision_tower(model).parameters()):
         raise ConfigError("--image-embeddings: the vision tower would be trained; add --freeze-vision-tower")
     return model
 
