@@ -27,7 +27,7 @@ from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.embed import EmbedConfig, embed
 from shardkit.load import ShardStream
-from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.batch import Collator, EmbeddingCollator
 from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.torch import TorchLoader
 from shardkit.model import vision_tower
@@ -146,7 +146,7 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
             collate = EmbeddingCollator.for_build(stream.source.manifest)
             prepare = lambda inputs, c=collate, m=model: c.model_inputs(m, inputs)  # noqa: E731
         else:
-            collate = Qwen2VLCollator.for_build(stream.source.manifest, pixels="uint8")
+            collate = Collator.for_build(stream.source.manifest, pixels="uint8")
             prepare = lambda inputs: inputs  # noqa: E731
         loader = TorchLoader(stream, collate=collate, num_workers=args.workers, pin_memory=device.type == "cuda")
         results[mode] = run_mode(model, loader, prepare, device, args.steps)

@@ -20,7 +20,7 @@ import torch
 
 from shardkit import __version__
 from shardkit.errors import ShardError
-from shardkit.load.batch import Qwen2VLCollator
+from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
 from shardkit.model import check_fits_build, load_model, setup_distributed, vision_fingerprint, vision_tower
 from shardkit.shards import Sample
@@ -111,7 +111,7 @@ def _embed_task(
 ) -> EmbedTaskResult:
     """Embed the samples of build shard ``task`` into ``shard-TTTTTT.tar``; the task's result record."""
     fs, out = open_fs(config.out)
-    collate = Qwen2VLCollator.for_build(source.manifest, pixels="uint8")
+    collate = Collator.for_build(source.manifest, pixels="uint8")
     device = next(visual.parameters()).device
     start = sum(source.shard_sizes[:task])
     samples = (source.get(i) for i in range(start, start + source.shard_sizes[task]))

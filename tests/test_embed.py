@@ -16,7 +16,7 @@ from shardkit.config import BuildConfig
 from shardkit.embed import EmbedConfig, embed
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
-from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.batch import Collator, EmbeddingCollator
 from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.torch import TorchLoader
 from shardkit.model import vision_fingerprint, vision_tower
@@ -82,7 +82,7 @@ def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family
     manifest = read_manifest(small_build)
     live_batches = iter(ShardStream(small_build, seed=1, **batching))
     cached_batches = iter(ShardStream(EmbeddedSource(small_build, cache), seed=1, **batching))
-    live_collate, cached_collate = Qwen2VLCollator.for_build(manifest), EmbeddingCollator.for_build(manifest)
+    live_collate, cached_collate = Collator.for_build(manifest), EmbeddingCollator.for_build(manifest)
     live = live_collate(next(live_batches))
     cached = cached_collate(next(cached_batches))
     assert "pixel_values" not in cached and cached["image_embeds"].shape[0] == len(live["pixel_values"]) // 4
@@ -104,7 +104,7 @@ def test_a_bf16_cache_gives_the_live_loss_to_about_four_digits_a_float32_one_to_
     embed(EmbedConfig.create(build=small_build, model=folder, out=str(bf16), dtype="bfloat16"), progress=False)
     model = model_class(family).from_pretrained(folder, dtype=torch.float32)
     manifest = read_manifest(small_build)
-    live = Qwen2VLCollator.for_build(manifest)(next(iter(ShardStream(small_build, seed=1, batch_size=4))))
+    live = Collator.for_build(manifest)(next(iter(ShardStream(small_build, seed=1, batch_size=4))))
     with torch.no_grad():
         live_loss = model(**live).loss.item()
         differences = {}

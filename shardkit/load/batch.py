@@ -1,6 +1,6 @@
 """Model-ready Qwen2-VL / Qwen2.5-VL / Qwen3-VL batches from samples: collation, M-RoPE positions, packing.
 
-:class:`Qwen2VLCollator` turns samples into exactly what
+:class:`Collator` turns samples into exactly what
 ``Qwen2VLForConditionalGeneration`` (and the Qwen2.5-VL, Qwen3-VL and
 Qwen3-VL-MoE classes, with the build's grid and normalisation) takes:
 ``input_ids``, ``attention_mask``, ``labels`` (-100 where the weight is 0 and
@@ -12,7 +12,7 @@ grid: the collator only decodes the JPEG, cuts it into patches and normalises.
 
 With ``pixels="uint8"`` the batch carries ``pixel_patches`` instead (one byte
 per value, no temporal copy: an eighth of the float32 size), and
-:meth:`Qwen2VLCollator.to_device` normalises and expands them on the device.
+:meth:`Collator.to_device` normalises and expands them on the device.
 
 Packed batches (a list of sequences, each a list of samples, from a stream with
 ``pack_tokens``) become rows of whole samples one after another, with no
@@ -149,12 +149,13 @@ def _transformers_needs_token_types() -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
-class Qwen2VLCollator:
-    """Samples of a Qwen2-VL family build -> a model-ready batch (right-padded).
+class Collator:
+    """Samples of a build of any family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: :meth:`for_build` takes the grid,
+    normalisation and token ids from its manifest) -> a model-ready batch (right-padded).
 
     With ``augment``, each image is changed at random before it is cut into
     patches, as drawn for the sample, the image and :attr:`epoch` (which
-    :class:`TorchLoader` sets; see :mod:`shardkit.load.augment`); rotation
+    :class:`~shardkit.load.torch.TorchLoader` sets; see :mod:`shardkit.load.augment`); rotation
     leaves the normalisation mean, zero after normalising, in the corners.
     """
 
@@ -187,7 +188,7 @@ class Qwen2VLCollator:
         self.epoch = epoch
 
     @classmethod
-    def for_build(cls, manifest: Manifest, **options: Any) -> Qwen2VLCollator:
+    def for_build(cls, manifest: Manifest, **options: Any) -> Collator:
         """A collator with the grid, normalisation and token ids recorded in ``manifest``."""
         family, tokens = manifest.config.family, manifest.config.special_tokens
         defaults: dict[str, Any] = {
@@ -313,7 +314,7 @@ def _ids_and_labels(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.where(torch.from_numpy(sample.weights > 0), ids, IGNORE_INDEX)
 
 
-class EmbeddingCollator(Qwen2VLCollator):
+class EmbeddingCollator(Collator):
     """Samples with cached image embeddings (:class:`~shardkit.load.embeddings.EmbeddedSource`) -> a batch without
     pixels: ``input_ids``, ``attention_mask`` (plain and token-budget batches), ``labels``, ``image_embeds`` (every
     image's embeddings in token order) and the M-RoPE ``position_ids`` the model would compute from the pixels

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.batch import Collator, EmbeddingCollator
 from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.stream import ShardStream, StreamBatches
 
@@ -28,10 +28,10 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
             yield self.collate(batch.samples), batch.skipped
 
 
-def _default_collate(stream: ShardStream) -> Qwen2VLCollator:
+def _default_collate(stream: ShardStream) -> Collator:
     """The build's collator; for samples with cached image embeddings, the one that passes them instead of pixels."""
     embedded = isinstance(stream.source, EmbeddedSource)
-    return (EmbeddingCollator if embedded else Qwen2VLCollator).for_build(stream.source.manifest)
+    return (EmbeddingCollator if embedded else Collator).for_build(stream.source.manifest)
 
 
 def _keep(batch: Any) -> Any:
@@ -44,7 +44,7 @@ class TorchLoader(StreamBatches):
     Iterating yields the rest of the current epoch; each batch handed out
     counts as consumed, so :meth:`state_dict` taken after a training step
     resumes with the next batch. ``collate`` defaults to the build's
-    :class:`Qwen2VLCollator`; a ``collate`` with a ``set_epoch`` method is
+    :class:`Collator`; a ``collate`` with a ``set_epoch`` method is
     told the epoch of the batches it is given (for augmentation).
     """
 

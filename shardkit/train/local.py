@@ -47,7 +47,7 @@ import torch
 from shardkit.errors import ConfigError
 from shardkit.load import BuildSource, ShardStream
 from shardkit.load.augment import Augment
-from shardkit.load.batch import EmbeddingCollator, Qwen2VLCollator
+from shardkit.load.batch import Collator, EmbeddingCollator
 from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.mix import check_compatible
 from shardkit.load.torch import TorchLoader
@@ -97,7 +97,7 @@ class Evaluation:
         check_compatible([train_manifest, self.source.manifest], ["--data", location], ["model family", "tokenizer"])
         if not len(self.source):
             raise ConfigError(f"the evaluation build {location} has no samples")
-        self.collator = Qwen2VLCollator.for_build(self.source.manifest, pixels="uint8")
+        self.collator = Collator.for_build(self.source.manifest, pixels="uint8")
         self.batches = eval_batches(len(self.source), batch_size)
         self.mine = rank_share(len(self.batches), *rank_world())
 
@@ -246,7 +246,7 @@ def _open_data(config: TrainConfig) -> tuple[Any, Any, TorchLoader]:
     else:
         stream = config.open_stream(**options)
         augment = Augment(seed=config.seed) if config.augment else None
-        collator = Qwen2VLCollator.for_build(stream.source.manifest, pixels="uint8", augment=augment)
+        collator = Collator.for_build(stream.source.manifest, pixels="uint8", augment=augment)
     return stream, collator, TorchLoader(stream, collate=collator, num_workers=config.num_workers)
 
 
