@@ -8,11 +8,10 @@ import torch
 from PIL import Image
 
 from shardkit.errors import ConfigError
-from shardkit.load import ShardStream
+from shardkit.load import BuildSource, ShardStream
 from shardkit.load.augment import Augment
 from shardkit.load.batch import Collator, expand_patches, image_patches
 from shardkit.load.torch import TorchLoader
-from shardkit.shards.reading import iter_build_samples
 from shardkit.testing import tiny_qwen2_vl_config
 
 
@@ -51,7 +50,7 @@ def assert_same(a, b):
 
 
 def test_off_by_default_and_on_changes_pixels_but_not_shapes(builds):
-    stored = {s.key: s for s in iter_build_samples(builds["tar"])}
+    stored = {s.key: s for s in BuildSource(builds["tar"]).samples()}
     plain = pixels(loader(builds["tar"]))
     assert loader(builds["tar"]).collate.collate.augment is None
     manifest = ShardStream(builds["tar"], batch_size=1).source.manifest
