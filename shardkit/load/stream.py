@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from shardkit.errors import ConfigError, ShardError
 from shardkit.load.plan import (
@@ -68,7 +68,8 @@ class ReadBatch:
 class _LevelState(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     world: int = Field(ge=1)
-    workers: int = Field(1, ge=1)  # states of older versions: the level's parts (see shardkit.load.plan)
+    # the level's parts (see shardkit.load.plan), in levels of older states only; written "workers" until renamed
+    parts: int = Field(1, ge=1, validation_alias=AliasChoices("parts", "workers"))
     batches: int = Field(ge=0)
 
 
@@ -100,9 +101,9 @@ def _parse_state(state: Any) -> _State:
 
 
 def _level_state(level: Level) -> dict[str, int]:
-    """A level as the state records it (``workers`` only for a level of an older state, see :class:`Level`)."""
+    """A level as the state records it (``parts`` only for a level of an older state, see :class:`Level`)."""
     state = {"world": level.world, "batches": level.batches}
-    return state if level.parts == 1 else {**state, "workers": level.parts}
+    return state if level.parts == 1 else {**state, "parts": level.parts}
 
 
 class ShardStream:
@@ -238,7 +239,7 @@ class ShardStream:
                 f"the state was saved with other shuffle/batching settings ({parsed.plan}); "
                 "resume with the same settings to get the same batches"
             )
-        levels = [Level(level.world, level.batches, level.workers) for level in parsed.levels]
+        levels = [Level(level.world, level.batches, level.parts) for level in parsed.levels]
         for number, level in enumerate(levels):
             # rank 0: every rank has the same steps, and this rank may be outside an earlier level's world
             steps = self._make_plan(parsed.epoch, [*levels[:number], replace(level, batches=0)], rank=0).steps
