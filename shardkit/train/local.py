@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -61,7 +60,7 @@ from shardkit.model import (
     vision_tower,
 )
 from shardkit.shards import Manifest
-from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until
+from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until, planned_steps
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
 logger = logging.getLogger(__name__)
@@ -405,10 +404,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     model = _prepare_model(config, stream).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(stream.steps_in_epoch(0) / config.grad_accum)
-    if not steps_per_epoch:
-        raise ConfigError(f"{config.data} gives this rank no batch: too few samples for {world} ranks")
-    total_steps = config.max_steps or steps_per_epoch * (config.epochs or 1)
+    total_steps = planned_steps(config, stream, config.grad_accum)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     state = _resume(config, output, rank, model, optimizer, scheduler, loader)
     step = state["step"]
