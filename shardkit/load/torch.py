@@ -44,8 +44,9 @@ class TorchLoader(StreamBatches):
     Iterating yields the rest of the current epoch; each batch handed out
     counts as consumed, so :meth:`state_dict` taken after a training step
     resumes with the next batch. ``collate`` defaults to the build's
-    :class:`Collator`; a ``collate`` with a ``set_epoch`` method is
-    told the epoch of the batches it is given (for augmentation).
+    :class:`~shardkit.load.batch.Collator` (:class:`~shardkit.load.batch.EmbeddingCollator`
+    over an :class:`~shardkit.load.embeddings.EmbeddedSource`); a ``collate`` with a
+    ``set_epoch`` method is told the epoch of the batches it is given (for augmentation).
     """
 
     def __init__(
