@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.images import to_rgb
-from shardkit.shards.reading import iter_build_samples
+from shardkit.load import BuildSource
 from shardkit.tokenizer import load_tokenizer
 
 
@@ -90,7 +90,7 @@ def main() -> dict:
     out = WORK / "build-bench"
     manifest = shardkit_build(dataset, out)  # warm-up, and the sizes the floor must produce
     jobs, task_jobs = [], []
-    for number, sample in enumerate(iter_build_samples(str(out), images=False)):
+    for number, sample in enumerate(BuildSource(str(out)).samples(images=False)):
         if number % 2 == 0:  # the build's tasks: 2 records each
             task_jobs.append([])
         for image in sample.info["images"]:

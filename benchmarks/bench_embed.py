@@ -19,10 +19,11 @@ from common import WORK, machine, save, seed_dataset
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed, vision_tower
+from shardkit.embed import EmbedConfig, embed
 from shardkit.load import ShardStream
-from shardkit.load.embeddings import EmbeddingCollator
-from shardkit.load.torch import Qwen2VLCollator
+from shardkit.load.batch import Collator, EmbeddingCollator
+from shardkit.load.embeddings import EmbeddedSource
+from shardkit.model import vision_tower
 from shardkit.shards import read_manifest
 from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS
 
@@ -76,9 +77,9 @@ def main() -> None:
     manifest = read_manifest(folder / "build")
     take = STEPS + 1
     live_batches = list(islice(ShardStream(str(folder / "build"), batch_size=1, seed=0), take))
-    stream = ShardStream(str(folder / "build"), batch_size=1, seed=0, image_embeddings=str(folder / "emb"))
+    stream = ShardStream(EmbeddedSource(str(folder / "build"), str(folder / "emb")), batch_size=1, seed=0)
     cached_batches = list(islice(stream, take))
-    live_collate, cached_collate = Qwen2VLCollator.for_build(manifest), EmbeddingCollator.for_build(manifest)
+    live_collate, cached_collate = Collator.for_build(manifest), EmbeddingCollator.for_build(manifest)
     live = step_seconds(model, live_batches, live_collate)
     cached = step_seconds(model, cached_batches, lambda b: cached_collate.model_inputs(model, cached_collate(b)))
     bytes_total = sum(s.bytes for s in cache.shards)

@@ -25,10 +25,12 @@ from common import WORK, machine, save, seed_dataset
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed, vision_tower
+from shardkit.embed import EmbedConfig, embed
 from shardkit.load import ShardStream
-from shardkit.load.embeddings import EmbeddingCollator
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.load.batch import Collator, EmbeddingCollator
+from shardkit.load.embeddings import EmbeddedSource
+from shardkit.load.torch import TorchLoader
+from shardkit.model import vision_tower
 from shardkit.testing import REAL_VOCAB_SIZE, VISION_TOKEN_IDS, tiny_qwen2_vl_config
 
 TOKENS = VISION_TOKEN_IDS  # fmt: skip
@@ -137,13 +139,14 @@ def bench_family(family: str, args: argparse.Namespace, device: torch.device) ->
                                "embed_images_per_s": cache.num_images / embed_s}  # fmt: skip
     for mode in ("live_trained", "live_frozen", "cached"):
         vision_tower(model).requires_grad_(mode == "live_trained")
-        embeddings = str(folder / "emb") if mode == "cached" else None
-        stream = ShardStream(str(folder / "build"), batch_size=1, seed=0, image_embeddings=embeddings)
+        shards = str(folder / "build")
+        source = EmbeddedSource(shards, str(folder / "emb")) if mode == "cached" else shards
+        stream = ShardStream(source, batch_size=1, seed=0)
         if mode == "cached":
             collate = EmbeddingCollator.for_build(stream.source.manifest)
             prepare = lambda inputs, c=collate, m=model: c.model_inputs(m, inputs)  # noqa: E731
         else:
-            collate = Qwen2VLCollator.for_build(stream.source.manifest, pixels="uint8")
+            collate = Collator.for_build(stream.source.manifest, pixels="uint8")
             prepare = lambda inputs: inputs  # noqa: E731
         loader = TorchLoader(stream, collate=collate, num_workers=args.workers, pin_memory=device.type == "cuda")
         results[mode] = run_mode(model, loader, prepare, device, args.steps)

@@ -23,8 +23,8 @@ from bench_loader import loader_build
 from common import best_of, machine, save, seed_dataset
 from PIL import Image
 
-from shardkit.load.torch import expand_patches, image_patches
-from shardkit.shards.reading import iter_build_samples
+from shardkit.load import BuildSource
+from shardkit.load.batch import expand_patches, image_patches
 
 
 def main() -> dict:
@@ -34,7 +34,7 @@ def main() -> dict:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    jpegs = [j for s in iter_build_samples(str(loader_build(seed_dataset()))) for j in s.images]
+    jpegs = [j for s in BuildSource(str(loader_build(seed_dataset()))).samples() for j in s.images]
     fast, pil = Qwen2VLImageProcessor(), Qwen2VLImageProcessorPil()
     mean, std = fast.image_mean, fast.image_std
     runs = {

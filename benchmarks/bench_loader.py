@@ -29,7 +29,8 @@ from PIL import Image
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.load import BuildSource, ShardStream
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.load.batch import Collator
+from shardkit.load.torch import TorchLoader
 from shardkit.shards.base import checksum_of, content_checksum
 from shardkit.tokenizer import load_tokenizer
 
@@ -111,7 +112,7 @@ def batching_report(out: Path, budget: int = 4096, steps: int = 4) -> dict:
     report = {}
     for name, options in modes.items():
         stream = ShardStream(str(out), seed=0, **options)
-        collator = Qwen2VLCollator.for_build(stream.source.manifest)
+        collator = Collator.for_build(stream.source.manifest)
         stats = stream.padding_stats()
         real, start = 0, time.perf_counter()
         for i, batch in enumerate(stream):
@@ -211,7 +212,7 @@ def main() -> dict:
     ours = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), num_workers=WORKERS)
     float_rate = max(steady_rate(ours) for _ in range(3))
     # what the trainer does: uint8 patches from the workers, normalised where the model runs (here the CPU)
-    collator = Qwen2VLCollator.for_build(ours.stream.source.manifest, pixels="uint8")
+    collator = Collator.for_build(ours.stream.source.manifest, pixels="uint8")
     compact = TorchLoader(ShardStream(str(out), batch_size=BATCH, seed=0), collate=collator, num_workers=WORKERS)
     uint8_rate = max(steady_rate(compact, lambda b: collator.to_device(b, "cpu")) for _ in range(3))
     ours_rate = max(float_rate, uint8_rate)

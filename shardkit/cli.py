@@ -356,6 +356,8 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from shardkit.model import rank_world
+
     config = _train_config(args)
     if args.backend == "tinker":
         from shardkit.train.tinker import train_tinker
@@ -365,7 +367,7 @@ def _train(args: argparse.Namespace) -> int:
         from shardkit.train.local import train
 
         history = train(config)
-    if history and os.environ.get("RANK", "0") == "0":
+    if history and rank_world()[0] == 0:
         last = history[-1]
         print(f"trained to step {last['step']} (loss {last['loss']:.4f}); outputs in {config.output}")
     return EXIT_OK
@@ -373,11 +375,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from shardkit.embed import embed
+    from shardkit.model import rank_world
     from shardkit.train import EmbedConfig
 
     config = EmbedConfig.create(**given(args, EmbedConfig))
     manifest = embed(config, progress=False if args.no_progress else None)
-    if os.environ.get("RANK", "0") == "0":
+    if rank_world()[0] == 0:
         print(
             f"{counted(manifest.num_images, 'image')}, {counted(manifest.num_image_tokens, 'image token')} "
             f"({manifest.dtype}, hidden {manifest.vision.hidden_size}) in {counted(len(manifest.shards), 'shard')} -> "

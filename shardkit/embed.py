@@ -12,10 +12,7 @@ runs in bf16 (``dtype="bfloat16"``), on CPU in float32.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +20,9 @@ import torch
 
 from shardkit import __version__
 from shardkit.errors import ShardError
+from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
-from shardkit.load.torch import Qwen2VLCollator
+from shardkit.model import check_fits_build, load_model, setup_distributed, vision_fingerprint, vision_tower
 from shardkit.shards import Sample
 from shardkit.shards.embeddings import (
     EMBEDDINGS_NAME,
@@ -44,40 +42,6 @@ from shardkit.train import EmbedConfig
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-# vision config keys that say how a model was loaded or saved, not what the network computes
-_NOT_ARCHITECTURE = {
-    "dtype",
-    "torch_dtype",
-    "transformers_version",
-    "architectures",
-    "name_or_path",
-    "return_dict",
-    "output_attentions",
-    "output_hidden_states",
-    "attn_implementation",
-    "use_cache",
-}
-
-
-def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision tower with its merger(s) of a Qwen-VL model (or of a peft model wrapping one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.visual
-
-
-def vision_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the vision tower's config and weights (taken as float32, so any load dtype of a bf16 checkpoint
-    gives the same)."""
-    config = {
-        k: v
-        for k, v in model.config.vision_config.to_dict().items()
-        if not k.startswith("_") and k not in _NOT_ARCHITECTURE
-    }
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vision_tower(model).state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def image_features(visual: torch.nn.Module, pixel_values: torch.Tensor, grid: torch.Tensor) -> list[dict[str, Any]]:
@@ -92,20 +56,6 @@ def image_features(visual: torch.nn.Module, pixel_values: torch.Tensor, grid: to
     return [{name: split[i] for name, split in parts.items()} for i in range(len(sizes))]
 
 
-def _rank_world() -> tuple[int, int, torch.device]:
-    """This process's rank, the world size, and its device (joining torchrun's process group)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    return 0, 1, device
-
-
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -115,10 +65,8 @@ def _load_vision(
     path: str, build_config: BuildInfo, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, VisionTower]:
     """The model's vision tower on ``device`` in ``dtype``, and its description (fingerprint of float32 weights)."""
-    from shardkit.train.local import _check_model_fits_build, load_model
-
     model = load_model(path)
-    _check_model_fits_build(model, build_config)
+    check_fits_build(model, build_config)
     hidden = model.config.vision_config
     info = VisionTower(
         model=path,
@@ -163,7 +111,7 @@ def _embed_task(
 ) -> EmbedTaskResult:
     """Embed the samples of build shard ``task`` into ``shard-TTTTTT.tar``; the task's result record."""
     fs, out = open_fs(config.out)
-    collate = Qwen2VLCollator.for_build(source.manifest, pixels="uint8")
+    collate = Collator.for_build(source.manifest, pixels="uint8")
     device = next(visual.parameters()).device
     start = sum(source.shard_sizes[:task])
     samples = (source.get(i) for i in range(start, start + source.shard_sizes[task]))
@@ -189,7 +137,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
     """Compute and write the image embeddings of ``config.build``; the manifest (resumes an interrupted pass)."""
     from tqdm import tqdm
 
-    rank, world, device = _rank_world()
+    rank, world, device = setup_distributed("gloo")  # the ranks only wait for each other
     source = BuildSource(config.build)
     compute = DTYPES[config.dtype] if device.type == "cuda" else torch.float32
     visual, tower = _load_vision(config.model, source.manifest.config, device, compute)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardkit.errors import ConfigError, InputError, OutputError, RecordError, ShardError
+from shardkit.load.source import BuildSource
 from shardkit.shards import Sample, read_manifest
-from shardkit.shards.reading import iter_build_samples
 from shardkit.storage import atomic_write, join, open_fs, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def export_llamafactory(build: str, out: str, *, name: str, progress: bool | Non
         ) as bar,
         atomic_write(fs, join(folder, f"{name}.jsonl")) as jsonl,
     ):
-        for sample in iter_build_samples(build, manifest):
+        for sample in BuildSource(build, manifest=manifest).samples():
             bar.update(1)
             try:
                 messages = llamafactory_messages(sample)

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from shardkit.load.source import BuildSource
 from shardkit.shards import Manifest, read_manifest
-from shardkit.shards.reading import iter_build_samples
 from shardkit.words import counted
 
 
@@ -32,7 +32,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
     tokens, trained, per_sample, pixels, image_tokens, originals = [], [], [], [], [], []
     labels: Counter[str] = Counter()
     meta_keys: set[str] = set()
-    for sample in iter_build_samples(location, manifest, images=False):
+    for sample in BuildSource(location, manifest=manifest).samples(images=False):
         info = sample.info
         tokens.append(info["num_tokens"])
         trained.append(info["num_trained_tokens"])

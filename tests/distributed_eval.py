@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardkit.model import load_model
 from shardkit.shards import read_manifest
-from shardkit.train.local import Evaluation, evaluate, load_model
+from shardkit.train.local import Evaluation, evaluate
 
 
 def main(model: str, build: str, out: str) -> None:

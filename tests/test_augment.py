@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from shardkit.errors import ConfigError
-from shardkit.load import ShardStream
+from shardkit.load import BuildSource, ShardStream
 from shardkit.load.augment import Augment
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches
-from shardkit.shards.reading import iter_build_samples
+from shardkit.load.batch import Collator, expand_patches, image_patches
+from shardkit.load.torch import TorchLoader
 from shardkit.testing import tiny_qwen2_vl_config
 
 
@@ -19,7 +19,7 @@ class PerSample:
     """The build's collator, its batch's ``pixel_values`` and grids then split by sample key."""
 
     def __init__(self, manifest, **options):
-        self.collate = Qwen2VLCollator.for_build(manifest, **options)
+        self.collate = Collator.for_build(manifest, **options)
 
     def set_epoch(self, epoch):
         self.collate.set_epoch(epoch)
@@ -50,7 +50,7 @@ def assert_same(a, b):
 
 
 def test_off_by_default_and_on_changes_pixels_but_not_shapes(builds):
-    stored = {s.key: s for s in iter_build_samples(builds["tar"])}
+    stored = {s.key: s for s in BuildSource(builds["tar"]).samples()}
     plain = pixels(loader(builds["tar"]))
     assert loader(builds["tar"]).collate.collate.augment is None
     manifest = ShardStream(builds["tar"], batch_size=1).source.manifest
@@ -116,7 +116,7 @@ def test_a_tiny_qwen2_vl_trains_on_an_augmented_uint8_batch(builds):
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config())
     stream = ShardStream(builds["tar"], batch_size=3, seed=0)
-    collate = Qwen2VLCollator.for_build(stream.source.manifest, pixels="uint8", augment=Augment())
+    collate = Collator.for_build(stream.source.manifest, pixels="uint8", augment=Augment())
     batch = next(iter(TorchLoader(stream, collate=collate)))
     out = model(**collate.to_device(batch, "cpu"))
     assert torch.isfinite(out.loss)

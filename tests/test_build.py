@@ -12,8 +12,8 @@ from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError, OutputError, RecordError
 from shardkit.images import ImageRoot
 from shardkit.inputs import open_input
+from shardkit.load import BuildSource
 from shardkit.shards import read_manifest
-from shardkit.shards.reading import iter_build_samples
 from tests.conftest import (
     IMAGE_BACKENDS,
     conversation,
@@ -39,7 +39,7 @@ def test_seed_layout_with_bad_lines_builds_and_reports_exactly_the_bad_lines(cli
     found = {r["line"]: r["code"] for r in rejects(out)}
     assert found == clinical.bad_lines
     assert all(r["reason"] for r in rejects(out))
-    stored = list(iter_build_samples(str(out)))
+    stored = list(BuildSource(str(out)).samples())
     assert [s.info["line"] for s in stored] == clinical.good_lines
     assert manifest.num_records == len(clinical.good_lines) + len(clinical.bad_lines)
     assert manifest.num_samples == len(stored) and manifest.num_rejected == len(clinical.bad_lines)
@@ -79,7 +79,7 @@ def test_the_models_image_processor_leaves_stored_images_unchanged(clinical, tmp
     build(config(clinical.jsonl, out, model=model), progress=False)
     pad = 151655
     checked = 0
-    for sample in iter_build_samples(str(out)):
+    for sample in BuildSource(str(out)).samples():
         for jpeg, image in zip(sample.images, sample.info["images"], strict=True):
             result = processor(images=[Image.open(io.BytesIO(jpeg))], return_tensors="np")
             assert result["image_grid_thw"].tolist() == [image["grid_thw"]]
@@ -101,7 +101,7 @@ def long_case(root, *, images=4, side=900, question="What is it?", answer="A ras
 def test_overlength_fit_lowers_resolution_on_the_grid(tmp_path):
     data = write_jsonl(tmp_path / "d" / "in.jsonl", [long_case(tmp_path / "d")])
     manifest = build(config(data, tmp_path / "out", max_length=1024), progress=False)
-    (sample,) = iter_build_samples(str(tmp_path / "out"))
+    (sample,) = BuildSource(str(tmp_path / "out")).samples()
     assert manifest.num_fitted == 1 and sample.info["fitted"]
     assert len(sample.input_ids) <= 1024
     for image in sample.info["images"]:
@@ -141,7 +141,7 @@ def test_overlength_truncate_cuts_trailing_text_only(tmp_path):
     ]
     data = write_jsonl(root / "in.jsonl", records)
     manifest = build(config(data, tmp_path / "out", max_length=256, overlength="truncate"), progress=False)
-    (sample,) = iter_build_samples(str(tmp_path / "out"))
+    (sample,) = BuildSource(str(tmp_path / "out")).samples()
     assert len(sample.input_ids) == 256 and sample.info["truncated_tokens"] > 0 and manifest.num_truncated == 1
     assert sample.weights[-1] > 0 and (sample.input_ids == 151655).sum() == sample.info["images"][0]["num_tokens"]
     found = {r["line"]: r for r in rejects(tmp_path / "out")}
@@ -257,7 +257,7 @@ def test_every_assistant_turn_is_trained_by_default_and_a_prompt_only_record_has
     for train_on, trained, turns in [(None, answers, 3), ("last_assistant", answers[-1:], 1)]:
         options = {} if train_on is None else {"train_on": train_on}
         manifest = build(config(data, tmp_path / str(train_on), **options), progress=False)
-        (sample,) = iter_build_samples(str(tmp_path / str(train_on)))
+        (sample,) = BuildSource(str(tmp_path / str(train_on))).samples()
         weighted = sample.input_ids[sample.weights > 0].tolist()
         assert weighted == tokenizer.encode("".join(trained), add_special_tokens=False)
         assert manifest.config.train_on == (train_on or "all_assistant")

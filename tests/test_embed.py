@@ -13,11 +13,13 @@ import torch
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed, vision_fingerprint, vision_tower
+from shardkit.embed import EmbedConfig, embed
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
-from shardkit.load.embeddings import EmbeddingCollator
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
+from shardkit.load.batch import Collator, EmbeddingCollator
+from shardkit.load.embeddings import EmbeddedSource
+from shardkit.load.torch import TorchLoader
+from shardkit.model import vision_fingerprint, vision_tower
 from shardkit.shards import read_manifest
 from shardkit.shards.embeddings import read_embedding_manifest
 from shardkit.synthetic import make_clinical_dataset
@@ -79,8 +81,8 @@ def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family
     vision_tower(model).requires_grad_(False)
     manifest = read_manifest(small_build)
     live_batches = iter(ShardStream(small_build, seed=1, **batching))
-    cached_batches = iter(ShardStream(small_build, seed=1, image_embeddings=cache, **batching))
-    live_collate, cached_collate = Qwen2VLCollator.for_build(manifest), EmbeddingCollator.for_build(manifest)
+    cached_batches = iter(ShardStream(EmbeddedSource(small_build, cache), seed=1, **batching))
+    live_collate, cached_collate = Collator.for_build(manifest), EmbeddingCollator.for_build(manifest)
     live = live_collate(next(live_batches))
     cached = cached_collate(next(cached_batches))
     assert "pixel_values" not in cached and cached["image_embeds"].shape[0] == len(live["pixel_values"]) // 4
@@ -102,13 +104,13 @@ def test_a_bf16_cache_gives_the_live_loss_to_about_four_digits_a_float32_one_to_
     embed(EmbedConfig.create(build=small_build, model=folder, out=str(bf16), dtype="bfloat16"), progress=False)
     model = model_class(family).from_pretrained(folder, dtype=torch.float32)
     manifest = read_manifest(small_build)
-    live = Qwen2VLCollator.for_build(manifest)(next(iter(ShardStream(small_build, seed=1, batch_size=4))))
+    live = Collator.for_build(manifest)(next(iter(ShardStream(small_build, seed=1, batch_size=4))))
     with torch.no_grad():
         live_loss = model(**live).loss.item()
         differences = {}
         for name, embeddings in (("float32", cache), ("bfloat16", str(bf16))):
             collate = EmbeddingCollator.for_build(manifest)
-            batch = collate(next(iter(ShardStream(small_build, seed=1, batch_size=4, image_embeddings=embeddings))))
+            batch = collate(next(iter(ShardStream(EmbeddedSource(small_build, embeddings), seed=1, batch_size=4))))
             differences[name] = abs(model(**collate.model_inputs(model, batch)).loss.item() - live_loss) / live_loss
     assert differences["float32"] <= 1e-6  # what the README calls identical
     assert 1e-7 < differences["bfloat16"] <= 1e-4  # the fifth significant digit or beyond
@@ -131,7 +133,7 @@ def test_the_manifest_names_the_build_and_the_vision_tower(family_model, small_b
 
 def test_loader_with_cached_embeddings_resumes_exactly_with_workers(family_model, small_build, cache):
     def loader():
-        return TorchLoader(ShardStream(small_build, pack_tokens=700, seed=2, image_embeddings=cache), num_workers=2)
+        return TorchLoader(ShardStream(EmbeddedSource(small_build, cache), pack_tokens=700, seed=2), num_workers=2)
 
     whole = [b["image_embeds"] for b in loader()]
     first = loader()
@@ -177,7 +179,7 @@ def test_embed_resumes_after_a_kill_keeping_finished_shards(family_model, small_
         f.write(b"\xff\xff")
     assert main(["verify", str(out)]) == 1
     with pytest.raises(Exception, match="shard-000002.tar does not match its sha256"):
-        ShardStream(small_build, batch_size=2, image_embeddings=str(out), verify=True)
+        EmbeddedSource(small_build, str(out), verify=True)
 
 
 @pytest.mark.slow
@@ -252,7 +254,7 @@ def test_a_cache_that_does_not_fit_is_refused(tmp_path, train_setup, small_build
     assert main([*cached, "--model", train_setup["model"], "--freeze-vision-tower", "--augment"]) == 2
     assert "--augment cannot apply" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="made from another build"):
-        ShardStream(small_build, batch_size=2, image_embeddings=train_setup["embeddings"])
+        EmbeddedSource(small_build, train_setup["embeddings"])
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
@@ -279,8 +281,8 @@ def test_embeddings_on_object_storage(family_model, small_build, cache):
     url = "s3://bucket/emb"
     embed(EmbedConfig.create(build=small_build, model=family_model[1], out=url, dtype="float32"), progress=False)
     assert main(["verify", url]) == 0
-    remote = TorchLoader(ShardStream(small_build, batch_size=4, image_embeddings=url, verify=True), num_workers=1)
-    local = TorchLoader(ShardStream(small_build, batch_size=4, image_embeddings=cache))
+    remote = TorchLoader(ShardStream(EmbeddedSource(small_build, url, verify=True), batch_size=4), num_workers=1)
+    local = TorchLoader(ShardStream(EmbeddedSource(small_build, cache), batch_size=4))
     assert all(torch.equal(a["image_embeds"], b["image_embeds"]) for a, b in zip(remote, local, strict=True))
 
 

@@ -10,10 +10,11 @@ import torch
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
+from shardkit.model import load_model
 from shardkit.shards import read_manifest
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.train.evaluate import eval_batches, rank_share
-from shardkit.train.local import Evaluation, evaluate, load_model
+from shardkit.train.local import Evaluation, evaluate
 from tests.conftest import torchrun
 
 

@@ -9,7 +9,7 @@ from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
 from shardkit.export import dataset_info_entry, export_llamafactory
-from shardkit.shards.reading import iter_build_samples
+from shardkit.load import BuildSource
 from tests.conftest import conversation, write_image, write_jsonl
 
 OTHER = {"file_name": "alpaca.json", "columns": {"prompt": "instruction"}}
@@ -32,7 +32,7 @@ def test_export_holds_the_stored_images_and_the_input_text(builds, small_dataset
     (out / "dataset_info.json").write_text(json.dumps({"other": OTHER}))
     summary = export_llamafactory(builds["tar"], str(out), name="clinical", progress=False)
 
-    stored = list(iter_build_samples(builds["tar"]))
+    stored = list(BuildSource(builds["tar"]).samples())
     lines = read_jsonl(out / "clinical.jsonl")
     records = {i + 1: line for i, line in enumerate(small_dataset.jsonl.read_text().splitlines())}
     assert len(lines) == len(stored) == summary.samples and not summary.skipped

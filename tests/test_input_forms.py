@@ -16,7 +16,7 @@ from shardkit.cli import main
 from shardkit.config import BuildConfig
 from shardkit.errors import InputError
 from shardkit.inputs import RawItem, detect, open_input
-from shardkit.shards.reading import iter_build_samples
+from shardkit.load import BuildSource
 from shardkit.stats import build_stats, format_stats
 from shardkit.validate import validate
 from tests.conftest import FIXTURES, write_image, write_jsonl
@@ -34,7 +34,7 @@ def template_tokens(tokenizer, template, messages, sample) -> list[int]:
 
 def built(config: BuildConfig) -> dict[int, object]:
     build(config, progress=False)
-    return {s.info["line"]: s for s in iter_build_samples(config.out)}
+    return {s.info["line"]: s for s in BuildSource(config.out).samples()}
 
 
 def rejects(folder) -> dict[int, dict]:
@@ -326,7 +326,7 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
     assert "1 record is in other input forms (sharegpt 1; e.g. line 2: a ShareGPT record" in err
     assert "--input-format qwen reads its own form only: --input-format auto reads each record in its own form" in err
     assert rejects(tmp_path / "named")[2]["code"] == "other_form"
-    assert [s.info["line"] for s in iter_build_samples(str(tmp_path / "named"))] == [1]
+    assert [s.info["line"] for s in BuildSource(str(tmp_path / "named")).samples()] == [1]
 
 
 # Qwen's finetune README (qwen-vl-finetune/README.md, "Packed Data Example"): one packed entry is a list of records,

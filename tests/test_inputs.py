@@ -15,8 +15,8 @@ from shardkit.errors import InputError, RecordError
 from shardkit.inputs import detect, open_input
 from shardkit.inputs.base import RawItem, hash_files
 from shardkit.inputs.jsonl import QwenJsonl, iter_lines
+from shardkit.load import BuildSource
 from shardkit.schema import InlineImage
-from shardkit.shards.reading import iter_build_samples
 from shardkit.validate import validate
 from tests.conftest import conversation, write_image, write_jsonl
 
@@ -26,7 +26,7 @@ def rejects(folder):
 
 
 def answers(folder):
-    return {s.info["line"]: s.info["messages"][-1]["content"][0]["text"] for s in iter_build_samples(str(folder))}
+    return {s.info["line"]: s.info["messages"][-1]["content"][0]["text"] for s in BuildSource(str(folder)).samples()}
 
 
 # -- JSON lines ---------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_image_folder_with_labels(tmp_path):
     report = validate(str(root))
     assert report.unit == "entry" and [p["line"] for p in report.problems] == [3]
     build(BuildConfig.create(input=str(root), out=str(tmp_path / "out"), prompt="Cat or dog?"), progress=False)
-    stored = list(iter_build_samples(str(tmp_path / "out")))
+    stored = list(BuildSource(str(tmp_path / "out")).samples())
     assert [s.info["meta"]["label"] for s in stored] == ["cat", "dog", "cat"]
     assert stored[0].info["messages"][0]["content"][1]["text"] == "Cat or dog?"
     assert rejects(tmp_path / "out")[3]["code"] == "image_missing"
@@ -176,7 +176,7 @@ def test_hugging_face_files_use_class_names(cifar_like, tmp_path, where):
         "automobile",
         "airplane",
     ]
-    sample = next(iter_build_samples(str(tmp_path / "out")))
+    sample = next(BuildSource(str(tmp_path / "out")).samples())
     assert sample.info["images"][0]["original_width"] == 32 and sample.info["images"][0]["source"].startswith("inline")
 
 
@@ -217,7 +217,7 @@ def test_hugging_face_image_bytes_pass_through_without_base64(tmp_path):
     assert first == f"inline image 1 of row 1 (cat.jpg, {len(jpeg)} bytes)"
     assert second == "inline image 1 of row 2 (10 bytes)"
     build(BuildConfig.create(input=str(tmp_path / "in.parquet"), out=str(tmp_path / "out")), progress=False)
-    sample = next(iter_build_samples(str(tmp_path / "out")))
+    sample = next(BuildSource(str(tmp_path / "out")).samples())
     assert sample.info["images"][0]["source"] == first and sample.info["images"][0]["original_width"] == 40
     reject = rejects(tmp_path / "out")[2]
     assert reject["code"] == "image_not_image" and "inline image 1 of row 2" in reject["reason"]
@@ -241,7 +241,7 @@ def test_inline_images_as_data_uris_and_bytes_fields(tmp_path):
     ]
     data = write_jsonl(tmp_path / "in.jsonl", records)
     build(BuildConfig.create(input=str(data), out=str(tmp_path / "out")), progress=False)
-    stored = list(iter_build_samples(str(tmp_path / "out")))
+    stored = list(BuildSource(str(tmp_path / "out")).samples())
     assert len(stored) == 2 and all(s.info["images"][0]["original_width"] == 80 for s in stored)
     assert rejects(tmp_path / "out")[3]["code"] == "image_corrupt"
 
@@ -320,7 +320,7 @@ def test_validation_split_is_stable_as_the_input_grows(clinical, tmp_path):
             input=str(path), out=str(out), image_root=str(clinical.root), val_fraction=0.4, split="train"
         )
         manifests = build_train_val(config, progress=False)
-        return {split: {s.info["line"] for s in iter_build_samples(str(out / split))} for split in manifests}
+        return {split: {s.info["line"] for s in BuildSource(str(out / split)).samples()} for split in manifests}
 
     small, large = sides(first, tmp_path / "a"), sides(grown, tmp_path / "b")
     assert small["train"] and small["val"] and not small["train"] & small["val"]

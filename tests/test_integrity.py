@@ -16,8 +16,8 @@ import shardkit.build as build_module
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
+from shardkit.load import BuildSource
 from shardkit.record_checks import NFC_SHRINK, max_token_chars, min_tokens
-from shardkit.shards.reading import iter_build_samples
 from shardkit.validate import validate
 from tests.conftest import conversation, write_image, write_jsonl
 
@@ -71,7 +71,7 @@ def test_values_json_cannot_hold_are_that_records_reject_or_null(tmp_path, fmt):
         (shard,) = out.glob("shard-*.parquet")
         stored = [strict_json(text) for text in pq.read_table(shard).column("json").to_pylist()]
     else:
-        stored = [strict_json(s.info_json) for s in iter_build_samples(str(out))]
+        stored = [strict_json(s.info_json) for s in BuildSource(str(out)).samples()]
     assert stored[0]["meta"] == {"score": None, "high": None}
     assert stored[1]["meta"] == {"label": "ok"}
     report = validate(str(data), input_format="sharegpt", keep_keys=keep)
@@ -94,7 +94,7 @@ def test_decimal_and_binary_labels_in_parquet(tmp_path):
         pa.table({"image": images[:1], "label": pa.array([b"\x00\xff"], pa.binary())}), tmp_path / "b.parquet"
     )
     manifest = build(config(folder / "decimal.parquet", tmp_path / "dec"), progress=False)
-    (sample,) = iter_build_samples(str(tmp_path / "dec"))
+    (sample,) = BuildSource(str(tmp_path / "dec")).samples()
     assert strict_json(sample.info_json)["meta"] == {"row": 1, "label": 1.25} and manifest.num_rejected == 1
     build(config(tmp_path / "b.parquet", tmp_path / "bin"), progress=False)
     ((reject,),) = [rejects(tmp_path / "bin")]
@@ -123,12 +123,12 @@ def test_an_internal_error_finishes_the_build_then_fails_loudly_with_a_log(tmp_p
     assert "1 record met an internal error" in err and str(out / "errors.log") in err
     log = (out / "errors.log").read_text()
     assert "line 2:" in log and "Traceback" in log and "ZeroDivisionError" in log
-    assert [s.info["line"] for s in iter_build_samples(str(out))] == [1, 3]
+    assert [s.info["line"] for s in BuildSource(str(out)).samples()] == [1, 3]
     (reject,) = rejects(out)
     assert reject["code"] == "internal_error" and "traceback" not in reject
     monkeypatch.setattr(build_module, "encode_jpeg", real)  # the bug fixed: a rerun redoes that task
     assert main(argv) == 0
-    assert [s.info["line"] for s in iter_build_samples(str(out))] == [1, 2, 3]
+    assert [s.info["line"] for s in BuildSource(str(out)).samples()] == [1, 2, 3]
 
 
 def test_a_build_with_no_samples_exits_1_naming_the_top_reasons(tmp_path, capsys):
@@ -140,7 +140,7 @@ def test_a_build_with_no_samples_exits_1_naming_the_top_reasons(tmp_path, capsys
 
 
 def stored_colour(out):
-    (sample,) = iter_build_samples(str(out))
+    (sample,) = BuildSource(str(out)).samples()
     return np.asarray(Image.open(io.BytesIO(sample.images[0]))).reshape(-1, 3).mean(axis=0)
 
 
@@ -165,7 +165,7 @@ def test_a_rerun_sees_changed_and_added_images(tmp_path, caplog):
     assert "already holds" not in caplog.text
     colours = [
         np.asarray(Image.open(io.BytesIO(s.images[0]))).reshape(-1, 3).mean(axis=0)
-        for s in iter_build_samples(str(out))
+        for s in BuildSource(str(out)).samples()
     ]
     assert colours[0][2] > 200 and colours[0][0] < 50 and colours[1][1] > 200
     assert manifest.num_rejected == 0 and rejects(out) == []
@@ -189,7 +189,7 @@ def test_one_read_and_one_decode_per_distinct_image_of_a_record(tmp_path, monkey
 
     monkeypatch.setattr(build_module, "SourceImage", Counting)
     build(config(data, tmp_path / "out", max_length=16384, max_pixels=28 * 28 * 16), progress=False, workers=1)
-    (sample,) = iter_build_samples(str(tmp_path / "out"))
+    (sample,) = BuildSource(str(tmp_path / "out")).samples()
     assert len(sample.images) == 92 and sample.images[0] == sample.images[89] == sample.images[91]
     assert sorted(opened) == sorted(decoded) == ["big.png", "small.jpg"]
 

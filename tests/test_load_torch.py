@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from shardkit.load import ShardStream
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader, expand_patches, image_patches, mrope_positions
+from shardkit.load.batch import Collator, expand_patches, image_patches, mrope_positions
+from shardkit.load.torch import TorchLoader
 from shardkit.shards import read_manifest
 from shardkit.testing import tiny_qwen2_vl_config
 from tests.conftest import IMAGE_BACKENDS, image_processor_class
@@ -30,7 +31,7 @@ def test_batch_equals_the_processor_and_the_chat_template(
 ):
     stream = ShardStream(builds["tar"], batch_size=5, seed=0)
     samples = next(iter(stream))
-    batch = Qwen2VLCollator.for_build(stream.source.manifest)(samples)
+    batch = Collator.for_build(stream.source.manifest)(samples)
     reference = processor(images=stored_images(samples), return_tensors="np")
     assert torch.allclose(batch["pixel_values"], torch.from_numpy(reference["pixel_values"]), atol=1e-5)
     assert batch["image_grid_thw"].tolist() == reference["image_grid_thw"].tolist()
@@ -62,11 +63,11 @@ def test_uint8_patches_expand_on_the_device_to_the_same_values(builds):
     stream = ShardStream(builds["parquet"], batch_size=4, seed=1)
     samples = next(iter(stream))
     manifest = stream.source.manifest
-    full = Qwen2VLCollator.for_build(manifest)(samples)
-    small = Qwen2VLCollator.for_build(manifest, pixels="uint8")(samples)
+    full = Collator.for_build(manifest)(samples)
+    small = Collator.for_build(manifest, pixels="uint8")(samples)
     assert "pixel_values" not in small and small["pixel_patches"].dtype == torch.uint8
     assert full["pixel_values"].element_size() * full["pixel_values"].numel() == 8 * small["pixel_patches"].numel()
-    moved = Qwen2VLCollator.for_build(manifest, pixels="uint8").to_device(small, "cpu")
+    moved = Collator.for_build(manifest, pixels="uint8").to_device(small, "cpu")
     assert torch.equal(moved["pixel_values"], full["pixel_values"])
     assert torch.equal(moved["input_ids"], full["input_ids"])
 
@@ -92,7 +93,7 @@ def test_a_tiny_qwen2_vl_trains_on_a_batch(builds, family):
     torch.manual_seed(0)
     model = cls(tiny_qwen2_vl_config(family))
     stream = ShardStream(builds["tar"], batch_size=3, seed=0)
-    batch = Qwen2VLCollator.for_build(stream.source.manifest)(next(iter(stream)))
+    batch = Collator.for_build(stream.source.manifest)(next(iter(stream)))
     out = model(**batch)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -113,7 +114,7 @@ def tiny_model(family, attn="sdpa"):
 def test_mrope_positions_equal_the_models_rope_index_on_every_sample(builds, family):
     model = tiny_model(family)
     stream = ShardStream(builds["tar"], batch_size=1, shuffle=False)
-    collate = Qwen2VLCollator.for_build(stream.source.manifest)
+    collate = Collator.for_build(stream.source.manifest)
     for (sample,) in stream:
         alone = collate([sample])
         expected, _ = model.model.get_rope_index(
@@ -126,7 +127,7 @@ def test_mrope_positions_equal_the_models_rope_index_on_every_sample(builds, fam
 def packed_batch(builds, **options):
     """The first batch of two packed sequences, and the build's collator."""
     stream = ShardStream(builds["tar"], pack_tokens=600, sequences_per_batch=2, seed=0)
-    return next(iter(stream)), Qwen2VLCollator.for_build(stream.source.manifest, **options)
+    return next(iter(stream)), Collator.for_build(stream.source.manifest, **options)
 
 
 def spans(sequences):

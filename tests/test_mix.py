@@ -18,6 +18,7 @@ from shardkit.errors import ConfigError
 from shardkit.load.mix import MixStream, open_stream, read_mix_file, share_counts
 from shardkit.load.plan import batch_samples
 from shardkit.load.torch import TorchLoader
+from shardkit.train import TrainConfig
 from tests.conftest import torchrun
 
 
@@ -194,7 +195,8 @@ def test_a_resume_state_of_another_mix_is_refused(builds, tiny):
 def test_a_mix_refuses_cached_image_embeddings(builds, tiny, tmp_path):
     # refused before the cache is opened: a mix reads pixels
     with pytest.raises(ConfigError, match="for one build"):
-        open_stream([builds["tar"], tiny["same"]], batch_size=2, image_embeddings=str(tmp_path / "emb"))
+        TrainConfig.create(data=[builds["tar"], tiny["same"]], image_embeddings=str(tmp_path / "emb"), model="m",
+                           output=str(tmp_path / "run"))  # fmt: skip
 
 
 def test_mix_files_json_and_yaml(builds, tiny, tmp_path):

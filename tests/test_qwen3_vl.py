@@ -13,7 +13,7 @@ import torch
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.load import ShardStream
-from shardkit.load.torch import Qwen2VLCollator, mrope_positions
+from shardkit.load.batch import Collator, mrope_positions
 from shardkit.render import TrainOn, get_family
 from shardkit.schema import Record
 from shardkit.synthetic import make_clinical_dataset
@@ -110,7 +110,7 @@ def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset,
 
     stream = ShardStream(hf_build, batch_size=4, seed=0)
     samples = next(iter(stream))
-    batch = Qwen2VLCollator.for_build(stream.source.manifest)(samples)
+    batch = Collator.for_build(stream.source.manifest)(samples)
     processor = qwen3_processor(tokenizer, backend)
     records = small_dataset.jsonl.read_text().splitlines()
     pixels, grids = [], []
@@ -128,7 +128,7 @@ def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset,
     assert torch.equal(batch["image_grid_thw"], torch.cat(grids))
     assert torch.allclose(batch["pixel_values"], torch.cat(pixels), atol=1e-5)
     assert batch["pixel_values"].shape[1] == 3 * 2 * 16 * 16
-    uint8 = Qwen2VLCollator.for_build(stream.source.manifest, pixels="uint8")
+    uint8 = Collator.for_build(stream.source.manifest, pixels="uint8")
     assert torch.equal(uint8.to_device(uint8(samples), "cpu")["pixel_values"], batch["pixel_values"])
 
 
@@ -145,7 +145,7 @@ def tiny_model(moe=False, attn="sdpa", tokenizer=None):
 def test_mrope_positions_equal_the_models_rope_index(hf_build):
     model = tiny_model()
     stream = ShardStream(hf_build, batch_size=1, shuffle=False)
-    collate = Qwen2VLCollator.for_build(stream.source.manifest)
+    collate = Collator.for_build(stream.source.manifest)
     for (sample,) in stream:
         alone = collate([sample])
         ids, types, grids = alone["input_ids"], alone["mm_token_type_ids"], alone["image_grid_thw"]
@@ -159,7 +159,7 @@ def test_mrope_positions_equal_the_models_rope_index(hf_build):
 def test_packed_losses_equal_each_sample_alone(hf_build, moe, attn):
     model = tiny_model(moe, attn)
     stream = ShardStream(hf_build, pack_tokens=1200, sequences_per_batch=2, seed=0)
-    sequences, collate = next(iter(stream)), Qwen2VLCollator.for_build(stream.source.manifest)
+    sequences, collate = next(iter(stream)), Collator.for_build(stream.source.manifest)
     batch = collate(sequences)
     assert len(spans(sequences)) > 2
     with torch.no_grad():

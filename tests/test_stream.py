@@ -276,7 +276,10 @@ def test_a_state_saved_when_the_plan_depended_on_the_workers_resumes_with_nothin
     resumed.load_state_dict(state)
     it = iter(resumed)
     first = next(it)
-    assert resumed.state_dict()["levels"] == [{"world": 1, "batches": 3, "workers": 2}, {"world": 1, "batches": 1}]
+    assert resumed.state_dict()["levels"] == [{"world": 1, "batches": 3, "parts": 2}, {"world": 1, "batches": 1}]
+    again = ShardStream(builds["tar"], batch_size=2, seed=4)
+    again.load_state_dict(resumed.state_dict())  # the state as written now, "parts" for "workers"
+    assert again.state_dict() == resumed.state_dict()
     keys_before = {resumed.source.get(i).key for i in read_before}
     rest = [s.key for s in first] + [s.key for b in it for s in b]
     assert len(rest) == len(set(rest)) and not keys_before & set(rest)

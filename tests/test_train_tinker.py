@@ -19,7 +19,7 @@ from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.mix import MixStream
 from shardkit.load.tinker import DatumBatches, sample_to_datum
-from shardkit.train import claim_output
+from shardkit.train import TrainConfig, claim_output, planned_steps
 from shardkit.train.tinker import TinkerTrainConfig, default_service, learning_rate, train_tinker
 
 
@@ -151,6 +151,16 @@ def test_one_epoch_sends_every_batch_in_order_pipelined(qwen3_build, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     state = json.loads((tmp_path / "tinker_state.json").read_text())
     assert state["step"] == 6 and state["tinker_path"].endswith("step-000006") and state["loader"]["epoch"] == 1
+
+
+def test_both_trainers_count_their_steps_by_one_rule(qwen3_build, tmp_path):
+    stream = ShardStream(qwen3_build, batch_size=8, seed=0)  # 47 samples: 6 batches
+    assert planned_steps(config(qwen3_build, tmp_path, epochs=2), stream) == 12
+    assert planned_steps(config(qwen3_build, tmp_path, epochs=None, max_steps=5), stream) == 5
+    local = TrainConfig.create(data=qwen3_build, model="m", output=str(tmp_path), epochs=2, grad_accum=4)
+    assert planned_steps(local, stream, local.grad_accum) == 4  # 2 steps an epoch, the second of 2 batches
+    with pytest.raises(ConfigError, match=r"too few samples for a batch per rank \(64 ranks\)"):
+        planned_steps(local, ShardStream(qwen3_build, batch_size=8, rank=0, world_size=64), local.grad_accum)
 
 
 def test_a_stopped_run_resumes_from_its_saved_state(qwen3_build, tmp_path):

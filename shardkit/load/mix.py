@@ -367,6 +367,4 @@ def open_stream(
         raise ConfigError(f"{len(weights)} weights for {len(data)} builds")
     if len(data) == 1 and epoch_size is None:
         return ShardStream(data[0], **options)
-    if options.get("image_embeddings"):
-        raise ConfigError("cached image embeddings (--image-embeddings) are for one build; a mix reads pixels")
     return MixStream(data, weights=weights, epoch_size=epoch_size, **options)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -35,6 +35,22 @@ from shardkit.shards.manifest import manifest_problems
 from shardkit.storage import join, open_fs
 
 OPEN_SHARDS = 4
+
+
+class Source(Protocol):
+    """What a stream reads: samples by id (position in manifest order), and the build's manifest and index, which
+    give their order and lengths. :class:`BuildSource` is one; a stage over it (cached embeddings) is another."""
+
+    location: str
+    manifest: Manifest
+    index: SampleIndex
+
+    @property
+    def shard_sizes(self) -> list[int]: ...
+
+    def __len__(self) -> int: ...
+
+    def get(self, sample_id: int) -> Sample: ...
 
 
 class ShardFiles:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from shardkit.errors import ConfigError, ShardError
 from shardkit.load.plan import (
@@ -46,7 +46,8 @@ from shardkit.load.plan import (
     padded_tokens,
     plan_settings,
 )
-from shardkit.load.source import BuildSource
+from shardkit.load.source import BuildSource, Source
+from shardkit.model import rank_world
 from shardkit.shards import Sample
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class ReadBatch:
 class _LevelState(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     world: int = Field(ge=1)
-    workers: int = Field(1, ge=1)  # states of older versions: the level's parts (see shardkit.load.plan)
+    # the level's parts (see shardkit.load.plan), in levels of older states only; written "workers" until renamed
+    parts: int = Field(1, ge=1, validation_alias=AliasChoices("parts", "workers"))
     batches: int = Field(ge=0)
 
 
@@ -99,20 +101,9 @@ def _parse_state(state: Any) -> _State:
 
 
 def _level_state(level: Level) -> dict[str, int]:
-    """A level as the state records it (``workers`` only for a level of an older state, see :class:`Level`)."""
+    """A level as the state records it (``parts`` only for a level of an older state, see :class:`Level`)."""
     state = {"world": level.world, "batches": level.batches}
-    return state if level.parts == 1 else {**state, "workers": level.parts}
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    """``(rank, world_size)`` from ``torch.distributed`` when it is initialised, else ``(0, 1)``."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return state if level.parts == 1 else {**state, "parts": level.parts}
 
 
 class ShardStream:
@@ -127,9 +118,10 @@ class ShardStream:
     read them (:meth:`batches`). Every sample is checked against its
     checksum (``checksums=False`` skips that, for measuring its cost);
     ``verify=True`` also checks every shard's sha256 once, up front.
-    ``image_embeddings`` (a folder written by
-    ``shardkit embed`` for this build) gives samples with their cached image
-    embeddings instead of their images (see :mod:`shardkit.load.embeddings`).
+    ``location`` may also be a source already opened (a :class:`BuildSource`,
+    or a stage over one such as :class:`~shardkit.load.embeddings.EmbeddedSource`):
+    the stream reads its samples as they come; ``verify`` and ``checksums`` are
+    then the source's own.
 
     ``on_error`` says what a sample that cannot be read does: ``"raise"`` (the
     default) raises its :class:`~shardkit.errors.ShardError`; ``"skip"`` drops
@@ -144,7 +136,7 @@ class ShardStream:
 
     def __init__(
         self,
-        location: str,
+        location: str | Source,
         *,
         batch_size: int | None = None,
         max_tokens: int | None = None,
@@ -159,7 +151,6 @@ class ShardStream:
         world_size: int | None = None,
         verify: bool = False,
         checksums: bool = True,
-        image_embeddings: str | None = None,
         on_error: Literal["raise", "skip"] = "raise",
     ):
         if on_error not in ("raise", "skip"):
@@ -167,11 +158,6 @@ class ShardStream:
         self.on_error = on_error
         self.skipped: Counter[str] = Counter()
         self.source = self._open_source(location, verify, checksums)
-        self.embeddings = None
-        if image_embeddings is not None:
-            from shardkit.load.embeddings import EmbeddingSource  # torch, only when asked for
-
-            self.embeddings = EmbeddingSource(image_embeddings, self.source, verify=verify)
         self.batching = Batching(
             batch_size=batch_size,
             max_tokens=max_tokens,
@@ -181,7 +167,7 @@ class ShardStream:
             sequences_per_batch=sequences_per_batch,
         )
         self.shuffle = Shuffle(shuffle, seed, shuffle_window)
-        auto_rank, auto_world = distributed_rank_world()
+        auto_rank, auto_world = rank_world()
         self.rank = auto_rank if rank is None else rank
         self.world_size = auto_world if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
@@ -199,9 +185,14 @@ class ShardStream:
         self._levels: list[Level] = [Level(self.world_size)]
         self._plan: EpochPlan | None = None
 
-    def _open_source(self, location: Any, verify: bool, checksums: bool) -> BuildSource:
-        """The samples the stream reads (a mix of builds opens several)."""
-        return BuildSource(location, verify=verify, checksums=checksums)
+    def _open_source(self, location: Any, verify: bool, checksums: bool) -> Source:
+        """The samples the stream reads: the build at ``location``, or ``location`` itself when it is a source (a mix
+        of builds opens several)."""
+        if isinstance(location, str):
+            return BuildSource(location, verify=verify, checksums=checksums)
+        if verify or not checksums:
+            raise ConfigError("verify and checksums are options of opening a build: give them to its source")
+        return location
 
     # -- state ---------------------------------------------------------------------------
 
@@ -248,7 +239,7 @@ class ShardStream:
                 f"the state was saved with other shuffle/batching settings ({parsed.plan}); "
                 "resume with the same settings to get the same batches"
             )
-        levels = [Level(level.world, level.batches, level.workers) for level in parsed.levels]
+        levels = [Level(level.world, level.batches, level.parts) for level in parsed.levels]
         for number, level in enumerate(levels):
             # rank 0: every rank has the same steps, and this rank may be outside an earlier level's world
             steps = self._make_plan(parsed.epoch, [*levels[:number], replace(level, batches=0)], rank=0).steps
@@ -363,17 +354,13 @@ class ShardStream:
         out = []
         for sample_id in ids:
             try:
-                out.append(self._sample(int(sample_id)))
+                out.append(self.source.get(int(sample_id)))
             except ShardError as exc:
                 if self.on_error == "raise" or exc.kind not in SKIPPABLE:
                     raise
                 logger.warning("skipped sample %d (on_error='skip'): %s", sample_id, exc)
                 skipped[exc.kind] += 1
         return out
-
-    def _sample(self, sample_id: int) -> Sample:
-        sample = self.source.get(sample_id)
-        return sample if self.embeddings is None else self.embeddings.attach(sample_id, sample)
 
     def batches(self, *, worker: int = 0, workers: int = 1) -> Iterator[ReadBatch]:
         """The rest of this epoch's batches for one of ``workers`` readers: counting from the first batch not

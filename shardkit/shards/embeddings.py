@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import io
 import tarfile
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from shardkit.errors import ShardError
-from shardkit.shards.base import checksum_of
+from shardkit.shards.base import Sample, checksum_of
 from shardkit.shards.manifest import FolderManifest, IndexFile, ShardEntry, read_json_model
 from shardkit.shards.tar import TarArchive, read_range, tar_member
 from shardkit.shards.task import TaskRecord
@@ -99,6 +100,13 @@ class EmbeddingShardWriter(TarArchive):
     def write(self, key: str, blob: bytes, tokens: int) -> None:
         """Append one sample's tensors (a safetensors blob) for its ``tokens`` image tokens."""
         self._append(tar_member(f"{key}.{MEMBER}", blob), checksum_of(blob), tokens)
+
+
+@dataclass
+class EmbeddedSample(Sample):
+    """A sample with its images' cached tensors (its ``KEY.safetensors`` blob) in place of its image bytes."""
+
+    features: bytes = b""
 
 
 def read_blob(f: Any, offset: int, size: int) -> tuple[str, bytes]:

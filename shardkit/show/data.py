@@ -15,7 +15,6 @@ from shardkit.images import ImageRoot, to_rgb
 from shardkit.load.source import BuildSource
 from shardkit.shards import BuildInfo, Manifest, Sample
 from shardkit.shards.folder import REJECTS_FILE
-from shardkit.shards.reading import iter_build_samples
 from shardkit.show.tokens import TokenDecoder
 from shardkit.storage import join, open_fs
 from shardkit.tokenizer import load_tokenizer
@@ -47,7 +46,7 @@ def choose_ids(num_samples: int, count: int, seed: int) -> list[int]:
 def ids_of_keys(source: BuildSource, keys: list[str]) -> list[int]:
     """The ids of the samples with these keys, in the order given; :class:`ConfigError` naming a missing key."""
     wanted, found = set(keys), {}
-    for sample_id, sample in enumerate(iter_build_samples(source.location, source.manifest, images=False)):
+    for sample_id, sample in enumerate(source.samples(images=False)):
         if sample.key in wanted:
             found[sample.key] = sample_id
             if len(found) == len(wanted):

@@ -9,6 +9,7 @@ included, is made from them).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from shardkit.errors import ConfigError
 from shardkit.options import Options
+from shardkit.words import counted
 
 # What a run writes in --output (either trainer): the only files --overwrite deletes.
 RUN_FILES = (
@@ -126,6 +128,11 @@ class TrainOptions(DataOptions):
             raise ValueError("give --resume or --overwrite, not both")
         return self
 
+    @property
+    def total_epochs(self) -> int | None:
+        """The epochs a run trains (None when ``max_steps`` bounds it instead)."""
+        return None if self.max_steps else (self.epochs or 1)
+
     def _default(self, **values: Any) -> None:
         """Set the fields of ``values`` that were left unset (None)."""
         for name, value in values.items():
@@ -183,12 +190,10 @@ class TrainConfig(TrainOptions):
             raise ValueError("--pack needs --batch-tokens: the length of each packed sequence")
         if self.image_embeddings and self.augment:
             raise ValueError("--image-embeddings feeds cached embeddings of the stored images: --augment cannot apply")
+        if self.image_embeddings and (len(self.data) > 1 or self.mix or self.epoch_size):
+            raise ValueError("cached image embeddings (--image-embeddings) are for one build; a mix reads pixels")
         self._default(lr=1e-4 if self.lora_rank else 1e-5, batch_size=None if self.batch_tokens else 1)
         return self
-
-    @property
-    def total_epochs(self) -> int | None:
-        return None if self.max_steps else (self.epochs or 1)
 
 
 class TinkerTrainConfig(TrainOptions):
@@ -211,6 +216,17 @@ class EmbedConfig(Options):
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="stored precision")
     batch_images: int = Field(32, ge=1, description="images per vision tower call")
     overwrite: bool = Field(False, description="replace embeddings made with another model or build")
+
+
+def planned_steps(options: TrainOptions, stream: Any, grad_accum: int = 1) -> int:
+    """The optimizer steps of a run, for either trainer: ``max_steps``, else ``epochs`` (default 1) times the steps of
+    an epoch of ``stream`` on this rank (``grad_accum`` batches a step, the last step of an epoch perhaps fewer);
+    :class:`ConfigError` when an epoch gives this rank no batch."""
+    batches = stream.steps_in_epoch(0)
+    if not batches:
+        data = ", ".join(options.data) or options.mix
+        raise ConfigError(f"{data} has too few samples for a batch per rank ({counted(stream.world_size, 'rank')})")
+    return options.max_steps or math.ceil(batches / grad_accum) * options.total_epochs
 
 
 class SourceCounter:

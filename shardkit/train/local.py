@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -44,15 +43,24 @@ from typing import Any
 
 import torch
 
-from shardkit.embed import vision_fingerprint, vision_tower
 from shardkit.errors import ConfigError
-from shardkit.load import BuildSource
+from shardkit.load import BuildSource, ShardStream
 from shardkit.load.augment import Augment
-from shardkit.load.embeddings import EmbeddingCollator, check_vision_tower
+from shardkit.load.batch import Collator, EmbeddingCollator
+from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.mix import check_compatible
-from shardkit.load.torch import Qwen2VLCollator, TorchLoader
-from shardkit.shards import BuildInfo, Manifest
-from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until
+from shardkit.load.torch import TorchLoader
+from shardkit.model import (
+    check_fits_build,
+    check_fits_embeddings,
+    check_token_ids,
+    load_model,
+    rank_world,
+    setup_distributed,
+    vision_tower,
+)
+from shardkit.shards import Manifest
+from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until, planned_steps
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
 logger = logging.getLogger(__name__)
@@ -61,22 +69,6 @@ LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj
 
 
 # -- distributed -------------------------------------------------------------------------
-
-
-def _setup_distributed() -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when launched by torchrun; ``(rank, world, device)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    return 0, 1, device
 
 
 def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -104,14 +96,9 @@ class Evaluation:
         check_compatible([train_manifest, self.source.manifest], ["--data", location], ["model family", "tokenizer"])
         if not len(self.source):
             raise ConfigError(f"the evaluation build {location} has no samples")
-        self.collator = Qwen2VLCollator.for_build(self.source.manifest, pixels="uint8")
+        self.collator = Collator.for_build(self.source.manifest, pixels="uint8")
         self.batches = eval_batches(len(self.source), batch_size)
-        rank, world = (
-            (torch.distributed.get_rank(), torch.distributed.get_world_size())
-            if torch.distributed.is_initialized()
-            else (0, 1)
-        )
-        self.mine = rank_share(len(self.batches), rank, world)
+        self.mine = rank_share(len(self.batches), *rank_world())
 
 
 @torch.no_grad()
@@ -138,31 +125,6 @@ def evaluate(model: torch.nn.Module, evaluation: Evaluation, device: torch.devic
 # -- model -------------------------------------------------------------------------------
 
 
-def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Module:
-    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE model from a local folder or a Hugging Face id."""
-    import transformers
-    from transformers import AutoConfig
-
-    classes = {
-        "qwen2_vl": "Qwen2VLForConditionalGeneration",
-        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-        "qwen3_vl": "Qwen3VLForConditionalGeneration",
-        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    }
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:
-        raise ConfigError(f"cannot load model {path!r}: {exc}") from None
-    if config.model_type not in classes:
-        raise ConfigError(
-            f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL, Qwen2.5-VL, Qwen3-VL "
-            "and Qwen3-VL-MoE"
-        )
-    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model_class = getattr(transformers, classes[config.model_type])
-    return model_class.from_pretrained(path, dtype=torch.float32, **options)
-
-
 def _step_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items: torch.Tensor) -> torch.Tensor:
     """Sum of the batch's token losses divided by ``num_items`` (the targets of the whole step).
 
@@ -173,16 +135,6 @@ def _step_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items: torch.
 
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     return ForCausalLMLoss(logits, inputs["labels"], logits.shape[-1], num_items_in_batch=num_items)
-
-
-def _check_model_fits_build(model: torch.nn.Module, build: BuildInfo) -> None:
-    vision = model.config.vision_config
-    family = build.family
-    if (vision.patch_size, vision.spatial_merge_size) != (family.patch_size, family.merge_size):
-        raise ConfigError(
-            f"the build's images are on a {family.patch_size}x{family.merge_size} patch grid "
-            f"({family.name}), the model's vision tower uses {vision.patch_size}x{vision.spatial_merge_size}"
-        )
 
 
 def _wrap_lora(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -280,36 +232,31 @@ def _windows(loader: TorchLoader, size: int) -> Iterator[list[dict[str, torch.Te
 
 def _open_data(config: TrainConfig) -> tuple[Any, Any, TorchLoader]:
     """The training stream, its collator and the loader of model-ready batches."""
-    stream = config.open_stream(
-        batch_size=None if config.batch_tokens else (config.batch_size or 1),
-        max_tokens=None if config.pack else config.batch_tokens,
-        pack_tokens=config.batch_tokens if config.pack else None,
-        seed=config.seed,
-        image_embeddings=config.image_embeddings,
-        on_error=config.on_error,
-    )
-    manifest = stream.source.manifest
-    if config.image_embeddings:
-        collator = EmbeddingCollator.for_build(manifest)
+    options = {
+        "batch_size": None if config.batch_tokens else (config.batch_size or 1),
+        "max_tokens": None if config.pack else config.batch_tokens,
+        "pack_tokens": config.batch_tokens if config.pack else None,
+        "seed": config.seed,
+        "on_error": config.on_error,
+    }
+    if config.image_embeddings and config.data:  # one build: TrainConfig refuses them with a mix
+        stream = ShardStream(EmbeddedSource(config.data[0], config.image_embeddings), **options)
+        collator = EmbeddingCollator.for_build(stream.source.manifest)
     else:
+        stream = config.open_stream(**options)
         augment = Augment(seed=config.seed) if config.augment else None
-        collator = Qwen2VLCollator.for_build(manifest, pixels="uint8", augment=augment)
+        collator = Collator.for_build(stream.source.manifest, pixels="uint8", augment=augment)
     return stream, collator, TorchLoader(stream, collate=collator, num_workers=config.num_workers)
 
 
 def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
     """The model to train, checked against the build (and the cached embeddings), frozen and wrapped as asked."""
     model = load_model(config.model, config.attn_implementation)
-    _check_model_fits_build(model, stream.source.manifest.config)
+    check_fits_build(model, stream.source.manifest.config)
     if config.freeze_vision_tower:
         vision_tower(model).requires_grad_(False)
-    if stream.embeddings is not None:
-        if model.config.model_type.startswith("qwen3_vl"):
-            raise ConfigError(
-                "cached image embeddings are not yet fed to Qwen3-VL (its deepstack features would be left out); "
-                "train it with --freeze-vision-tower alone, on pixels"
-            )
-        check_vision_tower(stream.embeddings.manifest, vision_fingerprint(model), config.image_embeddings)
+    if config.image_embeddings:
+        check_fits_embeddings(model, stream.source.embeddings, config.image_embeddings)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -317,7 +264,7 @@ def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
         model = _wrap_lora(model, config)
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
-    if stream.embeddings is not None and any(p.requires_grad for p in vision_tower(model).parameters()):
+    if config.image_embeddings and any(p.requires_grad for p in vision_tower(model).parameters()):
         raise ConfigError("--image-embeddings: the vision tower would be trained; add --freeze-vision-tower")
     return model
 
@@ -351,10 +298,7 @@ class _Stepper:
         for i, batch in enumerate(window):
             batch_samples, batch_tokens = self.collator.count(batch)
             inputs = self.collator.to_device(batch, device)
-            if int(inputs["input_ids"].max()) >= self.inner.config.text_config.vocab_size:
-                raise ConfigError(
-                    "the build's token ids exceed the model's vocabulary: was it built with this model's tokenizer?"
-                )
+            check_token_ids(self.inner, inputs["input_ids"])
             if self.config.image_embeddings:
                 inputs = self.collator.model_inputs(self.inner, inputs)
             sync = world > 1 and i < len(window) - 1
@@ -449,7 +393,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    rank, world, device = _setup_distributed()
+    rank, world, device = setup_distributed()
     output = Path(config.output)
     _claim_output(config, output, rank, world)
     torch.manual_seed(config.seed)
@@ -460,10 +404,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
     model = _prepare_model(config, stream).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(stream.steps_in_epoch(0) / config.grad_accum)
-    if not steps_per_epoch:
-        raise ConfigError(f"{config.data} gives this rank no batch: too few samples for {world} ranks")
-    total_steps = config.max_steps or steps_per_epoch * (config.epochs or 1)
+    total_steps = planned_steps(config, stream, config.grad_accum)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     state = _resume(config, output, rank, model, optimizer, scheduler, loader)
     step = state["step"]

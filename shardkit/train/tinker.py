@@ -33,7 +33,7 @@ from shardkit.load import BuildSource
 from shardkit.load.mix import check_compatible
 from shardkit.load.tinker import DatumBatches, sample_to_datum
 from shardkit.storage import open_fs, write_bytes
-from shardkit.train import SourceCounter, TinkerTrainConfig, claim_output, keep_metrics_until
+from shardkit.train import SourceCounter, TinkerTrainConfig, claim_output, keep_metrics_until, planned_steps
 from shardkit.train.evaluate import EvalResult, combine, eval_batches
 
 logger = logging.getLogger(__name__)
@@ -220,12 +220,10 @@ def train_tinker(
     if family != "qwen3_vl":
         raise ConfigError(f"{data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
     batches = DatumBatches(stream)
-    if not stream.steps_in_epoch(0):
-        raise ConfigError(f"{data} has fewer samples than one batch of {config.batch_size}")
+    total_steps = planned_steps(config, stream)
     evaluation = (
         TinkerEvaluation(config.eval_data, stream.source.manifest, config.batch_size) if config.eval_data else None
     )
-    total_steps = config.max_steps or stream.steps_in_epoch(0) * (config.epochs or 1)
     warmup = round(config.warmup_ratio * total_steps)
 
     Path(config.output).mkdir(parents=True, exist_ok=True)
@@ -235,7 +233,7 @@ def train_tinker(
     sources = SourceCounter(stream, state.get("source_samples"))
     finish = _Finisher(config, evaluation, on_step)
     pending: _Queued | None = None
-    while step < total_steps and (config.max_steps or batches.epoch < (config.epochs or 1)):
+    while step < total_steps and (config.total_epochs is None or batches.epoch < config.total_epochs):
         epoch = batches.epoch
         for datums in batches:
             lr = learning_rate(step, total_steps, warmup, config.lr)

@@ -1,0 +1,378 @@
+"""Model-ready Qwen2-VL / Qwen2.5-VL / Qwen3-VL batches from samples: collation, M-RoPE positions, packing.
+
+:class:`Collator` turns samples into exactly what
+``Qwen2VLForConditionalGeneration`` (and the Qwen2.5-VL, Qwen3-VL and
+Qwen3-VL-MoE classes, with the build's grid and normalisation) takes:
+``input_ids``, ``attention_mask``, ``labels`` (-100 where the weight is 0 and
+on padding), ``pixel_values``, ``image_grid_thw`` and ``mm_token_type_ids``
+(transformers 5 needs it for M-RoPE). ``pixel_values`` equal the image
+processor's output on the stored images (``Qwen2VLImageProcessor``; for
+Qwen3-VL with patch 16 and mean and std 0.5), because those are already on the
+grid: the collator only decodes the JPEG, cuts it into patches and normalises.
+
+With ``pixels="uint8"`` the batch carries ``pixel_patches`` instead (one byte
+per value, no temporal copy: an eighth of the float32 size), and
+:meth:`Collator.to_device` normalises and expands them on the device.
+
+Packed batches (a list of sequences, each a list of samples, from a stream with
+``pack_tokens``) become rows of whole samples one after another, with no
+``attention_mask`` and instead:
+
+- ``position_ids`` of shape ``(4, rows, length)``: row 0 the text positions,
+  restarting at 0 with each sample; rows 1-3 each sample's M-RoPE positions
+  (temporal, height, width) exactly as ``get_rope_index`` computes them for the
+  sample alone. Given ``position_ids``, the model uses them as they are; from
+  the restarts in row 0 transformers builds a block-diagonal causal mask
+  (eager, sdpa) or finds the sequences for flash-attention (one row a batch);
+- ``cu_seq_lens_q``/``cu_seq_lens_k`` and ``max_length_q``/``max_length_k``:
+  the samples' boundaries for flash-attention's variable-length kernel, any
+  number of rows;
+- ``labels`` -100 on each sample's first token, so that no sample is trained to
+  predict the next one's start;
+- ``use_cache`` False: with a cache, transformers skips the packed-sequence mask.
+
+Padding after the last sample of a row continues that sample's positions: it
+comes after every real token, so causal attention never lets a real token see it.
+
+:class:`EmbeddingCollator` makes the batch of samples that hold cached image
+embeddings instead of images (no pixels; see :mod:`shardkit.load.embeddings`).
+Nothing here reads a build: :mod:`shardkit.load.torch` runs a collator over a stream.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shardkit.errors import ConfigError, ShardError
+from shardkit.load.augment import Augment
+from shardkit.shards import Manifest, Sample
+from shardkit.shards.embeddings import EmbeddedSample
+
+IGNORE_INDEX = -100
+
+
+def image_patches(
+    image: bytes | Image.Image, patch_size: int, merge_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """A stored image (JPEG bytes, or decoded) as uint8 patches ``(num_patches, 3, patch, patch)``, processor order.
+
+    ``out``, if given, is a C-contiguous buffer of that shape to write the patches into (no extra copy).
+    """
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    height, width, _ = array.shape
+    p, m = patch_size, merge_size
+    grid_h, grid_w = height // p, width // p
+    x = array.reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
+    x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (rows/m, cols/m, m, m, channel, p, p)
+    if out is None:
+        out = np.empty((grid_h * grid_w, 3, p, p), dtype=np.uint8)
+    out.reshape(x.shape)[...] = x
+    return out
+
+
+def expand_patches(
+    patches: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    temporal_patch_size: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 patches -> the processor's ``pixel_values``: rescale, normalise, repeat the frame in time.
+
+    Runs wherever ``patches`` lives (on the GPU, it costs almost nothing). The
+    first frame is normalised in place as ``x / (255 std) - mean / std`` and
+    copied to the others: three passes over the output, no temporaries.
+    """
+    n, channels, p, _ = patches.shape
+    scale = torch.tensor([1 / (255 * s) for s in std], device=patches.device).view(1, channels, 1, 1)
+    bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=patches.device).view(1, channels, 1, 1)
+    out = _output((n, channels, temporal_patch_size, p, p), patches.device)
+    first = out[:, :, 0]
+    first.copy_(patches)
+    first.mul_(scale).add_(bias)
+    out[:, :, 1:].copy_(first.unsqueeze(2))
+    return out.view(n, channels * temporal_patch_size * p * p).to(dtype)
+
+
+def _output(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 tensor; in a DataLoader worker, allocated in shared memory.
+
+    A tensor a worker returns is copied into shared memory to reach the main
+    process; writing the pixels there in the first place saves that copy, a
+    third of the cost of a float32 batch.
+    """
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if device.type != "cpu" or new_shared is None or torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    count = math.prod(shape)
+    return torch.empty(0, dtype=torch.float32).set_(new_shared(count * 4), 0, shape)
+
+
+def mrope_positions(length: int, images: Sequence[dict[str, Any]], merge_size: int) -> np.ndarray:
+    """A sample's M-RoPE position ids ``(3, length)`` (temporal, height, width), as the model computes them.
+
+    ``images`` are the sample's ``info["images"]`` (``token_start``,
+    ``num_tokens``, ``grid_thw``). Text tokens count up on all three axes; an
+    image's tokens sit on its merged grid from the current position, and the
+    text after it continues from the current position plus the grid's longer side.
+    """
+    out = np.empty((3, length), dtype=np.int64)
+    position = cursor = 0
+    for image in images:
+        start, count = image["token_start"], image["num_tokens"]
+        out[:, cursor:start] = position + np.arange(start - cursor)
+        position += start - cursor
+        t, h, w = image["grid_thw"][0], image["grid_thw"][1] // merge_size, image["grid_thw"][2] // merge_size
+        if t * h * w != count:
+            raise ValueError(f"an image of grid {image['grid_thw']} has {count} tokens, expected {t * h * w}")
+        out[0, start : start + count] = position
+        out[1, start : start + count] = position + np.repeat(np.arange(h), w * t)
+        out[2, start : start + count] = position + np.tile(np.arange(w), h * t)
+        position += max(h, w)
+        cursor = start + count
+    out[:, cursor:] = position + np.arange(length - cursor)
+    return out
+
+
+def _transformers_needs_token_types() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+class Collator:
+    """Samples of a build of any family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: :meth:`for_build` takes the grid,
+    normalisation and token ids from its manifest) -> a model-ready batch (right-padded).
+
+    With ``augment``, each image is changed at random before it is cut into
+    patches, as drawn for the sample, the image and :attr:`epoch` (which
+    :class:`~shardkit.load.torch.TorchLoader` sets; see :mod:`shardkit.load.augment`); rotation
+    leaves the normalisation mean, zero after normalising, in the corners.
+    """
+
+    def __init__(
+        self,
+        *,
+        patch_size: int,
+        merge_size: int,
+        temporal_patch_size: int,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        image_token_id: int,
+        pad_token_id: int,
+        pixels: Literal["float32", "uint8"] = "float32",
+        mm_token_type_ids: bool | None = None,
+        augment: Augment | None = None,
+    ):
+        if pixels not in ("float32", "uint8"):
+            raise ValueError(f"pixels must be 'float32' or 'uint8', got {pixels!r}")
+        self.patch_size, self.merge_size, self.temporal_patch_size = patch_size, merge_size, temporal_patch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.image_token_id, self.pad_token_id = image_token_id, pad_token_id
+        self.pixels = pixels
+        self.mm_token_type_ids = _transformers_needs_token_types() if mm_token_type_ids is None else mm_token_type_ids
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation the next batches get."""
+        self.epoch = epoch
+
+    @classmethod
+    def for_build(cls, manifest: Manifest, **options: Any) -> Collator:
+        """A collator with the grid, normalisation and token ids recorded in ``manifest``."""
+        family, tokens = manifest.config.family, manifest.config.special_tokens
+        defaults: dict[str, Any] = {
+            "patch_size": family.patch_size,
+            "merge_size": family.merge_size,
+            "temporal_patch_size": family.temporal_patch_size,
+            "image_mean": family.image_mean,
+            "image_std": family.image_std,
+            "image_token_id": tokens.image_pad,
+            # padding is masked out of attention and loss: without a pad token, any id but the image pad serves
+            "pad_token_id": tokens.vision_end if tokens.pad is None else tokens.pad,
+        }
+        return cls(**{**defaults, **options})
+
+    def __call__(self, samples: Sequence[Sample] | Sequence[Sequence[Sample]]) -> dict[str, Any]:
+        """A batch of samples (one row each), or of packed sequences (one row each, see the module doc)."""
+        if not isinstance(samples[0], Sample):
+            return self._packed(samples)  # type: ignore[arg-type]
+        longest = max(len(s.input_ids) for s in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample.input_ids)
+            input_ids[row, :n], labels[row, :n] = _ids_and_labels(sample)
+            attention_mask[row, :n] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.mm_token_type_ids:
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.long) * attention_mask
+        return self._add_images(batch, samples)
+
+    def _packed(self, sequences: Sequence[Sequence[Sample]]) -> dict[str, Any]:
+        longest = max(sum(len(s.input_ids) for s in sequence) for sequence in sequences)
+        rows = len(sequences)
+        input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.empty((4, rows, longest), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            start = 0
+            for sample in sequence:
+                n = len(sample.input_ids)
+                end = start + n
+                input_ids[row, start:end], labels[row, start:end] = _ids_and_labels(sample)
+                labels[row, start] = IGNORE_INDEX
+                position_ids[0, row, start:end] = torch.arange(n)
+                position_ids[1:, row, start:end] = torch.from_numpy(
+                    mrope_positions(n, sample.info["images"], self.merge_size)
+                )
+                start = end
+            padding = torch.arange(1, longest - start + 1)
+            position_ids[:, row, start:] = position_ids[:, row, start - 1 : start] + padding
+        starts = torch.nonzero(position_ids[0].reshape(-1) == 0).view(-1).to(torch.int32)
+        cu_seq_lens = torch.cat([starts, torch.tensor([rows * longest], dtype=torch.int32)])
+        max_length = int(cu_seq_lens.diff().max())
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens.clone(),
+            "max_length_q": max_length,
+            "max_length_k": max_length,
+            "use_cache": False,
+        }
+        return self._add_images(batch, [s for sequence in sequences for s in sequence])
+
+    def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
+        """Add the samples' images, in token order, to ``batch``."""
+        grids = [info["grid_thw"] for sample in samples for info in sample.info["images"]]
+        if not grids:
+            return batch
+        p = self.patch_size
+        counts = [t * h * w for t, h, w in grids]
+        buffer = np.empty((sum(counts), 3, p, p), dtype=np.uint8)  # every image's patches, written in place
+        slots = iter(np.split(buffer, np.cumsum(counts)[:-1]))
+        fill = tuple(round(255 * m) for m in self.image_mean)
+        for sample in samples:
+            if len(sample.images) != len(sample.info["images"]):
+                raise ShardError(f"sample {sample.key} holds {len(sample.images)} images, its metadata describes "
+                                 f"{len(sample.info['images'])}")  # fmt: skip
+            for index, jpeg in enumerate(sample.images):
+                image: bytes | Image.Image = jpeg
+                if self.augment is not None:
+                    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
+                    image = self.augment(decoded, epoch=self.epoch, key=sample.key, index=index, fill=fill)
+                image_patches(image, p, self.merge_size, out=next(slots))
+        uint8 = torch.from_numpy(buffer)
+        if self.pixels == "uint8":
+            batch["pixel_patches"] = uint8
+        else:
+            batch["pixel_values"] = expand_patches(uint8, self.image_mean, self.image_std, self.temporal_patch_size)
+        batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
+        return batch
+
+    def count(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """``(samples, tokens)`` of a collated batch, padding left out."""
+        if "attention_mask" in batch:
+            return int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum())
+        samples = len(batch["cu_seq_lens_q"]) - 1
+        return samples, int((batch["input_ids"] != self.pad_token_id).sum())
+
+    def to_device(
+        self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
+        """Move a batch to ``device``; uint8 ``pixel_patches`` become ``pixel_values`` there."""
+        out = {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if k != "pixel_patches"
+        }
+        if "pixel_patches" in batch:
+            patches = batch["pixel_patches"].to(device, non_blocking=True)
+            out["pixel_values"] = expand_patches(
+                patches, self.image_mean, self.image_std, self.temporal_patch_size, dtype
+            )
+        elif "pixel_values" in out:
+            out["pixel_values"] = out["pixel_values"].to(dtype)
+        return out
+
+
+def _ids_and_labels(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.from_numpy(sample.input_ids.astype(np.int64))
+    return ids, torch.where(torch.from_numpy(sample.weights > 0), ids, IGNORE_INDEX)
+
+
+class EmbeddingCollator(Collator):
+    """Samples with cached image embeddings (:class:`~shardkit.load.embeddings.EmbeddedSource`) -> a batch without
+    pixels: ``input_ids``, ``attention_mask`` (plain and token-budget batches), ``labels``, ``image_embeds`` (every
+    image's embeddings in token order) and the M-RoPE ``position_ids`` the model would compute from the pixels
+    (``(3, rows, length)``, zero on padding, as ``get_rope_index`` gives them; packed batches keep their
+    ``(4, rows, length)`` positions and flash-attention boundaries). :meth:`model_inputs` turns such a batch into
+    the model's keyword arguments: ``inputs_embeds`` (the token embeddings with the cached image embeddings
+    scattered at the ``<|image_pad|>`` positions) and ``position_ids``, so the vision tower is not run."""
+
+    def __call__(self, samples: Sequence[Sample] | Sequence[Sequence[Sample]]) -> dict[str, Any]:
+        batch = super().__call__(samples)
+        batch.pop("mm_token_type_ids", None)
+        count = batch["image_embeds"].shape[0] if "image_embeds" in batch else 0
+        if (tokens := int((batch["input_ids"] == self.image_token_id).sum())) != count:  # on the CPU, in the worker
+            raise ShardError(f"the batch has {tokens} image tokens and {count} cached image embeddings")
+        if "attention_mask" in batch:
+            batch["position_ids"] = self._positions(samples, batch["input_ids"].shape[1])  # type: ignore[arg-type]
+        return batch
+
+    def _positions(self, samples: Sequence[Sample], length: int) -> torch.Tensor:
+        """``(3, rows, length)`` M-RoPE positions of right-padded rows, zero on padding (as the model computes)."""
+        out = np.zeros((3, len(samples), length), dtype=np.int64)
+        for row, sample in enumerate(samples):
+            n = len(sample.input_ids)
+            out[:, row, :n] = mrope_positions(n, sample.info["images"], self.merge_size)
+        return torch.from_numpy(out)
+
+    def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
+        """Add every image's cached embeddings, in token order, as ``image_embeds``."""
+        from safetensors.torch import load
+
+        embeds = []
+        for sample in samples:
+            if not isinstance(sample, EmbeddedSample):
+                raise ConfigError(
+                    "EmbeddingCollator needs samples with cached embeddings: read them through EmbeddedSource"
+                )
+            tensors = load(sample.features)
+            for i, image in enumerate(sample.info["images"]):
+                tensor = tensors.get(f"{i}.embeds")
+                if tensor is None or tensor.shape[0] != image["num_tokens"]:
+                    found = "none" if tensor is None else f"{tensor.shape[0]} tokens"
+                    raise ShardError(f"sample {sample.key} image {i}: cached embeddings ({found}) do not match its "
+                                     f"{image['num_tokens']} image tokens")  # fmt: skip
+                embeds.append(tensor)
+        if embeds:
+            batch["image_embeds"] = torch.cat(embeds)
+        return batch
+
+    def model_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch (on the model's device) -> the model's keyword arguments: ``inputs_embeds`` with the cached image
+        embeddings at the image pads, instead of ``input_ids``."""
+        out = dict(batch)
+        input_ids = out.pop("input_ids")
+        image_embeds = out.pop("image_embeds", None)
+        embeds = model.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id  # as many as image_embeds' rows: checked when collated
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), image_embeds)
+        out["inputs_embeds"] = embeds
+        return out
