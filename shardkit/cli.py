@@ -270,7 +270,7 @@ def _build(args: argparse.Namespace) -> int:
 def _build_verdict(manifest: Any, out: str, split: str) -> int:
     """The exit code of a finished build: a bug (3), records rejected for their input form (1) or no samples at
     all (1) fail it, with one line saying why (a split that no record fell into is no failure)."""
-    from shardkit.build import INTERNAL_ERROR
+    from shardkit.convert import INTERNAL_ERROR
     from shardkit.shards.folder import ERRORS_LOG
 
     if internal := manifest.rejects_by_code.get(INTERNAL_ERROR):
