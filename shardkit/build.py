@@ -132,7 +132,7 @@ def _reject(result: TaskResult, exc: RecordError, where: str) -> None:
 def converter_for(config: BuildConfig) -> Converter:
     """The converter of ``config``, built once per process for the build being run (forked workers inherit the
     one the build made before starting them)."""
-    return Converter(config, load_tokenizer(config.tokenizer)[0])
+    return Converter(config, load_tokenizer(config.tokenizer_name)[0])
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _build_split(config: BuildConfig, source: InputFormat, scan: InputScan, run:
     """One build (one split of a train/val build) into ``config.out``, holding its folder's lock."""
     fs, folder = open_fs(config.out)
     with lock(fs, folder):
-        tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
+        tokenizer, tokenizer_info = load_tokenizer(config.tokenizer_name)
         identity = _identity(config, scan.sha256, tokenizer_info)
         complete = claim(fs, folder, identity, overwrite=run.overwrite)
         convert = converter_for(config)  # built here, so forked workers share it
@@ -339,9 +339,9 @@ def _run_tasks(fs: Any, folder: str, tasks: SplitTasks, scan: InputScan, run: Bu
 def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Renderer, pad: int | None) -> BuildInfo:
     """What the manifest records of the build: its identity, the tokenizer and its special token ids."""
     special = SpecialTokens(
-        image_pad=renderer.image_pad_id,
-        vision_start=renderer.ids[renderer.VISION_START],
-        vision_end=renderer.ids[renderer.VISION_END],
+        image_pad=renderer.ids["image_pad"],
+        vision_start=renderer.ids["vision_start"],
+        vision_end=renderer.ids["vision_end"],
         pad=pad,
     )
     return BuildInfo.model_validate({**identity, "tokenizer": tokenizer.name, "special_tokens": special})

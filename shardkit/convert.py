@@ -22,7 +22,7 @@ from shardkit.images import ImageRoot, SourceImage, encode_jpeg, image_label
 from shardkit.inputs import InputFormat, RawItem, open_input
 from shardkit.ledger import Ledger, file_stamp, record_read
 from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
-from shardkit.render import Expanded, Renderer
+from shardkit.render import Expanded, Renderer, targets
 from shardkit.schema import ImagePart, Record
 from shardkit.shards import Sample
 
@@ -78,7 +78,7 @@ class Converter:
         expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
         input_ids, weights = self._cut(expanded)
         trained = int((weights > 0).sum())
-        turns = sum(Renderer.trained(record, i, self.config.train_on) for i in range(len(record.messages)))
+        turns = sum(targets(record, self.config.train_on))
         if not trained:
             raise RecordError("no training target left: every token has weight 0", "no_target")
         info: dict[str, Any] = {

@@ -47,7 +47,7 @@ def validate(path: str, *, on_record: Callable[[], None] | None = None, **option
     from shardkit.tokenizer import load_tokenizer
 
     config = BuildConfig.create(input=path, out="", **{k: v for k, v in options.items() if v is not None})
-    convert = Converter(config, load_tokenizer(config.tokenizer)[0])
+    convert = Converter(config, load_tokenizer(config.tokenizer_name)[0])
     report = ValidationReport(unit=convert.input.unit)
     duplicates = find_duplicates(convert.input, convert.root).duplicates if config.dedup else {}
     for item in convert.input.items():

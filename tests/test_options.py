@@ -205,5 +205,14 @@ def test_the_trainers_import_no_build_code():
         json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     )
     assert "shardkit.train.local" in loaded
-    build_code = ("shardkit.build", "shardkit.config", "shardkit.images", "shardkit.inputs", "shardkit.render")
+    build_code = (
+        "shardkit.build",
+        "shardkit.config",
+        "shardkit.convert",
+        "shardkit.dedup",
+        "shardkit.families",
+        "shardkit.images",
+        "shardkit.inputs",
+        "shardkit.render",
+    )
     assert not [m for m in loaded if m in build_code or m.startswith(tuple(f"{p}." for p in build_code))]
