@@ -1,45 +1,44 @@
-"""The build: read -> validate -> images -> render -> write, then the manifest.
+"""The build directs the stages; each stage lives in its own module. In the order they run:
 
-The input is cut into tasks of ``samples_per_shard`` consecutive records; a task
-writes its shards (``shard-TTTTTT-PPP``, more than one part only when
-``max_shard_bytes`` is reached). Tasks run in this process, in a pool of
-worker processes or on a Ray cluster (:mod:`shardkit.engines`); shard
-boundaries follow input order alone, so the shards are byte-identical whatever
-runs them. A finished task is recorded in the build folder
-(:mod:`shardkit.shards.folder`), so a build killed at any point resumes by
-skipping the recorded tasks; the manifest is written last.
+1. open the input (:mod:`shardkit.inputs`), hash and count it and, with ``dedup``, find its duplicate records
+   (:mod:`shardkit.dedup`), once for both splits of a train/val build;
+2. claim the build folder (:mod:`shardkit.shards.folder`): a new build, or a resumed one whose finished tasks
+   still stand (their image files unchanged);
+3. cut the input into tasks of ``samples_per_shard`` consecutive records (the other split's records skipped) and
+   run them (:mod:`shardkit.engines`: this process, a pool of worker processes or a Ray cluster); a task converts
+   each record (:mod:`shardkit.convert`: read, check, render, images) and writes its shards
+   (``shard-TTTTTT-PPP``, more than one part only when ``max_shard_bytes`` is reached), rejects collected;
+4. assemble the manifest, the rejects, the index and the statistics from the saved task results, the manifest
+   last.
+
+Shard boundaries follow input order alone, so the shards are byte-identical whatever runs them. A finished task
+is recorded in the build folder, so a build killed at any point resumes by skipping the recorded tasks.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import hashlib
-import itertools
 import logging
 import os
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from shardkit import __version__
-from shardkit.config import BuildConfig, BuildRun, Overlength
+from shardkit.config import BuildConfig, BuildRun
+from shardkit.convert import INTERNAL_ERROR, Converter, image_root
+from shardkit.dedup import DuplicateScan, find_duplicates
 from shardkit.engines import run_tasks
 from shardkit.errors import ConfigError, OutputError, RecordError, ShardkitError
-from shardkit.images import ImageRoot, SourceImage, encode_jpeg, image_label
+from shardkit.images import ImageRoot
 from shardkit.inputs import InputFormat, RawItem, open_input
 from shardkit.inputs.base import hash_files
-from shardkit.ledger import Ledger, changed_images, file_stamp, record_read
-from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
-from shardkit.render import Expanded, Renderer
-from shardkit.schema import ImagePart, InlineImage, Record
-from shardkit.shards import WRITERS, Manifest, Sample, read_manifest
+from shardkit.ledger import changed_images
+from shardkit.render import Renderer
+from shardkit.shards import WRITERS, Manifest, read_manifest
 from shardkit.shards.folder import (
     ERRORS_LOG,
     assemble,
@@ -58,231 +57,7 @@ from shardkit.words import counted
 
 logger = logging.getLogger(__name__)
 
-
-INTERNAL_ERROR = "internal_error"
 SPLITS = ("train", "val")
-
-
-class Converter:
-    """Turns one raw input item into a :class:`Sample`, or raises :class:`RecordError`.
-
-    Everything about one record happens here, the sample's JSON included, so
-    that any failure is that record's reject with its line. An exception no
-    check foresaw (a bug) becomes an ``internal_error`` reject carrying its
-    traceback (``detail["traceback"]``); the build reports those loudly.
-    """
-
-    def __init__(self, config: BuildConfig, tokenizer: Any):
-        self.config = config
-        self.input = open_input(config.input, config.input_format, **config.input_options())
-        self.renderer: Renderer = config.family.renderer(tokenizer)
-        self.grid = config.grid
-        self.root = image_root(config, self.input)
-        self.token_chars = max_token_chars(tokenizer)
-
-    def __call__(self, raw: RawItem, ledger: Ledger | None = None) -> Sample:
-        """The sample of ``raw``; the image files it reads are noted in ``ledger``."""
-        try:
-            return self._convert(raw, {} if ledger is None else ledger)
-        except RecordError as exc:
-            raise exc.at(raw.number, raw.source_line) from None
-        except RecursionError:
-            raise RecordError("nested too deeply to be read", "invalid_json").at(raw.number, raw.source_line) from None
-        except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
-            logger.debug("unexpected error on %s %d", self.input.unit_of(raw), raw.number, exc_info=True)
-            raise RecordError(
-                f"internal error (a bug in shardkit): {type(exc).__name__}: {exc}",
-                INTERNAL_ERROR,
-                raw.number,
-                {"traceback": traceback.format_exc()},
-            ) from None
-
-    def _convert(self, raw: RawItem, ledger: Ledger) -> Sample:
-        record = self._record(raw)
-        meta = plain_json(record.meta)
-        self._check_text_length(record)
-        rendered = self.renderer.render(record, self.config.train_on)
-        self._check_text_tokens(rendered.num_text_tokens)
-        refs = [part.image for part in record.images()]
-        opened = self._open_images(refs, ledger)
-        originals = [(opened[ref].height, opened[ref].width) for ref in refs]
-        planned, fitted = self._plan(originals, rendered.num_text_tokens)
-        expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
-        input_ids, weights = self._cut(expanded)
-        trained = int((weights > 0).sum())
-        turns = sum(Renderer.trained(record, i, self.config.train_on) for i in range(len(record.messages)))
-        if not trained:
-            raise RecordError("no training target left: every token has weight 0", "no_target")
-        info: dict[str, Any] = {
-            "key": sample_key(raw.number),
-            "line": raw.number,
-            "meta": meta,
-            "num_tokens": int(len(input_ids)),
-            "num_trained_tokens": trained,
-            "num_trained_turns": turns,
-            "images": self._images_info(refs, originals, planned, expanded.image_spans),
-            "messages": stored_messages(record),
-            "fitted": fitted,
-            "truncated_tokens": len(expanded.input_ids) - len(input_ids),
-        }
-        if record.id is not None:
-            info["id"] = plain_json(record.id, "id")
-        sample = Sample(info["key"], info, input_ids, weights, self._encode(opened, refs, planned))
-        sample.info_json  # noqa: B018 -- made here, so a value JSON cannot hold is this record's reject
-        return sample
-
-    def _record(self, raw: RawItem) -> Record:
-        """The item's validated record, its text and answers checked."""
-        if raw.duplicate_of is not None:
-            unit = self.input.unit_of(raw)
-            raise RecordError(f"duplicate of {unit} {raw.duplicate_of} (same images and text)", "duplicate")
-        record = self.input.record(raw)
-        check_text(record)
-        check_answers(record, self.config.train_on)
-        return record
-
-    def _check_text_tokens(self, text_tokens: int) -> None:
-        """Reject text alone over max_length, unless it is to be truncated."""
-        config = self.config
-        if config.overlength is not Overlength.TRUNCATE and text_tokens > config.max_length:
-            raise RecordError(
-                f"too long: the text alone is {text_tokens} tokens, over max_length {config.max_length}", "too_long"
-            )
-
-    def _open_images(self, refs: list[str], ledger: Ledger) -> dict[str, SourceImage]:
-        """The record's images by reference: one read and one decode per distinct image."""
-        opened: dict[str, SourceImage] = {}
-        for ref in refs:
-            if ref not in opened:
-                opened[ref] = SourceImage(self._read(ref, ledger), ref, max_pixels=self.config.max_image_pixels)
-        return opened
-
-    def _plan(self, originals: list[tuple[int, int]], text_tokens: int) -> tuple[list[tuple[int, int]], bool]:
-        """The images' sizes on the grid, and whether they were shrunk to fit max_length (``--overlength fit``)."""
-        config, grid = self.config, self.grid
-        full = grid.plan(originals)
-        if config.overlength is not Overlength.FIT:
-            return full, False
-        planned = grid.plan(originals, config.max_length - text_tokens)
-        if planned is None:
-            least = sum(grid.tokens(*grid.size(h, w, grid.min_pixels)) for h, w in originals)
-            raise RecordError(
-                f"too long: {text_tokens} text tokens plus its {len(originals)} images at min_pixels "
-                f"({least} tokens) exceed max_length {config.max_length}",
-                "too_long",
-            )
-        return planned, planned != full
-
-    def _cut(self, expanded: Expanded) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and weights within max_length: truncated after the last image (``--overlength truncate``),
-        or the record rejected."""
-        config = self.config
-        input_ids, weights = expanded.input_ids, expanded.weights
-        if len(input_ids) <= config.max_length:
-            return input_ids, weights
-        if config.overlength is Overlength.DROP:
-            raise RecordError(
-                f"too long: {len(input_ids)} tokens, over max_length {config.max_length} (--overlength drop)",
-                "too_long",
-            )
-        image_end = max((start + n for start, n in expanded.image_spans), default=0)
-        if image_end > config.max_length:
-            raise RecordError(
-                f"too long: {len(input_ids)} tokens, and cutting to max_length {config.max_length} would cut "
-                f"through image tokens (they end at {image_end})",
-                "too_long",
-            )
-        return input_ids[: config.max_length], weights[: config.max_length]
-
-    def _images_info(
-        self,
-        refs: list[str],
-        originals: list[tuple[int, int]],
-        planned: list[tuple[int, int]],
-        spans: list[tuple[int, int]],
-    ) -> list[dict[str, Any]]:
-        """What the sample's JSON says of each image: source, sizes, grid and where its tokens are."""
-        patch = self.config.family.patch_size
-        return [
-            {
-                "source": image_label(ref),
-                "original_width": ow,
-                "original_height": oh,
-                "width": w,
-                "height": h,
-                "grid_thw": [1, h // patch, w // patch],
-                "token_start": start,
-                "num_tokens": n,
-            }
-            for ref, (oh, ow), (h, w), (start, n) in zip(refs, originals, planned, spans, strict=True)
-        ]
-
-    def _encode(self, opened: dict[str, SourceImage], refs: list[str], planned: list[tuple[int, int]]) -> list[bytes]:
-        """The images as stored JPEGs, each distinct (image, size) encoded once."""
-        encoded: dict[tuple[str, tuple[int, int]], bytes] = {}
-        for ref, size in zip(refs, planned, strict=True):
-            if (ref, size) not in encoded:
-                encoded[ref, size] = encode_jpeg(opened[ref].decode(size), size, self.config.jpeg_quality)
-        return [encoded[key] for key in zip(refs, planned, strict=True)]
-
-    def _check_text_length(self, record: Record) -> None:
-        """Reject text over max_length by a bound on its token count, before tokenizing it."""
-        chars = text_chars(record)
-        floor = min_tokens(chars, self.token_chars)
-        if floor > self.config.max_length:
-            note = " (too long to truncate)" if self.config.overlength is Overlength.TRUNCATE else ""
-            raise RecordError(
-                f"too long: {chars} characters of text are at least {floor} tokens, over max_length "
-                f"{self.config.max_length}{note}",
-                "too_long",
-            )
-
-    def _read(self, ref: str, ledger: Ledger) -> bytes:
-        """The image's bytes; a file's size, time and hash are noted in ``ledger``."""
-        if "\0" in ref:
-            raise RecordError(
-                "image path contains a NUL character", "image_missing", detail={"image": image_label(ref)}
-            )
-        key = stamp = None
-        try:
-            if self.root.names_file(ref):
-                key = self.root.resolve(ref)
-                stamp = file_stamp(None if self.root.local else self.root.fs, key, local=self.root.local)
-            data = self.root.read(ref)
-        except RecordError as exc:
-            if key is not None and exc.code == "image_missing":
-                record_read(ledger, key, None, None)
-            raise
-        except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a name the OS refuses
-            reason = f"image cannot be read: {ref} ({exc})"
-            raise RecordError(reason, "image_unreadable", detail={"image": ref}) from None
-        if key is not None:
-            record_read(ledger, key, stamp, data)
-        elif ref.startswith(("http://", "https://")):
-            record_read(ledger, ref, {}, data)
-        return data
-
-
-def stored_messages(record: Record) -> list[dict[str, Any]]:
-    """The conversation as stored with a sample: text parts as they are, image parts by their index."""
-    images = iter(range(len(record.images())))
-    return [
-        {
-            "role": m.role,
-            "content": [
-                {"type": "image", "index": next(images)}
-                if isinstance(p, ImagePart)
-                else {"type": "text", "text": p.text}
-                for p in m.content
-            ],
-        }
-        for m in record.messages
-    ]
-
-
-def sample_key(line: int) -> str:
-    """The sample's key in its shard: the zero-padded source line."""
-    return f"{line:010d}"
 
 
 @dataclass(frozen=True)
@@ -291,17 +66,6 @@ class Task:
 
     index: int
     items: list[RawItem]
-
-
-def image_root(config: BuildConfig, source: InputFormat) -> ImageRoot:
-    """Where a build reads images from, with its remote-image settings."""
-    return ImageRoot(
-        config.image_root or source.image_root(),
-        allow_remote=config.allow_remote,
-        timeout=config.remote_timeout,
-        max_bytes=config.remote_max_bytes,
-        max_image_bytes=config.max_image_bytes,
-    )
 
 
 def split_of(item: RawItem, val_fraction: float) -> str:
@@ -368,7 +132,7 @@ def _reject(result: TaskResult, exc: RecordError, where: str) -> None:
 def converter_for(config: BuildConfig) -> Converter:
     """The converter of ``config``, built once per process for the build being run (forked workers inherit the
     one the build made before starting them)."""
-    return Converter(config, load_tokenizer(config.tokenizer)[0])
+    return Converter(config, load_tokenizer(config.tokenizer_name)[0])
 
 
 @dataclass(frozen=True)
@@ -381,62 +145,6 @@ class TaskRunner:
     def __call__(self, task: Task, on_record: Callable[[bool], None] | None = None) -> TaskResult:
         fs, folder = open_fs(self.config.out)
         return run_task(task, converter_for(self.config), fs, folder, strict=self.strict, on_record=on_record)
-
-
-@dataclass(frozen=True)
-class DuplicateScan:
-    """What the dedup pass found: ``{number: first number}`` of the records repeating an earlier one, and how
-    many records it looked at."""
-
-    duplicates: dict[int, int]
-    records: int
-
-
-def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) -> DuplicateScan:
-    """The records whose text and image bytes repeat an earlier record's, in one pass over the input.
-
-    Images are read, not decoded, and each distinct image is read once.
-    A record that is itself invalid (it does not parse, an image cannot be
-    read) is left for the build to reject; any other error propagates.
-    """
-    image_digests: dict[str, bytes] = {}
-
-    def image_digest(ref: str) -> bytes:
-        if isinstance(ref, InlineImage) or ref.startswith("data:"):  # holds its bytes: not kept in the cache
-            return hashlib.sha256(images.read(ref)).digest()
-        if ref not in image_digests:
-            image_digests[ref] = hashlib.sha256(images.read(ref)).digest()
-        return image_digests[ref]
-
-    def key(item: RawItem) -> tuple[int, bytes | None]:
-        try:
-            record = source.record(item)
-            digest = hashlib.sha256()
-            for message in record.messages:
-                digest.update(message.role.encode() + b"\0")
-                for part in message.content:
-                    content = image_digest(part.image) if isinstance(part, ImagePart) else part.text.encode()
-                    digest.update(content + b"\0")
-            return item.number, digest.digest()
-        except (RecordError, RecursionError, OSError, ValueError):  # the record's own fault: the build rejects it
-            return item.number, None
-
-    first: dict[bytes, int] = {}
-    duplicates: dict[int, int] = {}
-    records = 0
-    with ThreadPoolExecutor(threads) as pool:
-        items = source.items()
-        while chunk := list(itertools.islice(items, 256)):
-            records += len(chunk)
-            for line, digest in pool.map(key, chunk):
-                if digest is None:
-                    continue
-                if digest in first:
-                    duplicates[line] = first[digest]
-                else:
-                    first[digest] = line
-    logger.info("%d duplicate records found", len(duplicates))
-    return DuplicateScan(duplicates, records)
 
 
 class InputScan:
@@ -526,7 +234,7 @@ def _build_split(config: BuildConfig, source: InputFormat, scan: InputScan, run:
     """One build (one split of a train/val build) into ``config.out``, holding its folder's lock."""
     fs, folder = open_fs(config.out)
     with lock(fs, folder):
-        tokenizer, tokenizer_info = load_tokenizer(config.tokenizer)
+        tokenizer, tokenizer_info = load_tokenizer(config.tokenizer_name)
         identity = _identity(config, scan.sha256, tokenizer_info)
         complete = claim(fs, folder, identity, overwrite=run.overwrite)
         convert = converter_for(config)  # built here, so forked workers share it
@@ -631,9 +339,9 @@ def _run_tasks(fs: Any, folder: str, tasks: SplitTasks, scan: InputScan, run: Bu
 def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Renderer, pad: int | None) -> BuildInfo:
     """What the manifest records of the build: its identity, the tokenizer and its special token ids."""
     special = SpecialTokens(
-        image_pad=renderer.image_pad_id,
-        vision_start=renderer.ids[renderer.VISION_START],
-        vision_end=renderer.ids[renderer.VISION_END],
+        image_pad=renderer.ids["image_pad"],
+        vision_start=renderer.ids["vision_start"],
+        vision_end=renderer.ids["vision_end"],
         pad=pad,
     )
     return BuildInfo.model_validate({**identity, "tokenizer": tokenizer.name, "special_tokens": special})

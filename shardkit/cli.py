@@ -26,19 +26,11 @@ from shardkit.options import add_options, flag, given
 from shardkit.words import counted
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_FATAL, EXIT_BUG = 0, 1, 2, 3
-DEFAULT_META_KEY = "diagnosis"  # stats: the seed's label
 #: words argparse takes as values although they start with "-": negative numbers and lists of numbers (no option
 #: of shardkit's looks like one)
 NEGATIVE_NUMBERS = re.compile(r"^-\.?\d[\d.eE+,-]*$")
 
 logger = logging.getLogger("shardkit")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _is_mix_file(location: str) -> bool:
@@ -64,6 +56,12 @@ _DATA_SPELLING = {
     "model": {"metavar": "PATH_OR_ID", "required": False},  # needed by one backend only: checked in _train_config
     "base_model": {"metavar": "NAME", "required": False},
     "image_embeddings": {"metavar": "DIR_OR_URL"},
+}
+_READ_SPELLING = {
+    "keys": {"flag": "--key", "action": "append", "metavar": "KEY"},
+    "progress": {"flag": "--no-progress"},
+    "megapixels": {"metavar": "MIN,MAX"},
+    "images_per_case": {"metavar": "MIN,MAX"},
 }
 # BuildConfig fields that only a build uses (validate writes nothing); split is set by the build itself
 _BUILD_ONLY = (
@@ -92,6 +90,7 @@ def _build_options(p: argparse.ArgumentParser) -> None:
 
 
 def _stats_options(p: argparse.ArgumentParser) -> None:
+    from shardkit.stats import StatsOptions
     from shardkit.train import DataOptions
 
     p.add_argument(
@@ -101,10 +100,7 @@ def _stats_options(p: argparse.ArgumentParser) -> None:
         help="a build; several builds (with --weights) or a mix file describe one epoch of the mix",
     )
     add_options(p, DataOptions, ["weights", "mix", "epoch_size"], overrides=_DATA_SPELLING)
-    p.add_argument("--epoch", type=int, default=0, help="mix: the epoch to describe (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="mix: the shuffling seed (default: %(default)s)")
-    p.add_argument("--meta-key", help=f"meta field whose most common values are listed (default: {DEFAULT_META_KEY})")
-    p.add_argument("--top", type=_positive, default=10, help="how many values to list (default: %(default)s)")
+    add_options(p, StatsOptions)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -129,33 +125,27 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
 
 
 def _export_options(p: argparse.ArgumentParser) -> None:
+    from shardkit.export import ExportOptions
+
     p.add_argument("target", choices=["llamafactory"], help="the trainer")
     p.add_argument("build", metavar="BUILD", help="a shardkit build (folder or fsspec URL)")
     p.add_argument("--out", required=True, metavar="DIR", help="the data set folder (LLaMA-Factory's dataset_dir)")
-    p.add_argument("--name", default="shardkit", help="the data set's name in dataset_info.json (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_options(p, ExportOptions, overrides=_READ_SPELLING)
 
 
 def _show_options(p: argparse.ArgumentParser) -> None:
+    from shardkit.show import ShowOptions
+
     p.add_argument("build", metavar="BUILD", help="a shardkit build (folder or fsspec URL)")
-    p.add_argument("--out", default="show.html", help="the HTML file to write (default: %(default)s)")
-    p.add_argument("--samples", type=_positive, default=50, help="samples to show (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice of samples (default: %(default)s)")
-    p.add_argument("--key", action="append", metavar="KEY", help="show the sample with this key (repeatable)")
-    p.add_argument("--rejects", action="store_true", help="add the rejected records (rejects.jsonl)")
-    p.add_argument(
-        "--image-root", help="--rejects: folder the input's image paths are relative to, for thumbnails of rejects"
-    )
+    add_options(p, ShowOptions, overrides=_READ_SPELLING)
     p.add_argument("--text", action="store_true", help="print the conversations to the terminal instead")
 
 
 def _demo_data_options(p: argparse.ArgumentParser) -> None:
+    from shardkit.synthetic import DemoDataOptions
+
     p.add_argument("out", metavar="DIR", help="the folder to write (created when missing)")
-    p.add_argument("--cases", type=_positive, default=24, help="number of cases (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--min-megapixels", type=float, default=0.3, help="smallest photo (default: %(default)s)")
-    p.add_argument("--max-megapixels", type=float, default=3.0, help="largest photo (default: %(default)s)")
-    p.add_argument("--bad-lines", action="store_true", help="append broken records (for trying validate and build)")
+    add_options(p, DemoDataOptions, overrides=_READ_SPELLING)
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -270,7 +260,7 @@ def _build(args: argparse.Namespace) -> int:
 def _build_verdict(manifest: Any, out: str, split: str) -> int:
     """The exit code of a finished build: a bug (3), records rejected for their input form (1) or no samples at
     all (1) fail it, with one line saying why (a split that no record fell into is no failure)."""
-    from shardkit.build import INTERNAL_ERROR
+    from shardkit.convert import INTERNAL_ERROR
     from shardkit.shards.folder import ERRORS_LOG
 
     if internal := manifest.rejects_by_code.get(INTERNAL_ERROR):
@@ -308,10 +298,11 @@ def _build_verdict(manifest: Any, out: str, split: str) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from shardkit.stats import build_stats, format_stats
+    from shardkit.stats import StatsOptions, build_stats, format_stats
     from shardkit.train import DataOptions
 
     mix = DataOptions.create(**given(args, DataOptions))
+    options = given(args, StatsOptions)
     if len(args.build) > 1 or mix.mix or _is_mix_file(args.build[0]):
         from shardkit.stats import format_mix_stats, mix_stats
 
@@ -322,15 +313,14 @@ def _stats(args: argparse.Namespace) -> int:
             weights=mix.weights,
             mix_file=mix_file,
             epoch_size=mix.epoch_size,
-            epoch=args.epoch,
-            seed=args.seed,
+            **options,
         )
         print(json.dumps(stats, indent=2) if args.json else format_mix_stats(stats))
         return EXIT_OK
-    stats = build_stats(args.build[0], meta_key=args.meta_key or DEFAULT_META_KEY, top=args.top)
-    if args.meta_key and args.meta_key not in stats["meta_keys"]:  # asked for, and absent: a typo?
+    stats = build_stats(args.build[0], **options)
+    if "meta_key" in options and stats["meta_key"] not in stats["meta_keys"]:  # asked for, and absent: a typo?
         raise ConfigError(
-            f"no sample of {args.build[0]} has the meta key {args.meta_key!r} "
+            f"no sample of {args.build[0]} has the meta key {stats['meta_key']!r} "
             f"(their meta keys: {', '.join(stats['meta_keys']) or 'none'})"
         )
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
@@ -405,9 +395,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from shardkit.export import export_llamafactory
+    from shardkit.export import ExportOptions, export_llamafactory
 
-    summary = export_llamafactory(args.build, args.out, name=args.name, progress=False if args.no_progress else None)
+    summary = export_llamafactory(args.build, args.out, **given(args, ExportOptions))
     for problem in summary.skipped:
         print(f"line {problem['line']}: left out: {problem['reason']}")
     print(
@@ -423,36 +413,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from shardkit.show import show_text, write_page
+    from shardkit.show import ShowOptions, show_text, write_page
 
+    options = ShowOptions.create(**given(args, ShowOptions))
     if args.text:
-        color = sys.stdout.isatty()
-        print(show_text(args.build, color=color, samples=args.samples, seed=args.seed, keys=args.key), end="")
+        print(show_text(args.build, color=sys.stdout.isatty(), **options.model_dump()), end="")
         return EXIT_OK
-    page = write_page(
-        args.build,
-        args.out,
-        samples=args.samples,
-        seed=args.seed,
-        keys=args.key,
-        rejects=args.rejects,
-        image_root=args.image_root,
-    )
-    rejects = f", {counted(page.rejects, 'reject')}" if args.rejects else ""
+    page = write_page(args.build, **options.model_dump())
+    rejects = f", {counted(page.rejects, 'reject')}" if options.rejects else ""
     print(f"{counted(page.samples, 'sample')}{rejects} -> {page.out} ({page.bytes / 1e6:.1f} MB)")
     return EXIT_OK
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from shardkit.synthetic import make_clinical_dataset
+    from shardkit.synthetic import DemoDataOptions, make_clinical_dataset
 
-    dataset = make_clinical_dataset(
-        args.out,
-        cases=args.cases,
-        seed=args.seed,
-        megapixels=(args.min_megapixels, args.max_megapixels),
-        bad_lines=args.bad_lines,
-    )
+    dataset = make_clinical_dataset(args.out, **given(args, DemoDataOptions))
     print(
         f"wrote {counted(len(dataset.good_lines), 'case')} to {dataset.jsonl}"
         + (

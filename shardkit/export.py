@@ -30,8 +30,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field
+
 from shardkit.errors import ConfigError, InputError, OutputError, RecordError, ShardError
 from shardkit.load.source import BuildSource
+from shardkit.options import Options
 from shardkit.shards import Sample, read_manifest
 from shardkit.storage import atomic_write, join, open_fs, write_bytes
 
@@ -41,6 +44,15 @@ DATASET_INFO = "dataset_info.json"
 IMAGE_PLACEHOLDER = "<image>"
 PLACEHOLDERS = (IMAGE_PLACEHOLDER, "<video>", "<audio>")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ExportOptions(Options):
+    """The options of ``shardkit export``."""
+
+    name: str = Field("shardkit", description="the data set's name in dataset_info.json")
+    progress: bool | None = Field(
+        None, description="a progress bar on stderr (default: when stderr is a terminal; --no-progress: none)"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,15 +117,16 @@ def llamafactory_messages(sample: Sample) -> list[dict[str, str]]:
     return messages
 
 
-def export_llamafactory(build: str, out: str, *, name: str, progress: bool | None = None) -> ExportSummary:
-    """Write the build at ``build`` (folder or fsspec URL) as LLaMA-Factory data set ``name`` into ``out``.
+def export_llamafactory(build: str, out: str, **options: Any) -> ExportSummary:
+    """Write the build at ``build`` (folder or fsspec URL) as a LLaMA-Factory data set into ``out``; ``options``
+    are :class:`ExportOptions`' (``name``, ``progress``).
 
     Every file is written atomically, ``dataset_info.json`` last; an entry
     already there for ``name`` is replaced, other entries are kept.
-    ``progress``: show a progress bar (None: when stderr is a terminal).
     """
     from tqdm import tqdm
 
+    name, progress = (export := ExportOptions.create(**options)).name, export.progress
     if not _NAME.match(name):
         raise ConfigError(
             f"data set name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"

@@ -20,12 +20,6 @@ if TYPE_CHECKING:
     import torch
 
 #: the transformers class of each model type the trainers and ``shardkit embed`` take
-MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-}
 # vision config keys that say how a model was loaded or saved, not what the network computes
 _NOT_ARCHITECTURE = {
     "dtype",
@@ -83,6 +77,8 @@ def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Mo
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:
         raise ConfigError(f"cannot load model {path!r}: {exc}") from None
+    from shardkit.families import MODEL_CLASSES  # each family names the transformers classes of its checkpoints
+
     if config.model_type not in MODEL_CLASSES:
         raise ConfigError(
             f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL, Qwen2.5-VL, Qwen3-VL "

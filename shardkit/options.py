@@ -82,7 +82,9 @@ def option_help(info: FieldInfo) -> str:
     """The help of a field's option: its description, then its default where that is a plain value."""
     text = info.description or ""
     default = None if info.is_required() or info.default_factory else info.default
-    if not (default is None or isinstance(default, bool) or default in ((), [])):
+    if isinstance(default, tuple | list):  # as the option spells it: values between commas
+        default = ",".join(map(str, default))
+    if not (default is None or isinstance(default, bool) or default == ""):
         text += f" (default: {default.value if isinstance(default, Enum) else default})"
     return text
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from shardkit.errors import RecordError
-from shardkit.render import Renderer, TrainOn
+from shardkit.render import TrainOn, targets
 from shardkit.schema import Record, TextPart
 
 #: Unicode normalization (NFC, which the Qwen tokenizer applies) shrinks a text to no less than a third of its
@@ -71,18 +71,17 @@ def check_unicode(text: str, where: str) -> None:
 
 
 def check_text(record: Record) -> None:
-    """Every text part valid Unicode and free of the chat markup's reserved tokens."""
+    """Every text part valid Unicode (the family's reserved tokens are the renderer's check)."""
     for i, message in enumerate(record.messages):
         for part in message.content:
             if isinstance(part, TextPart):
                 check_unicode(part.text, f"messages[{i}] text")
-    Renderer.check_text(record)
 
 
 def check_answers(record: Record, train_on: TrainOn) -> None:
     """Refuse a trained assistant reply with no text (it would train only ``<|im_end|>``)."""
-    for i, message in enumerate(record.messages):
-        if message.role == "assistant" and Renderer.trained(record, i, train_on):
+    for i, (message, target) in enumerate(zip(record.messages, targets(record, train_on), strict=True)):
+        if message.role == "assistant" and target:
             if not any(isinstance(p, TextPart) and p.text.strip() for p in message.content):
                 raise RecordError(f"messages[{i}] (assistant) is empty: nothing to train on", "empty_answer")
 

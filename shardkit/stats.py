@@ -11,8 +11,10 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from shardkit.load.source import BuildSource
+from shardkit.options import Options
 from shardkit.shards import Manifest, read_manifest
 from shardkit.words import counted
 
@@ -26,8 +28,19 @@ def _distribution(values: list[float]) -> dict[str, float]:
     return {name: float(f"{value:.4g}") for name, value in values.items()}
 
 
-def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) -> dict[str, Any]:
-    """Statistics of the build at ``location`` as a JSON-ready dict."""
+class StatsOptions(Options):
+    """The options of ``shardkit stats`` (a mix's builds and weights are :class:`~shardkit.train.DataOptions`)."""
+
+    meta_key: str = Field("diagnosis", description="meta field whose most common values are listed")
+    top: int = Field(10, ge=1, description="how many values to list")
+    epoch: int = Field(0, description="mix: the epoch to describe")
+    seed: int = Field(0, description="mix: the shuffling seed")
+
+
+def build_stats(location: str, **options: Any) -> dict[str, Any]:
+    """Statistics of the build at ``location`` as a JSON-ready dict; ``options``: :class:`StatsOptions`' ``meta_key``
+    and ``top``."""
+    asked = StatsOptions.create(**options)
     manifest: Manifest = read_manifest(location)
     tokens, trained, per_sample, pixels, image_tokens, originals = [], [], [], [], [], []
     labels: Counter[str] = Counter()
@@ -43,7 +56,7 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
             originals.append(image["original_width"] * image["original_height"])
         meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
         meta_keys.update(meta)
-        value = meta.get(meta_key)
+        value = meta.get(asked.meta_key)
         if isinstance(value, (str, int, float, bool)):
             labels[str(value)] += 1
     config = manifest.config
@@ -71,10 +84,10 @@ def build_stats(location: str, *, meta_key: str = "diagnosis", top: int = 10) ->
         "stored_image_megapixels": _distribution([p / 1e6 for p in pixels]),
         "original_image_megapixels": _distribution([p / 1e6 for p in originals]),
         "tokens_per_image": _distribution(image_tokens),
-        "meta_key": meta_key,
+        "meta_key": asked.meta_key,
         "meta_keys": sorted(meta_keys),
         "unique_labels": len(labels),
-        "top_labels": labels.most_common(top),
+        "top_labels": labels.most_common(asked.top),
     }
 
 
@@ -122,12 +135,14 @@ def mix_stats(
     weights: list[float] | None = None,
     mix_file: str | None = None,
     epoch_size: int | None = None,
-    epoch: int = 0,
-    seed: int = 0,
+    **options: Any,
 ) -> dict[str, Any]:
-    """What one epoch of a mix reads from each build (one reader): slots, distinct samples, share."""
+    """What one epoch of a mix reads from each build (one reader): slots, distinct samples, share; ``options``:
+    :class:`StatsOptions`' ``epoch`` and ``seed``."""
     from shardkit.load.mix import MixStream, open_stream
 
+    asked = StatsOptions.create(**options)
+    epoch, seed = asked.epoch, asked.seed
     stream = open_stream(
         builds, weights=weights, mix_file=mix_file, epoch_size=epoch_size, batch_size=1, seed=seed, world_size=1, rank=0
     )

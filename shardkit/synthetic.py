@@ -17,9 +17,13 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
+
+from shardkit.options import Options
 
 CONDITIONS = [
     ("Contact dermatitis", "itchy red patches where a new watch strap sits", "sharp border matching the strap"),
@@ -35,6 +39,16 @@ CONDITIONS = [
     ("Basal cell carcinoma", "a pearly nodule on the nose that bleeds", "arborising vessels; biopsy confirms"),
     ("Rosacea", "facial flushing with papules but no comedones", "central face distribution and triggers"),
 ]
+
+
+class DemoDataOptions(Options):
+    """The options of ``shardkit demo-data``: how many cases, and their photos."""
+
+    cases: int = Field(24, ge=1, description="number of cases")
+    seed: int = Field(0, description="random seed")
+    megapixels: tuple[float, float] = Field((0.3, 3.0), description="the smallest and the largest photo, in megapixels")
+    images_per_case: tuple[int, int] = Field((1, 6), description="the fewest and the most photos of a case")
+    bad_lines: bool = Field(False, description="append broken records (for trying validate and build)")
 
 
 @dataclass
@@ -65,16 +79,10 @@ def _jpeg(image: Image.Image, orientation: int | None = None) -> bytes:
     return out.getvalue()
 
 
-def make_clinical_dataset(
-    root: str | os.PathLike[str],
-    *,
-    cases: int = 24,
-    seed: int = 0,
-    megapixels: tuple[float, float] = (0.3, 3.0),
-    images_per_case: tuple[int, int] = (1, 6),
-    bad_lines: bool = False,
-) -> SyntheticDataset:
-    """Write the data set under ``root`` and describe it."""
+def make_clinical_dataset(root: str | os.PathLike[str], **options: Any) -> SyntheticDataset:
+    """Write the data set under ``root`` and describe it; ``options`` are :class:`DemoDataOptions`'."""
+    demo = DemoDataOptions.create(**options)
+    cases, seed, megapixels, images_per_case = demo.cases, demo.seed, demo.megapixels, demo.images_per_case
     root = Path(root)
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -116,7 +124,7 @@ def make_clinical_dataset(
         dataset.good_lines.append(len(lines))
         if case % 10 == 5:
             lines.append(b"")  # blank lines are skipped, not rejected
-    if bad_lines:
+    if demo.bad_lines:
         for data, code in _bad_records(root):
             lines.append(data)
             dataset.bad_lines[len(lines)] = code

@@ -42,13 +42,13 @@ def write_tiny_tokenizer(folder: str | os.PathLike, vocab_size: int = TINY_VOCAB
     vocabulary; the chat markup and image tokens are single tokens as there. Deterministic: the same files
     every time.
     """
-    from shardkit.render.qwen2_vl import Qwen2VLRenderer
+    from shardkit.families import get_family
     from shardkit.tokenizer import bundled_tokenizer_dir
 
     source = bundled_tokenizer_dir()
     spec = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
     config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
-    added = [token for token in spec["added_tokens"] if token["id"] <= Qwen2VLRenderer.LAST_ADDED_ID]
+    added = [token for token in spec["added_tokens"] if token["id"] <= get_family("qwen2_vl").last_added_id]
     plain = vocab_size - len(added)
     if plain <= 256:
         raise ValueError(f"vocab_size must exceed {256 + len(added)}, got {vocab_size}")

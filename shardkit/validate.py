@@ -1,6 +1,6 @@
 """``shardkit validate``: the build's own conversion of every record, without writing anything.
 
-Each record goes through :class:`shardkit.build.Converter`, exactly as in a
+Each record goes through :class:`shardkit.convert.Converter`, exactly as in a
 build with the same options, so whatever the build would reject (a missing
 image, a record too long for ``max_length``, a duplicate with ``dedup``, ...)
 is reported here with the same code and reason: one problem per rejected record.
@@ -41,12 +41,13 @@ class ValidationReport:
 def validate(path: str, *, on_record: Callable[[], None] | None = None, **options: Any) -> ValidationReport:
     """Convert every record of the input at ``path`` as a build would; ``options`` are
     :class:`~shardkit.config.BuildConfig` fields (``input_format``, ``image_root``, ``model``, ``max_length``...)."""
-    from shardkit.build import Converter, find_duplicates
     from shardkit.config import BuildConfig
+    from shardkit.convert import Converter
+    from shardkit.dedup import find_duplicates
     from shardkit.tokenizer import load_tokenizer
 
     config = BuildConfig.create(input=path, out="", **{k: v for k, v in options.items() if v is not None})
-    convert = Converter(config, load_tokenizer(config.tokenizer)[0])
+    convert = Converter(config, load_tokenizer(config.tokenizer_name)[0])
     report = ValidationReport(unit=convert.input.unit)
     duplicates = find_duplicates(convert.input, convert.root).duplicates if config.dedup else {}
     for item in convert.input.items():

@@ -9,6 +9,7 @@ from PIL import Image
 import shardkit.build as build_module
 from shardkit.build import build, build_train_val
 from shardkit.config import BuildConfig
+from shardkit.dedup import find_duplicates
 from shardkit.errors import ConfigError, OutputError, RecordError
 from shardkit.images import ImageRoot
 from shardkit.inputs import open_input
@@ -318,7 +319,7 @@ def test_train_val_with_dedup_scans_the_input_once_for_both_splits(clinical, tmp
 
 def test_dedup_leaves_a_bad_record_to_the_build_but_a_bug_propagates(clinical, tmp_path, monkeypatch):
     source = open_input(str(clinical.jsonl))
-    scan = build_module.find_duplicates(source, ImageRoot(str(clinical.root)))
+    scan = find_duplicates(source, ImageRoot(str(clinical.root)))
     assert scan.records == len(clinical.good_lines) + len(clinical.bad_lines)
 
     def broken(item):
@@ -326,7 +327,7 @@ def test_dedup_leaves_a_bad_record_to_the_build_but_a_bug_propagates(clinical, t
 
     monkeypatch.setattr(source, "record", broken)
     with pytest.raises(KeyError, match="a bug"):
-        build_module.find_duplicates(source, ImageRoot(str(clinical.root)))
+        find_duplicates(source, ImageRoot(str(clinical.root)))
 
 
 def test_a_task_result_this_version_cannot_read_is_built_again(clinical, tmp_path, caplog):

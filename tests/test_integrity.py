@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import shardkit.build as build_module
+import shardkit.convert as convert_module
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
@@ -108,14 +109,14 @@ def test_an_internal_error_finishes_the_build_then_fails_loudly_with_a_log(tmp_p
     data = write_jsonl(
         tmp_path / "d" / "in.jsonl", [conversation("a.jpg"), conversation("b.jpg"), conversation("a.jpg")]
     )
-    real = build_module.encode_jpeg
+    real = convert_module.encode_jpeg
 
     def buggy(image, size, quality):  # a regression that hits one image
         if image.getpixel((0, 0)) == Image.open(tmp_path / "d" / "b.jpg").convert("RGB").getpixel((0, 0)):
             raise ZeroDivisionError("division by zero")
         return real(image, size, quality)
 
-    monkeypatch.setattr(build_module, "encode_jpeg", buggy)
+    monkeypatch.setattr(convert_module, "encode_jpeg", buggy)
     out = tmp_path / "out"
     argv = ["build", str(data), "--out", str(out), "--no-progress", "--workers", "1"]
     assert main(argv) == 3
@@ -126,7 +127,7 @@ def test_an_internal_error_finishes_the_build_then_fails_loudly_with_a_log(tmp_p
     assert [s.info["line"] for s in BuildSource(str(out)).samples()] == [1, 3]
     (reject,) = rejects(out)
     assert reject["code"] == "internal_error" and "traceback" not in reject
-    monkeypatch.setattr(build_module, "encode_jpeg", real)  # the bug fixed: a rerun redoes that task
+    monkeypatch.setattr(convert_module, "encode_jpeg", real)  # the bug fixed: a rerun redoes that task
     assert main(argv) == 0
     assert [s.info["line"] for s in BuildSource(str(out)).samples()] == [1, 2, 3]
 
@@ -176,7 +177,7 @@ def test_one_read_and_one_decode_per_distinct_image_of_a_record(tmp_path, monkey
     write_image(tmp_path / "d" / "small.jpg", 64, 64)
     data = write_jsonl(tmp_path / "d" / "in.jsonl", [conversation(*["big.png"] * 90, "small.jpg", "big.png")])
     opened, decoded = [], []
-    real = build_module.SourceImage
+    real = convert_module.SourceImage
 
     class Counting(real):
         def __init__(self, data, ref, **kw):
@@ -187,7 +188,7 @@ def test_one_read_and_one_decode_per_distinct_image_of_a_record(tmp_path, monkey
             decoded.append(self.ref)
             return super().decode(size)
 
-    monkeypatch.setattr(build_module, "SourceImage", Counting)
+    monkeypatch.setattr(convert_module, "SourceImage", Counting)
     build(config(data, tmp_path / "out", max_length=16384, max_pixels=28 * 28 * 16), progress=False, workers=1)
     (sample,) = BuildSource(str(tmp_path / "out")).samples()
     assert len(sample.images) == 92 and sample.images[0] == sample.images[89] == sample.images[91]
@@ -199,13 +200,13 @@ def test_a_50_mb_text_is_rejected_without_being_tokenized(tmp_path, monkeypatch,
     huge = conversation("a.jpg", question="word " * 10_000_000)  # 50 MB of text
     data = write_jsonl(tmp_path / "d" / "in.jsonl", [huge, conversation("a.jpg")])
     tokenized = []
-    real = build_module.Renderer.render
+    real = convert_module.Renderer.render
 
     def counting(self, record, train_on):
         tokenized.append(sum(len(getattr(p, "text", "")) for m in record.messages for p in m.content))
         return real(self, record, train_on)
 
-    monkeypatch.setattr(build_module.Renderer, "render", counting)
+    monkeypatch.setattr(convert_module.Renderer, "render", counting)
     build(config(data, tmp_path / "out"), progress=False, workers=1)  # in this process, where calls are counted
     (reject,) = rejects(tmp_path / "out")
     assert reject["line"] == 1 and reject["code"] == "too_long" and "50000015 characters" in reject["reason"]

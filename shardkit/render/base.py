@@ -6,8 +6,10 @@ format. :meth:`Renderer.render` tokenizes them with the real tokenizer, giving
 a :class:`Rendered` that holds one placeholder token per image; once the image
 sizes are known, :meth:`Rendered.expand` puts each image's pad tokens in place.
 
-Weights follow :class:`TrainOn`; image tokens, headers and the injected default
-system prompt never carry weight.
+What trains is decided in one place, :func:`targets` (by :class:`TrainOn` and a
+message's own ``loss``); image tokens, headers and the injected default system
+prompt never carry weight. The families themselves (their renderers among their
+other facts) are in :mod:`shardkit.families`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -94,45 +96,19 @@ class Rendered:
 
 
 @dataclass(frozen=True)
-class Family:
-    """A model family: its chat format and the image grid its processor expects."""
+class ChatTokens:
+    """A family's special tokens as text (their ids are the tokenizer's: :attr:`Renderer.ids`).
 
-    name: str
-    renderer: type[Renderer]
-    patch_size: int
-    merge_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    min_pixels: int
-    max_pixels: int
-    temporal_patch_size: int = 2
+    The defaults are the Qwen chat markup, shared by every family so far.
+    """
 
-    @property
-    def factor(self) -> int:
-        """Image sides are multiples of this (one merged token covers factor x factor pixels)."""
-        return self.patch_size * self.merge_size
-
-    def manifest_entry(self) -> dict[str, Any]:
-        """The family as a build's manifest records it (its name and image processor settings)."""
-        return {
-            "name": self.name,
-            "patch_size": self.patch_size,
-            "merge_size": self.merge_size,
-            "temporal_patch_size": self.temporal_patch_size,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
-
-
-class Renderer(ABC):
-    """Base of the per-family renderers (Qwen chat markup with vision markers)."""
-
-    IM_START = "<|im_start|>"
-    IM_END = "<|im_end|>"
-    VISION_START = "<|vision_start|>"
-    VISION_END = "<|vision_end|>"
-    IMAGE_PAD = "<|image_pad|>"
-    RESERVED = (
+    im_start: str = "<|im_start|>"
+    im_end: str = "<|im_end|>"
+    vision_start: str = "<|vision_start|>"
+    vision_end: str = "<|vision_end|>"
+    image_pad: str = "<|image_pad|>"
+    #: tokens a record's text may not hold (they would be read as markup)
+    reserved: tuple[str, ...] = (
         "<|im_start|>",
         "<|im_end|>",
         "<|endoftext|>",
@@ -142,97 +118,108 @@ class Renderer(ABC):
         "<|image_pad|>",
         "<|video_pad|>",
     )
-    _reserved_re = re.compile("|".join(re.escape(t) for t in RESERVED))
-    #: the model's last added-token id: later added tokens of the given tokenizer are read as plain text
-    LAST_ADDED_ID: ClassVar[int | None] = None
 
-    def __init__(self, tokenizer: Any):
-        """``tokenizer``: a Hugging Face fast tokenizer (its Rust backend does the work)."""
+    def markup(self) -> dict[str, str]:
+        """The tokens the renderer writes, by name: ``{"im_start": "<|im_start|>", ...}``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "reserved"}
+
+
+def targets(record: Record, train_on: TrainOn) -> list[bool]:
+    """Whether each message's content is a training target under ``train_on``: the one decision of what trains.
+
+    A message's own ``loss`` (true or false), where given, decides for that message instead.
+    """
+    last = max((i for i, m in enumerate(record.messages) if m.role == "assistant"), default=None)
+    out = []
+    for i, message in enumerate(record.messages):
+        match train_on:
+            case _ if message.loss is not None:
+                target = message.loss
+            case TrainOn.ALL:
+                target = True
+            case TrainOn.ALL_ASSISTANT:
+                target = message.role == "assistant"
+            case TrainOn.LAST_ASSISTANT:
+                target = i == last
+        out.append(target)
+    return out
+
+
+class Renderer(ABC):
+    """Base of the per-family renderers (Qwen chat markup with vision markers); made by
+    :meth:`shardkit.families.Family.renderer` with the family's tokens and vocabulary bound."""
+
+    def __init__(self, tokenizer: Any, tokens: ChatTokens, last_added_id: int | None):
+        """``tokenizer``: a Hugging Face fast tokenizer (its Rust backend does the work); its added tokens past
+        ``last_added_id`` (the model's last) are read as plain text."""
+        self.tokens = tokens
         self.backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        if self.LAST_ADDED_ID is not None and hasattr(self.backend, "get_added_tokens_decoder"):
-            self.backend = without_added_tokens_above(self.backend, self.LAST_ADDED_ID)
-        self.ids = {}
-        for token in (self.IM_START, self.IM_END, self.VISION_START, self.VISION_END, self.IMAGE_PAD):
+        if last_added_id is not None and hasattr(self.backend, "get_added_tokens_decoder"):
+            self.backend = without_added_tokens_above(self.backend, last_added_id)
+        self.ids: dict[str, int] = {}
+        for name, token in tokens.markup().items():
             token_id = self.backend.token_to_id(token)
             if token_id is None:
                 raise ConfigError(f"the tokenizer has no {token} token: it is not a Qwen2-VL family tokenizer")
-            self.ids[token] = token_id
-        self.image_pad_id = self.ids[self.IMAGE_PAD]
+            self.ids[name] = token_id
+        self._reserved = re.compile("|".join(re.escape(t) for t in tokens.reserved))
 
     @abstractmethod
-    def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
-        """The conversation in this family's chat format."""
+    def pieces(self, record: Record, weights: list[float]) -> list[Piece]:
+        """The conversation in this family's chat format; ``weights[i]`` is message ``i``'s content's weight."""
 
-    @staticmethod
-    def trained(record: Record, index: int, train_on: TrainOn) -> bool:
-        """Whether message ``index``'s content is a training target under ``train_on``.
-
-        A message's own ``loss`` (true or false), where given, decides for that message instead.
-        """
-        if record.messages[index].loss is not None:
-            return record.messages[index].loss
-        role = record.messages[index].role
-        if train_on is TrainOn.ALL:
-            return True
-        if role != "assistant":
-            return False
-        if train_on is TrainOn.ALL_ASSISTANT:
-            return True
-        last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
-        return index == last
-
-    def chatml_pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
+    def chatml_pieces(self, record: Record, weights: list[float]) -> list[Piece]:
         """Each message as the published Qwen chat templates write it, ``<|im_start|>{role}\\n{content}<|im_end|>\\n``,
         one string tokenized at once; a trained message's content and ``<|im_end|>`` carry weight."""
         out: list[Piece] = []
-        for i, message in enumerate(record.messages):
-            weight = 1.0 if self.trained(record, i, train_on) else 0.0
-            out.append(Piece(f"{self.IM_START}{message.role}\n"))
+        for i, (message, weight) in enumerate(zip(record.messages, weights, strict=True)):
+            out.append(Piece(f"{self.tokens.im_start}{message.role}\n"))
             out += self.content_pieces(record, i, weight)
-            out += [Piece(self.IM_END, weight), Piece("\n")]
+            out += [Piece(self.tokens.im_end, weight), Piece("\n")]
         return out
 
     def content_pieces(self, record: Record, index: int, weight: float) -> list[Piece]:
         """A message's parts: text with ``weight``, images wrapped in vision markers (never weighted)."""
-        out = []
+        tokens, out = self.tokens, []
         for part in record.messages[index].content:
             if isinstance(part, ImagePart):
-                out += [Piece(self.VISION_START), Piece(self.IMAGE_PAD, image=True), Piece(self.VISION_END)]
+                out += [Piece(tokens.vision_start), Piece(tokens.image_pad, image=True), Piece(tokens.vision_end)]
             else:
                 out.append(Piece(part.text, weight))
         return out
 
-    @classmethod
-    def check_text(cls, record: Record) -> None:
-        """Reject text that contains the family's control tokens (they would be read as markup)."""
+    def check_text(self, record: Record) -> None:
+        """Reject text that contains the family's reserved tokens (they would be read as markup)."""
         for i, message in enumerate(record.messages):
             for part in message.content:
                 text = getattr(part, "text", None)
-                if text and (found := cls._reserved_re.search(text)):
+                if text and (found := self._reserved.search(text)):
                     raise RecordError(
                         f"messages[{i}] text contains the reserved token {found.group()!r}",
                         "reserved_token",
                     )
 
     def render(self, record: Record, train_on: TrainOn) -> Rendered:
-        """Tokenize the conversation; each image is one placeholder token for now."""
+        """Tokenize the conversation, its text checked for reserved tokens; each image is one placeholder token
+        for now. What trains is decided by :func:`targets`."""
         self.check_text(record)
+        weights = [1.0 if target else 0.0 for target in targets(record, train_on)]
         units: list[list[Piece]] = []
-        for piece in self.pieces(record, train_on):
+        for piece in self.pieces(record, weights):
             if piece.new_unit or not units:
                 units.append([])
             units[-1].append(piece)
         tokens: list[np.ndarray] = []
-        weights: list[np.ndarray] = []
+        weights_of_tokens: list[np.ndarray] = []
         for unit in units:
             ids, w = self._encode_unit(unit)
             tokens.append(ids)
-            weights.append(w)
+            weights_of_tokens.append(w)
         all_tokens = np.concatenate(tokens).astype(np.int32)
         return Rendered(
             tokens=all_tokens,
-            weights=np.concatenate(weights).astype(np.float32),
-            image_slots=np.flatnonzero(all_tokens == self.image_pad_id),
+            weights=np.concatenate(weights_of_tokens).astype(np.float32),
+            image_slots=np.flatnonzero(all_tokens == self.ids["image_pad"]),
         )
 
     def _encode_unit(self, unit: list[Piece]) -> tuple[np.ndarray, np.ndarray]:

@@ -155,7 +155,7 @@ class Manifest(FolderManifest):
 def family_problems(info: BuildInfo) -> list[str]:
     """How the family the manifest records differs from the definition of the family it names (an edited
     constant would change every batch's pixels); one problem per field, naming both values."""
-    from shardkit.render import FAMILIES
+    from shardkit.families import FAMILIES
 
     recorded = info.family.model_dump(mode="json")
     if (family := FAMILIES.get(recorded["name"])) is None:

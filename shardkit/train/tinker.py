@@ -217,7 +217,9 @@ def train_tinker(
     stream = config.open_stream(batch_size=config.batch_size, seed=config.seed)
     data = ", ".join(config.data) or config.mix
     family = stream.source.manifest.config.family.name
-    if family != "qwen3_vl":
+    from shardkit.families import get_family
+
+    if get_family(family).tinker_renderer is None:
         raise ConfigError(f"{data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
     batches = DatumBatches(stream)
     total_steps = planned_steps(config, stream)

@@ -1,4 +1,4 @@
-"""Qwen3-VL Instruct, in two token-level variants of the same chat format.
+"""Qwen3-VL Instruct, in two token-level variants of the same chat format, with its grid and classes.
 
 ``qwen3_vl`` is tinker-cookbook's ``qwen3_vl_instruct`` renderer (what Tinker
 trains on): no default system prompt; message ``i`` is a header
@@ -19,27 +19,28 @@ the Instruct template writes an assistant's text as given.
 
 In both, the content and ``<|im_end|>`` of a trained message carry weight.
 Images use the 32-pixel grid (patch 16, merge 2) and the processor's 0.5
-mean/std normalisation; the processor's own minimum is 256x256.
+mean/std normalisation; the processor's own minimum is 256x256. Their builds
+train the dense and the MoE checkpoints alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from shardkit.render.base import Family, Piece, Renderer, TrainOn
+from shardkit.families.base import Family
+from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import Record
 
 
 class Qwen3VLRenderer(Renderer):
     """Renderer for Qwen3-VL Instruct as Tinker writes it (``qwen3_vl_instruct``)."""
 
-    def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
+    def pieces(self, record: Record, weights: list[float]) -> list[Piece]:
         out: list[Piece] = []
-        for i, message in enumerate(record.messages):
-            weight = 1.0 if self.trained(record, i, train_on) else 0.0
+        for i, (message, weight) in enumerate(zip(record.messages, weights, strict=True)):
             newline = "\n" if i else ""
-            out.append(Piece(f"{newline}{self.IM_START}{message.role}\n", new_unit=True))
-            content = self.content_pieces(record, i, weight) + [Piece(self.IM_END, weight)]
+            out.append(Piece(f"{newline}{self.tokens.im_start}{message.role}\n", new_unit=True))
+            content = self.content_pieces(record, i, weight) + [Piece(self.tokens.im_end, weight)]
             out += [replace(content[0], new_unit=True), *content[1:]]
         return out
 
@@ -47,19 +48,26 @@ class Qwen3VLRenderer(Renderer):
 class Qwen3VLTemplateRenderer(Renderer):
     """Renderer for the published Qwen3-VL Instruct chat template (transformers' ``apply_chat_template``)."""
 
-    def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
-        return self.chatml_pieces(record, train_on)
+    def pieces(self, record: Record, weights: list[float]) -> list[Piece]:
+        return self.chatml_pieces(record, weights)
 
 
 QWEN3_VL = Family(
     name="qwen3_vl",
-    renderer=Qwen3VLRenderer,
+    chat_format=Qwen3VLRenderer,
+    tokens=ChatTokens(),
+    last_added_id=None,  # every added token of the offline vocabulary is Qwen3's
     patch_size=16,
     merge_size=2,
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
     min_pixels=256 * 256,
     max_pixels=32 * 32 * 1280,
+    model_classes={"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"},
+    processor_class="Qwen3VLProcessor",
+    image_processor_class="Qwen2VLImageProcessor",
+    tinker_renderer="qwen3_vl_instruct",
 )
 
-QWEN3_VL_HF = replace(QWEN3_VL, name="qwen3_vl_hf", renderer=Qwen3VLTemplateRenderer)  # same grid
+# the published template: the same grid and classes; Tinker's tokens differ where text meets a header
+QWEN3_VL_HF = replace(QWEN3_VL, name="qwen3_vl_hf", chat_format=Qwen3VLTemplateRenderer, tinker_renderer=None)

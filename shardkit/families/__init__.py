@@ -1,0 +1,28 @@
+"""The model families, one module each (its renderer and its :class:`Family`), and their registry.
+
+Adding a family is one module holding its :class:`Family` (and its renderer, where its chat format is new) and
+its entry in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from shardkit.errors import ConfigError
+from shardkit.families.base import Family
+from shardkit.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from shardkit.families.qwen3_vl import QWEN3_VL, QWEN3_VL_HF
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_HF)}
+
+#: transformers ``model_type`` -> the class name of the model, for every checkpoint a family's builds train
+MODEL_CLASSES: dict[str, str] = {kind: cls for f in FAMILIES.values() for kind, cls in f.model_classes.items()}
+
+
+def get_family(name: str) -> Family:
+    """The family registered under ``name`` (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_hf``)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; choose one of {', '.join(FAMILIES)}") from None
+
+
+__all__ = ["FAMILIES", "MODEL_CLASSES", "Family", "get_family"]

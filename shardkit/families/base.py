@@ -1,0 +1,78 @@
+"""What a model family is: every fact shardkit uses about one model generation, in one frozen record."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardkit.render import ChatTokens, Renderer
+from shardkit.tokenizer import DEFAULT_TOKENIZER
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """A model family: its chat format and tokens, its tokenizer, its image grid and normalisation, its
+    transformers classes, what it can take and which Tinker renderer it equals.
+
+    Only the name and the grid enter a build's manifest (:meth:`manifest_entry`); the other fields may grow
+    without moving a build's bytes.
+    """
+
+    name: str
+
+    # the chat format and the tokenizer
+    chat_format: type[Renderer]
+    """Renders a record in this family's chat format (made with :meth:`renderer`)."""
+    tokens: ChatTokens
+    """The special tokens, as text; their ids are the tokenizer's (:attr:`Renderer.ids`)."""
+    tokenizer: str = DEFAULT_TOKENIZER
+    """The tokenizer used when a build names none (offline, bundled)."""
+    last_added_id: int | None
+    """The model's last added-token id: the tokenizer's later added tokens are read as plain text (None: keep all)."""
+
+    # the image grid and normalisation of its processor
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int = 2
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    min_pixels: int
+    max_pixels: int
+
+    # transformers
+    model_classes: Mapping[str, str] = field(hash=False)
+    """transformers ``model_type`` -> its ``...ForConditionalGeneration`` class name, for the checkpoints this
+    family's builds train."""
+    processor_class: str
+    image_processor_class: str
+
+    # what it can take
+    images: bool = True
+    video: bool = False
+    boxes: bool = False
+    write_boxes: Callable[..., str] | None = None
+    """How the chat format writes a bounding box in text; None while the family takes no boxes (``boxes=False``)."""
+
+    tinker_renderer: str | None = None
+    """The tinker-cookbook renderer whose tokens this family's equal (None: none; Tinker does not train it)."""
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this (one merged token covers factor x factor pixels)."""
+        return self.patch_size * self.merge_size
+
+    def renderer(self, tokenizer: Any) -> Renderer:
+        """The chat format's renderer over ``tokenizer``, with this family's tokens and vocabulary bound."""
+        return self.chat_format(tokenizer, self.tokens, self.last_added_id)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The family as a build's manifest records it (its name and image processor settings)."""
+        return {
+            "name": self.name,
+            "patch_size": self.patch_size,
+            "merge_size": self.merge_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
