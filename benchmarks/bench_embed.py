@@ -19,7 +19,8 @@ from common import WORK, machine, save, seed_dataset
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed
+from shardkit.embed import EmbedConfig
+from shardkit.embed.run import embed
 from shardkit.load import ShardStream
 from shardkit.load.batch import Collator, EmbeddingCollator
 from shardkit.load.embeddings import EmbeddedSource

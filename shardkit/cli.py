@@ -113,7 +113,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _embed_options(p: argparse.ArgumentParser) -> None:
-    from shardkit.train import EmbedConfig
+    from shardkit.embed import EmbedConfig
 
     spelling = {"build": {"flag": "build", "metavar": "BUILD"}, "model": {"metavar": "PATH_OR_ID"}}
     add_options(p, EmbedConfig, overrides={**spelling, "out": {"metavar": "DIR_OR_URL"}})
@@ -364,9 +364,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from shardkit.embed import embed
+    from shardkit.embed import EmbedConfig
+    from shardkit.embed.run import embed
     from shardkit.model import rank_world
-    from shardkit.train import EmbedConfig
 
     config = EmbedConfig.create(**given(args, EmbedConfig))
     manifest = embed(config, progress=False if args.no_progress else None)

@@ -223,39 +223,3 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         else:
             out += f".{piece}" if out else str(piece)
     return out
-
-
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schemas kept in ``schemas/``: the input record and the build manifest."""
-    from shardkit.shards.manifest import Manifest
-
-    return {
-        "record.schema.json": Record.model_json_schema(),
-        "manifest.schema.json": Manifest.model_json_schema(),
-    }
-
-
-def write_json_schemas(folder: str) -> list[str]:
-    """Write :func:`json_schemas` into ``folder``, created when missing (``python -m shardkit.schema schemas``); the
-    paths written."""
-    import json
-    from pathlib import Path
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, schema in json_schemas().items():
-        path = Path(folder) / name
-        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
-        written.append(str(path))
-    return written
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 2 or sys.argv[1:2] in (["-h"], ["--help"]):
-        sys.exit("usage: python -m shardkit.schema [FOLDER]  (writes the JSON Schemas there; default: schemas)")
-    try:
-        print("\n".join(write_json_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas")))
-    except OSError as exc:
-        sys.exit(f"shardkit.schema: error: {exc.strerror or exc}: {exc.filename or ''}")

@@ -151,7 +151,7 @@ def test_validate_help_states_every_exit_code():
 def test_schemas_are_written_into_a_new_folder(tmp_path):
     folder = tmp_path / "new" / "schemas"
     result = subprocess.run(
-        [sys.executable, "-m", "shardkit.schema", str(folder)], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "shardkit.json_schema", str(folder)], capture_output=True, text=True, check=True
     )
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.schema.json", "record.schema.json"]
     assert result.stdout.split() == [str(folder / "record.schema.json"), str(folder / "manifest.schema.json")]

@@ -13,7 +13,8 @@ import torch
 from shardkit.build import build
 from shardkit.cli import main
 from shardkit.config import BuildConfig
-from shardkit.embed import EmbedConfig, embed
+from shardkit.embed import EmbedConfig
+from shardkit.embed.run import embed
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.batch import Collator, EmbeddingCollator
@@ -149,7 +150,7 @@ def test_loader_with_cached_embeddings_resumes_exactly_with_workers(family_model
 
 
 def test_embed_resumes_after_a_kill_keeping_finished_shards(family_model, small_build, cache, tmp_path, monkeypatch):
-    import shardkit.embed as embed_module
+    import shardkit.embed.run as embed_module
 
     out = tmp_path / "emb"
     config = EmbedConfig.create(build=small_build, model=family_model[1], out=str(out), dtype="float32", batch_images=4)

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from shardkit.cli import _BUILD_ONLY, COMMANDS, _build_config, _parser, _train_config
 from shardkit.config import BuildConfig, BuildRun
+from shardkit.embed import EmbedConfig
 from shardkit.engines.local import available_cores
 from shardkit.errors import ConfigError
 from shardkit.export import ExportOptions
@@ -20,7 +21,7 @@ from shardkit.options import _without_none, add_options, flag, given, option_hel
 from shardkit.show import ShowOptions
 from shardkit.stats import StatsOptions
 from shardkit.synthetic import DemoDataOptions
-from shardkit.train import DataOptions, EmbedConfig, TinkerTrainConfig, TrainConfig
+from shardkit.train import DataOptions, TinkerTrainConfig, TrainConfig
 
 # per command: the models its options come from, and the options that are the command's own (no model field)
 OWN = {

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shardkit.schema import ImagePart, Record, TextPart, format_validation_error, json_schemas
+from shardkit.json_schema import json_schemas
+from shardkit.schema import ImagePart, Record, TextPart, format_validation_error
 
 SCHEMAS = Path(__file__).parents[1] / "schemas"
 
@@ -12,7 +13,7 @@ SCHEMAS = Path(__file__).parents[1] / "schemas"
 def test_exported_json_schemas_are_in_sync():
     for name, schema in json_schemas().items():
         on_disk = json.loads((SCHEMAS / name).read_text())
-        assert on_disk == schema, f"schemas/{name} is stale: run python -m shardkit.schema schemas"
+        assert on_disk == schema, f"schemas/{name} is stale: run python -m shardkit.json_schema schemas"
 
 
 def test_string_and_list_content_are_the_same():

@@ -27,11 +27,11 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from shardkit.errors import ShardCorruptError, ShardError
-from shardkit.shards import Manifest, Sample, get_reader, read_manifest
+from shardkit.shards import WRITERS, Manifest, Sample, get_reader, read_manifest
 from shardkit.shards.base import ChecksumMismatch, OpenShard
 from shardkit.shards.files import open_regular, read_checked, reading_error
 from shardkit.shards.index import SampleIndex, read_index
-from shardkit.shards.manifest import manifest_problems
+from shardkit.shards.manifest import family_problems
 from shardkit.storage import join, open_fs
 
 OPEN_SHARDS = 4
@@ -190,4 +190,25 @@ def verify_build(location: str, manifest: Manifest | None = None) -> list[str]:
             read_index(fs, folder, manifest)
         except ShardError as exc:
             problems.append(str(exc))
+    return problems
+
+
+def manifest_problems(manifest: Manifest) -> list[str]:
+    """How the manifest disagrees with itself: totals against its shards, shard names against its format, the
+    family's constants against the family it names."""
+    shards = manifest.shards
+    problems = family_problems(manifest.config)
+    if manifest.format not in WRITERS:
+        problems.append(f"unknown format {manifest.format!r}")
+    elif wrong := [s.path for s in shards if not s.path.endswith(suffix := WRITERS[manifest.format].suffix)]:
+        problems.append(f"format {manifest.format!r}, but shard {wrong[0]} is not a {suffix} file")
+    if len({s.path for s in shards} | {manifest.index.path}) != len(shards) + 1:
+        problems.append("two entries name the same file")
+    for name, total, parts in (
+        ("num_samples", manifest.num_samples, sum(s.num_samples for s in shards)),
+        ("num_tokens", manifest.num_tokens, sum(s.num_tokens for s in shards)),
+        ("the index's num_rows", manifest.index.num_rows, sum(s.num_samples for s in shards)),
+    ):
+        if total != parts:
+            problems.append(f"{name} is {total}, but the shards add up to {parts}")
     return problems

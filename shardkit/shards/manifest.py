@@ -4,9 +4,9 @@
 the totals, and what produced it (:class:`BuildInfo`: model family, tokenizer name
 and fingerprint, special token ids, pixel bounds, max_length, train_on, ...). Its presence means the
 build is complete. Every path in it is a plain file name inside the build
-folder (no ``..``, no ``/``, not absolute), and :func:`manifest_problems` checks
-that its counts and format agree with themselves and its family's constants with
-the family it names.
+folder (no ``..``, no ``/``, not absolute), and :func:`family_problems` checks
+its family's constants against the family it names (the loader's
+``manifest_problems`` checks the rest).
 """
 
 from __future__ import annotations
@@ -169,29 +169,6 @@ def family_problems(info: BuildInfo) -> list[str]:
     ]
     if info.model != family.name:
         problems.append(f"config.model is {info.model!r}, but config.family.name is {family.name!r}")
-    return problems
-
-
-def manifest_problems(manifest: Manifest) -> list[str]:
-    """How the manifest disagrees with itself: totals against its shards, shard names against its format, the
-    family's constants against the family it names."""
-    from shardkit.shards import WRITERS
-
-    shards = manifest.shards
-    problems = family_problems(manifest.config)
-    if manifest.format not in WRITERS:
-        problems.append(f"unknown format {manifest.format!r}")
-    elif wrong := [s.path for s in shards if not s.path.endswith(suffix := WRITERS[manifest.format].suffix)]:
-        problems.append(f"format {manifest.format!r}, but shard {wrong[0]} is not a {suffix} file")
-    if len({s.path for s in shards} | {manifest.index.path}) != len(shards) + 1:
-        problems.append("two entries name the same file")
-    for name, total, parts in (
-        ("num_samples", manifest.num_samples, sum(s.num_samples for s in shards)),
-        ("num_tokens", manifest.num_tokens, sum(s.num_tokens for s in shards)),
-        ("the index's num_rows", manifest.index.num_rows, sum(s.num_samples for s in shards)),
-    ):
-        if total != parts:
-            problems.append(f"{name} is {total}, but the shards add up to {parts}")
     return problems
 
 

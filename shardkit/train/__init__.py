@@ -1,5 +1,4 @@
-"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``), and the options of the
-commands that run a model (the trainers and ``shardkit embed``).
+"""Trainers fed by the streaming loaders: local torch (``local``) and Tinker (``tinker``), and their options.
 
 The option sets live here, apart from the code that runs them, so that reading
 them needs neither torch nor the Tinker SDK (the command line, ``--help``
@@ -205,17 +204,6 @@ class TinkerTrainConfig(TrainOptions):
     def _check(self) -> TinkerTrainConfig:
         self._default(lora_rank=32, lr=1e-4, batch_size=32)
         return self
-
-
-class EmbedConfig(Options):
-    """Options of an embed pass."""
-
-    build: str = Field(description="a shardkit build (folder or fsspec URL)")
-    model: str = Field(description="the Qwen-VL model to train (local folder or Hugging Face id): its vision tower")
-    out: str = Field(description="the embeddings folder (new, or to resume)")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="stored precision")
-    batch_images: int = Field(32, ge=1, description="images per vision tower call")
-    overwrite: bool = Field(False, description="replace embeddings made with another model or build")
 
 
 def planned_steps(options: TrainOptions, stream: Any, grad_accum: int = 1) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from shardkit import __version__
+from shardkit.embed import EmbedConfig
 from shardkit.errors import ShardError
 from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
@@ -37,7 +38,6 @@ from shardkit.shards.folder import check_tasks, claim, cleanup, save_result, tas
 from shardkit.shards.index import INDEX_NAME, IndexWriter
 from shardkit.shards.manifest import BuildInfo, IndexFile, ShardEntry
 from shardkit.storage import atomic_write, join, open_fs
-from shardkit.train import EmbedConfig
 
 logger = logging.getLogger(__name__)
 
