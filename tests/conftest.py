@@ -1,21 +1,15 @@
-"""Shared fixtures: the real Qwen vocabulary, real Pillow images, generated data sets."""
+"""Shared fixtures: the real Qwen vocabulary, generated data sets and their builds (make_build), tiny models, an S3
+API server. Helpers the tests import are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from shardkit.synthetic import make_clinical_dataset, photo_like
+from shardkit.synthetic import make_clinical_dataset
 from shardkit.tokenizer import load_tokenizer
-
-FIXTURES = Path(__file__).parent / "fixtures"
-S3_SECRET = "s3cr3t-never-printed-7f3a"
+from tests.helpers import FIXTURES, S3_SECRET
 
 
 def pytest_report_header(config) -> str:
@@ -29,6 +23,27 @@ def pytest_report_header(config) -> str:
             return "absent"
 
     return ", ".join(f"{name} {of(name)}" for name in ("transformers", "tokenizers", "torch", "tinker-cookbook"))
+
+
+@pytest.fixture(scope="session")
+def make_build(tmp_path_factory):
+    """The one way the tests build: ``make_build(input, **options)`` builds the input at path ``input`` with
+    :class:`~shardkit.config.BuildConfig` ``options`` into a new folder and returns the folder; the same input and
+    options again give the folder made before (once a session). Tests that change a build copy it first."""
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+
+    made: dict[str, str] = {}
+
+    def make(input, **options) -> str:
+        key = json.dumps([str(input), options], sort_keys=True, default=str)
+        if key not in made:
+            out = tmp_path_factory.mktemp("build")
+            build(BuildConfig.create(input=str(input), out=str(out), **options), progress=False)
+            made[key] = str(out)
+        return made[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -62,25 +77,17 @@ def tiny_model(tmp_path_factory, tiny_tokenizer) -> str:
 
 
 @pytest.fixture(scope="session")
-def memorisable(tmp_path_factory, tiny_tokenizer) -> str:
+def memorisable(make_build, memorisable_data, tiny_tokenizer) -> str:
     """A build of 8 short cases, one small image each (4 image tokens), on ``tiny_tokenizer``: a set a tiny
     model can learn by heart."""
-    from shardkit.build import build
-    from shardkit.config import BuildConfig
+    return make_build(memorisable_data.jsonl, max_pixels=56 * 56, samples_per_shard=4, tokenizer=tiny_tokenizer)
 
+
+@pytest.fixture(scope="session")
+def memorisable_data(tmp_path_factory):
+    """8 short cases with one small image each."""
     root = tmp_path_factory.mktemp("memo")
-    data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
-    out = root / "build"
-    config = BuildConfig.create(
-        input=str(data.jsonl), out=str(out), max_pixels=56 * 56, samples_per_shard=4, tokenizer=tiny_tokenizer
-    )
-    build(config, progress=False)
-    return str(out)
-
-
-def metrics(output: Path) -> list[dict]:
-    """The lines of a training run's ``metrics.jsonl``."""
-    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    return make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
 
 
 @pytest.fixture(scope="session")
@@ -94,90 +101,10 @@ def clinical(tmp_path_factory):
     return make_clinical_dataset(tmp_path_factory.mktemp("clinical"), cases=10, megapixels=(0.05, 0.6), bad_lines=True)
 
 
-def write_image(
-    path: Path, width: int, height: int, *, mode: str = "RGB", fmt: str = "JPEG", seed: int = 0, **save
-) -> Path:
-    """Write a real picture with Pillow in ``mode`` and ``fmt``."""
-    image = photo_like(width, height, np.random.default_rng(seed))
-    if mode != "RGB":
-        image = image.convert(mode)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt, **save)
-    return path
-
-
 @pytest.fixture(scope="session")
-def qwen3_build(small_dataset, tmp_path_factory) -> str:
+def qwen3_build(small_dataset, make_build) -> str:
     """A Qwen3-VL build of ``small_dataset`` (8 samples a shard), for the Tinker tests."""
-    from shardkit.build import build
-    from shardkit.config import BuildConfig
-
-    out = tmp_path_factory.mktemp("qwen3")
-    config = BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl", samples_per_shard=8)
-    build(config, progress=False)
-    return str(out)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for the servers and process groups tests start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(processes: int) -> list[str]:
-    """The start of a ``torchrun`` command for ``processes`` processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
-
-
-# transformers' two Qwen2-VL image processors, compared with by name (see image_processor_class)
-IMAGE_BACKENDS = ["pil", "torchvision"]
-
-
-def image_processor_class(backend: str = "pil") -> type:
-    """transformers' Qwen2-VL image processor of one backend, by its own name, never the class a bare
-    ``transformers.Qwen2VLImageProcessor`` resolves to (the torchvision class where torchvision is installed, else a
-    PIL fallback): ``pil`` is ``Qwen2VLImageProcessorPil`` (numpy and Pillow), ``torchvision`` is
-    ``Qwen2VLImageProcessor`` from its own module (skipped where torchvision is not installed: bin/test's
-    .venv-newest has it)."""
-    if backend == "pil":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil
-    if importlib.util.find_spec("torchvision") is None:
-        pytest.skip("torchvision is not installed: the torchvision image processor is compared in .venv-newest")
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
-    return Qwen2VLImageProcessor
-
-
-def qwen3_image_processor(backend: str = "pil"):
-    """Qwen3-VL's published preprocessor settings, built offline (the model files cannot be downloaded here)."""
-    return image_processor_class(backend)(
-        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-        size={"shortest_edge": 65536, "longest_edge": 16777216},
-    )  # fmt: skip
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    """Records (dicts, or raw bytes lines) as a JSONL file."""
-    lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
-
-
-def conversation(*images: str, question: str = "What is shown?", answer: str = "A test pattern.") -> dict:
-    return {
-        "messages": [
-            {
-                "role": "user",
-                "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": question}],
-            },
-            {"role": "assistant", "content": answer},
-        ]
-    }
+    return make_build(small_dataset.jsonl, model="qwen3_vl", samples_per_shard=8)
 
 
 @pytest.fixture(scope="session")
@@ -189,20 +116,9 @@ def small_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def builds(small_dataset, tmp_path_factory):
+def builds(small_dataset, make_build):
     """``{format: folder}`` of Qwen2-VL builds of ``small_dataset`` in 10 uneven shards (5 samples, the last 2)."""
-    from shardkit.build import build
-    from shardkit.config import BuildConfig
-
-    out = {}
-    for fmt in ("tar", "parquet"):
-        folder = tmp_path_factory.mktemp(f"build-{fmt}")
-        build(
-            BuildConfig.create(input=str(small_dataset.jsonl), out=str(folder), format=fmt, samples_per_shard=5),
-            progress=False,
-        )
-        out[fmt] = str(folder)
-    return out
+    return {fmt: make_build(small_dataset.jsonl, format=fmt, samples_per_shard=5) for fmt in ("tar", "parquet")}
 
 
 @pytest.fixture(scope="module")

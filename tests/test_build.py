@@ -15,7 +15,7 @@ from shardkit.images import ImageRoot
 from shardkit.inputs import open_input
 from shardkit.load import BuildSource
 from shardkit.shards import read_manifest
-from tests.conftest import (
+from tests.helpers import (
     IMAGE_BACKENDS,
     conversation,
     image_processor_class,

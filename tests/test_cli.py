@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 from shardkit.cli import main
-from tests.conftest import write_image, write_jsonl
+from tests.helpers import write_image, write_jsonl
 
 
 def test_validate_reports_each_bad_line_and_exits_1(clinical, capsys):
@@ -115,7 +115,7 @@ def test_without_an_extra_help_works_and_a_command_names_the_extra(tmp_path):
 
 
 def test_validate_takes_dedup_as_build_does(tmp_path, capsys):
-    from tests.conftest import conversation, write_image, write_jsonl
+    from tests.helpers import conversation, write_image, write_jsonl
 
     write_image(tmp_path / "a.jpg", 64, 64)
     record = conversation("a.jpg", question="What is it?", answer="A rash.")
@@ -129,7 +129,7 @@ def test_validate_takes_dedup_as_build_does(tmp_path, capsys):
 
 
 def test_one_of_a_thing_is_said_in_the_singular(tmp_path, capsys):
-    from tests.conftest import conversation, write_image, write_jsonl
+    from tests.helpers import conversation, write_image, write_jsonl
 
     write_image(tmp_path / "a.jpg", 64, 64)
     data = write_jsonl(tmp_path / "in.jsonl", [conversation("a.jpg", question="What?", answer="A rash.")])

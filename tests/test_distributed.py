@@ -7,23 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from shardkit.build import build
-from shardkit.config import BuildConfig
 from shardkit.load import ShardStream
 from shardkit.synthetic import make_clinical_dataset
-from tests.conftest import torchrun
+from tests.helpers import torchrun
 
 pytestmark = pytest.mark.slow  # torchrun process groups
 
 
 @pytest.fixture(scope="module")
-def epoch_build(tmp_path_factory):
+def epoch_build(tmp_path_factory, make_build):
     """44 samples in shards of 6."""
     folder = tmp_path_factory.mktemp("distributed")
     data = make_clinical_dataset(folder / "data", cases=44, seed=5, megapixels=(0.004, 0.02), images_per_case=(1, 2))
-    out = folder / "build"
-    build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=6), progress=False)
-    return data, out
+    return data, Path(make_build(data.jsonl, samples_per_shard=6))
 
 
 def run_ranks(ranks, out, tmp_path, *extra):

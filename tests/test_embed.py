@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardkit.build import build
 from shardkit.cli import main
-from shardkit.config import BuildConfig
 from shardkit.embed import EmbedConfig
 from shardkit.embed.run import embed
 from shardkit.errors import ConfigError
@@ -26,9 +24,11 @@ from shardkit.shards.embeddings import read_embedding_manifest
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import tiny_qwen2_vl_config
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import metrics, torchrun
+from tests.helpers import metrics, torchrun
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+
+pytestmark = pytest.mark.slow  # every test here runs shardkit embed (a vision tower over a build) or trains
 
 
 def model_class(family):
@@ -38,13 +38,11 @@ def model_class(family):
 
 
 @pytest.fixture(scope="module")
-def small_build(tmp_path_factory):
+def small_build(tmp_path_factory, make_build):
     """12 cases with 1-3 small photos each, in 3 shards."""
     root = tmp_path_factory.mktemp("embed-data")
     data = make_clinical_dataset(root / "data", cases=12, seed=5, megapixels=(0.004, 0.03), images_per_case=(1, 3))
-    out = root / "build"
-    build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=5), progress=False)
-    return str(out)
+    return make_build(data.jsonl, samples_per_shard=5)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -75,7 +73,6 @@ def loss_and_grads(model, inputs):
 @pytest.mark.parametrize(
     "batching", [{"batch_size": 3}, {"max_tokens": 700}, {"pack_tokens": 700, "sequences_per_batch": 2}]
 )
-@pytest.mark.slow
 def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family_model, small_build, cache, batching):
     family, folder = family_model
     model = model_class(family).from_pretrained(folder, dtype=torch.float32)
@@ -183,7 +180,6 @@ def test_embed_resumes_after_a_kill_keeping_finished_shards(family_model, small_
         EmbeddedSource(small_build, str(out), verify=True)
 
 
-@pytest.mark.slow
 def test_two_ranks_embed_their_shares_into_the_same_shards(family_model, small_build, cache, tmp_path):
     if family_model[0] != "qwen2_vl":
         pytest.skip("one family is enough for the process layout")
@@ -210,7 +206,6 @@ def train_setup(tmp_path_factory, memorisable, tiny_model):
     return {"data": memorisable, "model": tiny_model, "embeddings": str(emb)}
 
 
-@pytest.mark.slow
 def test_training_with_the_cache_gives_the_live_frozen_losses_and_resumes(tmp_path, train_setup):
     options = ["--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--num-workers", "0", "--save-every", "2"]
     common = ["train", "--data", train_setup["data"], "--model", train_setup["model"], *options]
@@ -259,7 +254,6 @@ def test_a_cache_that_does_not_fit_is_refused(tmp_path, train_setup, small_build
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
-@pytest.mark.slow
 def test_freezing_the_vision_tower_leaves_it_unchanged(tmp_path, train_setup):
     from transformers import Qwen2VLForConditionalGeneration
 

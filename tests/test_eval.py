@@ -8,26 +8,20 @@ import subprocess
 import pytest
 import torch
 
-from shardkit.build import build
-from shardkit.config import BuildConfig
 from shardkit.model import load_model
 from shardkit.shards import read_manifest
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.train.evaluate import eval_batches, rank_share
 from shardkit.train.local import Evaluation, evaluate
-from tests.conftest import torchrun
+from tests.helpers import torchrun
 
 
 @pytest.fixture(scope="module")
-def seven(tmp_path_factory, tiny_tokenizer):
+def seven(tmp_path_factory, make_build, tiny_tokenizer):
     """7 short cases with one small image each: an odd number, so the rank split has a remainder."""
     root = tmp_path_factory.mktemp("seven")
     data = make_clinical_dataset(root / "data", cases=7, seed=5, megapixels=(0.01, 0.02), images_per_case=(1, 1))
-    config = BuildConfig.create(
-        input=str(data.jsonl), out=str(root / "build"), max_pixels=56 * 56, tokenizer=tiny_tokenizer
-    )
-    build(config, progress=False)
-    return str(root / "build")
+    return make_build(data.jsonl, max_pixels=56 * 56, tokenizer=tiny_tokenizer)
 
 
 @pytest.mark.parametrize("samples", [0, 1, 7, 47])

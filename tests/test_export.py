@@ -4,13 +4,11 @@ import json
 
 import pytest
 
-from shardkit.build import build
 from shardkit.cli import main
-from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
 from shardkit.export import dataset_info_entry, export_llamafactory
 from shardkit.load import BuildSource
-from tests.conftest import conversation, write_image, write_jsonl
+from tests.helpers import conversation, write_image, write_jsonl
 
 OTHER = {"file_name": "alpaca.json", "columns": {"prompt": "instruction"}}
 
@@ -61,7 +59,7 @@ def test_export_holds_the_stored_images_and_the_input_text(builds, small_dataset
 
 
 @pytest.fixture(scope="module")
-def awkward_build(tmp_path_factory):
+def awkward_build(tmp_path_factory, make_build):
     """A build of records LLaMA-Factory can and cannot take: (folder, {line: reason code} of the latter)."""
     root = tmp_path_factory.mktemp("awkward")
     write_image(root / "images" / "a.jpg", 90, 60, seed=1)
@@ -79,8 +77,7 @@ def awkward_build(tmp_path_factory):
         conversation(question="No picture here.", answer="Fine."),  # 6
     ]
     jsonl = write_jsonl(root / "data.jsonl", records)
-    build(BuildConfig.create(input=str(jsonl), out=str(root / "build")), progress=False)
-    return str(root / "build"), {2: "llamafactory_placeholder", 3: "llamafactory_placeholder", 5: "llamafactory_turns"}
+    return make_build(jsonl), {2: "llamafactory_placeholder", 3: "llamafactory_placeholder", 5: "llamafactory_turns"}
 
 
 def test_samples_llamafactory_would_misread_are_listed_and_left_out(awkward_build, tmp_path, capsys):

@@ -23,7 +23,7 @@ from shardkit.shards import read_manifest
 from shardkit.shards.folder import lock
 from shardkit.storage import open_fs
 from shardkit.synthetic import make_clinical_dataset
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def shardkit(*args, env=None, timeout=600):

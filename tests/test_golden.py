@@ -27,7 +27,7 @@ import pytest
 
 from shardkit.build import build
 from shardkit.config import BuildConfig
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 GOLDEN = FIXTURES / "golden"
 DIGESTS = GOLDEN / "digests.json"

@@ -28,7 +28,7 @@ from shardkit.images import (
 )
 from shardkit.schema import InlineImage
 from shardkit.synthetic import _png_declaring, photo_like
-from tests.conftest import IMAGE_BACKENDS, conversation, image_processor_class, write_image, write_jsonl
+from tests.helpers import IMAGE_BACKENDS, conversation, image_processor_class, write_image, write_jsonl
 
 
 def test_smart_resize_matches_transformers_on_many_sizes():

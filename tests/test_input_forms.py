@@ -19,7 +19,7 @@ from shardkit.inputs import RawItem, detect, open_input
 from shardkit.load import BuildSource
 from shardkit.stats import build_stats, format_stats
 from shardkit.validate import validate
-from tests.conftest import FIXTURES, write_image, write_jsonl
+from tests.helpers import FIXTURES, write_image, write_jsonl
 
 SIZES = [(56, 84), (84, 56), (70, 70)]  # (width, height) of the images of the legacy fixtures
 
@@ -32,7 +32,7 @@ def template_tokens(tokenizer, template, messages, sample) -> list[int]:
     return [t for token in reference for t in ([pad] * next(counts) if token == pad else [token])]
 
 
-def built(config: BuildConfig) -> dict[int, object]:
+def samples_of(config: BuildConfig) -> dict[int, object]:
     build(config, progress=False)
     return {s.info["line"]: s for s in BuildSource(config.out).samples()}
 
@@ -137,7 +137,7 @@ def test_llava_records_build_as_the_chat_template_renders_them(
     else:
         path = write_jsonl(root / "llava_instruct.jsonl", LLAVA)
     assert detect(str(path)) == "json"
-    samples = built(BuildConfig.create(input=str(path), out=str(root / "out")))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(root / "out")))
     assert sorted(samples) == [1, 2, 3]
     for number, messages in LLAVA_EXPECTED.items():
         sample = samples[number]
@@ -161,7 +161,7 @@ def test_llava_records_build_as_the_chat_template_renders_them(
         "--input-format llava, or auto to read each record in its own form"
     )
 
-    kept = built(BuildConfig.create(input=str(path), out=str(root / "kept"), keep_keys=("source",)))
+    kept = samples_of(BuildConfig.create(input=str(path), out=str(root / "kept"), keep_keys=("source",)))
     assert kept[5].info["meta"] == {"source": "coco"}
 
 
@@ -196,7 +196,7 @@ def test_internvl_multi_image_sizes_are_ignored(tmp_path):
         write_image(tmp_path / name, width, height, fmt="PNG", seed=seed)
     data = write_jsonl(tmp_path / "internvl.jsonl", [INTERNVL_MULTI_IMAGE])
     assert validate(str(data)).problems == []
-    sample = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))[1]
+    sample = samples_of(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))[1]
     assert sizes(sample) == expected
 
 
@@ -239,7 +239,7 @@ def test_newlines_around_image_follow_the_project_of_each_form(tmp_path, tokeniz
         ],
     }
     for form, path in (("llava", llava), ("sharegpt", sharegpt)):
-        samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / form)))
+        samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / form)))
         for number, (content, answer) in enumerate(zip(expected[form], answers, strict=True), start=1):
             messages = [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
             sample = samples[number]
@@ -291,7 +291,7 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
     swift = write_jsonl(tmp_path / "swift.jsonl", SWIFT_SFT)
     internvl = write_jsonl(tmp_path / "internvl.jsonl", [*INTERNVL_MIXED, INTERNVL_MULTI_IMAGE])
 
-    samples = built(BuildConfig.create(input=str(swift), out=str(tmp_path / "swift")))
+    samples = samples_of(BuildConfig.create(input=str(swift), out=str(tmp_path / "swift")))
     expected = {
         1: SWIFT_SFT[0]["messages"],
         2: [
@@ -307,7 +307,7 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
     found = rejects(tmp_path / "swift")
     assert {line: r["code"] for line, r in found.items()} == {3: "audio_not_supported", 4: "video_not_supported"}
 
-    samples = built(BuildConfig.create(input=str(internvl), out=str(tmp_path / "internvl")))
+    samples = samples_of(BuildConfig.create(input=str(internvl), out=str(tmp_path / "internvl")))
     assert sorted(samples) == [1, 2, 3] and sizes(samples[2]) == [SIZES[2]] and len(sizes(samples[3])) == 5
     first = INTERNVL_MIXED[0]["conversations"]
     messages = [{"role": "user", "content": first[0]["value"]}, {"role": "assistant", "content": first[1]["value"]}]
@@ -358,7 +358,7 @@ def test_qwen_packed_entries_are_unpacked_into_records(tmp_path, tokenizer, qwen
     assert [(item.number, item.source_line) for item in source.items()] == list(enumerate(starts, start=1))[:3] + (
         [] if layout == "json" else [(4, 3)]
     )
-    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
     assert sorted(samples) == [1, 2, 3]
     assert [sizes(samples[n]) for n in (1, 2, 3)] == [[SIZES[0]], [SIZES[1]], [SIZES[1]]]
     for number, record in zip((1, 2), QWEN_PACKED, strict=True):
@@ -414,7 +414,7 @@ def test_llamafactory_mllm_demo_without_placeholders(tmp_path, tokenizer, qwen2_
     path = tmp_path / "mllm_demo.json"
     path.write_text(json.dumps(records, indent=2, ensure_ascii=False))
     assert detect(str(path)) == "json"
-    sample = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))[1]
+    sample = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))[1]
     messages = [
         {"role": "user", "content": [IMAGE, text("Who are they?")]},
         *({"role": m["role"], "content": m["content"]} for m in records[0]["messages"][1:]),
@@ -443,7 +443,7 @@ def test_ms_swift_per_message_loss(tmp_path, tokenizer):
         ("all_assistant", "A square.<|im_end|>Yes.<|im_end|>"),
     ]:
         out = tmp_path / train_on
-        sample = built(BuildConfig.create(input=str(data), out=str(out), train_on=train_on))[1]
+        sample = samples_of(BuildConfig.create(input=str(data), out=str(out), train_on=train_on))[1]
         assert tokenizer.decode(sample.input_ids[sample.weights > 0].tolist()) == trained
 
 
@@ -512,7 +512,7 @@ def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl
 
     path = trl_llava_instruct_mix(tmp_path / "llava-instruct-mix.parquet")
     assert set(pq.read_schema(path).names) == {"images", "prompt", "completion"} and detect(str(path)) == "hf"
-    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "parquet")))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "parquet")))
     rows = pq.read_table(path).to_pylist()
     expected = {n: trl_conversation(row["prompt"], row["completion"], row["images"]) for n, row in enumerate(rows, 1)}
     assert expected[2] == [user([IMAGE, text("What colour is the bus?")]), assistant([text("Red.")])]
@@ -535,7 +535,7 @@ def test_trl_prompt_completion_in_parquet_and_json(tmp_path, tokenizer, qwen2_vl
          "completion": [{"role": "assistant", "content": "A pattern."}], "label": False},  # unpaired preference
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "trl.jsonl", records)
-    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "json")))
+    samples = samples_of(BuildConfig.create(input=str(data), out=str(tmp_path / "json")))
     expected = {
         1: trl_conversation(records[0]["prompt"], records[0]["completion"], ["a.jpg"]),
         2: trl_conversation(records[1]["prompt"], records[1]["completion"], ["a.jpg"]),
@@ -597,7 +597,7 @@ def test_llamafactory_v1_records(tmp_path, tokenizer, qwen2_vl_template):
             {"type": "reasoning", "value": "The user greets."}, {"type": "text", "value": "Hello."}]}]},
     ]  # fmt: skip
     data = write_jsonl(tmp_path / "v1.jsonl", LF_V1 + bad)
-    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
     assert sorted(samples) == [1, 2, 3, 4]
     for number, record in enumerate(LF_V1, start=1):
         sample = samples[number]
@@ -631,7 +631,7 @@ def test_ms_swift_query_response_and_conversation(tmp_path, tokenizer, qwen2_vl_
     write_image(tmp_path / "cat.jpg", *SIZES[0])
     write_image(tmp_path / "dog.jpg", *SIZES[1])
     data = write_jsonl(tmp_path / "swift.jsonl", SWIFT_FORMS)
-    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
     system = {"role": "system", "content": "You are a helpful assistant."}
     expected = {
         1: [system, user([IMAGE, text("What is this?")]), assistant("A cat."), user([IMAGE, text("And this one?")]),
@@ -651,7 +651,7 @@ def test_ms_swift_query_response_and_conversation(tmp_path, tokenizer, qwen2_vl_
     pairs = {"conversation": [SWIFT_FORMS[1]["conversation"]], "images": [[Image.new("RGB", SIZES[0], "red")]]}
     parquet = tmp_path / "conversation.parquet"
     datasets.Dataset.from_dict(pairs).to_parquet(str(parquet))  # as ms-swift reads a data set of this form
-    sample = built(BuildConfig.create(input=str(parquet), out=str(tmp_path / "parquet")))[1]
+    sample = samples_of(BuildConfig.create(input=str(parquet), out=str(tmp_path / "parquet")))[1]
     messages = expected[2][1:]  # no system column
     assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
 
@@ -743,7 +743,7 @@ def test_openai_image_url_parts(tmp_path, tokenizer, qwen2_vl_template):
     )
     data = write_jsonl(tmp_path / "openai.jsonl", records)
     assert detect(str(data)) == "json"
-    samples = built(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(data), out=str(tmp_path / "out")))
     assert [sizes(samples[n]) for n in (1, 2, 3, 4)] == [[SIZES[0]], [SIZES[1]], [SIZES[0]], [SIZES[1]]]
     messages = [
         {"role": "user", "content": [IMAGE, text("What is it?")]},
@@ -786,7 +786,7 @@ def test_hf_conversations_in_both_datasets_layouts(tmp_path, tokenizer, qwen2_vl
     features = json.loads(pq.read_schema(path).metadata[b"huggingface"])["info"]["features"]
     assert features["images"]["_type"] == ("List" if layout == "current" else "Sequence")
     assert detect(str(path)) == "hf"
-    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
     assert sorted(samples) == [1, 2]
     for number, messages in CHAT_EXPECTED.items():
         sample = samples[number]
@@ -808,7 +808,7 @@ def test_hf_the_cauldron_texts(tmp_path, tokenizer, qwen2_vl_template):
     ]
     path = tmp_path / "cauldron.parquet"
     datasets.Dataset.from_dict({"images": images, "texts": texts}).to_parquet(str(path))
-    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
     expected = {
         1: [
             {"role": "user", "content": [IMAGE, text("Colour?")]},
@@ -831,7 +831,7 @@ def test_hf_the_cauldron_texts(tmp_path, tokenizer, qwen2_vl_template):
 @pytest.mark.parametrize("layout", ["current", "legacy"])
 def test_hf_vqa_question_and_list_answers(tmp_path, tokenizer, qwen2_vl_template, layout):
     path = current_layout(tmp_path, "vqa") if layout == "current" else FIXTURES / "hf_legacy_vqa.parquet"
-    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "out")))
     assert sorted(samples) == [1, 2]
     for number, (question, answer) in {1: ("What colour is it?", "green"), 2: ("Is it wide?", "yes")}.items():
         messages = [{"role": "user", "content": [IMAGE, text(question)]}, {"role": "assistant", "content": answer}]
@@ -859,7 +859,7 @@ def test_hf_question_column_option(tmp_path):
         question_column="ask",
         text_column="reply",
     )
-    samples = built(config)
+    samples = samples_of(config)
     assert [m["content"][-1]["text"] for m in samples[1].info["messages"]] == ["Colour?", "red"]  # the most frequent
     assert [m["content"][-1]["text"] for m in samples[2].info["messages"]] == ["Shape?", "round"]
     report = validate(str(tmp_path / "vqa_v2.parquet"))
@@ -879,7 +879,7 @@ def test_reasons_say_what_was_found_and_what_would_work(tmp_path, tokenizer, qwe
     datasets.Dataset.from_dict({"images": pictures, "label": ["red", "two", "none"]}, features=features).to_parquet(
         str(path)
     )
-    samples = built(BuildConfig.create(input=str(path), out=str(tmp_path / "out"), image_column="images"))
+    samples = samples_of(BuildConfig.create(input=str(path), out=str(tmp_path / "out"), image_column="images"))
     assert [sizes(samples[n]) for n in (1, 2)] == [[SIZES[0]], [SIZES[1], SIZES[2]]]
     messages = [user([IMAGE, IMAGE, text("Classify this image.")]), assistant("two")]
     assert samples[2].input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, samples[2])

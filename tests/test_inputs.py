@@ -18,7 +18,7 @@ from shardkit.inputs.jsonl import QwenJsonl, iter_lines
 from shardkit.load import BuildSource
 from shardkit.schema import InlineImage
 from shardkit.validate import validate
-from tests.conftest import conversation, write_image, write_jsonl
+from tests.helpers import conversation, write_image, write_jsonl
 
 
 def rejects(folder):

@@ -20,7 +20,7 @@ from shardkit.config import BuildConfig
 from shardkit.load import BuildSource
 from shardkit.record_checks import NFC_SHRINK, max_token_chars, min_tokens
 from shardkit.validate import validate
-from tests.conftest import conversation, write_image, write_jsonl
+from tests.helpers import conversation, write_image, write_jsonl
 
 
 def config(data, out, **options):

@@ -18,7 +18,7 @@ from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
 from shardkit.load import ShardStream
 from shardkit.load.tinker import DatumBatches, sample_to_datum
-from tests.conftest import conversation, qwen3_image_processor, write_image, write_jsonl
+from tests.helpers import conversation, qwen3_image_processor, write_image, write_jsonl
 
 
 def cookbook_datum(record, images, tokenizer, reduction):

@@ -13,7 +13,7 @@ from shardkit.load.batch import Collator, expand_patches, image_patches, mrope_p
 from shardkit.load.torch import TorchLoader
 from shardkit.shards import read_manifest
 from shardkit.testing import tiny_qwen2_vl_config
-from tests.conftest import IMAGE_BACKENDS, image_processor_class
+from tests.helpers import IMAGE_BACKENDS, image_processor_class
 
 
 def stored_images(samples):
@@ -22,7 +22,7 @@ def stored_images(samples):
 
 @pytest.fixture(scope="module", params=IMAGE_BACKENDS)
 def processor(request):
-    """transformers' Qwen2-VL image processor, each backend by name (tests/conftest.py: image_processor_class)."""
+    """transformers' Qwen2-VL image processor, each backend by name (tests/helpers.py: image_processor_class)."""
     return image_processor_class(request.param)()
 
 
@@ -100,7 +100,7 @@ def test_a_tiny_qwen2_vl_trains_on_a_batch(builds, family):
     assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0  # the images reached the loss
 
 
-def tiny_model(family, attn="sdpa"):
+def random_qwen2_vl(family, attn="sdpa"):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
@@ -112,7 +112,7 @@ def tiny_model(family, attn="sdpa"):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_mrope_positions_equal_the_models_rope_index_on_every_sample(builds, family):
-    model = tiny_model(family)
+    model = random_qwen2_vl(family)
     stream = ShardStream(builds["tar"], batch_size=1, shuffle=False)
     collate = Collator.for_build(stream.source.manifest)
     for (sample,) in stream:
@@ -194,7 +194,7 @@ def per_sample_losses(logits, labels, sequences):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.slow
 def test_packed_losses_equal_each_sample_alone(builds, family, attn):
-    model = tiny_model(family, attn)
+    model = random_qwen2_vl(family, attn)
     sequences, collate = packed_batch(builds)
     batch = collate(sequences)
     with torch.no_grad():

@@ -11,36 +11,27 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from shardkit.build import build
 from shardkit.cli import main
-from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
 from shardkit.load.mix import MixStream, open_stream, read_mix_file, share_counts
 from shardkit.load.plan import batch_samples
 from shardkit.load.torch import TorchLoader
 from shardkit.train import TrainConfig
-from tests.conftest import torchrun
+from tests.helpers import torchrun
 
 
 @pytest.fixture(scope="module")
-def tiny(small_dataset, tmp_path_factory):
+def tiny(small_dataset, tmp_path_factory, make_build):
     """Builds of 3 records of ``small_dataset``: ``same`` (mixable with ``builds``), ``all`` (train_on all)."""
     root = tmp_path_factory.mktemp("tiny")
     lines = small_dataset.jsonl.read_text().splitlines()[:3]
     jsonl = root / "three.jsonl"
     jsonl.write_text("\n" * 100 + "\n".join(lines) + "\n")  # keys (line numbers) 101-103: unlike the big build's
-    out = {}
-    for name, train_on in (("same", "all_assistant"), ("all", "all")):
-        config = BuildConfig.create(
-            input=str(jsonl),
-            out=str(root / name),
-            image_root=str(small_dataset.jsonl.parent),
-            samples_per_shard=2,
-            train_on=train_on,
-        )
-        build(config, progress=False)
-        out[name] = str(root / name)
-    return out
+    image_root = str(small_dataset.jsonl.parent)
+    return {
+        name: make_build(jsonl, image_root=image_root, samples_per_shard=2, train_on=train_on)
+        for name, train_on in (("same", "all_assistant"), ("all", "all"))
+    }
 
 
 def keys(batches):

@@ -10,17 +10,14 @@ from unittest import mock
 import pytest
 import torch
 
-from shardkit.build import build
-from shardkit.config import BuildConfig
 from shardkit.families import get_family
 from shardkit.load import ShardStream
 from shardkit.load.batch import Collator, mrope_positions
 from shardkit.render import TrainOn
 from shardkit.schema import Record
-from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import TINY_VOCAB_SIZE, tiny_qwen3_vl_config
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import FIXTURES, IMAGE_BACKENDS, qwen3_image_processor, torchrun
+from tests.helpers import FIXTURES, IMAGE_BACKENDS, qwen3_image_processor, torchrun
 from tests.test_load_torch import per_sample_losses, spans
 from tests.test_render import CONVERSATIONS, image_tokens
 
@@ -79,11 +76,8 @@ def weighted(tokenizer, expanded) -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_build(small_dataset, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("qwen3-hf")
-    config = BuildConfig.create(input=str(small_dataset.jsonl), out=str(out), model="qwen3_vl_hf", samples_per_shard=8)
-    build(config, progress=False)
-    return str(out)
+def hf_build(small_dataset, make_build) -> str:
+    return make_build(small_dataset.jsonl, model="qwen3_vl_hf", samples_per_shard=8)
 
 
 def qwen3_processor(tokenizer, backend):
@@ -133,7 +127,7 @@ def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset,
     assert torch.equal(uint8.to_device(uint8(samples), "cpu")["pixel_values"], batch["pixel_values"])
 
 
-def tiny_model(moe=False, attn="sdpa", tokenizer=None):
+def random_qwen3_vl(moe=False, attn="sdpa", tokenizer=None):
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
     torch.manual_seed(0)  # sharp enough that attention across samples shows clearly in the losses
@@ -144,7 +138,7 @@ def tiny_model(moe=False, attn="sdpa", tokenizer=None):
 
 
 def test_mrope_positions_equal_the_models_rope_index(hf_build):
-    model = tiny_model()
+    model = random_qwen3_vl()
     stream = ShardStream(hf_build, batch_size=1, shuffle=False)
     collate = Collator.for_build(stream.source.manifest)
     for (sample,) in stream:
@@ -158,7 +152,7 @@ def test_mrope_positions_equal_the_models_rope_index(hf_build):
 @pytest.mark.parametrize("moe, attn", [(False, "sdpa"), (False, "eager"), (True, "sdpa")])
 @pytest.mark.slow
 def test_packed_losses_equal_each_sample_alone(hf_build, moe, attn):
-    model = tiny_model(moe, attn)
+    model = random_qwen3_vl(moe, attn)
     stream = ShardStream(hf_build, pack_tokens=1200, sequences_per_batch=2, seed=0)
     sequences, collate = next(iter(stream)), Collator.for_build(stream.source.manifest)
     batch = collate(sequences)
@@ -178,15 +172,10 @@ def test_packed_losses_equal_each_sample_alone(hf_build, moe, attn):
 
 
 @pytest.fixture(scope="module")
-def memorisable(tmp_path_factory, tiny_tokenizer) -> str:
-    """8 short cases, one 64x64 image each (4 image tokens), in the template's format."""
-    root = tmp_path_factory.mktemp("memo3")
-    data = make_clinical_dataset(root / "data", cases=8, seed=2, megapixels=(0.01, 0.02), images_per_case=(1, 1))
-    config = BuildConfig.create(input=str(data.jsonl), out=str(root / "build"), model="qwen3_vl_hf",
-                                min_pixels=32 * 32, max_pixels=64 * 64, samples_per_shard=4,
-                                tokenizer=tiny_tokenizer)  # fmt: skip
-    build(config, progress=False)
-    return str(root / "build")
+def memorisable_qwen3(make_build, memorisable_data, tiny_tokenizer) -> str:
+    """``memorisable``'s 8 short cases, one 64x64 image each (4 image tokens), in the template's format."""
+    return make_build(memorisable_data.jsonl, model="qwen3_vl_hf", min_pixels=32 * 32, max_pixels=64 * 64,
+                      samples_per_shard=4, tokenizer=tiny_tokenizer)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +184,7 @@ def checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
     out = {}
     for name, moe in (("dense", False), ("moe", True)):
         folder = tmp_path_factory.mktemp(f"tiny-qwen3-{name}")
-        tiny_model(moe, tokenizer=tiny_tokenizer).save_pretrained(folder)
+        random_qwen3_vl(moe, tokenizer=tiny_tokenizer).save_pretrained(folder)
         out[name] = str(folder)
     return out
 
@@ -212,33 +201,33 @@ def falls(history) -> bool:
 
 
 @pytest.mark.slow
-def test_full_fine_tune_of_qwen3_vl_moe_learns(tmp_path, memorisable, checkpoints):
+def test_full_fine_tune_of_qwen3_vl_moe_learns(tmp_path, memorisable_qwen3, checkpoints):
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    _, history = run(tmp_path, memorisable, checkpoints["moe"], max_steps=16)
+    _, history = run(tmp_path, memorisable_qwen3, checkpoints["moe"], max_steps=16)
     assert falls(history), [h["loss"] for h in history]
     final = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
     assert final.config.text_config.vocab_size == TINY_VOCAB_SIZE and final.config.text_config.num_experts == 4
 
 
 @pytest.mark.slow
-def test_lora_on_qwen3_vl_learns(tmp_path, memorisable, checkpoints):
-    _, history = run(tmp_path, memorisable, checkpoints["dense"], max_steps=20, lr=2e-2, lora_rank=16)
+def test_lora_on_qwen3_vl_learns(tmp_path, memorisable_qwen3, checkpoints):
+    _, history = run(tmp_path, memorisable_qwen3, checkpoints["dense"], max_steps=20, lr=2e-2, lora_rank=16)
     assert falls(history), [h["loss"] for h in history]
     adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == checkpoints["dense"]
 
 
 @pytest.mark.slow
-def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable, checkpoints):
+def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable_qwen3, checkpoints):
     options = {"max_steps": 4, "save_every": 2, "batch_size": 2, "grad_accum": 2}
-    _, uninterrupted = run(tmp_path, memorisable, checkpoints["dense"], name="whole", **options)
+    _, uninterrupted = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="whole", **options)
 
     def crash(step, record):
         if step == 3:
             raise KeyboardInterrupt
 
-    config = TrainConfig.create(data=memorisable, model=checkpoints["dense"], output=str(tmp_path / "broken"),
+    config = TrainConfig.create(data=memorisable_qwen3, model=checkpoints["dense"], output=str(tmp_path / "broken"),
                                 lr=1e-2, num_workers=0, warmup_ratio=0.1, **options)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         train(config, on_step=crash)
@@ -248,9 +237,9 @@ def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable, checkpoint
 
 
 @pytest.mark.slow
-def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints):
+def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable_qwen3, checkpoints):
     output = tmp_path / "ddp"
-    args = ["-m", "shardkit.cli", "-q", "train", "--data", memorisable, "--model", checkpoints["moe"],
+    args = ["-m", "shardkit.cli", "-q", "train", "--data", memorisable_qwen3, "--model", checkpoints["moe"],
             "--output", str(output), "--num-workers", "0", "--lr", "1e-3", "--pack",
             "--batch-tokens", "256", "--max-steps"]  # fmt: skip
     first = subprocess.run([*torchrun(2), *args, "2"], capture_output=True, text=True, timeout=600)
@@ -263,11 +252,11 @@ def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable, checkpoints)
 
 
 @pytest.mark.slow
-def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable, checkpoints):
+def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable_qwen3, checkpoints):
     # the mean over every target token of the step, whatever the micro-batches (Qwen3-VL's own loss would not be)
-    _, whole = run(tmp_path, memorisable, checkpoints["dense"], name="whole", max_steps=1, batch_size=8)
-    _, accumulated = run(tmp_path, memorisable, checkpoints["dense"], name="acc", max_steps=1, grad_accum=2)
-    _, packed = run(tmp_path, memorisable, checkpoints["dense"], name="packed", max_steps=1, batch_size=None,
+    _, whole = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="whole", max_steps=1, batch_size=8)
+    _, accumulated = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="acc", max_steps=1, grad_accum=2)
+    _, packed = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="packed", max_steps=1, batch_size=None,
                     batch_tokens=512, pack=True, grad_accum=8)  # fmt: skip
     assert accumulated[0]["samples"] == packed[0]["samples"] == 8
     assert accumulated[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
@@ -276,11 +265,11 @@ def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memor
 
 @pytest.mark.slow
 def test_freezing_the_qwen3_vl_vision_tower_leaves_it_and_its_deepstack_mergers_unchanged(
-    tmp_path, memorisable, checkpoints
+    tmp_path, memorisable_qwen3, checkpoints
 ):
     from transformers import Qwen3VLForConditionalGeneration
 
-    run(tmp_path, memorisable, checkpoints["dense"], max_steps=2, freeze_vision_tower=True)
+    run(tmp_path, memorisable_qwen3, checkpoints["dense"], max_steps=2, freeze_vision_tower=True)
     before = Qwen3VLForConditionalGeneration.from_pretrained(checkpoints["dense"]).state_dict()
     after = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before[n])]

@@ -9,7 +9,7 @@ from shardkit.errors import RecordError
 from shardkit.families import get_family
 from shardkit.render import TrainOn
 from shardkit.schema import Record
-from tests.conftest import qwen3_image_processor
+from tests.helpers import qwen3_image_processor
 
 CONVERSATIONS = [
     # the seed's shape: images then text, one answer

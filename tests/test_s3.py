@@ -11,7 +11,7 @@ from shardkit.config import BuildConfig
 from shardkit.load import ShardStream, verify_build
 from shardkit.load.torch import TorchLoader
 from shardkit.shards import read_manifest
-from tests.conftest import S3_SECRET as SECRET
+from tests.helpers import S3_SECRET as SECRET
 
 
 @pytest.mark.slow

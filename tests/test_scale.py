@@ -19,7 +19,7 @@ from shardkit.config import BuildConfig
 from shardkit.load import ShardStream
 from shardkit.shards import read_manifest
 from shardkit.synthetic import make_clinical_dataset
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 
 def shard_hashes(folder):

@@ -29,8 +29,7 @@ from shardkit.shards.base import SampleInfo
 from shardkit.show import make_page, show_text, write_page
 from shardkit.synthetic import make_clinical_dataset
 from shardkit.tokenizer import _load, bundled_tokenizer_dir
-
-from .conftest import write_image
+from tests.helpers import write_image
 
 HOSTILE_TEXT = "<img src=x onerror=\"console.error('escaped badly')\"> & </pre>"
 HOSTILE_META = "</script><script>console.error('escaped badly')</script>"
@@ -38,7 +37,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 
 
 @pytest.fixture(scope="module")
-def shown_build(tmp_path_factory):
+def shown_build(tmp_path_factory, make_build):
     """A build of clinical cases, one record with hostile text and meta, and rejects (one with an openable image)."""
     root = tmp_path_factory.mktemp("show-data")
     data = make_clinical_dataset(root, cases=8, seed=5, megapixels=(0.01, 0.05), bad_lines=True)
@@ -60,9 +59,7 @@ def shown_build(tmp_path_factory):
                          {"role": "assistant", "content": "wide"}]}  # fmt: skip
     with data.jsonl.open("a") as f:
         f.write(json.dumps(hostile) + "\n" + json.dumps(wide) + "\n")
-    out = tmp_path_factory.mktemp("show-build")
-    build(BuildConfig.create(input=str(data.jsonl), out=str(out), samples_per_shard=4), progress=False)
-    return str(out), data
+    return make_build(data.jsonl, samples_per_shard=4), data
 
 
 PWN = "document.title='pwned'"
@@ -242,6 +239,7 @@ def test_page_in_headless_chromium(chromium, shown_build, tmp_path):
         image.convert("RGB").quantize(64).save(target, optimize=True)
 
 
+@pytest.mark.slow
 def test_filter_box_in_chromium(chromium, shown_build, tmp_path):
     build_dir, _ = shown_build
     page = tmp_path / "show.html"
@@ -346,7 +344,7 @@ HIDING_QUESTION = "Look.\x1b[1A\x1b[2K\x1b]52;c;cHduZWQ=\x07\u202eevil"  # up a 
 
 
 @pytest.fixture(scope="module")
-def control_build(tmp_path_factory):
+def control_build(tmp_path_factory, make_build):
     """A build of one record whose text holds a carriage return, escape sequences and a right-to-left override."""
     root = tmp_path_factory.mktemp("controls")
     write_image(root / "a.jpg", 64, 64)
@@ -354,8 +352,7 @@ def control_build(tmp_path_factory):
                                                         {"type": "text", "text": HIDING_QUESTION}]},
                            {"role": "assistant", "content": HIDDEN_ANSWER}]}  # fmt: skip
     (root / "data.jsonl").write_text(json.dumps(record) + "\n")
-    build(BuildConfig.create(input=str(root / "data.jsonl"), out=str(root / "build")), progress=False)
-    return str(root / "build")
+    return make_build(root / "data.jsonl")
 
 
 def test_text_mode_shows_control_characters_in_a_real_terminal(control_build, tmp_path):

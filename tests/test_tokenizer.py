@@ -8,7 +8,7 @@ from shardkit.families import get_family
 from shardkit.render import TrainOn
 from shardkit.schema import Record
 from shardkit.tokenizer import _load, bundled_tokenizer_dir, load_tokenizer
-from tests.conftest import FIXTURES, free_port
+from tests.helpers import FIXTURES, free_port
 
 
 def test_default_is_the_real_qwen_vocabulary():

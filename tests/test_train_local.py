@@ -15,7 +15,7 @@ from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import TINY_VOCAB_SIZE
 from shardkit.train import local
 from shardkit.train.local import TrainConfig, train
-from tests.conftest import metrics, torchrun
+from tests.helpers import metrics, torchrun
 
 pytestmark = pytest.mark.slow  # trains tiny models
 

@@ -1,0 +1,97 @@
+"""Helpers the tests import: real Pillow images and JSONL files written for a test, the processors compared with,
+ports and torchrun for the servers and process groups tests start. (Fixtures are in conftest.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shardkit.synthetic import photo_like
+
+FIXTURES = Path(__file__).parent / "fixtures"
+S3_SECRET = "s3cr3t-never-printed-7f3a"
+
+
+def metrics(output: Path) -> list[dict]:
+    """The lines of a training run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_image(
+    path: Path, width: int, height: int, *, mode: str = "RGB", fmt: str = "JPEG", seed: int = 0, **save
+) -> Path:
+    """Write a real picture with Pillow in ``mode`` and ``fmt``."""
+    image = photo_like(width, height, np.random.default_rng(seed))
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt, **save)
+    return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the servers and process groups tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(processes: int) -> list[str]:
+    """The start of a ``torchrun`` command for ``processes`` processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+
+
+# transformers' two Qwen2-VL image processors, compared with by name (see image_processor_class)
+IMAGE_BACKENDS = ["pil", "torchvision"]
+
+
+def image_processor_class(backend: str = "pil") -> type:
+    """transformers' Qwen2-VL image processor of one backend, by its own name, never the class a bare
+    ``transformers.Qwen2VLImageProcessor`` resolves to (the torchvision class where torchvision is installed, else a
+    PIL fallback): ``pil`` is ``Qwen2VLImageProcessorPil`` (numpy and Pillow), ``torchvision`` is
+    ``Qwen2VLImageProcessor`` from its own module (skipped where torchvision is not installed: bin/test's
+    .venv-newest has it)."""
+    if backend == "pil":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed: the torchvision image processor is compared in .venv-newest")
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor
+
+
+def qwen3_image_processor(backend: str = "pil"):
+    """Qwen3-VL's published preprocessor settings, built offline (the model files cannot be downloaded here)."""
+    return image_processor_class(backend)(
+        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+    )  # fmt: skip
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Records (dicts, or raw bytes lines) as a JSONL file."""
+    lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in records]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def conversation(*images: str, question: str = "What is shown?", answer: str = "A test pattern.") -> dict:
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [*({"type": "image", "image": i} for i in images), {"type": "text", "text": question}],
+            },
+            {"role": "assistant", "content": answer},
+        ]
+    }
