@@ -52,7 +52,7 @@ from shardkit.shards.folder import (
 from shardkit.shards.manifest import BuildInfo, SpecialTokens
 from shardkit.shards.task import TaskResult, TaskShardWriter
 from shardkit.storage import join, open_fs, write_bytes
-from shardkit.tokenizer import TokenizerInfo, load_tokenizer
+from shardkit.tokenizer import TokenizerInfo, load_fast_tokenizer
 from shardkit.words import counted
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _reject(result: TaskResult, exc: RecordError, where: str) -> None:
 def converter_for(config: BuildConfig) -> Converter:
     """The converter of ``config``, built once per process for the build being run (forked workers inherit the
     one the build made before starting them)."""
-    return Converter(config, load_tokenizer(config.tokenizer_name)[0])
+    return Converter(config, load_fast_tokenizer(config.tokenizer_name)[0])
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _build_split(config: BuildConfig, source: InputFormat, scan: InputScan, run:
     """One build (one split of a train/val build) into ``config.out``, holding its folder's lock."""
     fs, folder = open_fs(config.out)
     with lock(fs, folder):
-        tokenizer, tokenizer_info = load_tokenizer(config.tokenizer_name)
+        tokenizer, tokenizer_info = load_fast_tokenizer(config.tokenizer_name)
         identity = _identity(config, scan.sha256, tokenizer_info)
         complete = claim(fs, folder, identity, overwrite=run.overwrite)
         convert = converter_for(config)  # built here, so forked workers share it

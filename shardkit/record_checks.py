@@ -25,6 +25,7 @@ import numpy as np
 from shardkit.errors import RecordError
 from shardkit.render import TrainOn, targets
 from shardkit.schema import Record, TextPart
+from shardkit.tokenizer import FastTokenizer, longest_token
 
 #: Unicode normalization (NFC, which the Qwen tokenizer applies) shrinks a text to no less than a third of its
 #: code points (three Hangul jamo compose into one syllable).
@@ -88,8 +89,9 @@ def check_answers(record: Record, train_on: TrainOn) -> None:
 
 def max_token_chars(tokenizer: Any) -> int:
     """The most characters one token of ``tokenizer`` can stand for (byte-level BPE: a character per byte)."""
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    return max(map(len, backend.get_vocab(with_added_tokens=True)))
+    if isinstance(tokenizer, FastTokenizer):
+        return tokenizer.max_token_chars
+    return longest_token(getattr(tokenizer, "backend_tokenizer", tokenizer))
 
 
 def text_chars(record: Record) -> int:

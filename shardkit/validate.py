@@ -44,10 +44,10 @@ def validate(path: str, *, on_record: Callable[[], None] | None = None, **option
     from shardkit.config import BuildConfig
     from shardkit.convert import Converter
     from shardkit.dedup import find_duplicates
-    from shardkit.tokenizer import load_tokenizer
+    from shardkit.tokenizer import load_fast_tokenizer
 
     config = BuildConfig.create(input=path, out="", **{k: v for k, v in options.items() if v is not None})
-    convert = Converter(config, load_tokenizer(config.tokenizer_name)[0])
+    convert = Converter(config, load_fast_tokenizer(config.tokenizer_name)[0])
     report = ValidationReport(unit=convert.input.unit)
     duplicates = find_duplicates(convert.input, convert.root).duplicates if config.dedup else {}
     for item in convert.input.items():

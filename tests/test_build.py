@@ -1,6 +1,10 @@
 import hashlib
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +20,7 @@ from shardkit.inputs import open_input
 from shardkit.load import BuildSource
 from shardkit.shards import read_manifest
 from tests.helpers import (
+    FIXTURES,
     IMAGE_BACKENDS,
     conversation,
     image_processor_class,
@@ -343,3 +348,28 @@ def test_a_task_result_this_version_cannot_read_is_built_again(clinical, tmp_pat
     assert "task-000001.json is not a task result this version reads" in caplog.text
     assert json.loads(result.read_text()) == {**saved, "seconds": json.loads(result.read_text())["seconds"]}
     assert again.shards == reference.shards
+
+
+IMPORTED = """
+import sys
+from shardkit.cli import main
+code = main(sys.argv[1:])
+print(" ".join(sorted(m for m in ("transformers", "torch", "pandas") if m in sys.modules)))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", ["build", "validate"])
+def test_build_and_validate_import_neither_transformers_nor_torch_once_the_tokenizer_is_cached(tmp_path, command):
+    """The start-up a command-line build pays: its tokenizer read from the cache folder (made there by the first
+    process that needed it), nothing of transformers, torch or pandas imported (seconds, on a small input)."""
+    shutil.copytree(FIXTURES / "golden", tmp_path / "data")
+    args = ["-q", command, str(tmp_path / "data" / "records.jsonl")]
+    if command == "build":
+        args += ["--out", str(tmp_path / "out"), "--overwrite"]
+    imported = []
+    for _ in range(2):  # the first may make the cache entry, the second reads it
+        run = subprocess.run([sys.executable, "-c", IMPORTED, *args], capture_output=True, text=True, env=os.environ)
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported.append(run.stdout.splitlines()[-1] if run.stdout.strip() else "")
+    assert imported[1] == "", f"imported: {imported[1]}"

