@@ -49,13 +49,18 @@ def entry_folder(kind: str, key: str) -> Path:
     return cache_root() / kind / key
 
 
-def read_entry(kind: str, key: str) -> Path | None:
-    """The folder of a sound entry (every file listed in its ``entry.json``, with that sha256), else None."""
+def read_entry(kind: str, key: str, names: tuple[str, ...]) -> Path | None:
+    """The folder of a sound entry (every file listed in its ``entry.json``, with that sha256, ``names`` among
+    them), else None."""
     folder = entry_folder(kind, key)
     try:
         listed = json.loads((folder / ENTRY_FILE).read_text())
         files = listed["files"]
-        if listed["key"] != key or not files or not all(sha256_file(folder / n) == h for n, h in files.items()):
+        if (
+            listed["key"] != key
+            or not set(names) <= files.keys()
+            or not all(sha256_file(folder / n) == h for n, h in files.items())
+        ):
             logger.info("the cache entry %s is damaged; it is made again", folder)
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -63,11 +68,11 @@ def read_entry(kind: str, key: str) -> Path | None:
     return folder
 
 
-def cached(kind: str, key: str, make: Callable[[Path], None]) -> Path:
-    """The folder of entry ``key`` of ``kind``: read when sound, else made by ``make(folder)`` (which writes the
-    entry's files into the empty ``folder`` it is given) and put in place. Raises ``OSError`` when the cache
-    folder cannot be written."""
-    if (found := read_entry(kind, key)) is not None:
+def cached(kind: str, key: str, names: tuple[str, ...], make: Callable[[Path], None]) -> Path:
+    """The folder of entry ``key`` of ``kind``, holding the files ``names``: read when sound, else made by
+    ``make(folder)`` (which writes the entry's files into the empty ``folder`` it is given) and put in place.
+    Raises ``OSError`` when the cache folder cannot be written."""
+    if (found := read_entry(kind, key, names)) is not None:
         return found
     folder = entry_folder(kind, key)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -77,13 +82,13 @@ def cached(kind: str, key: str, make: Callable[[Path], None]) -> Path:
         files = {p.name: sha256_file(p) for p in sorted(scratch.iterdir()) if p.is_file()}
         (scratch / ENTRY_FILE).write_text(json.dumps({"key": key, "files": files}, indent=1) + "\n")
         if folder.exists():  # damaged, or just put in place by another process
-            if (found := read_entry(kind, key)) is not None:
+            if (found := read_entry(kind, key, names)) is not None:
                 return found
             shutil.rmtree(folder, ignore_errors=True)
         try:
             scratch.rename(folder)
         except OSError:  # another process put its entry in place first
-            if (found := read_entry(kind, key)) is None:
+            if (found := read_entry(kind, key, names)) is None:
                 raise
             return found
     finally:

