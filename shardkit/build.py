@@ -7,7 +7,9 @@
 3. cut the input into tasks of ``samples_per_shard`` consecutive records (the other split's records skipped) and
    run them (:mod:`shardkit.engines`: this process, a pool of worker processes or a Ray cluster); a task converts
    each record (:mod:`shardkit.convert`: read, check, render, images) and writes its shards
-   (``shard-TTTTTT-PPP``, more than one part only when ``max_shard_bytes`` is reached), rejects collected;
+   (``shard-TTTTTT-PPP``, more than one part only when ``max_shard_bytes`` is reached), rejects collected. An
+   input of fewer tasks than workers is converted in slices of its tasks on the workers, each task written here
+   from its slices' samples in order (:func:`plan_slices`);
 4. assemble the manifest, the rejects, the index and the statistics from the saved task results, the manifest
    last.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import time
@@ -36,9 +39,9 @@ from shardkit.errors import ConfigError, OutputError, RecordError, ShardkitError
 from shardkit.images import ImageRoot
 from shardkit.inputs import InputFormat, RawItem, open_input
 from shardkit.inputs.base import hash_files
-from shardkit.ledger import changed_images
+from shardkit.ledger import Ledger, changed_images
 from shardkit.render import Renderer
-from shardkit.shards import WRITERS, Manifest, read_manifest
+from shardkit.shards import WRITERS, Manifest, Sample, read_manifest
 from shardkit.shards.folder import (
     ERRORS_LOG,
     assemble,
@@ -96,28 +99,49 @@ def run_task(
     on_record: Callable[[bool], None] | None = None,
 ) -> TaskResult:
     """Convert a task's records and write its shard parts; rejected records are collected, not fatal."""
-    config = convert.config
     result = TaskResult(index=task.index)
     started = time.perf_counter()
-    writer = TaskShardWriter(fs, folder, task.index, WRITERS[config.format.value], config.max_shard_bytes)
-    with writer:
-        for raw in task.items:
-            result.records += 1
-            try:
-                sample = convert(raw, result.read)
-            except RecordError as exc:
-                if strict:
-                    raise
-                _reject(result, exc, f"{convert.input.unit_of(raw)} {raw.number}")
-                sample = None
-            else:
-                writer.write(sample)
-                result.add(sample)
-            if on_record:
-                on_record(sample is not None)
-        result.shards = writer.close()
+    write_task(result, task.items, _converted(task.items, convert, result.read), convert, fs, folder, strict, on_record)
     result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+def _converted(items: Iterable[RawItem], convert: Converter, ledger: Ledger) -> Iterator[Sample | RecordError]:
+    """Each item's sample, or the :class:`RecordError` that rejects it, in order; images read noted in ``ledger``."""
+    for raw in items:
+        try:
+            yield convert(raw, ledger)
+        except RecordError as exc:
+            yield exc
+
+
+def write_task(
+    result: TaskResult,
+    items: list[RawItem],
+    outcomes: Iterable[Sample | RecordError],
+    convert: Converter,
+    fs: Any,
+    folder: str,
+    strict: bool,
+    on_record: Callable[[bool], None] | None = None,
+) -> None:
+    """Write the samples of a task's ``outcomes`` (one per item, in order) into its shard parts, the rejects and
+    counts into ``result``. The parts depend on the sample sequence alone, wherever the samples were made."""
+    config = convert.config
+    writer = TaskShardWriter(fs, folder, result.index, WRITERS[config.format.value], config.max_shard_bytes)
+    with writer:
+        for raw, outcome in zip(items, outcomes, strict=True):
+            result.records += 1
+            if isinstance(outcome, RecordError):
+                if strict:
+                    raise outcome
+                _reject(result, outcome, f"{convert.input.unit_of(raw)} {raw.number}")
+            else:
+                writer.write(outcome)
+                result.add(outcome)
+            if on_record:
+                on_record(not isinstance(outcome, RecordError))
+        result.shards = writer.close()
 
 
 def _reject(result: TaskResult, exc: RecordError, where: str) -> None:
@@ -145,6 +169,51 @@ class TaskRunner:
     def __call__(self, task: Task, on_record: Callable[[bool], None] | None = None) -> TaskResult:
         fs, folder = open_fs(self.config.out)
         return run_task(task, converter_for(self.config), fs, folder, strict=self.strict, on_record=on_record)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Consecutive records of one task, converted apart from the rest of it (see :func:`plan_slices`)."""
+
+    task: int
+    index: int
+    items: list[RawItem]
+
+
+@dataclass
+class Converted:
+    """A slice's records converted: a sample or the error rejecting it, one per record, and the images read."""
+
+    task: int
+    index: int
+    outcomes: list[Sample | RecordError]
+    read: Ledger
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SliceRunner:
+    """Converts one slice wherever the engine puts it; its task's shards are written where the slices meet."""
+
+    config: BuildConfig
+
+    def __call__(self, piece: Slice) -> Converted:
+        started, read = time.perf_counter(), {}
+        outcomes = list(_converted(piece.items, converter_for(self.config), read))
+        return Converted(piece.task, piece.index, outcomes, read, time.perf_counter() - started)
+
+
+def plan_slices(tasks: list[Task], workers: int) -> list[Slice]:
+    """``tasks``, too few to keep ``workers`` busy, cut into about ``2 * workers`` slices of consecutive records
+    (two a worker, so that slices of unequal cost even out). Only the conversion is cut: each task's shards are
+    still written from its samples in order, so the bytes do not depend on the slices."""
+    per_task = -(-2 * workers // max(len(tasks), 1))
+    out = []
+    for task in tasks:
+        size = -(-len(task.items) // per_task)
+        out += [Slice(task.index, i, task.items[start : start + size])
+                for i, start in enumerate(range(0, len(task.items), size))]  # fmt: skip
+    return out
 
 
 class InputScan:
@@ -318,22 +387,57 @@ def _run_tasks(fs: Any, folder: str, tasks: SplitTasks, scan: InputScan, run: Bu
     """Convert and save every task left to do, with a progress bar; ``tasks``, run through."""
     from tqdm import tqdm
 
-    runner = TaskRunner(tasks.config, run.strict)
     total = scan.records if run.show_progress else None
     with tqdm(total=total, unit="rec", desc="build", disable=not run.show_progress) as bar:
         progress = ProgressBar(bar)
         tasks.on_skip = progress.skip
-        if run.in_process:
-            results: Iterable[TaskResult] = (runner(task, progress.record) for task in tasks)
-        else:
-            results = run_tasks(runner, tasks, engine=run.engine, workers=run.workers, ray_address=run.ray_address)
-        for result in results:
+        for result in _results(fs, folder, tasks, run, progress):
             save_result(fs, folder, result)
             if result.traceback is not None:
                 log_internal_error(fs, folder, result.traceback)
             if not run.in_process:
                 progress.task(result)
     return tasks
+
+
+def _results(fs: Any, folder: str, tasks: SplitTasks, run: BuildRun, progress: ProgressBar) -> Iterator[TaskResult]:
+    """The results of the tasks, as they finish. With one local worker, each task in this process; with fewer
+    tasks than workers (a small input), their slices (:func:`plan_slices`) on the workers, each task written here
+    once its slices are back; otherwise whole tasks on the workers."""
+    runner = TaskRunner(tasks.config, run.strict)
+    if run.in_process:
+        yield from (runner(task, progress.record) for task in tasks)
+        return
+    engine = {"engine": run.engine, "workers": run.workers, "ray_address": run.ray_address}
+    stream = iter(tasks)
+    first = list(itertools.islice(stream, run.workers))
+    if len(first) == run.workers:
+        yield from run_tasks(runner, itertools.chain(first, stream), **engine)
+        return
+    by_index = {task.index: task for task in first}
+    parts: dict[int, dict[int, Converted]] = {index: {} for index in by_index}
+    slices = plan_slices(first, run.workers)
+    count = {index: sum(piece.task == index for piece in slices) for index in by_index}
+    convert = converter_for(tasks.config)
+    for converted in run_tasks(SliceRunner(tasks.config), slices, **engine):
+        got = parts[converted.task]
+        got[converted.index] = converted
+        if len(got) == count[converted.task]:
+            yield _write_slices(by_index.pop(converted.task), [got[i] for i in sorted(got)], convert, fs, folder, run)
+
+
+def _write_slices(
+    task: Task, converted: list[Converted], convert: Converter, fs: Any, folder: str, run: BuildRun
+) -> TaskResult:
+    """Write a task's shards from its converted slices, in order: the bytes :func:`run_task` would write."""
+    result = TaskResult(index=task.index)
+    started = time.perf_counter()
+    for part in converted:
+        result.read.update(part.read)
+    outcomes = (outcome for part in converted for outcome in part.outcomes)
+    write_task(result, task.items, outcomes, convert, fs, folder, run.strict)
+    result.seconds = round(time.perf_counter() - started + sum(part.seconds for part in converted), 3)
+    return result
 
 
 def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Renderer, pad: int | None) -> BuildInfo:

@@ -373,3 +373,20 @@ def test_build_and_validate_import_neither_transformers_nor_torch_once_the_token
         assert run.returncode == 0, run.stderr[-2000:]
         imported.append(run.stdout.splitlines()[-1] if run.stdout.strip() else "")
     assert imported[1] == "", f"imported: {imported[1]}"
+
+
+def test_slices_cover_each_task_in_order_about_two_a_worker():
+    from shardkit.build import Task, plan_slices
+    from shardkit.inputs import RawItem
+
+    def task(index, n):
+        return Task(index, [RawItem(number=index * 100 + i, data=b"") for i in range(n)])
+
+    for tasks, workers, expected in [([task(0, 24)], 2, 4), ([task(0, 24)], 3, 6), ([task(0, 5), task(1, 3)], 3, 6),
+                                     ([task(0, 2)], 4, 2), ([task(0, 24)], 16, 24)]:  # fmt: skip
+        slices = plan_slices(tasks, workers)
+        assert len(slices) == expected
+        for t in tasks:
+            mine = [s for s in slices if s.task == t.index]
+            assert [s.index for s in mine] == list(range(len(mine)))
+            assert [item for s in mine for item in s.items] == t.items

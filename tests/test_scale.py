@@ -40,6 +40,41 @@ def test_worker_processes_give_byte_identical_shards(clinical, tmp_path, fmt):
     assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "two" / "rejects.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+@pytest.mark.slow
+def test_a_small_input_is_converted_in_slices_with_the_same_bytes(clinical, tmp_path, monkeypatch, fmt):
+    """One task (fewer tasks than workers): its slices are converted on the workers, its shard written here; the
+    bytes are those of one process, whatever the number of workers, and the rejects are the same."""
+    import shardkit.build as build_module
+
+    plans = []
+    real = build_module.plan_slices
+    monkeypatch.setattr(build_module, "plan_slices", lambda *args: plans.append(real(*args)) or plans[-1])
+    builds = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        config = make_config(clinical, out, format=fmt).model_copy(update={"samples_per_shard": 1000})
+        builds[workers] = build(config, progress=False, workers=workers)
+    assert [len(plan) for plan in plans] == [4, 6]  # two slices a worker for workers 2 and 3; none for 1
+    reference = tmp_path / "w1"
+    for workers in (2, 3):
+        assert shard_hashes(tmp_path / f"w{workers}") == shard_hashes(reference)
+        for name in ("rejects.jsonl", "index.parquet"):
+            assert (tmp_path / f"w{workers}" / name).read_bytes() == (reference / name).read_bytes()
+        assert builds[workers].num_rejected == len(clinical.bad_lines)
+
+
+@pytest.mark.slow
+def test_strict_stops_at_the_first_rejected_record_of_a_sliced_task(clinical, tmp_path):
+    from shardkit.errors import RecordError
+
+    config = make_config(clinical, tmp_path / "out").model_copy(update={"samples_per_shard": 1000})
+    with pytest.raises(RecordError) as info:
+        build(config, strict=True, progress=False, workers=2)
+    assert info.value.line == min(clinical.bad_lines)
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
 @dataclass(frozen=True)
 class RayHead:
     address: str
@@ -86,10 +121,10 @@ def ray_head(tmp_path_factory):
 def test_ray_engine_matches_the_local_engine_on_a_cluster_with_token_authentication(clinical, tmp_path, ray_head):
     build(make_config(clinical, tmp_path / "local"), progress=False)
 
-    def build_on_ray(out, **env):
+    def build_on_ray(out, samples_per_shard=3, **env):
         command = [sys.executable, "-m", "shardkit.cli", "-q", "build", str(clinical.jsonl), "--out", str(out),
-                   "--samples-per-shard", "3", "--engine", "ray", "--ray-address", ray_head.address, "--workers", "2",
-                   "--no-progress"]  # fmt: skip
+                   "--samples-per-shard", str(samples_per_shard), "--engine", "ray", "--ray-address", ray_head.address,
+                   "--workers", "2", "--no-progress"]  # fmt: skip
         return subprocess.run(command, capture_output=True, text=True, env={**ray_head.env, **env}, timeout=600)
 
     # the token is in HOME/.ray/auth_token, but Ray sends it to a given address only with RAY_AUTH_MODE=token
@@ -107,6 +142,15 @@ def test_ray_engine_matches_the_local_engine_on_a_cluster_with_token_authenticat
     assert shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
     assert read_manifest(str(tmp_path / "ray")).num_rejected == len(clinical.bad_lines)
     assert (tmp_path / "ray" / "index.parquet").read_bytes() == (tmp_path / "local" / "index.parquet").read_bytes()
+
+    # one task for two workers: its slices converted as Ray tasks, its shard written by the driver
+    build(make_config(clinical, tmp_path / "local-one").model_copy(update={"samples_per_shard": 1000}), progress=False)
+    done = build_on_ray(tmp_path / "ray-one", 1000, RAY_AUTH_MODE="token")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert shard_hashes(tmp_path / "ray-one") == shard_hashes(tmp_path / "local-one")
+    assert (tmp_path / "ray-one" / "rejects.jsonl").read_bytes() == (
+        tmp_path / "local-one" / "rejects.jsonl"
+    ).read_bytes()
 
 
 @pytest.mark.slow
