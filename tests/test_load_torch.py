@@ -288,3 +288,68 @@ def test_batches_do_not_depend_on_the_number_of_workers(builds, options):
     second = loader(2)
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert taken + batch_keys(second) == by_workers[0]
+
+
+def batches_of(loader):
+    return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in loader]
+
+
+def assert_same_batches(ours, reference):
+    assert len(ours) == len(reference)
+    for got, expected in zip(ours, reference, strict=True):
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+
+
+@pytest.mark.parametrize("options", [{"batch_size": 3}, {"pack_tokens": 700}], ids=["plain", "packed"])
+def test_workers_pass_uint8_and_the_batches_are_the_float32_ones(builds, options, monkeypatch):
+    """Through workers the pixels cross as uint8 patches and become ``pixel_values`` here: the same batches, to the
+    bit, as one process making float32 itself."""
+
+    def loader(workers, **kwargs):
+        return TorchLoader(ShardStream(builds["tar"], seed=2, **options), num_workers=workers, **kwargs)
+
+    reference = batches_of(loader(0))
+    assert all(b["pixel_values"].dtype == torch.float32 and "pixel_patches" not in b for b in reference)
+    made = []
+    real = Collator.to_device
+    monkeypatch.setattr(
+        Collator, "to_device", lambda self, batch, *a, **k: made.append(set(batch)) or real(self, batch, *a, **k)
+    )
+    assert_same_batches(batches_of(loader(2)), reference)
+    assert made and all("pixel_patches" in keys and "pixel_values" not in keys for keys in made)
+    made.clear()
+    assert_same_batches(batches_of(loader(0, device="cpu")), reference)  # a device: made there, from uint8
+    assert len(made) == len(reference) and all("pixel_patches" in keys for keys in made)
+
+
+def test_a_uint8_collator_without_a_device_keeps_its_patches(builds):
+    stream = ShardStream(builds["tar"], batch_size=3, seed=2)
+    collate = Collator.for_build(stream.source.manifest, pixels="uint8")
+    for workers in (0, 2):
+        batch = next(iter(TorchLoader(stream, collate=collate, num_workers=workers)))
+        assert batch["pixel_patches"].dtype == torch.uint8 and "pixel_values" not in batch
+    assert collate.pixels == "uint8"
+
+
+def test_a_large_float32_batch_lies_in_huge_page_memory_with_the_values_of_the_devices_ops():
+    """The CPU's chunked numpy normalisation gives, to the bit, what the torch ops run on a GPU give (here run on
+    the CPU), in a fresh huge-page-aligned mapping when large, in one chunk or many."""
+    from shardkit.load.batch import CHUNK_PATCHES, HUGE_PAGES_FROM
+
+    patches = torch.randint(0, 256, (HUGE_PAGES_FROM // (4 * 2 * 3 * 14 * 14) + 100, 3, 14, 14), dtype=torch.uint8)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    out = expand_patches(patches, mean, std)
+    assert out.data_ptr() % (2 << 20) == 0 and len(patches) > CHUNK_PATCHES
+    n = len(patches)
+    expected = torch.empty(n, 3, 2, 14, 14)
+    first = expected[:, :, 0]
+    first.copy_(patches)
+    first.mul_(torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1))
+    first.add_(torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1))
+    expected[:, :, 1:].copy_(first.unsqueeze(2))
+    assert torch.equal(out, expected.view(n, -1))
+    assert torch.equal(expand_patches(patches[:10], mean, std), out[:10])
+    assert torch.allclose(out.view(n, 3, 2, 196)[:, :, 0], (patches.float().view(n, 3, 196) / 255 - torch.tensor(
+        mean).view(1, 3, 1)) / torch.tensor(std).view(1, 3, 1), atol=1e-5)  # fmt: skip

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import io
 import math
+import mmap
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -88,33 +89,94 @@ def expand_patches(
 ) -> torch.Tensor:
     """uint8 patches -> the processor's ``pixel_values``: rescale, normalise, repeat the frame in time.
 
-    Runs wherever ``patches`` lives (on the GPU, it costs almost nothing). The
-    first frame is normalised in place as ``x / (255 std) - mean / std`` and
-    copied to the others: three passes over the output, no temporaries.
+    Runs wherever ``patches`` lives (on the GPU, it costs almost nothing). Each
+    value is ``x / (255 std) - mean / std`` in float32 (a multiply, then an add),
+    the first frame computed and copied to the others. On the CPU this goes
+    through :data:`CHUNK_PATCHES` patches at a time, so that each pass after the
+    first reads what is still in the cache: the output is written once, at
+    memory speed (4x faster than whole-array passes for a batch of 28,000
+    patches); the values are the same to the bit.
     """
     n, channels, p, _ = patches.shape
-    scale = torch.tensor([1 / (255 * s) for s in std], device=patches.device).view(1, channels, 1, 1)
-    bias = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=patches.device).view(1, channels, 1, 1)
+    scales = [1 / (255 * s) for s in std]
+    biases = [-m / s for m, s in zip(mean, std, strict=True)]
     out = _output((n, channels, temporal_patch_size, p, p), patches.device)
-    first = out[:, :, 0]
-    first.copy_(patches)
-    first.mul_(scale).add_(bias)
-    out[:, :, 1:].copy_(first.unsqueeze(2))
+    if patches.device.type == "cpu":
+        _normalise_on_cpu(patches.numpy(), out.numpy(), scales, biases)
+    else:
+        scale = torch.tensor(scales, device=patches.device).view(1, channels, 1, 1)
+        bias = torch.tensor(biases, device=patches.device).view(1, channels, 1, 1)
+        first = out[:, :, 0]
+        first.copy_(patches)
+        first.mul_(scale).add_(bias)
+        out[:, :, 1:].copy_(first.unsqueeze(2))
     return out.view(n, channels * temporal_patch_size * p * p).to(dtype)
 
 
+#: patches normalised at a time on the CPU: about a megabyte of float32 a frame, within the cache
+CHUNK_PATCHES = 512
+
+
+def _normalise_on_cpu(patches: np.ndarray, out: np.ndarray, scales: list[float], biases: list[float]) -> None:
+    """``out`` ``(n, channels, frames, p, p)`` = each frame of ``patches`` ``(n, channels, p, p)`` times ``scales``
+    plus ``biases`` (per channel, float32), a chunk of patches at a time."""
+    n, channels, frames = out.shape[:3]
+    src = patches.reshape(n, channels, -1)
+    dst = out.reshape(n, channels, frames, -1)
+    scale = np.asarray(scales, dtype=np.float32).reshape(1, channels, 1)
+    bias = np.asarray(biases, dtype=np.float32).reshape(1, channels, 1)
+    for start in range(0, n, CHUNK_PATCHES):
+        chunk = slice(start, start + CHUNK_PATCHES)
+        first = dst[chunk, :, 0]
+        np.multiply(src[chunk], scale, out=first)
+        np.add(first, bias, out=first)
+        for frame in range(1, frames):
+            dst[chunk, :, frame] = first
+
+
 def _output(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An uninitialised float32 tensor; in a DataLoader worker, allocated in shared memory.
+    """An uninitialised float32 tensor: in a DataLoader worker, in shared memory; otherwise on the CPU, when large,
+    in memory the kernel may back with 2 MiB pages (:func:`_huge_page_tensor`).
 
     A tensor a worker returns is copied into shared memory to reach the main
     process; writing the pixels there in the first place saves that copy, a
     third of the cost of a float32 batch.
     """
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if device.type != "cpu" or new_shared is None or torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32, device=device)
     count = math.prod(shape)
-    return torch.empty(0, dtype=torch.float32).set_(new_shared(count * 4), 0, shape)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if new_shared is not None and torch.utils.data.get_worker_info() is not None:
+        return torch.empty(0, dtype=torch.float32).set_(new_shared(count * 4), 0, shape)
+    if count * 4 >= HUGE_PAGES_FROM:
+        return _huge_page_tensor(count).view(shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+#: float32 outputs from this size on are allocated by :func:`_huge_page_tensor`
+HUGE_PAGES_FROM = 8 << 20
+_HUGE_PAGE = 2 << 20
+
+
+def _huge_page_tensor(count: int) -> torch.Tensor:
+    """``count`` uninitialised float32 values in a fresh anonymous mapping, 2 MiB-aligned and advised
+    ``MADV_HUGEPAGE`` where the platform has it (Linux with transparent huge pages set to ``madvise`` or ``always``).
+
+    A fresh float32 batch of a hundred megabytes is written into pages the kernel maps on first touch: with 4 KiB
+    pages that is tens of thousands of page faults, about as long as computing the values (measured: 75 ms of
+    the 180 ms a 28,000-patch batch takes); with 2 MiB pages, a few dozen. The mapping is unmapped when the tensor
+    is freed.
+    """
+    size = count * 4
+    buffer = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = np.frombuffer(buffer, dtype=np.uint8, count=1).ctypes.data
+    offset = -address % _HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buffer.madvise(mmap.MADV_HUGEPAGE, offset, size)
+        except (OSError, ValueError):  # a kernel without transparent huge pages: ordinary pages
+            pass
+    return torch.frombuffer(buffer, dtype=torch.float32, count=count, offset=offset)
 
 
 def mrope_positions(length: int, images: Sequence[dict[str, Any]], merge_size: int) -> np.ndarray:
@@ -144,9 +206,13 @@ def mrope_positions(length: int, images: Sequence[dict[str, Any]], merge_size: i
 
 
 def _transformers_needs_token_types() -> bool:
-    import transformers
+    """Whether the installed transformers is 5 or later (read from its metadata: importing it takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return int(transformers.__version__.split(".")[0]) >= 5
+    try:
+        return int(version("transformers").split(".")[0]) >= 5
+    except PackageNotFoundError:
+        return True
 
 
 class Collator:
