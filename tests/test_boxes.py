@@ -32,7 +32,7 @@ from shardkit.boxes import (
 )
 from shardkit.errors import ConfigError, RecordError
 from shardkit.images import Grid, SourceImage, smart_resize
-from shardkit.render import get_family
+from shardkit.families import get_family
 
 FAMILY_SCALE = {"qwen2_vl": "rel1000", "qwen2_5_vl": "abs", "qwen3_vl": "rel1000"}
 
