@@ -37,6 +37,26 @@ BoxesIn = Literal["raw", "upright"] | None
 Coordinate = int | float | Fraction
 
 _UNIT = {"norm1": 1, "norm1000": 1000}
+#: the reject codes of grounding: this module's, and the conversion's (a family without boxes, a cut through one)
+REJECT_CODES = frozenset(
+    {
+        "box_count",
+        "box_empty",
+        "box_image",
+        "box_invalid",
+        "box_inverted",
+        "box_orientation",
+        "box_outside",
+        "box_truncated",
+        "boxes_not_supported",
+        "objects_bbox_type",
+        "objects_invalid",
+        "ref_unsafe",
+        "text_box_image_ambiguous",
+        "text_box_malformed",
+        "text_box_refused",
+    }
+)
 REF_OBJECT, BBOX, OBJECTS = "<ref-object>", "<bbox>", "<objects>"
 OBJECT_REF_START, OBJECT_REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
 BOX_START, BOX_END, QUAD_START = "<|box_start|>", "<|box_end|>", "<|quad_start|>"
@@ -318,6 +338,18 @@ class Grounding:
     shapes: tuple[Shape, ...] = ()
     placeholders: tuple[Placeholder, ...] = ()
 
+    def labels(self) -> list[str | None]:
+        """Each shape's label: its own (the qwen form's ``label``), else the ref of the last ``<ref-object>`` placed
+        before its ``<bbox>`` (ms-swift's lists do not pair refs with boxes; the text does), else None."""
+        before: dict[int, str] = {}
+        last = None
+        for p in self.placeholders:  # in conversation order
+            if p.kind == "ref":
+                last = self.refs[p.index]
+            elif p.kind == "bbox":
+                before[p.index] = last
+        return [s.label if s.label is not None else before.get(i) for i, s in enumerate(self.shapes)]
+
 
 _KINDS = {REF_OBJECT: "ref", BBOX: "bbox", OBJECTS: "objects"}
 
@@ -447,12 +479,25 @@ def parse_qwen_objects(objects: Any, texts: Sequence[str], image_count: int) -> 
     return Grounding(tuple(s.label or "" for s in shapes), tuple(shapes), placeholders)
 
 
+def parse_objects(objects: Any, texts: Sequence[str], image_count: int) -> Grounding:
+    """A record's ``objects`` in either form: a list is the qwen form (:func:`parse_qwen_objects`), anything else
+    ms-swift's (:func:`parse_swift_objects`; None: no objects, and then no ``<ref-object>`` / ``<bbox>`` either)."""
+    if isinstance(objects, list):
+        return parse_qwen_objects(objects, texts, image_count)
+    return parse_swift_objects(objects, texts, image_count)
+
+
 def fill(
     texts: Sequence[str], grounding: Grounding, style: Style, images: Sequence[ImageSize], boxes_in: BoxesIn = None
 ) -> tuple[list[str], list[tuple[int, ...]]]:
     """``texts`` with each placeholder written in ``style`` for the stored images, and each shape's written
     coordinates (for the stored record)."""
-    written = [write(s, images[s.image], style.scale, boxes_in) for s in grounding.shapes]
+    written = []
+    for i, s in enumerate(grounding.shapes):
+        try:
+            written.append(write(s, images[s.image], style.scale, boxes_in))
+        except RecordError as exc:
+            raise _at(exc, f"object {i}") from None
     out = list(texts)
     for p in sorted(grounding.placeholders, key=lambda p: (p.message, p.start), reverse=True):
         if p.kind == "ref":
@@ -589,6 +634,7 @@ def rescale_text(
     *,
     boxes_in: BoxesIn = None,
     refuse: bool = False,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[str], int]:
     """``texts`` with the coordinates already written in them moved from the original image to the stored one, and
     how many boxes and points changed; only the numbers are replaced, every other character is kept.
@@ -596,25 +642,41 @@ def rescale_text(
     ``abs`` (Qwen2.5-VL) coordinates are rescaled as :func:`write` does; ``rel1000`` ones (Qwen2-VL, Qwen3-VL) are
     only checked to lie in 0-1000 (and mapped for a ``raw`` EXIF frame). With ``refuse``, text coordinates that
     would change are ``text_box_refused``. A text whose image is unchanged is only checked, never rewritten.
+    Errors name text ``m`` as ``names[m]`` (default ``message m``).
     """
+    out, changed, _ = _rescale(texts, images, scale, boxes_in, refuse, names)
+    return out, changed
+
+
+def _rescale(
+    texts: Sequence[str],
+    images: Sequence[ImageSize],
+    scale: Scale,
+    boxes_in: BoxesIn,
+    refuse: bool,
+    names: Sequence[str] | None,
+) -> tuple[list[str], int, int]:
+    """:func:`rescale_text`, and how many boxes and points the texts hold."""
     space: Space = "real" if scale == "abs" else "norm1000"
+    names = [f"message {m}" for m in range(len(texts))] if names is None else names
     found = []
     for m, text in enumerate(texts):
         try:
             found.append(find_text_boxes(text, space))
         except RecordError as exc:
-            raise _at(exc, f"message {m}") from None
-    if not images or not any(found):
-        return list(texts), 0
+            raise _at(exc, names[m]) from None
+    count = sum(map(len, found))
+    if not images or not count:
+        return list(texts), 0, count
     frame = _text_frame(images, scale, boxes_in)
     moves = _moves(frame, scale, boxes_in)
     if moves and refuse:
         raise RecordError(
-            f"the text holds {sum(map(len, found))} box coordinate(s) on an image shardkit changed "
+            f"the text holds {count} box coordinate(s) on an image shardkit changed "
             f"({frame.original_width}x{frame.original_height} -> {frame.width}x{frame.height}, orientation "
-            f"{frame.orientation}); write them as objects, or let shardkit rescale them",
+            f"{frame.orientation}); write them as objects, or let shardkit rescale them (--text-boxes rescale)",
             "text_box_refused",
-            detail={"text_boxes": sum(map(len, found))},
+            detail={"text_boxes": count},
         )
     out, changed = [], 0
     for m, (text, boxes) in enumerate(zip(texts, found, strict=True)):
@@ -626,10 +688,98 @@ def rescale_text(
                     continue
                 new = [str(v) for v in write(tb.shape, frame, scale, boxes_in)]
             except RecordError as exc:
-                raise _at(exc, f"message {m}, {tb.kind} at character {tb.start}") from None
+                raise _at(exc, f"{names[m]}, {tb.kind} at character {tb.start}") from None
             changed += new != [text[s:e] for s, e in tb.numbers]
             for (s, e), v in zip(tb.numbers, new, strict=True):
                 pieces += [text[pos:s], v]
                 pos = e
         out.append("".join(pieces) + text[pos:])
-    return out, changed
+    return out, changed, count
+
+
+# ---- a record's texts, grounded for its stored images ----
+
+#: any text that may hold a placeholder or a family's box syntax (a record without any is never grounded)
+_MENTIONS = re.compile(
+    "|".join(
+        re.escape(t)
+        for t in (REF_OBJECT, BBOX, OBJECTS, BOX_START, BOX_END, QUAD_START, OBJECT_REF_START, "bbox_2d", "point_2d")
+    )
+    + r"|<points?\b"
+)
+
+
+def mentions_boxes(texts: Sequence[str]) -> bool:
+    """Whether any of ``texts`` holds a placeholder or a box syntax of a Qwen family (a cheap first look)."""
+    return any(_MENTIONS.search(text) for text in texts)
+
+
+@dataclass(frozen=True)
+class Grounded:
+    """A record's texts written for its stored images: the texts, each shape's written coordinates, and how many
+    boxes and points its texts held already (``text_boxes``) and how many of those were rescaled."""
+
+    texts: list[str]
+    written: list[tuple[int, ...]]
+    text_boxes: int
+    rescaled: int
+
+
+def ground(
+    texts: Sequence[str],
+    grounding: Grounding,
+    images: Sequence[ImageSize],
+    style: Style,
+    *,
+    boxes_in: BoxesIn = None,
+    refuse: bool = False,
+    names: Sequence[str] | None = None,
+) -> Grounded:
+    """``texts`` (the record's, in order) for ``images`` (their stored sizes): coordinates already in them rescaled
+    or checked (:func:`rescale_text`), then the placeholders of ``grounding`` filled in ``style`` (:func:`fill`)."""
+    rescaled, changed, count = _rescale(texts, images, style.scale, boxes_in, refuse, names)
+    filled, written = fill(rescaled, grounding, style, images, boxes_in)
+    return Grounded(filled, written, count, changed)
+
+
+def stored_boxes(grounding: Grounding, written: Sequence[Sequence[int]], scale: Scale) -> list[dict[str, Any]]:
+    """What a sample's JSON records of each shape: its image, label, kind, original coordinates and their space,
+    and the coordinates written for the stored image with their scale (``abs`` pixels or ``rel1000``)."""
+    return [
+        {
+            "image": s.image,
+            "label": label,
+            "kind": "box" if isinstance(s, Box) else "point",
+            "source": _plain(s.coords),
+            "space": s.space,
+            "written": list(w),
+            "scale": scale,
+        }
+        for s, label, w in zip(grounding.shapes, grounding.labels(), written, strict=True)
+    ]
+
+
+_SPANS = re.compile(
+    r"""(["'])(?:bbox_2d|point_2d)\1\s*:\s*\[[^\[\]]*\]"""
+    + "|"
+    + re.escape(BOX_START)
+    + ".*?"
+    + re.escape(BOX_END)
+    + "|"
+    + re.escape(OBJECT_REF_START)
+    + ".*?"
+    + re.escape(OBJECT_REF_END)
+    + r"|<points?\b[^>]*>",
+    re.S,
+)
+
+
+def box_spans(text: str) -> list[tuple[int, int]]:
+    """The ``[start, end)`` of each box, point and ref written in ``text`` (JSON ``bbox_2d`` / ``point_2d`` with
+    its list, box and ref tokens with what they enclose, an XML ``<points>`` tag): where a cut would break one."""
+    return [m.span() for m in _SPANS.finditer(text)]
+
+
+def pixel_of(value: float, size: int, scale: Scale) -> float:
+    """A written coordinate as a pixel position on the stored image side of ``size`` pixels (``rel1000``: of 1000)."""
+    return float(value) if scale == "abs" else value * size / 1000
