@@ -16,8 +16,11 @@ from PIL import Image
 from shardkit.boxes import ImageSize
 from shardkit.build import build
 from shardkit.config import BuildConfig
+from shardkit.errors import ConfigError
 from shardkit.families import get_family
 from shardkit.images import smart_resize
+from shardkit.load.augment import Augment
+from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
 from tests.helpers import write_jsonl
 from tests.test_boxes import expected, text_of
@@ -390,3 +393,19 @@ def test_truncate_never_cuts_through_a_box(tmp_path, tokenizer):
 
 
 # ---- load time, stats, show, export ----
+
+
+def test_rotation_is_refused_for_builds_and_samples_with_boxes(grounding_data, text_data, make_build):
+    manifest = BuildSource(make_build(grounding_data, model="qwen2_vl")).manifest
+    with pytest.raises(ConfigError, match=r"11 grounding boxes or points.*rotation=0"):
+        Collator.for_build(manifest, augment=Augment(rotation=10))
+    collate = Collator.for_build(manifest, augment=Augment(rotation=0, brightness=0.2, contrast=0.2))
+    samples = samples_of(make_build(grounding_data, model="qwen2_vl"))
+    assert collate(samples[:2])["pixel_values"].shape[0] > 0
+    text_manifest = BuildSource(make_build(text_data, model="qwen2_5_vl")).manifest
+    with pytest.raises(ConfigError, match="2 grounding"):
+        Collator.for_build(text_manifest, augment=Augment())
+    direct = Collator.for_build(manifest)
+    direct.augment = Augment(rotation=5)  # an augmentation given past for_build's check: each sample is checked
+    with pytest.raises(ConfigError, match="sample 0000000001 carries 2"):
+        direct(samples[:1])
