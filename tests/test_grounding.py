@@ -22,8 +22,12 @@ from shardkit.images import smart_resize
 from shardkit.load.augment import Augment
 from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
+from shardkit.show import make_page
+from tests import test_show
 from tests.helpers import write_jsonl
 from tests.test_boxes import expected, text_of
+
+chromium = test_show.chromium  # the headless Chromium fixture, for the page test
 
 #: the pictures: size and the bright blocks drawn on a dark ground, where the boxes of the records lie
 PICTURES = {
@@ -409,3 +413,62 @@ def test_rotation_is_refused_for_builds_and_samples_with_boxes(grounding_data, t
     direct.augment = Augment(rotation=5)  # an augmentation given past for_build's check: each sample is checked
     with pytest.raises(ConfigError, match="sample 0000000001 carries 2"):
         direct(samples[:1])
+
+
+def test_page_holds_each_box_on_its_image(grounding_data, text_data, make_build):
+    out = make_build(grounding_data, model="qwen3_vl")
+    html = make_page(out, samples=10).html
+    sheep = '<g class="box objects" data-kind="box" data-source="objects" data-label="a sheep" '
+    assert sheep + 'data-pixels="99.2,200,496,600">' in html  # 100/1000 * 992 on the 992x800 picture
+    assert html.count('<g class="box objects"') == 9 and html.count('<g class="point objects"') == 2
+    text = make_page(make_build(text_data, model="qwen2_5_vl"), samples=10).html
+    assert (
+        'class="box text" data-kind="box" data-source="text" data-label="sheep" data-pixels="101,203,504,609"' in text
+    )
+
+
+BOX_FACTS = """(async () => {
+  await Promise.all(Array.from(document.images).map(image => image.decode().catch(() => null)));
+  return Array.from(document.querySelectorAll('.card')).map(card => ({
+    key: card.dataset.key,
+    images: Array.from(card.querySelectorAll('.frame')).map(frame => {
+      const img = frame.querySelector('img'), at = img.getBoundingClientRect();
+      const scale = img.naturalWidth / at.width;
+      return Array.from(frame.querySelectorAll('g')).map(g => {
+        const shape = g.querySelector('rect, circle').getBoundingClientRect();
+        const label = g.querySelector('text');
+        return {kind: g.dataset.kind, label: label ? label.textContent : null, visible: shape.width > 0,
+                box: [shape.left - at.left, shape.top - at.top, shape.right - at.left, shape.bottom - at.top]
+                       .map(v => v * scale),
+                labelInside: label ? label.getBoundingClientRect().left >= at.left : null};
+      });
+    }),
+  }));
+})()"""
+
+
+def test_page_draws_each_box_on_its_image_in_chromium(chromium, grounding_data, make_build, tmp_path):
+    """The rectangles Chromium lays out over each stored image sit at the stored box's pixels, with its label."""
+    import asyncio
+
+    out = make_build(grounding_data, model="qwen3_vl")
+    page = tmp_path / "show.html"
+    page.write_text(make_page(out, samples=10).html)
+    cards, errors, screenshot = asyncio.run(chromium.inspect(page.as_uri(), BOX_FACTS))
+    assert errors == []
+    samples = {s.key: s.info for s in samples_of(out)}
+    assert len(cards) == len(samples)
+    for card in cards:
+        info = samples[card["key"]]
+        for index, drawn in enumerate(card["images"]):
+            mine = [b for b in info["boxes"] if b["image"] == index]
+            assert len(drawn) == len(mine)
+            for shape, box in zip(drawn, mine, strict=True):
+                pixels = pixels_of(box["written"], info["images"][index], "rel1000")
+                assert shape["kind"] == box["kind"] and shape["label"] == box["label"] and shape["visible"]
+                if box["kind"] == "box":  # the stroke straddles the edge: its middle is the box
+                    assert shape["box"] == pytest.approx(list(pixels), abs=4), (card["key"], box)
+                else:
+                    middle = [(shape["box"][0] + shape["box"][2]) / 2, (shape["box"][1] + shape["box"][3]) / 2]
+                    assert middle == pytest.approx(list(pixels), abs=1)
+    (tmp_path / "boxes.png").write_bytes(screenshot)
