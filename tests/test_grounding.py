@@ -23,6 +23,7 @@ from shardkit.load.augment import Augment
 from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
 from shardkit.show import make_page
+from shardkit.stats import build_stats, format_stats
 from tests import test_show
 from tests.helpers import write_jsonl
 from tests.test_boxes import expected, text_of
@@ -413,6 +414,17 @@ def test_rotation_is_refused_for_builds_and_samples_with_boxes(grounding_data, t
     direct.augment = Augment(rotation=5)  # an augmentation given past for_build's check: each sample is checked
     with pytest.raises(ConfigError, match="sample 0000000001 carries 2"):
         direct(samples[:1])
+
+
+def test_stats_count_boxes(grounding_data, text_data, make_build):
+    stats = build_stats(make_build(grounding_data, model="qwen3_vl"))
+    assert (stats["boxes"], stats["points"], stats["text_boxes"], stats["box_rejects"]) == (9, 2, 0, {})
+    stats = build_stats(make_build(text_data, model="qwen2_5_vl"))
+    assert stats["text_boxes"] == 2
+    assert stats["box_rejects"] == {"box_inverted": 1, "box_outside": 1, "text_box_malformed": 1}
+    assert "Grounding:             0 boxes and 0 points from objects, 2 in the text; rejected: box_inverted: 1" in (
+        format_stats(stats)
+    )
 
 
 def test_page_holds_each_box_on_its_image(grounding_data, text_data, make_build):
