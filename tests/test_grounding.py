@@ -17,6 +17,7 @@ from shardkit.boxes import ImageSize
 from shardkit.build import build
 from shardkit.config import BuildConfig
 from shardkit.errors import ConfigError
+from shardkit.export import export_llamafactory
 from shardkit.families import get_family
 from shardkit.images import smart_resize
 from shardkit.load.augment import Augment
@@ -437,6 +438,25 @@ def test_page_holds_each_box_on_its_image(grounding_data, text_data, make_build)
     assert (
         'class="box text" data-kind="box" data-source="text" data-label="sheep" data-pixels="101,203,504,609"' in text
     )
+
+
+def test_export_writes_the_stored_coordinates(grounding_data, make_build, tmp_path):
+    relative = make_build(grounding_data, model="qwen2_vl")
+    export_llamafactory(relative, str(tmp_path / "rel"), name="g", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "rel" / "g.jsonl").read_text().splitlines()]
+    assert "(100,250),(500,750)" in lines[0]["messages"][-1]["content"]
+
+    absolute = make_build(grounding_data, model="qwen2_5_vl")
+    with pytest.raises(ConfigError, match="image_max_pixels >= 1003520 and image_min_pixels <= 3136"):
+        export_llamafactory(absolute, str(tmp_path / "abs"), name="g", progress=False)
+    with pytest.raises(ConfigError, match="--image-max-pixels 1003520"):
+        export_llamafactory(absolute, str(tmp_path / "abs"), name="g", image_max_pixels=589824, progress=False)
+    assert not (tmp_path / "abs").exists()
+    summary = export_llamafactory(absolute, str(tmp_path / "abs"), name="g", image_max_pixels=1003520, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "abs" / "g.jsonl").read_text().splitlines()]
+    assert summary.samples == len(SWIFT_RECORDS) and "[101, 203, 504, 609]" in lines[0]["messages"][-1]["content"]
+    stored = Image.open(tmp_path / "abs" / lines[0]["images"][0])
+    assert stored.size == (1008, 812)
 
 
 BOX_FACTS = """(async () => {
