@@ -21,9 +21,12 @@ from shardkit.boxes import (
     Box,
     ImageSize,
     Point,
+    box_spans,
     fill,
     find_text_boxes,
     get_style,
+    mentions_boxes,
+    parse_objects,
     parse_qwen_objects,
     parse_swift_objects,
     rescale_text,
@@ -31,8 +34,8 @@ from shardkit.boxes import (
     write,
 )
 from shardkit.errors import ConfigError, RecordError
-from shardkit.images import Grid, SourceImage, smart_resize
 from shardkit.families import get_family
+from shardkit.images import Grid, SourceImage, smart_resize
 
 FAMILY_SCALE = {"qwen2_vl": "rel1000", "qwen2_5_vl": "abs", "qwen3_vl": "rel1000"}
 
@@ -546,3 +549,32 @@ def test_rotated_photo_boxes_need_their_frame():
     with pytest.raises(RecordError) as info:
         rescale_text([text], [image], "rel1000", boxes_in="raw", refuse=True)
     assert info.value.code == "text_box_refused"
+
+
+# ---- what the conversion uses: the first look, the spans a cut must not enter, the labels, the names ----
+
+
+def test_mentions_spans_labels_and_names():
+    assert not mentions_boxes(["A sheep at (100, 200).", "bbox and points, no syntax"])
+    for text in ("<bbox>", "<ref-object>", "<objects>", "'bbox_2d'", "point_2d", "<|box_start|>", "<points x=1>"):
+        assert mentions_boxes(["plain", f"a {text} b"]), text
+    text = 'ok {"bbox_2d": [1, 2, 3, 4], "label": "a"} <|object_ref_start|>b<|object_ref_end|>'
+    text += '<|box_start|>(1,2)<|box_end|> <points x1="5" y1="6">c</points>'
+    spans = [text[s:e] for s, e in box_spans(text)]
+    assert spans == [
+        '"bbox_2d": [1, 2, 3, 4]',
+        "<|object_ref_start|>b<|object_ref_end|>",
+        "<|box_start|>(1,2)<|box_end|>",
+        '<points x1="5" y1="6">',
+    ]
+    texts = ["<image>Find the <ref-object> and the <ref-object>", "<bbox><bbox>, then <bbox>"]
+    g = parse_swift_objects({"ref": ["a", "b"], "bbox": BOX * 3}, texts, 1)
+    assert g.labels() == ["b", "b", "b"]  # the last ref placed before each box
+    g = parse_swift_objects({"ref": ["a"], "bbox": BOX * 2}, ["<bbox><ref-object><bbox>"], 1)
+    assert g.labels() == [None, "a"]
+    assert parse_objects([{"label": "x", "point_2d": [1, 2]}], ["<objects>"], 1).labels() == ["x"]
+    with pytest.raises(RecordError) as info:
+        rescale_text(
+            ["ok", '{"bbox_2d": [1]}'], [ImageSize(10, 10, 28, 28)], "abs", names=["messages[0]", "messages[3]"]
+        )
+    assert info.value.detail["where"] == "messages[3]"
