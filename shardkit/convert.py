@@ -84,22 +84,19 @@ class Converter:
         meta = plain_json(record.meta)
         self._check_text_length(record)
         refs = [part.image for part in record.images()]
-        if record.objects is not None or mentions_boxes(record_texts(record)):
-            opened = self._open_images(refs, ledger)
-            originals = [(opened[ref].height, opened[ref].width) for ref in refs]
-            boxes = BoxWriter(self, record, [opened[ref] for ref in refs])
-            record, rendered = boxes.render(self.grid.plan(originals))
-            self._check_text_tokens(rendered.num_text_tokens)
-            planned, fitted = self._plan(originals, rendered.num_text_tokens)
-            if fitted:  # absolute coordinates follow the planned sizes (their digits, and tokens, only go down)
-                record, rendered = boxes.render(planned)
-        else:
-            boxes = None
+        grounded = record.objects is not None or mentions_boxes(record_texts(record))
+        if not grounded:  # rendered first: a record's text is checked before its images are read
             rendered = self.renderer.render(record, self.config.train_on)
             self._check_text_tokens(rendered.num_text_tokens)
-            opened = self._open_images(refs, ledger)
-            originals = [(opened[ref].height, opened[ref].width) for ref in refs]
-            planned, fitted = self._plan(originals, rendered.num_text_tokens)
+        opened = self._open_images(refs, ledger)
+        originals = [(opened[ref].height, opened[ref].width) for ref in refs]
+        boxes = BoxWriter(self, record, [opened[ref] for ref in refs]) if grounded else None
+        if boxes is not None:  # written for the full sizes: a bound of the text's tokens for the plan
+            record, rendered = boxes.render(self.grid.plan(originals))
+            self._check_text_tokens(rendered.num_text_tokens)
+        planned, fitted = self._plan(originals, rendered.num_text_tokens)
+        if boxes is not None and fitted:  # absolute coordinates follow the planned sizes (digits, tokens, only fall)
+            record, rendered = boxes.render(planned)
         expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
         input_ids, weights = self._cut(expanded)
         if boxes is not None and len(input_ids) < len(expanded.input_ids):
