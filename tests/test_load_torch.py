@@ -353,3 +353,25 @@ def test_a_large_float32_batch_lies_in_huge_page_memory_with_the_values_of_the_d
     assert torch.equal(expand_patches(patches[:10], mean, std), out[:10])
     assert torch.allclose(out.view(n, 3, 2, 196)[:, :, 0], (patches.float().view(n, 3, 196) / 255 - torch.tensor(
         mean).view(1, 3, 1)) / torch.tensor(std).view(1, 3, 1), atol=1e-5)  # fmt: skip
+
+
+def test_a_batchs_images_and_pixels_are_made_on_torchs_threads_with_the_same_values(builds, monkeypatch):
+    import threading
+
+    from shardkit.load.batch import parallel_map
+
+    stream = ShardStream(builds["tar"], batch_size=6, seed=3)
+    samples = next(iter(stream))
+    collate = Collator.for_build(stream.source.manifest)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as in a DataLoader worker
+    assert {name for _, name in parallel_map(lambda i: (i, threading.current_thread().name), range(8))} == {
+        threading.current_thread().name
+    }
+    alone = collate(samples)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    done = parallel_map(lambda i: (i, threading.current_thread().name), range(40))
+    assert [i for i, _ in done] == list(range(40)) and all(name.startswith("shardkit-collate") for _, name in done)
+    assert not [t for t in threading.enumerate() if t.name.startswith("shardkit-collate")]  # none left behind
+    threaded = collate(samples)
+    assert torch.equal(threaded["pixel_values"], alone["pixel_values"])
+    assert torch.equal(threaded["image_grid_thw"], alone["image_grid_thw"])

@@ -44,7 +44,8 @@ from __future__ import annotations
 import io
 import math
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -125,13 +126,28 @@ def _normalise_on_cpu(patches: np.ndarray, out: np.ndarray, scales: list[float],
     dst = out.reshape(n, channels, frames, -1)
     scale = np.asarray(scales, dtype=np.float32).reshape(1, channels, 1)
     bias = np.asarray(biases, dtype=np.float32).reshape(1, channels, 1)
-    for start in range(0, n, CHUNK_PATCHES):
+
+    def normalise(start: int) -> None:
         chunk = slice(start, start + CHUNK_PATCHES)
         first = dst[chunk, :, 0]
         np.multiply(src[chunk], scale, out=first)
         np.add(first, bias, out=first)
         for frame in range(1, frames):
             dst[chunk, :, frame] = first
+
+    parallel_map(normalise, range(0, n, CHUNK_PATCHES))
+
+
+def parallel_map(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``function`` over ``items``, in order, on as many threads as torch's intra-op count (every core in the main
+    process, 1 in a DataLoader worker: then in this thread). Pillow's decoders and numpy's loops release the GIL,
+    so a batch's images decode, and its pixels normalise, on every core a process without workers has. The threads
+    end with the call (a fraction of a millisecond to start), so none is left for a later fork to copy."""
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(threads, thread_name_prefix="shardkit-collate") as pool:
+        return list(pool.map(function, items))
 
 
 def _output(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -335,6 +351,7 @@ class Collator:
         buffer = np.empty((sum(counts), 3, p, p), dtype=np.uint8)  # every image's patches, written in place
         slots = iter(np.split(buffer, np.cumsum(counts)[:-1]))
         fill = tuple(round(255 * m) for m in self.image_mean)
+        jobs = []
         for sample in samples:
             if len(sample.images) != len(sample.info["images"]):
                 raise ShardError(f"sample {sample.key} holds {len(sample.images)} images, its metadata describes "
@@ -342,12 +359,17 @@ class Collator:
             if self.augment is not None:
                 found = sample.info.get("text_boxes", {}).get("found", 0)
                 self.augment.check_boxes(len(sample.info.get("boxes", ())) + found, f"sample {sample.key}")
-            for index, jpeg in enumerate(sample.images):
-                image: bytes | Image.Image = jpeg
-                if self.augment is not None:
-                    decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
-                    image = self.augment(decoded, epoch=self.epoch, key=sample.key, index=index, fill=fill)
-                image_patches(image, p, self.merge_size, out=next(slots))
+            jobs += [(jpeg, sample.key, index, next(slots)) for index, jpeg in enumerate(sample.images)]
+
+        def patches(job: tuple[bytes, str, int, np.ndarray]) -> None:
+            jpeg, key, index, slot = job
+            image: bytes | Image.Image = jpeg
+            if self.augment is not None:
+                decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
+                image = self.augment(decoded, epoch=self.epoch, key=key, index=index, fill=fill)
+            image_patches(image, p, self.merge_size, out=slot)
+
+        parallel_map(patches, jobs)  # each image into its own slot: any order gives the same buffer
         uint8 = torch.from_numpy(buffer)
         if self.pixels == "uint8":
             batch["pixel_patches"] = uint8
