@@ -1,0 +1,74 @@
+"""Start-up: a command-line ``shardkit build`` of the 24-case demo against the same build in a warm process.
+
+    .venv/bin/python benchmarks/bench_startup.py            # 5 alternating rounds, about a minute on 2 cores
+
+Each round builds the demo set twice into fresh folders, alternating: once as ``python -m shardkit.cli build``
+in a new process (interpreter, imports, the tokenizer read from the cache folder, the build) and once by
+``build()`` in this process, which has built it before (imports done, tokenizer loaded). Both with the default
+workers (every core) and with ``--workers 1``. The cache folder is warm, as after a user's first build. Target: the
+command line within 1.5x of the warm process (min over the rounds). Results: ``results/startup.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from common import WORK, machine, save
+
+TARGET = 1.5
+FOLDER = WORK / "startup"
+
+
+def main() -> dict:
+    from shardkit.build import build
+    from shardkit.config import BuildConfig
+    from shardkit.synthetic import make_clinical_dataset
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    data = FOLDER / "demo"
+    if not (data / "train_structured.jsonl").exists():
+        make_clinical_dataset(data, cases=24)
+    jsonl = str(data / "train_structured.jsonl")
+    out = {}
+    for workers in (None, 1):
+        option = [] if workers is None else ["--workers", str(workers)]
+        run = {} if workers is None else {"workers": workers}
+        build(BuildConfig.create(input=jsonl, out=str(FOLDER / "warmup")), progress=False, overwrite=True, **run)
+        cold, warm = [], []
+        for number in range(args.rounds):
+            for side in ("cold", "warm") if number % 2 == 0 else ("warm", "cold"):
+                folder = FOLDER / side
+                shutil.rmtree(folder, ignore_errors=True)
+                started = time.perf_counter()
+                if side == "cold":
+                    command = [sys.executable, "-m", "shardkit.cli", "-q", "build", jsonl, "--out", str(folder)]
+                    subprocess.run([*command, "--no-progress", *option], check=True, stdout=subprocess.DEVNULL)
+                    cold.append(time.perf_counter() - started)
+                else:
+                    build(BuildConfig.create(input=jsonl, out=str(folder)), progress=False, **run)
+                    warm.append(time.perf_counter() - started)
+        name = "default_workers" if workers is None else f"workers_{workers}"
+        out[name] = {
+            "command_line_s": {"min": round(min(cold), 3), "median": round(statistics.median(cold), 3)},
+            "warm_process_s": {"min": round(min(warm), 3), "median": round(statistics.median(warm), 3)},
+            "ratio_command_line_vs_warm": round(min(cold) / min(warm), 2),
+            "ratio_median": round(statistics.median(cold) / statistics.median(warm), 2),
+        }
+        print(f"{name}: command line {min(cold):.2f} s (median {statistics.median(cold):.2f}), warm process "
+              f"{min(warm):.2f} s (median {statistics.median(warm):.2f}): {min(cold) / min(warm):.2f}x "
+              f"(target <= {TARGET}x)")  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    result = {"machine": machine(), "startup": main()}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    save("startup", result)
