@@ -13,7 +13,10 @@ from unittest import mock
 import pytest
 
 from shardkit import tokenizer_qwen3_5 as q35
-from shardkit.errors import ConfigError
+from shardkit.errors import ConfigError, RecordError
+from shardkit.render import qwen3_5 as q35_render
+from shardkit.render.base import Renderer, TrainOn
+from shardkit.schema import Record
 from tests.conftest import FIXTURES
 
 # --- the tokenizer ---------------------------------------------------------------------------
@@ -219,3 +222,307 @@ def test_the_template_fixture_is_the_published_file():
     assert hashlib.sha256(body.encode()).hexdigest() == (
         "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715"
     )
+
+
+# --- the renderers ---------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    # images then text, one answer
+    {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "image", "image": "b.jpg"},
+                                     {"type": "text", "text": "Case 01.\nSymptoms: itchy rash.\nWhat is it?"}]},
+        {"role": "assistant", "content": "Symptoms: itchy rash.\n\nDiagnosis: Scabies\n\nKey evidence: burrows."},
+    ]},
+    # system prompt, multi-turn, an image between texts, images in two user turns
+    {"messages": [
+        {"role": "system", "content": "You are a careful dermatologist."},
+        {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": "a.jpg"},
+                                     {"type": "text", "text": " what is it?"}]},
+        {"role": "assistant", "content": "A ring-shaped lesion."},
+        {"role": "user", "content": [{"type": "image", "image": "c.jpg"}, {"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": "It has grown: tinea corporis."},
+    ]},
+    # whitespace at the edges of contents (trimmed), no image
+    {"messages": [
+        {"role": "user", "content": "\n\n  leading blank lines"},
+        {"role": "assistant", "content": "\n\nAnswer after blank lines.  \n"},
+    ]},
+    # unicode, emoji, CJK, several text parts in the answer
+    {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                     {"type": "text", "text": "Qu'est-ce que c'est ? 这是什么？ 🩺"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Une éruption "},
+                                          {"type": "text", "text": "cutanée — 皮疹 🙂"}]},
+    ]},
+    # trimming stops at an image; blank parts around it; three images in one message
+    {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "   "}, {"type": "text", "text": "  Compare:  "},
+                                     {"type": "image", "image": "a.jpg"}, {"type": "image", "image": "c.jpg"},
+                                     {"type": "image", "image": "b.jpg"}, {"type": "text", "text": " \n "}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " \n"}, {"type": "text", "text": " Same. "}]},
+    ]},
+    # an empty system message and an empty answer
+    {"messages": [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": [{"type": "image", "image": "c.jpg"}, {"type": "text", "text": "Anything?"}]},
+        {"role": "assistant", "content": ""},
+    ]},
+    # two answers after the last user message (the first keeps its empty block in its header)
+    {"messages": [
+        {"role": "user", "content": "Two answers, please."},
+        {"role": "assistant", "content": "First."},
+        {"role": "assistant", "content": "Second."},
+    ]},
+    # Qwen3.8's instruction already in the system message (not added twice), three user turns
+    {"messages": [
+        {"role": "system", "content": "Reasoning effort is set to xhigh. Please think carefully through the task, "
+                                      "validate key assumptions, consider plausible alternatives, and prioritize "
+                                      "correctness, consistency, and clarity in the final answer.\n\nBe brief."},
+        {"role": "user", "content": [{"type": "image", "image": "b.jpg"}, {"type": "text", "text": "One?"}]},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "Three?"}]},
+        {"role": "assistant", "content": "Maybe."},
+    ]},
+    # no user message at all (the cookbook renders it; the published template refuses it)
+    {"messages": [
+        {"role": "system", "content": "Talk to yourself."},
+        {"role": "assistant", "content": "Hello, me."},
+    ]},
+]  # fmt: skip
+SIZES = {"a.jpg": (256, 320), "b.jpg": (512, 288), "c.jpg": (256, 256)}  # (height, width), on the 32-pixel grid
+COOKBOOK_FAMILIES = list(q35_render.COOKBOOK_RENDERERS)
+PAD = 248056
+
+
+def image_tokens(record: Record) -> list[int]:
+    return [(SIZES[p.image][0] // 32) * (SIZES[p.image][1] // 32) for p in record.images()]
+
+
+def render(tok, family: str, data: dict, train_on: TrainOn):
+    record = Record.model_validate(data)
+    return q35_render.FAMILIES[family].renderer(tok).render(record, train_on).expand(image_tokens(record))
+
+
+def weighted(tok, expanded) -> str:
+    return tok.decode(expanded.input_ids[expanded.weights > 0].tolist())
+
+
+def cookbook(tok, name: str, data: dict, train_on_what: str, trainable: list[bool] | None = None):
+    """tinker-cookbook's ``build_supervised_example``: the tokens (image chunks as their pad tokens), the weights
+    and the image chunks' token counts."""
+    pytest.importorskip("tinker_cookbook", reason="not in bin/test's newest-transformers environment")
+    import tinker
+    from PIL import Image
+    from tinker_cookbook.renderers import TrainOnWhat, get_renderer
+
+    from tests.conftest import qwen3_image_processor
+
+    messages = []
+    for i, message in enumerate(data["messages"]):
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image", "image": Image.new("RGB", SIZES[p["image"]][::-1], (90, 40, 20))}
+                if p["type"] == "image"
+                else p
+                for p in content
+            ]
+        messages.append({"role": message["role"], "content": content})
+        if trainable is not None:
+            messages[-1]["trainable"] = trainable[i]
+    renderer = get_renderer(name, tok, qwen3_image_processor())
+    model_input, weights = renderer.build_supervised_example(messages, train_on_what=TrainOnWhat[train_on_what])
+    tokens, counts = [], []
+    for chunk in model_input.chunks:
+        if isinstance(chunk, tinker.types.ImageChunk):
+            tokens += [PAD] * chunk.expected_tokens
+            counts.append(chunk.expected_tokens)
+        else:
+            tokens += list(chunk.tokens)
+    return tokens, weights.tolist(), counts
+
+
+TRAIN_ON = [(TrainOn.LAST_ASSISTANT, "LAST_ASSISTANT_MESSAGE"), (TrainOn.ALL_ASSISTANT, "ALL_ASSISTANT_MESSAGES")]
+
+
+@pytest.mark.parametrize("train_on, tinker_name", TRAIN_ON)
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
+def test_tokens_and_weights_equal_tinker_cookbook(tok, family, index, train_on, tinker_name):
+    data = CONVERSATIONS[index]
+    tokens, weights, counts = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, tinker_name)
+    ours = render(tok, family, data, train_on)
+    assert counts == image_tokens(Record.model_validate(data))
+    assert ours.input_ids.tolist() == tokens
+    assert ours.weights.tolist() == weights
+
+
+@pytest.mark.parametrize("index", [1, 4, 7])
+@pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
+def test_per_message_loss_flags_equal_the_cookbooks_trainable_flags(tok, family, index):
+    data = CONVERSATIONS[index]
+    messages = [dict(m) for m in data["messages"]]
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    messages[users[0]]["loss"] = True  # a user message (with an image) trained
+    messages[-1]["loss"] = False  # the last answer not trained
+    if messages[0]["role"] == "system":
+        messages[0]["loss"] = True
+    flagged = {"messages": messages}
+    record = Record.model_validate(flagged)
+    trainable = [Renderer.trained(record, i, TrainOn.LAST_ASSISTANT) for i in range(len(messages))]
+    tokens, weights, _ = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, "CUSTOMIZED", trainable)
+    ours = render(tok, family, flagged, TrainOn.LAST_ASSISTANT)
+    assert ours.input_ids.tolist() == tokens
+    trained_images = len(record.messages[users[0]].images())
+    assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images)
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
+def test_training_every_message_differs_from_the_cookbook_only_on_images_and_the_instruction(tok, family, index):
+    data = CONVERSATIONS[index]
+    tokens, weights, _ = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, "ALL_MESSAGES")
+    ours = render(tok, family, data, TrainOn.ALL)
+    assert ours.input_ids.tolist() == tokens
+    trained_images = len(Record.model_validate(data).images())
+    injected = assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images)
+    system = data["messages"][0]["content"] if data["messages"][0]["role"] == "system" else ""
+    assert bool(injected) == (family == "qwen3_8" and not system.startswith(q35_render.XHIGH_INSTRUCTION))
+
+
+def assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images: int) -> str:
+    """Our weights are the cookbook's, except where shardkit never trains: the images of a trained user message
+    (pads and vision markers; the first ``trained_images`` images) and the injected Qwen3.8 instruction (when the
+    cookbook trains the system message), which is returned ("" if none)."""
+    ids = ours.input_ids.tolist()
+    differ = [i for i, (a, b) in enumerate(zip(ours.weights.tolist(), weights, strict=True)) if a != b]
+    assert all(ours.weights[i] == 0 and weights[i] == 1 for i in differ)
+    spans = [set(range(start - 1, start + n + 1)) for start, n in ours.image_spans]
+    images = set().union(*spans)
+    assert images & set(differ) == set().union(*spans[:trained_images])
+    rest = [i for i in differ if i not in images]
+    if rest:
+        assert family == "qwen3_8" and rest == list(range(rest[0], rest[0] + len(rest)))
+        assert tok.decode(ids[rest[0] - 3 : rest[0]]) == "<|im_start|>system\n"
+        # prepended to the record's system message, filling its empty one, or a whole injected system message
+        instruction = q35_render.XHIGH_INSTRUCTION
+        injected = (instruction + "\n\n", instruction, instruction + "<|im_end|>")
+        assert tok.decode([ids[i] for i in rest]) in injected
+    return tok.decode([ids[i] for i in rest])
+
+
+def test_weighted_text_of_the_produced_turn(tok):
+    data = CONVERSATIONS[1]
+    last = "It has grown: tinea corporis.<|im_end|>"
+    assert weighted(tok, render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT)) == "\n</think>\n\n" + last
+    assert weighted(tok, render(tok, "qwen3_5_disable_thinking", data, TrainOn.LAST_ASSISTANT)) == last
+    both = render(tok, "qwen3_8", data, TrainOn.ALL_ASSISTANT)
+    assert weighted(tok, both) == "A ring-shaped lesion.<|im_end|>\n</think>\n\n" + last
+    text = tok.decode(both.input_ids.tolist())
+    assert text.startswith(f"<|im_start|>system\n{q35_render.XHIGH_INSTRUCTION}\n\nYou are a careful dermatologist.")
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\nA ring-shaped lesion." in text
+    # the produced turn's empty block: <think> \n | \n </think> \n\n, each \n its own token
+    produced = render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT)
+    start = produced.input_ids.tolist().index(248068, len(produced.input_ids) - 20)
+    assert produced.input_ids[start : start + 5].tolist() == [248068, 198, 198, 248069, 271]
+    assert produced.weights[start : start + 5].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_preserve_thinking_is_the_same_without_reasoning(tok):
+    for data in CONVERSATIONS:
+        for train_on, name in TRAIN_ON:
+            tokens, weights, _ = cookbook(tok, "qwen3_5_preserve_thinking", data, name)
+            ours = render(tok, "qwen3_5", data, train_on)
+            assert (ours.input_ids.tolist(), ours.weights.tolist()) == (tokens, weights)
+
+
+@pytest.fixture(scope="module")
+def template() -> str:
+    return (FIXTURES / "qwen3_5_chat_template.jinja").read_text()
+
+
+def template_ids(tok, template, messages, counts):
+    """``apply_chat_template``'s tokens, each image pad expanded to its count."""
+    ids = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
+    counts = iter(counts)
+    return [t for token in ids for t in ([PAD] * next(counts) if token == PAD else [token])]
+
+
+WITH_USER = [i for i, c in enumerate(CONVERSATIONS) if any(m["role"] == "user" for m in c["messages"])]
+
+
+@pytest.mark.parametrize("index", WITH_USER)
+def test_qwen3_5_hf_tokens_equal_the_published_template(tok, template, index):
+    data = CONVERSATIONS[index]
+    ours = render(tok, "qwen3_5_hf", data, TrainOn.ALL_ASSISTANT)
+    counts = image_tokens(Record.model_validate(data))
+    assert ours.input_ids.tolist() == template_ids(tok, template, data["messages"], counts)
+    assert ours.weights[-1] == 0 and tok.decode(ours.input_ids[-2:].tolist()) == "<|im_end|>\n"
+
+
+@pytest.mark.parametrize("index", WITH_USER)
+def test_the_template_differs_from_the_cookbook_only_as_documented(tok, index):
+    """The same text but the template's final newline; the produced turn's ``<think> \\n \\n`` is ``<think> \\n\\n``
+    there (one encode); the trained text is the same, but for that ``\\n\\n`` token, which ends in the trained part."""
+    data = CONVERSATIONS[index]
+    tinker = render(tok, "qwen3_5", data, TrainOn.ALL_ASSISTANT)
+    hf = render(tok, "qwen3_5_hf", data, TrainOn.ALL_ASSISTANT)
+    assert tok.decode(tinker.input_ids.tolist()) + "\n" == tok.decode(hf.input_ids.tolist())
+    ids = tinker.input_ids.tolist()
+    last_think = len(ids) - 1 - ids[::-1].index(248068)
+    assert ids[last_think : last_think + 3] == [248068, 198, 198]
+    assert hf.input_ids.tolist() == ids[: last_think + 1] + [271] + ids[last_think + 3 :] + [198]
+    assert tok.decode(ids[: last_think + 2]).endswith("<|im_start|>assistant\n<think>\n")  # the generation prompt
+    if index == 6:  # an answer after the last user message but not last: its block is history for the cookbook
+        assert weighted(tok, tinker) == "First.<|im_end|>\n</think>\n\nSecond.<|im_end|>"
+        assert weighted(tok, hf) == "\n\n</think>\n\nFirst.<|im_end|>\n\n</think>\n\nSecond.<|im_end|>"
+    else:
+        assert weighted(tok, tinker).count("</think>") == 1
+        assert weighted(tok, hf) == weighted(tok, tinker).replace("\n</think>", "\n\n</think>")
+
+
+def test_the_template_and_qwen3_5_hf_refuse_a_record_without_a_user_message(tok, template):
+    data = CONVERSATIONS[-1]
+    with pytest.raises(Exception, match="No user query found"):
+        tok.apply_chat_template(data["messages"], chat_template=template, tokenize=False)
+    with pytest.raises(RecordError) as info:
+        render(tok, "qwen3_5_hf", data, TrainOn.LAST_ASSISTANT)
+    assert info.value.code == "no_user_message"
+    # the cookbook-equal families render it, as the cookbook does (each answer gets the empty block)
+    text = tok.decode(render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT).input_ids.tolist())
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nHello, me.<|im_end|>")
+
+
+@pytest.mark.parametrize("family", list(q35_render.FAMILIES))
+@pytest.mark.parametrize(
+    "text", ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<|im_end|>"]
+)
+def test_text_holding_think_or_tool_tokens_is_a_reserved_token_reject(tok, family, text):
+    data = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": f"a {text} b"}]}
+    with pytest.raises(RecordError) as info:
+        render(tok, family, data, TrainOn.LAST_ASSISTANT)
+    assert info.value.code == "reserved_token" and text in info.value.reason
+
+
+def test_a_tokenizer_without_think_tokens_is_refused():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {t: i for i, t in enumerate(Renderer.RESERVED)}
+    with pytest.raises(ConfigError, match="not a Qwen3.5 family tokenizer"):
+        q35_render.Qwen3_5Renderer(Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>")))
+
+
+def test_the_families_grid():
+    for family in q35_render.FAMILIES.values():
+        assert (family.patch_size, family.merge_size, family.temporal_patch_size, family.factor) == (16, 2, 2, 32)
+        assert family.image_mean == family.image_std == (0.5, 0.5, 0.5)
+        assert (family.min_pixels, family.max_pixels) == (65536, 32 * 32 * 1280)
+        assert family.manifest_entry()["name"] == family.name
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    for config in (Qwen3_5Config(), Qwen3_5MoeConfig()):
+        vision = config.vision_config
+        assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (16, 2, 2)
