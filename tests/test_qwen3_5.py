@@ -17,7 +17,7 @@ from shardkit.errors import ConfigError, RecordError
 from shardkit.render import qwen3_5 as q35_render
 from shardkit.render.base import Renderer, TrainOn
 from shardkit.schema import Record
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, IMAGE_BACKENDS, image_processor_class
 
 # --- the tokenizer ---------------------------------------------------------------------------
 
@@ -526,3 +526,80 @@ def test_the_families_grid():
     for config in (Qwen3_5Config(), Qwen3_5MoeConfig()):
         vision = config.vision_config
         assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (16, 2, 2)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+# (height, width) of source pictures: small (scaled up to the minimum), on and off the grid, wide, tall, large
+# (scaled down to the budget)
+SOURCES = [(100, 100), (256, 256), (448, 448), (320, 480), (700, 1000), (2000, 3000), (40, 900), (257, 513)]
+
+
+def qwen3_5_processor(tok, backend):
+    """transformers' processor for Qwen3.5 (``Qwen3VLProcessor``) with the Qwen3.5 preprocessor settings and the image
+    processor of ``backend``; without torchvision, a bare video processor stands in for the (unused) video one."""
+    from transformers import Qwen3VLProcessor
+
+    from tests.conftest import qwen3_image_processor
+
+    images = qwen3_image_processor(backend)
+    if backend == "torchvision":
+        from transformers import Qwen3VLVideoProcessor
+
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor())
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    with mock.patch.object(Qwen3VLProcessor, "check_argument_for_proper_class", lambda self, name, arg: type(arg)):
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=BaseVideoProcessor())
+
+
+@pytest.mark.parametrize("backend", IMAGE_BACKENDS)
+def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, backend):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from shardkit.images.encode import encode_jpeg
+    from shardkit.images.grid import Grid
+    from shardkit.load.torch import Qwen2VLCollator
+    from shardkit.shards.base import Sample
+    from shardkit.synthetic import photo_like
+
+    family = q35_render.QWEN3_5_HF
+    grid = Grid(family.factor, family.min_pixels, family.max_pixels)
+    processor = qwen3_5_processor(tok, backend)
+    bounded = image_processor_class(backend)(
+        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": family.min_pixels, "longest_edge": family.max_pixels},
+    )  # fmt: skip
+    collate = Qwen2VLCollator(
+        patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=family.image_mean, image_std=family.image_std,
+        image_token_id=PAD, pad_token_id=248044,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for height, width in SOURCES:
+        picture = photo_like(width, height, rng)
+        size = grid.size(height, width)
+        # the processor with the family's bounds puts the source picture on the same grid
+        assert tuple(bounded(images=[picture], return_tensors="pt")["image_grid_thw"][0, 1:].mul(16).tolist()) == size
+        stored = encode_jpeg(picture, size, quality=95)
+        data = {"messages": [
+            {"role": "user", "content": [{"type": "image", "image": "x.jpg"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "This."},
+        ]}  # fmt: skip
+        record = Record.model_validate(data)
+        count = grid.tokens(*size)
+        ours = family.renderer(tok).render(record, TrainOn.LAST_ASSISTANT).expand([count])
+        ((start, n),) = ours.image_spans
+        info = {"images": [{"token_start": start, "num_tokens": n, "grid_thw": [1, size[0] // 16, size[1] // 16]}]}
+        batch = collate([Sample("x", info, ours.input_ids, ours.weights, [stored])])
+        # the processor, given the stored picture and the template's text (published preprocessor settings)
+        text = tok.apply_chat_template(data["messages"], chat_template=template, tokenize=False)
+        expected = processor(text=[text], images=[Image.open(io.BytesIO(stored))], return_tensors="pt")
+        assert batch["input_ids"][0].tolist() == expected["input_ids"][0].tolist()
+        assert int((expected["input_ids"] == PAD).sum()) == count == size[0] * size[1] // 32**2
+        assert batch["mm_token_type_ids"].tolist() == expected["mm_token_type_ids"].tolist()
+        assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
+        assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-5)
