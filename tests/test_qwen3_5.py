@@ -603,3 +603,241 @@ def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, bac
         assert batch["mm_token_type_ids"].tolist() == expected["mm_token_type_ids"].tolist()
         assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
         assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-5)
+
+
+# --- packing: per-sample linear attention ------------------------------------------------------
+
+# a small vocabulary of its own (token parity is not what these tests test), with the vision tokens at its end
+VOCAB, IMAGE, VIDEO, VISION_START, VISION_END = 1024, 1000, 1001, 1002, 1003
+
+
+def tiny_qwen3_5(moe: bool = False):
+    """A tiny random Qwen3.5 (or Qwen3.5-MoE): one Gated DeltaNet layer, then one full-attention layer, and a
+    one-block vision tower on the real grid (patch 16, merge 2); weights sharp enough that leaks show."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+    )
+
+    text = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )  # fmt: skip
+    if moe:
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    else:
+        text.update(intermediate_size=128)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64)  # fmt: skip
+    config_class, model_class = (
+        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)
+        if moe
+        else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    )
+    config = config_class(
+        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+def tiny_sample(rng, key: str, text: int, images: list[tuple[int, int]]):
+    """A sample of random text tokens and ``images`` (height, width on the 32-pixel grid), as a build stores it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from shardkit.shards.base import Sample
+
+    ids, infos, jpegs = [], [], []
+    for height, width in images:
+        ids += [*rng.integers(0, IMAGE - 1, text).tolist(), VISION_START]
+        count = (height // 32) * (width // 32)
+        infos.append({"token_start": len(ids), "num_tokens": count, "grid_thw": [1, height // 16, width // 16]})
+        ids += [IMAGE] * count + [VISION_END]
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, format="JPEG")
+        jpegs.append(out.getvalue())
+    ids += rng.integers(0, IMAGE - 1, text).tolist()
+    weights = np.ones(len(ids), dtype=np.float32)
+    return Sample(key, {"images": infos}, np.asarray(ids, dtype=np.int32), weights, jpegs)
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """Two packed rows (3 and 2 samples, images in some, the shorter row padded) and the collator that made them."""
+    import numpy as np
+
+    from shardkit.load.torch import Qwen2VLCollator
+
+    rng = np.random.default_rng(0)
+    sequences = [
+        [tiny_sample(rng, "a", 9, [(64, 96)]), tiny_sample(rng, "b", 7, [(64, 64), (96, 64)]),
+         tiny_sample(rng, "c", 40, [])],
+        [tiny_sample(rng, "d", 5, [(64, 64)]), tiny_sample(rng, "e", 12, [])],
+    ]  # fmt: skip
+    collate = Qwen2VLCollator(
+        patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+        image_token_id=IMAGE, pad_token_id=0,
+    )  # fmt: skip
+    return sequences, collate
+
+
+def sample_spans(sequences):
+    """(row, start, sample) of every sample of a packed batch."""
+    out = []
+    for row, sequence in enumerate(sequences):
+        start = 0
+        for sample in sequence:
+            out.append((row, start, sample))
+            start += len(sample.input_ids)
+    return out
+
+
+def per_sample(logits, labels, sequences):
+    """Each sample's mean loss and its logits, cut out of a packed batch."""
+    import torch
+
+    out = []
+    for row, start, sample in sample_spans(sequences):
+        end = start + len(sample.input_ids)
+        loss = torch.nn.functional.cross_entropy(logits[row, start : end - 1], labels[row, start + 1 : end])
+        out.append((float(loss), logits[row, start:end]))
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(packed, moe):
+    import torch
+
+    from shardkit.packing_qwen3_5 import installed, per_sample_linear_attention
+
+    sequences, collate = packed
+    batch = collate(sequences)
+    assert batch["position_ids"].shape[:2] == (4, 2) and len(batch["cu_seq_lens_q"]) == 6
+    positions_only = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    model = tiny_qwen3_5(moe)
+    with torch.no_grad():
+        alone = [
+            (float(model(**collate([s])).loss), model(**collate([s])).logits[0]) for *_, s in sample_spans(sequences)
+        ]
+        # (without the boundaries: transformers after 5.5 refuses cu_seq_lens_q where its kernels cannot use them)
+        leaky = per_sample(model(**positions_only).logits, batch["labels"], sequences)
+        with per_sample_linear_attention(model):
+            assert installed(model)
+            runs = [per_sample(model(**b).logits, batch["labels"], sequences) for b in (batch, positions_only)]
+            alone_installed = [float(model(**collate([s])).loss) for *_, s in sample_spans(sequences)]
+    assert not installed(model)
+    for run in runs:
+        assert [loss for loss, _ in run] == pytest.approx([loss for loss, _ in alone], abs=1e-5)
+        # logits of size ~7: float noise (the vision tower sees the row's images together) stays under 1e-4 of it
+        assert max(float((a - b).abs().max()) for (_, a), (_, b) in zip(run, alone, strict=True)) < 5e-4
+    assert alone_installed == pytest.approx([loss for loss, _ in alone], abs=1e-6)  # a lone sample runs as before
+    # the control: as transformers runs them, every sample after the first of its row sees its predecessors
+    firsts = [start == 0 for _, start, _ in sample_spans(sequences)]
+    for (loss, logits), (alone_loss, alone_logits), first in zip(leaky, alone, firsts, strict=True):
+        if first:
+            assert float((logits - alone_logits).abs().max()) < 1e-4
+        else:
+            assert float((logits - alone_logits).abs().max()) > 1e-2 and abs(loss - alone_loss) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "checkpointing, boundaries",
+    [(False, "cu_seq_lens"), (True, "cu_seq_lens"), (True, "positions")],
+    ids=["plain", "checkpointed", "checkpointed-positions-only"],
+)
+def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, checkpointing, boundaries):
+    import torch
+
+    from shardkit.packing_qwen3_5 import install
+
+    sequences, collate = packed
+    batch = collate(sequences)
+    if boundaries == "positions":
+        batch = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    model = tiny_qwen3_5()
+    install(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    def summed(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+
+    calls = []
+    model.model.language_model.layers[0].linear_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    together = gradients(summed(model(**batch).logits, batch["labels"]))
+    assert len(calls) == (2 if checkpointing else 1)  # checkpointed: run again in the backward pass, per sample too
+    apart = {}
+    for *_, sample in sample_spans(sequences):
+        alone = collate([sample])
+        for name, grad in gradients(summed(model(**alone).logits, alone["labels"])).items():
+            apart[name] = apart.get(name, 0) + grad
+    assert together.keys() == apart.keys() and any("linear_attn" in name for name in together)
+    for name in together:  # float32 sums in another order: equal to a millionth of each tensor's scale
+        scale = float(apart[name].abs().max())
+        assert float((together[name] - apart[name]).abs().max()) <= 2e-5 * scale, name
+
+
+def test_an_unpacked_batch_runs_as_before(packed):
+    import torch
+
+    from shardkit.packing_qwen3_5 import install
+
+    sequences, collate = packed
+    batch = collate([sequences[0][0], sequences[1][1]])  # two rows, one padded: attention_mask, no packing
+    model = tiny_qwen3_5()
+    with torch.no_grad():
+        before = model(**batch).logits
+        handle = install(model)
+        after = model(**batch).logits
+        handle.remove()
+    assert torch.equal(before, after)
+
+
+def test_install_once_remove_and_refuse_a_cache(packed):
+    import torch
+
+    from shardkit.packing_qwen3_5 import install, installed, linear_attention_layers
+
+    sequences, collate = packed
+    model = tiny_qwen3_5(moe=True)
+    layers = linear_attention_layers(model)
+    assert len(layers) == 1 and type(layers[0].linear_attn).__name__ == "Qwen3_5MoeGatedDeltaNet"
+    first, second = install(model), install(model)
+    assert installed(model) and len(first.modules) == 2 and not second.modules
+    with pytest.raises(ValueError, match="use_cache=False"), torch.no_grad():
+        model(**{**collate(sequences), "use_cache": True})
+    first.remove()
+    assert (
+        not installed(model) and "forward" not in layers[0].__dict__ and "forward" not in layers[0].linear_attn.__dict__
+    )
+
+
+def test_sample_starts_from_cu_seq_lens_or_positions():
+    import torch
+
+    from shardkit.packing_qwen3_5 import cu_seq_lens, sample_starts
+
+    assert sample_starts(2, 10, cu_seq_lens=torch.tensor([0, 4, 7, 10, 16, 20])) == [[0, 4, 7], [0, 6]]
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 7, 0, 1, 2, 3, 4]])
+    assert sample_starts(2, 8, position_ids=positions) == [[0, 3, 5], [0, 3]]
+    assert sample_starts(2, 8) == [[0], [0]]
+    assert cu_seq_lens([[0, 3, 5], [0, 3]], 8).tolist() == [0, 3, 5, 8, 11, 16]
+    with pytest.raises(ValueError, match="not at the batch"):
+        sample_starts(2, 10, cu_seq_lens=torch.tensor([0, 4, 12]))
