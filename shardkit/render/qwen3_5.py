@@ -195,7 +195,8 @@ class Qwen3_5Renderer(Qwen3_5Base):
         last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
         out: list[Piece] = []
         for i, turn in enumerate(turns):
-            header = f"{chr(10) if i else ''}{self.IM_START}{turn.role}\n"
+            newline = "\n" if i else ""
+            header = f"{newline}{self.IM_START}{turn.role}\n"
             output = []
             if turn.role == "assistant" and self.block(i, last_user):
                 if i == len(turns) - 1 and self.THINKING:  # the produced turn: the prompt ends at <think>\n
