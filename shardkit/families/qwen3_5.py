@@ -1,8 +1,8 @@
 """Qwen3.5 / Qwen3.6 and Qwen3.8: the chat formats of tinker-cookbook 0.5.8's renderers and of the published
-Hugging Face template.
+Hugging Face template, their vocabulary, grid and transformers classes.
 
 The five families here share Qwen3-VL's markup (``<|im_start|>{role}\\n...<|im_end|>``, images as
-``<|vision_start|><|image_pad|>...<|vision_end|>``), the 248,077-id vocabulary (``shardkit.tokenizer_qwen3_5``)
+``<|vision_start|><|image_pad|>...<|vision_end|>``), the 248,077-id vocabulary (``shardkit.tokenizer.qwen3_5``)
 and the vision grid (patch 16, merge 2). What is new is the think block: an assistant message the model produced
 after the last user message opens with ``<think>\\n{reasoning}\\n</think>\\n\\n``, empty here (shardkit records
 carry no reasoning), and the generation prompt ends ``<|im_start|>assistant\\n<think>\\n``.
@@ -72,17 +72,25 @@ Qwen3-VL: a stored image within both bounds is left as it is by the processor). 
 one tokenizer and preprocessor); two third-party test fixtures on GitHub that restate the checkpoints'
 ``preprocessor_config.json`` (shortest 65536, longest 16777216, mean/std 0.5, patch 16, merge 2). The file itself
 could not be downloaded here, so mean/std and the minimum are as strong as those copies (and equal Qwen3-VL's).
+
+Models: Qwen3.5 and Qwen3.6 checkpoints are transformers' ``qwen3_5`` (dense) and ``qwen3_5_moe`` (35B-A3B, 397B-A17B)
+types, served by ``Qwen3VLProcessor`` with ``Qwen2VLImageProcessor``; every family here trains both. Their language
+model mixes Gated DeltaNet (linear attention) and full-attention layers: packed rows need
+:mod:`shardkit.model.packing`. Qwen3.8's checkpoint type could not be read offline; the cookbook gives it Qwen3.5's
+tokenizer and preprocessor, and its builds train the same two types.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from shardkit.errors import ConfigError, RecordError
-from shardkit.render.base import Family, Piece, Renderer, TrainOn
+from shardkit.families.base import Family
+from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import ImagePart, Record, TextPart
+from shardkit.tokenizer.qwen3_5 import LAST_ADDED_ID
+from shardkit.tokenizer.qwen3_5 import NAME as TOKENIZER
 
 #: the instruction ``qwen3_8_xhigh_reasoning`` (the Qwen3.8 template's default ``reasoning_effort``) puts first in
 #: the system message
@@ -97,6 +105,13 @@ END_THINK = "</think>"
 EMPTY_BLOCK = f"{THINK}\n\n{END_THINK}\n\n"
 #: the part of the empty block the generation prompt supplies (with thinking on)
 PROMPT_THINK = f"{THINK}\n"
+
+#: Qwen's chat markup; a record's text may hold neither the think nor the tool tokens (the template would read them
+#: as the end of reasoning or a tool turn)
+TOKENS = ChatTokens(
+    reserved=ChatTokens().reserved
+    + (THINK, END_THINK, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+)
 
 
 @dataclass(frozen=True)
@@ -127,34 +142,22 @@ def trim(parts: list[TextPart | ImagePart]) -> list[TextPart | ImagePart]:
 
 
 class Qwen3_5Base(Renderer):
-    """What the Qwen3.5-generation renderers share: the reserved tokens, the trimmed turns, the content pieces."""
+    """What the Qwen3.5-generation renderers share: the think tokens checked, the trimmed turns, the content."""
 
-    RESERVED = Renderer.RESERVED + (
-        THINK,
-        END_THINK,
-        "<tool_call>",
-        "</tool_call>",
-        "<tool_response>",
-        "</tool_response>",
-    )
-    _reserved_re = re.compile("|".join(re.escape(t) for t in RESERVED))
     #: whether the system message is Qwen3.8's: :attr:`INSTRUCTION` first, or dropped when empty without one
     QWEN3_8_SYSTEM: ClassVar[bool] = False
     #: the reasoning-effort instruction Qwen3.8 puts first in the system message, or None
     INSTRUCTION: ClassVar[str | None] = None
 
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer)
+    def __init__(self, tokenizer: Any, tokens: ChatTokens, last_added_id: int | None):
+        super().__init__(tokenizer, tokens, last_added_id)
         for token in (THINK, END_THINK):
             if self.backend.token_to_id(token) is None:
                 raise ConfigError(f"the tokenizer has no {token} token: it is not a Qwen3.5 family tokenizer")
 
-    def turns(self, record: Record, train_on: TrainOn) -> list[_Turn]:
+    def turns(self, record: Record, weights: list[float]) -> list[_Turn]:
         """The record's messages, trimmed and weighted, with the instruction injected (see the module doc)."""
-        turns = [
-            _Turn(m.role, trim(m.content), 1.0 if self.trained(record, i, train_on) else 0.0)
-            for i, m in enumerate(record.messages)
-        ]
+        turns = [_Turn(m.role, trim(m.content), w) for m, w in zip(record.messages, weights, strict=True)]
         if not self.QWEN3_8_SYSTEM:
             return turns
         instruction = self.INSTRUCTION
@@ -171,13 +174,14 @@ class Qwen3_5Base(Renderer):
 
     def content(self, turn: _Turn) -> list[Piece]:
         """A turn's injected text (weight 0), then its parts: text with its weight, images in vision markers."""
+        tokens = self.tokens
         out = [Piece(turn.injected)] if turn.injected else []
         for part in turn.parts:
             if isinstance(part, ImagePart):
-                out += [Piece(self.VISION_START), Piece(self.IMAGE_PAD, image=True), Piece(self.VISION_END)]
+                out += [Piece(tokens.vision_start), Piece(tokens.image_pad, image=True), Piece(tokens.vision_end)]
             else:
                 out.append(Piece(part.text, turn.weight))
-        return out + [Piece(self.IM_END, turn.weight)]
+        return out + [Piece(tokens.im_end, turn.weight)]
 
 
 class Qwen3_5Renderer(Qwen3_5Base):
@@ -190,13 +194,13 @@ class Qwen3_5Renderer(Qwen3_5Base):
         """Whether assistant message ``index`` opens with the empty think block."""
         return index > last_user
 
-    def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
-        turns = self.turns(record, train_on)
+    def pieces(self, record: Record, weights: list[float]) -> list[Piece]:
+        turns = self.turns(record, weights)
         last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
         out: list[Piece] = []
         for i, turn in enumerate(turns):
             newline = "\n" if i else ""
-            header = f"{newline}{self.IM_START}{turn.role}\n"
+            header = f"{newline}{self.tokens.im_start}{turn.role}\n"
             output = []
             if turn.role == "assistant" and self.block(i, last_user):
                 if i == len(turns) - 1 and self.THINKING:  # the produced turn: the prompt ends at <think>\n
@@ -236,8 +240,8 @@ class Qwen3_8DisableThinkingRenderer(Qwen3_8Renderer):
 class Qwen3_5TemplateRenderer(Qwen3_5Base):
     """The published Qwen3.5 chat template, as transformers' ``apply_chat_template`` renders it."""
 
-    def pieces(self, record: Record, train_on: TrainOn) -> list[Piece]:
-        turns = self.turns(record, train_on)
+    def pieces(self, record: Record, weights: list[float]) -> list[Piece]:
+        turns = self.turns(record, weights)
         users = [i for i, t in enumerate(turns) if t.role == "user"]
         if not users:
             raise RecordError(
@@ -247,7 +251,7 @@ class Qwen3_5TemplateRenderer(Qwen3_5Base):
             )
         out: list[Piece] = []
         for i, turn in enumerate(turns):
-            out.append(Piece(f"{self.IM_START}{turn.role}\n"))
+            out.append(Piece(f"{self.tokens.im_start}{turn.role}\n"))
             if turn.role == "assistant" and i > users[-1]:
                 out += [Piece(PROMPT_THINK), Piece(EMPTY_BLOCK.removeprefix(PROMPT_THINK), turn.weight)]
             out += self.content(turn)
@@ -257,27 +261,35 @@ class Qwen3_5TemplateRenderer(Qwen3_5Base):
 
 QWEN3_5 = Family(
     name="qwen3_5",
-    renderer=Qwen3_5Renderer,
+    chat_format=Qwen3_5Renderer,
+    tokens=TOKENS,
+    tokenizer=TOKENIZER,
+    last_added_id=LAST_ADDED_ID,
     patch_size=16,
     merge_size=2,
     image_mean=(0.5, 0.5, 0.5),
     image_std=(0.5, 0.5, 0.5),
     min_pixels=256 * 256,
     max_pixels=32 * 32 * 1280,
+    model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
+    processor_class="Qwen3VLProcessor",
+    image_processor_class="Qwen2VLImageProcessor",
+    tinker_renderer="qwen3_5",
 )
-QWEN3_5_DISABLE_THINKING = replace(QWEN3_5, name="qwen3_5_disable_thinking", renderer=Qwen3_5DisableThinkingRenderer)
-QWEN3_5_HF = replace(QWEN3_5, name="qwen3_5_hf", renderer=Qwen3_5TemplateRenderer)
-QWEN3_8 = replace(QWEN3_5, name="qwen3_8", renderer=Qwen3_8Renderer)
-QWEN3_8_DISABLE_THINKING = replace(QWEN3_5, name="qwen3_8_disable_thinking", renderer=Qwen3_8DisableThinkingRenderer)
-
-#: the families of this module, by name (registered by ``shardkit.render``'s registry)
-FAMILIES = {f.name: f for f in (QWEN3_5, QWEN3_5_DISABLE_THINKING, QWEN3_5_HF, QWEN3_8, QWEN3_8_DISABLE_THINKING)}
-
-#: each family's tinker-cookbook renderer (the one whose ``build_supervised_example`` it equals; ``qwen3_5_hf`` is
-#: the published template's and has none)
-COOKBOOK_RENDERERS = {
-    "qwen3_5": "qwen3_5",
-    "qwen3_5_disable_thinking": "qwen3_5_disable_thinking",
-    "qwen3_8": "qwen3_8_xhigh_reasoning",
-    "qwen3_8_disable_thinking": "qwen3_8_disable_thinking",
-}
+QWEN3_5_DISABLE_THINKING = replace(
+    QWEN3_5,
+    name="qwen3_5_disable_thinking",
+    chat_format=Qwen3_5DisableThinkingRenderer,
+    tinker_renderer="qwen3_5_disable_thinking",
+)
+# the published template: the same vocabulary, grid and classes; Tinker's tokens differ (the final newline, the
+# produced turn's empty block)
+QWEN3_5_HF = replace(QWEN3_5, name="qwen3_5_hf", chat_format=Qwen3_5TemplateRenderer, tinker_renderer=None)
+# the cookbook's default renderer for Qwen3.8 (there is no renderer named qwen3_8)
+QWEN3_8 = replace(QWEN3_5, name="qwen3_8", chat_format=Qwen3_8Renderer, tinker_renderer="qwen3_8_xhigh_reasoning")
+QWEN3_8_DISABLE_THINKING = replace(
+    QWEN3_5,
+    name="qwen3_8_disable_thinking",
+    chat_format=Qwen3_8DisableThinkingRenderer,
+    tinker_renderer="qwen3_8_disable_thinking",
+)
