@@ -32,6 +32,10 @@ sequences apart"); with this wrapper the boundaries never reach the kernels.
 
 Cost: one call of the layer per sample (a Python loop), exact on every path; the fla kernels' ``cu_seqlens`` and
 causal-conv1d's ``seq_idx`` would do it in one call on a GPU, but transformers 5.5 does not pass them through.
+
+:func:`prepare_packing` is what the trainer calls for a packed run: it installs this on a model with
+linear-attention layers and refuses (rather than train on samples that see each other) a model whose configuration
+declares linear-attention layers this module cannot find.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from shardkit.errors import ConfigError
 
 #: the attribute marking a module whose forward this module replaced (its value: the original forward)
 _ORIGINAL = "_shardkit_original_forward"
@@ -191,3 +197,20 @@ def per_sample_linear_attention(model: torch.nn.Module) -> Iterator[torch.nn.Mod
         yield model
     finally:
         handle.remove()
+
+
+def prepare_packing(model: torch.nn.Module) -> Handle:
+    """Make ``model`` fit for packed rows: :func:`install` where it has linear-attention layers (nothing to do
+    where it has none). Refuses a model whose text configuration's ``layer_types`` name more linear-attention
+    layers than there are decoder layers with a ``linear_attn`` module: those would let packed samples see each
+    other."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    declared = sum(kind == "linear_attention" for kind in getattr(config, "layer_types", None) or [])
+    found = len(linear_attention_layers(model))
+    if declared != found:
+        raise ConfigError(
+            f"--pack: the model declares {declared} linear-attention layers and shardkit finds {found} it can run "
+            "one sample at a time; the others would carry their state from one packed sample into the next: train "
+            "without --pack (batches by --batch-size or --batch-tokens)"
+        )
+    return install(model)
