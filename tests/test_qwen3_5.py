@@ -588,7 +588,7 @@ def test_a_builds_batches_equal_the_qwen3_5_processor(hf_build, small_dataset, t
     assert_batch_equals_the_processor(hf_build, small_dataset, tok, template, backend)
 
 
-def samples_of(build: str) -> list:
+def build_samples(build: str) -> list:
     from shardkit.load import BuildSource
 
     return list(BuildSource(build).samples())
@@ -620,7 +620,7 @@ def test_build_works_offline_from_nothing_with_the_default_tokenizer(tmp_path, m
     assert config.tokenizer_fingerprint == hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
     assert config.special_tokens.model_dump() == {"image_pad": 248056, "vision_start": 248053, "vision_end": 248054,
                                                   "pad": 248044}  # fmt: skip
-    for sample in samples_of(str(out)):
+    for sample in build_samples(str(out)):
         text = tok.decode(sample.input_ids.tolist())
         assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|>") and text.endswith("<|im_end|>")
         trained = tok.decode(sample.input_ids[sample.weights > 0].tolist())
@@ -651,5 +651,5 @@ def test_the_tokenizer_option_takes_a_folder_laid_out_as_the_published_tokenizer
     default = make_build(memorisable_data.jsonl, model="qwen3_5")
     given = make_build(memorisable_data.jsonl, model="qwen3_5", tokenizer=str(folder))
     assert read_manifest(given).config.tokenizer == str(folder)
-    ours, theirs = samples_of(default), samples_of(given)
+    ours, theirs = build_samples(default), build_samples(given)
     assert [s.input_ids.tolist() for s in ours] == [s.input_ids.tolist() for s in theirs] and len(ours) == 8

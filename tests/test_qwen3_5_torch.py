@@ -43,16 +43,16 @@ from tests.test_qwen3_vl import (
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory) -> str:
+def tiny_qwen3_5_tokenizer(tmp_path_factory) -> str:
     """Folder of a 2,048-token Qwen3.5-style tokenizer (its first ranks and its 33 added tokens), for builds and
     models where token parity is not what is tested."""
     return write_tiny_qwen3_5_tokenizer(tmp_path_factory.mktemp("tiny-qwen3_5-tokenizer"))
 
 
 @pytest.fixture(scope="module")
-def ids(tiny_tokenizer) -> dict[str, int]:
+def ids(tiny_qwen3_5_tokenizer) -> dict[str, int]:
     """The tiny tokenizer's vision token ids, and ``plain``: its first added id."""
-    tokenizer = load_tokenizer(tiny_tokenizer)[0]
+    tokenizer = load_tokenizer(tiny_qwen3_5_tokenizer)[0]
     names = {"image": "<|image_pad|>", "start": "<|vision_start|>", "end": "<|vision_end|>", "plain": "<|endoftext|>"}
     return {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
 
@@ -115,12 +115,12 @@ def per_sample(logits, labels, sequences):
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(packed, tiny_tokenizer, moe):
+def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(packed, tiny_qwen3_5_tokenizer, moe):
     sequences, collate = packed
     batch = collate(sequences)
     assert batch["position_ids"].shape[:2] == (4, 2) and len(batch["cu_seq_lens_q"]) == 6
     positions_only = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
-    model = tiny_qwen3_5(tiny_tokenizer, moe)
+    model = tiny_qwen3_5(tiny_qwen3_5_tokenizer, moe)
     with torch.no_grad():
         alone = [(float(model(**collate([s])).loss), model(**collate([s])).logits[0]) for *_, s in spans(sequences)]
         # (without the boundaries: transformers after 5.5 refuses cu_seq_lens_q where its kernels cannot use them)
@@ -149,13 +149,13 @@ def test_packed_losses_equal_each_sample_alone_with_per_sample_linear_attention(
     [(False, "cu_seq_lens"), (True, "cu_seq_lens"), (True, "positions")],
     ids=["plain", "checkpointed", "checkpointed-positions-only"],
 )
-def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, tiny_tokenizer, checkpointing, boundaries):
+def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, tiny_qwen3_5_tokenizer, checkpointing, boundaries):
 
     sequences, collate = packed
     batch = collate(sequences)
     if boundaries == "positions":
         batch = {k: v for k, v in batch.items() if not k.startswith(("cu_seq_lens", "max_length"))}
-    model = tiny_qwen3_5(tiny_tokenizer)
+    model = tiny_qwen3_5(tiny_qwen3_5_tokenizer)
     install(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,11 +184,11 @@ def test_packed_gradients_equal_the_sum_of_each_sample_alone(packed, tiny_tokeni
         assert float((together[name] - apart[name]).abs().max()) <= 2e-5 * scale, name
 
 
-def test_an_unpacked_batch_runs_as_before(packed, tiny_tokenizer):
+def test_an_unpacked_batch_runs_as_before(packed, tiny_qwen3_5_tokenizer):
 
     sequences, collate = packed
     batch = collate([sequences[0][0], sequences[1][1]])  # two rows, one padded: attention_mask, no packing
-    model = tiny_qwen3_5(tiny_tokenizer)
+    model = tiny_qwen3_5(tiny_qwen3_5_tokenizer)
     with torch.no_grad():
         before = model(**batch).logits
         handle = install(model)
@@ -197,10 +197,10 @@ def test_an_unpacked_batch_runs_as_before(packed, tiny_tokenizer):
     assert torch.equal(before, after)
 
 
-def test_install_once_remove_and_refuse_a_cache(packed, tiny_tokenizer):
+def test_install_once_remove_and_refuse_a_cache(packed, tiny_qwen3_5_tokenizer):
 
     sequences, collate = packed
-    model = tiny_qwen3_5(tiny_tokenizer, moe=True)
+    model = tiny_qwen3_5(tiny_qwen3_5_tokenizer, moe=True)
     layers = linear_attention_layers(model)
     assert len(layers) == 1 and type(layers[0].linear_attn).__name__ == "Qwen3_5MoeGatedDeltaNet"
     first, second = install(model), install(model)
@@ -224,8 +224,8 @@ def test_sample_starts_from_cu_seq_lens_or_positions():
         sample_starts(2, 10, cu_seq_lens=torch.tensor([0, 4, 12]))
 
 
-def test_prepare_packing_installs_where_it_can_and_refuses_where_it_cannot(tiny_tokenizer):
-    model = tiny_qwen3_5(tiny_tokenizer, moe=True)
+def test_prepare_packing_installs_where_it_can_and_refuses_where_it_cannot(tiny_qwen3_5_tokenizer):
+    model = tiny_qwen3_5(tiny_qwen3_5_tokenizer, moe=True)
     prepare_packing(model).remove()  # Qwen3.5-MoE: its one Gated DeltaNet layer runs per sample
     # a model without linear attention (Qwen3-VL) needs nothing
     from transformers import Qwen3VLForConditionalGeneration
@@ -246,19 +246,19 @@ def test_prepare_packing_installs_where_it_can_and_refuses_where_it_cannot(tiny_
 
 
 @pytest.fixture(scope="module")
-def memorisable_qwen3_5(make_build, memorisable_data, tiny_tokenizer) -> str:
+def memorisable_qwen3_5(make_build, memorisable_data, tiny_qwen3_5_tokenizer) -> str:
     """``memorisable``'s 8 short cases, one 64x64 image each (4 image tokens), in Tinker's qwen3_5 format."""
     return make_build(memorisable_data.jsonl, model="qwen3_5", min_pixels=32 * 32, max_pixels=64 * 64,
-                      samples_per_shard=4, tokenizer=tiny_tokenizer)  # fmt: skip
+                      samples_per_shard=4, tokenizer=tiny_qwen3_5_tokenizer)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
+def checkpoints(tmp_path_factory, tiny_qwen3_5_tokenizer) -> dict[str, str]:
     """Tiny random Qwen3.5 and Qwen3.5-MoE checkpoints, saved as a model folder is."""
     out = {}
     for name, moe in (("dense", False), ("moe", True)):
         folder = tmp_path_factory.mktemp(f"tiny-qwen3_5-{name}")
-        tiny_qwen3_5(tiny_tokenizer, moe).save_pretrained(folder)
+        tiny_qwen3_5(tiny_qwen3_5_tokenizer, moe).save_pretrained(folder)
         out[name] = str(folder)
     return out
 
