@@ -19,8 +19,8 @@ from shardkit.render import ChatTokens, TrainOn, targets
 from shardkit.schema import Record
 from shardkit.tokenizer import qwen3_5 as q35
 from tests.helpers import FIXTURES, IMAGE_BACKENDS, image_processor_class, qwen3_image_processor
-from tests.test_qwen3_vl import assert_batch_equals_the_processor, qwen3_processor
-from tests.test_render import SIZES, tinker_messages
+from tests.test_qwen3_vl import assert_batch_equals_the_processor, qwen3_processor, template_ids
+from tests.test_render import SIZES, cookbook_tokens, tinker_messages
 
 # --- the tokenizer ---------------------------------------------------------------------------
 
@@ -313,7 +313,6 @@ def cookbook(tok, name: str, data: dict, train_on_what: str, trainable: list[boo
     """tinker-cookbook's ``build_supervised_example``: the tokens (image chunks as their pad tokens), the weights
     and the image chunks' token counts."""
     pytest.importorskip("tinker_cookbook", reason="not in bin/test's newest-transformers environment")
-    import tinker
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
 
     messages = tinker_messages(data)  # images as pictures of SIZES
@@ -321,13 +320,7 @@ def cookbook(tok, name: str, data: dict, train_on_what: str, trainable: list[boo
         message["trainable"] = flag
     renderer = get_renderer(name, tok, qwen3_image_processor())
     model_input, weights = renderer.build_supervised_example(messages, train_on_what=TrainOnWhat[train_on_what])
-    tokens, counts = [], []
-    for chunk in model_input.chunks:
-        if isinstance(chunk, tinker.types.ImageChunk):
-            tokens += [PAD] * chunk.expected_tokens
-            counts.append(chunk.expected_tokens)
-        else:
-            tokens += list(chunk.tokens)
+    tokens, counts = cookbook_tokens(model_input, PAD)
     return tokens, weights.tolist(), counts
 
 
@@ -428,13 +421,6 @@ def test_preserve_thinking_is_the_same_without_reasoning(tok):
 @pytest.fixture(scope="module")
 def template() -> str:
     return (FIXTURES / "qwen3_5_chat_template.jinja").read_text()
-
-
-def template_ids(tok, template, messages, counts):
-    """``apply_chat_template``'s tokens, each image pad expanded to its count."""
-    ids = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
-    counts = iter(counts)
-    return [t for token in ids for t in ([PAD] * next(counts) if token == PAD else [token])]
 
 
 WITH_USER = [i for i, c in enumerate(CONVERSATIONS) if any(m["role"] == "user" for m in c["messages"])]

@@ -39,6 +39,7 @@ from tests.test_qwen3_vl import (
     assert_resumes_with_the_same_losses,
     falls,
     run,
+    saved_checkpoints,
 )
 
 
@@ -255,12 +256,7 @@ def memorisable_qwen3_5(make_build, memorisable_data, tiny_qwen3_5_tokenizer) ->
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_qwen3_5_tokenizer) -> dict[str, str]:
     """Tiny random Qwen3.5 and Qwen3.5-MoE checkpoints, saved as a model folder is."""
-    out = {}
-    for name, moe in (("dense", False), ("moe", True)):
-        folder = tmp_path_factory.mktemp(f"tiny-qwen3_5-{name}")
-        tiny_qwen3_5(tiny_qwen3_5_tokenizer, moe).save_pretrained(folder)
-        out[name] = str(folder)
-    return out
+    return saved_checkpoints(tmp_path_factory, "tiny-qwen3_5", lambda moe: tiny_qwen3_5(tiny_qwen3_5_tokenizer, moe))
 
 
 @pytest.mark.slow

@@ -32,8 +32,8 @@ def template() -> str:
 def template_ids(tokenizer, template, messages, counts):
     """``apply_chat_template``'s tokens, each image pad expanded to its count."""
     ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
-    counts = iter(counts)
-    return [t for token in ids for t in ([PAD] * next(counts) if token == PAD else [token])]
+    pad, counts = tokenizer.convert_tokens_to_ids("<|image_pad|>"), iter(counts)
+    return [t for token in ids for t in ([pad] * next(counts) if token == pad else [token])]
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -187,10 +187,15 @@ def memorisable_qwen3(make_build, memorisable_data, tiny_tokenizer) -> str:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
     """Tiny random Qwen3-VL and Qwen3-VL-MoE checkpoints, saved as a model folder is."""
+    return saved_checkpoints(tmp_path_factory, "tiny-qwen3", lambda moe: random_qwen3_vl(moe, tokenizer=tiny_tokenizer))
+
+
+def saved_checkpoints(tmp_path_factory, prefix: str, make) -> dict[str, str]:
+    """``{"dense": folder, "moe": folder}`` of the models ``make(moe)`` gives, saved as model folders are."""
     out = {}
     for name, moe in (("dense", False), ("moe", True)):
-        folder = tmp_path_factory.mktemp(f"tiny-qwen3-{name}")
-        random_qwen3_vl(moe, tokenizer=tiny_tokenizer).save_pretrained(folder)
+        folder = tmp_path_factory.mktemp(f"{prefix}-{name}")
+        make(moe).save_pretrained(folder)
         out[name] = str(folder)
     return out
 
