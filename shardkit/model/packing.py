@@ -24,6 +24,11 @@ padding mask applied as transformers applies it. Padding after a row's last samp
 it comes after every real token, and the layer is causal. With a cache (generation) a packed row is refused: its
 state would mix samples. Each sample's call gets none of the row's boundary arguments.
 
+transformers 5.25 maps ``Qwen3_5GatedDeltaNet`` to hub kernels and, on a loaded model, maps it again at every
+``train()`` / ``eval()``, dropping a forward set on the module: the decoder layer's forward (which no kernel mapping
+touches) therefore puts the per-sample forward back on its ``linear_attn`` at every call, around whatever forward
+the mapping chose.
+
 Gradient checkpointing recomputes each sample alone too. In transformers 5.5 the recompute goes through the layer's
 instance forward (this wrapper); later versions (5.25) replay the layer's class forward and hand its keyword
 arguments on to ``linear_attn``, so the wrapper also puts ``cu_seq_lens_q`` into them when the batch gave only
@@ -48,8 +53,11 @@ import torch
 
 from shardkit.errors import ConfigError
 
-#: the attribute marking a module whose forward this module replaced (its value: the original forward)
+#: the attribute marking a module whose forward this module replaced (its value: the original forward, and for a
+#: linear-attention module whether that was set on the module itself)
 _ORIGINAL = "_shardkit_original_forward"
+#: the attribute marking the per-sample forward of a linear-attention module
+_PER_SAMPLE = "_shardkit_per_sample"
 #: where a linear-attention module finds the boundaries of the call in progress
 _BOUNDARIES = "_shardkit_sample_starts"
 #: keyword arguments that describe a packed row's boundaries
@@ -68,7 +76,7 @@ def linear_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def installed(model: torch.nn.Module) -> bool:
     """Whether every linear-attention layer of ``model`` runs per sample (true when it has none)."""
-    return all(hasattr(layer.linear_attn, _ORIGINAL) for layer in linear_attention_layers(model))
+    return all(_ORIGINAL in layer.__dict__ for layer in linear_attention_layers(model))
 
 
 def sample_starts(
@@ -102,10 +110,22 @@ def cu_seq_lens(starts: list[list[int]], length: int) -> torch.Tensor:
     return torch.tensor([*flat, len(starts) * length], dtype=torch.int32)
 
 
+def _wrap_attention(attention: torch.nn.Module) -> None:
+    """Put the per-sample forward on ``attention``, around its forward of the moment, unless it is there."""
+    if getattr(attention.__dict__.get("forward"), _PER_SAMPLE, False):
+        return
+    original = attention.forward
+    attention.__dict__[_ORIGINAL] = (original, "forward" in attention.__dict__)
+    forward = _attention_forward(attention, original)
+    setattr(forward, _PER_SAMPLE, True)
+    attention.forward = forward
+
+
 def _layer_forward(layer: torch.nn.Module, original: Any) -> Any:
     attention = layer.linear_attn
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        _wrap_attention(attention)  # again, where a kernel mapping (train(), eval()) has put another forward there
         rows, length = hidden_states.shape[:2]
         positions = kwargs.get("position_ids")
         if positions is None and len(args) >= 3:  # (position_embeddings, attention_mask, position_ids, ...)
@@ -164,10 +184,16 @@ class Handle:
         self.modules = modules
 
     def remove(self) -> None:
-        for module in self.modules:
-            original = module.__dict__.pop(_ORIGINAL, None)
-            if original is not None:
-                module.__dict__.pop("forward", None)
+        for layer in self.modules:
+            layer.__dict__.pop(_ORIGINAL, None)
+            layer.__dict__.pop("forward", None)
+            attention = layer.linear_attn
+            original, own = attention.__dict__.pop(_ORIGINAL, (None, False))
+            if getattr(attention.__dict__.get("forward"), _PER_SAMPLE, False):  # else a kernel mapping replaced it
+                if own:
+                    attention.forward = original
+                else:
+                    del attention.forward
         self.modules = []
 
 
@@ -178,14 +204,12 @@ def install(model: torch.nn.Module) -> Handle:
     """
     changed = []
     for layer in linear_attention_layers(model):
-        attention = layer.linear_attn
-        if hasattr(attention, _ORIGINAL):
+        if _ORIGINAL in layer.__dict__:
             continue
-        for module, make in ((attention, _attention_forward), (layer, _layer_forward)):
-            original = module.forward
-            module.__dict__[_ORIGINAL] = original
-            module.forward = make(module, original)
-            changed.append(module)
+        _wrap_attention(layer.linear_attn)
+        layer.__dict__[_ORIGINAL] = layer.forward
+        layer.forward = _layer_forward(layer, layer.forward)
+        changed.append(layer)
     return Handle(changed)
 
 
