@@ -22,10 +22,11 @@ way transformers' ``TikTokenConverter`` does:
 - the added tokens at their ids, ``normalized=False``; ``<tool_call>`` to ``</think>`` (248058-248069) are not
   marked special, as in Qwen3's published tokenizer (this only matters to ``decode(skip_special_tokens=True)``).
 
-The conversion takes several seconds, so the result is written once to a cache folder, keyed by a fingerprint of
-the ranks file, the token list, the regex and this module's build version: ``$SHARDKIT_CACHE_DIR`` if set, else
-``$XDG_CACHE_HOME/shardkit``, else ``~/.cache/shardkit``, under ``qwen3_5-tokenizer/<key>/`` (:mod:`shardkit.cache`). The folder holds a
-``tokenizer.json`` and a ``tokenizer_config.json`` (class ``PreTrainedTokenizerFast``, which loads the file as it
+The conversion takes several seconds, so the result is written once to the cache folder (:mod:`shardkit.cache`:
+``$SHARDKIT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/shardkit``, else ``~/.cache/shardkit``), under
+``qwen3_5-tokenizer/<key>/``, keyed by a fingerprint of the ranks file, the token list, the regex and this module's
+build version. The folder holds a ``tokenizer.json`` and a ``tokenizer_config.json`` (class
+``PreTrainedTokenizerFast``, which loads the file as it
 is, keeping ``ignore_merges``), so it is also a valid ``--tokenizer`` folder.
 
 What this is: a stand-in built from a third-party package's ranks, equal to that package's own encoder on every
