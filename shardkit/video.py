@@ -177,13 +177,13 @@ class VideoGrid:
         indices = self._indices(meta, min(max_frames or self.max_frames, self.max_frames))
         n = len(indices)
         cap = min(max_pixels or self.max_pixels, self.max_pixels)
-        try:
-            if self.processor == "qwen3_vl":
-                height, width = self._clip_size(n, meta.height, meta.width, cap)
-            else:
-                height, width = self._frame_grid().size(meta.height, meta.width, cap)
-        except RecordError as exc:  # Grid's words are about an image
-            raise RecordError(f"video frames: {exc.reason}", "video_aspect") from None
+        if self.processor == "qwen3_vl":
+            height, width = self._clip_size(n, meta.height, meta.width, cap)
+        else:
+            try:
+                height, width = Grid(self.factor, self.min_pixels, self.max_pixels).size(meta.height, meta.width, cap)
+            except RecordError as exc:  # Grid's words are about an image
+                raise RecordError(f"video frames: {exc.reason}", "video_aspect") from None
         t = -(-n // self.temporal_patch_size)
         grid = (t, height // self.patch_size, width // self.patch_size)
         times = tuple(i / meta.fps for i in indices)
@@ -208,12 +208,13 @@ class VideoGrid:
         def fits(max_frames: int | None, max_pixels: int | None) -> bool:
             return self.plan(meta, max_frames=max_frames, max_pixels=max_pixels).tokens <= budget
 
-        lo_frames, lo_pixels = self.temporal_patch_size, self.min_pixels
+        lo_pixels = self.min_pixels
         if self.processor == "qwen3_vl":
             frames: int | None = full.frames
             pixels = _largest(lo_pixels, self.max_pixels, lambda p: fits(frames, p))
             if pixels is None:
-                frames = _largest(lo_frames, full.frames, lambda f: fits(f, lo_pixels))
+                # tokens are not monotonic in frames here (min_pixels enlarges few frames): the most that fit
+                frames = next((f for f in range(full.frames - 1, 1, -1) if fits(f, lo_pixels)), None)
                 if frames is None:
                     return None
                 pixels = _largest(lo_pixels, self.max_pixels, lambda p: fits(frames, p))
@@ -243,28 +244,25 @@ class VideoGrid:
             return tuple(int(i) for i in np.linspace(0, total - 1, n).round().astype(int))
         return _arange_indices(total, n)
 
-    def _frame_grid(self, min_pixels: int | None = None, max_pixels: int | None = None) -> Grid:
-        return Grid(self.factor, min_pixels or self.min_pixels, max_pixels or self.max_pixels)
-
     def _clip_size(self, n: int, height: int, width: int, cap: int) -> tuple[int, int]:
-        """Qwen3-VL's size for ``n`` frames of ``height x width`` under a pixel budget over the clip, made stable.
+        """Qwen3-VL's size for ``n`` frames of ``height x width`` within ``cap`` pixels over the clip, made stable.
 
-        Stable: the processor, run on ``n`` frames of the returned size, keeps it, whether it rounds ``n`` to the
-        temporal patch (5.25, with ties to even) or up (5.5.4); only an odd ``n`` near a bound can need a nudge.
+        Stable: the processor, run on ``n`` frames of the returned size, keeps it. Its own size is not always: it
+        shrinks by ``n`` frames but checks ``n`` rounded to the temporal patch, so for n = 3, 7, 11, ... (rounded
+        up) a large frame can come back a cell larger (n=11, 1778x1471: 1632x1344, then 1664x1344, then stable).
+        The size is then the one the processor settles on (one more step, on every size tried).
         """
-        f, lo, hi = self.factor, self.min_pixels, self.max_pixels
-        h, w = smart_resize_clip(n, height, width, f, min(lo, cap), cap, self.temporal_patch_size)
-        t_lo, t_hi = n // 2 * 2, -(-n // 2) * 2
-        if not (t_lo * h * w >= lo and t_hi * h * w <= hi):
-            top = max(hi // t_hi, f * f)  # a side of one cell is never shrunk further, so f x f is always stable
-            h, w = self._frame_grid(min(math.ceil(lo / t_lo), top), top).size(h, w)
-        if smart_resize_clip(n, h, w, f, lo, hi, self.temporal_patch_size) != (h, w):
-            raise RecordError(
-                f"video {width}x{height} with {n} frames has no size on the {f}-pixel grid within "
-                f"{lo}..{hi} pixels over its frames",
-                "video_aspect",
-            )
-        return h, w
+        f, lo, hi, tp = self.factor, self.min_pixels, self.max_pixels, self.temporal_patch_size
+        size = smart_resize_clip(n, height, width, f, min(lo, cap), cap, tp)
+        for _ in range(4):
+            again = smart_resize_clip(n, *size, f, lo, hi, tp)
+            if again == size:
+                return size
+            size = again
+        raise RecordError(
+            f"video {width}x{height} with {n} frames: Qwen3-VL's video processor finds no stable size for it",
+            "video_aspect",
+        )
 
 
 def smart_resize_clip(
