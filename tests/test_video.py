@@ -345,24 +345,18 @@ def video_processor(transformers, grid: VideoGrid):
     )
 
 
-def processor_call(vp, frames, metadata, grid: VideoGrid, sample: bool, **kwargs):
+def processor_call(vp, frames, metadata, grid: VideoGrid, sample: bool):
     """``vp`` on one video: (frame indices, video_grid_thw row, the output); sampling at ``grid.fps`` if ``sample``."""
     sampling = {"do_sample_frames": True, "fps": grid.fps} if sample else {"do_sample_frames": False}
-    out = vp(
-        videos=[frames], video_metadata=[metadata], return_metadata=True, return_tensors="pt", **sampling, **kwargs
-    )
+    out = vp(videos=[frames], video_metadata=[metadata], return_metadata=True, return_tensors="pt", **sampling)
     indices = [int(i) for i in out["video_metadata"][0].frames_indices]
     return indices, tuple(out["video_grid_thw"][0].tolist()), out
 
 
 def stored(frames: np.ndarray, plan) -> np.ndarray:
     """The build's stored frames: the planned ones, resized and kept as JPEG, decoded back."""
-    return np.stack(
-        [
-            np.asarray(Image.open(io.BytesIO(encode_jpeg(Image.fromarray(frames[i]), plan.size, 95))))
-            for i in plan.indices
-        ]
-    )
+    jpegs = [encode_jpeg(Image.fromarray(frames[i]), plan.size, 95) for i in plan.indices]
+    return np.stack([np.asarray(Image.open(io.BytesIO(jpeg))) for jpeg in jpegs])
 
 
 def full_processor(transformers, grid: VideoGrid, tokenizer):
