@@ -20,6 +20,10 @@ from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, Grid
 from shardkit.inputs import FORMATS
 from shardkit.options import Options
 from shardkit.render import TrainOn
+from shardkit.video import VideoGrid
+
+#: video options recorded in a build's identity only where given (a build that sets none keeps its bytes)
+VIDEO_OPTIONS = ("video_fps", "video_max_frames")
 
 
 class ShardFormat(StrEnum):
@@ -33,7 +37,8 @@ class Overlength(StrEnum):
     """What to do with a sample longer than ``max_length``."""
 
     FIT = "fit"
-    """Lower the sample's image resolution (down to min_pixels, on the grid) until it fits."""
+    """Lower the sample's videos (their frames, then their resolution) and image resolution (down to min_pixels, on
+    the grid) until it fits."""
     DROP = "drop"
     """Reject the sample with a reason."""
     TRUNCATE = "truncate"
@@ -133,6 +138,12 @@ class BuildConfig(Options):
     samples_per_shard: int = Field(1000, ge=1, description="input records per shard")
     max_shard_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="start a new shard part past this size")
     jpeg_quality: int = Field(90, ge=1, le=100, description="quality of the stored JPEGs")
+    video_fps: float | None = Field(
+        None, gt=0, description="video frames sampled per second of a clip (default: 2, as the Qwen-VL processors)"
+    )
+    video_max_frames: int | None = Field(
+        None, ge=2, description="most frames kept of one video (default: 768, as the Qwen-VL processors)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BuildConfig:
@@ -142,6 +153,8 @@ class BuildConfig(Options):
         object.__setattr__(self, "min_pixels", self.min_pixels or family.min_pixels)
         object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
         Grid(family.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
+        if family.video:
+            self.video_grid  # noqa: B018 -- raises on bad video options
         return self
 
     @property
@@ -157,6 +170,11 @@ class BuildConfig(Options):
     def grid(self) -> Grid:
         return Grid(self.family.factor, int(self.min_pixels or 0), int(self.max_pixels or 0))
 
+    @property
+    def video_grid(self) -> VideoGrid:
+        """How the family's video processor samples and sizes a clip, with ``video_fps`` and ``video_max_frames``."""
+        return VideoGrid.for_family(self.model, fps=self.video_fps, max_frames=self.video_max_frames)
+
     def input_options(self) -> dict[str, Any]:
         """Options of the input form (prompt and columns)."""
         return {
@@ -169,8 +187,9 @@ class BuildConfig(Options):
         }
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the output's bytes (the output location excluded)."""
-        return self.model_dump(mode="json", exclude={"out", "input", "image_root"})
+        """The options that decide the output's bytes (the output location excluded; video options where given)."""
+        unset = {name for name in VIDEO_OPTIONS if getattr(self, name) is None}
+        return self.model_dump(mode="json", exclude={"out", "input", "image_root", *unset})
 
 
 class BuildRun(Options):

@@ -3,7 +3,9 @@
 A build decodes each clip once: :func:`probe` reads its metadata, a :class:`VideoGrid` plans which frames to keep and
 the size to store them at (:meth:`VideoGrid.plan`, or :meth:`VideoGrid.fit` under a token budget), and
 :func:`decode_frames` decodes exactly those frames in one pass. A clip given as a list of frame images (ms-swift's and
-LLaMA-Factory's form) has no file to probe: :func:`frame_list_meta` describes it, and every frame is kept.
+LLaMA-Factory's form) has no file to probe: :func:`frame_list_meta` describes it, and every frame is kept. A
+:class:`Clip` is one video of a record, opened either way; :meth:`Clip.stored_frames` gives the JPEG frames a shard
+stores.
 
 The rules are transformers' (5.25), family by family:
 
@@ -34,8 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
 from shardkit.errors import ConfigError, RecordError
+from shardkit.images.decode import SourceImage
+from shardkit.images.encode import encode_jpeg
 from shardkit.images.grid import MAX_ASPECT_RATIO, Grid
 
 DEFAULT_FPS = 2.0  # frames sampled per second of video, and the rate of a frame list that gives none
@@ -43,6 +48,10 @@ MIN_FRAMES = 4
 MAX_FRAMES = 768
 
 Processor = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+#: Qwen2.5-VL's ``vision_config.tokens_per_second`` in its published checkpoints (the config class's default is 4):
+#: a temporal patch's position step is this times its ``second_per_grid_t``
+QWEN2_5_VL_TOKENS_PER_SECOND = 2
 
 # family -> (its video processor, patch size, min_pixels, max_pixels): per frame for Qwen2/2.5, over the clip for Qwen3
 FAMILY_DEFAULTS: dict[str, tuple[Processor, int, int, int]] = {
@@ -153,6 +162,16 @@ class VideoGrid:
     def factor(self) -> int:
         """Frame sides are multiples of this (one token covers factor x factor pixels of each of 2 frames)."""
         return self.patch_size * self.merge_size
+
+    @property
+    def pixels_over(self) -> Literal["frame", "clip"]:
+        """What ``min_pixels``/``max_pixels`` bound: each frame (Qwen2/2.5), or the clip's frames together (Qwen3)."""
+        return "clip" if self.processor == "qwen3_vl" else "frame"
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """The temporal position step per second of video (Qwen2.5-VL's published config); None where there is none."""
+        return QWEN2_5_VL_TOKENS_PER_SECOND if self.processor == "qwen2_5_vl" else None
 
     def plan(self, meta: VideoMeta, *, max_frames: int | None = None, max_pixels: int | None = None) -> VideoPlan:
         """The processor's frames, size, grid and tokens for ``meta``; ``max_frames``/``max_pixels`` lower the limits.
@@ -321,6 +340,32 @@ def _largest(lo: int, hi: int, ok: Any) -> int | None:
     return lo
 
 
+@dataclass(frozen=True, eq=False)
+class Clip:
+    """One video of a record, opened: its label (where it came from), its metadata and what gives its frames, the
+    clip's bytes (``data``) or, for a video given as a list of frame images, those images (``frames``)."""
+
+    label: str
+    meta: VideoMeta
+    data: bytes | None = field(default=None, repr=False)
+    frames: tuple[SourceImage, ...] = field(default=(), repr=False)
+
+    def stored_frames(self, plan: VideoPlan, quality: int) -> tuple[list[bytes], list[float | None]]:
+        """The planned frames resized to the plan's size (bicubic) as JPEGs, and each one's decoded presentation time
+        (None for frame images); a clip is decoded once, one frame in memory at a time."""
+        jpegs: list[bytes] = []
+        times: list[float | None] = []
+        if self.data is None:
+            for index in plan.indices:
+                jpegs.append(encode_jpeg(self.frames[index].decode(plan.size), plan.size, quality))
+                times.append(None)
+            return jpegs, times
+        for frame in decode_frames(self.data, plan.indices, ref=self.label):
+            jpegs.append(encode_jpeg(Image.fromarray(frame.rgb), plan.size, quality))
+            times.append(frame.time)
+        return jpegs, times
+
+
 def frame_list_meta(sizes: Sequence[tuple[int, int]], fps: float | None = None) -> VideoMeta:
     """A clip given as frame images of ``sizes`` ((height, width) each), ``fps`` frames a second (default 2).
 
@@ -410,20 +455,30 @@ def _opened(source: Source, ref: str | None) -> Iterator[tuple[Any, Any, dict[st
     except FileNotFoundError:
         raise RecordError(f"video not found: {label}", "video_missing", detail=detail) from None
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-        raise RecordError(f"video cannot be decoded: {label} ({exc})", "video_unreadable", detail=detail) from None
+        raise RecordError(
+            f"video cannot be decoded: {label} ({_ffmpeg_reason(exc)})", "video_unreadable", detail=detail
+        ) from None
     try:
         streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
         if not streams:
             raise RecordError(f"file has no video stream: {label}", "video_no_stream", detail=detail)
         yield container, streams[0], detail
     except av.FFmpegError as exc:
-        raise RecordError(f"video cannot be decoded: {label} ({exc})", "video_unreadable", detail=detail) from None
+        raise RecordError(
+            f"video cannot be decoded: {label} ({_ffmpeg_reason(exc)})", "video_unreadable", detail=detail
+        ) from None
     finally:
         container.close()
 
 
+def _ffmpeg_reason(exc: BaseException) -> str:
+    """FFmpeg's words for an error (``Invalid data found when processing input``), without its number and file."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 __all__ = [
     "DEFAULT_FPS",
+    "Clip",
     "FAMILY_DEFAULTS",
     "Frame",
     "VideoGrid",

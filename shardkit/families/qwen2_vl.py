@@ -47,6 +47,7 @@ QWEN2_VL = Family(
     model_classes={"qwen2_vl": "Qwen2VLForConditionalGeneration"},
     processor_class="Qwen2VLProcessor",
     image_processor_class="Qwen2VLImageProcessor",
+    video=True,
 )
 
 # Qwen2-VL's template, grid and normalisation; <tool_call> ... <|file_sep|> (151657-151664) are added tokens of
