@@ -1,4 +1,5 @@
-"""A stored sample as its reader sees it: turns of decoded tokens with weights, image spans as one item each.
+"""A stored sample as its reader sees it: turns of decoded tokens with weights, image (video block) spans as one item
+each.
 
 Each token is decoded on its own (byte-level BPE: the token's bytes, through an
 incremental UTF-8 decoder, so a character split across tokens appears whole on
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from shardkit.shards import Sample
-from shardkit.shards.base import StoredImage
+from shardkit.shards.base import StoredImage, StoredVideo
 
 TURN_START = "<|im_start|>"
 
@@ -77,6 +78,22 @@ class ImageSpan:
 
 
 @dataclass(frozen=True)
+class VideoSpan(ImageSpan):
+    """The run of ``<|video_pad|>`` tokens of one video block, shown as one item: a whole video (Qwen2-VL,
+    Qwen2.5-VL), or one temporal patch of it (Qwen3-VL, whose blocks its timestamps separate)."""
+
+    block: int = 1  # 1-based, in the video
+    blocks: int = 1
+    frames: int = 0  # frames stored
+
+    @property
+    def label(self) -> str:
+        if self.blocks > 1:
+            return f"video {self.number} · {self.block}/{self.blocks} · {self.num_tokens} tokens"
+        return f"video {self.number} · {self.width}×{self.height} · {self.frames} frames · {self.num_tokens} tokens"
+
+
+@dataclass(frozen=True)
 class Turn:
     """The tokens from one ``<|im_start|>`` to the next, with the role its header names."""
 
@@ -116,11 +133,16 @@ class TokenDecoder:
         return [visible(text) for text in out]
 
     def turns(self, sample: Sample) -> list[Turn]:
-        """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan`."""
+        """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan` (each video block's
+        as one :class:`VideoSpan`)."""
         ids, weights = sample.input_ids, sample.weights
-        images = sample.stored.images
-        spans = {image.token_start: _span(n, image, weights) for n, image in enumerate(images, 1)}
-        texts = self.texts(np.delete(ids, _image_positions(images)))
+        images, videos = sample.stored.images, sample.stored.videos
+        spans: dict[int, ImageSpan] = {image.token_start: _span(n, image, weights) for n, image in enumerate(images, 1)}
+        for n, video in enumerate(videos, 1):
+            for block, (start, _) in enumerate(video.spans, 1):
+                spans[start] = _video_span(n, video, block, weights)
+        runs = [(i.token_start, i.num_tokens) for i in images] + [(s, c) for v in videos for s, c in v.spans]
+        texts = self.texts(np.delete(ids, _positions(runs)))
         turns: list[Turn] = []
         items: list[Token | ImageSpan] = []
         position, text_index = 0, 0
@@ -141,9 +163,27 @@ class TokenDecoder:
         return turns
 
 
-def _image_positions(images: list[StoredImage]) -> np.ndarray:
-    ranges = [np.arange(i.token_start, i.token_start + i.num_tokens) for i in images]
+def _positions(runs: list[tuple[int, int]]) -> np.ndarray:
+    ranges = [np.arange(start, start + count) for start, count in runs]
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
+
+
+def _video_span(number: int, video: StoredVideo, block: int, weights: np.ndarray) -> VideoSpan:
+    start, count = video.spans[block - 1]
+    t, h, w = video.grid_thw
+    return VideoSpan(
+        number=number,
+        width=video.width,
+        height=video.height,
+        original_width=video.original_width,
+        original_height=video.original_height,
+        grid_thw=(1, h, w) if len(video.spans) > 1 else (t, h, w),
+        num_tokens=count,
+        trained=int(np.count_nonzero(weights[start : start + count] > 0)),
+        block=block,
+        blocks=len(video.spans),
+        frames=len(video.frame_indices),
+    )
 
 
 def _span(number: int, image: StoredImage, weights: np.ndarray) -> ImageSpan:
