@@ -26,34 +26,11 @@ from shardkit.video import (
     probe,
     smart_resize_clip,
 )
+from tests.helpers import pattern, write_clip
 
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'shardkit[video]'")
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-
-
-def pattern(i: int, height: int, width: int) -> np.ndarray:
-    """Frame ``i``: a colour ramp that moves with ``i``, so frames differ everywhere (and lossless clips keep it)."""
-    y, x = np.mgrid[0:height, 0:width]
-    return np.stack([(x * 7 + i * 23) % 256, (y * 5 + i * 11) % 256, (x + y + i * 40) % 256], -1).astype(np.uint8)
-
-
-def write_clip(path, frames, rate, height, width, codec="mpeg4", pix_fmt="yuv420p", pts_ms=None):
-    """A clip of ``frames`` pattern frames; ``pts_ms`` gives a variable frame rate (times in milliseconds)."""
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if codec == "mpeg4":
-            stream.options = {"qscale": "2"}
-        if pts_ms is not None:
-            stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(pattern(i, height, width), format="rgb24")
-            if pts_ms is not None:
-                frame.pts, frame.time_base = pts_ms[i], fractions.Fraction(1, 1000)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
 
 
 VFR_PTS = [0, 100, 200, 300, 600, 700, 1000, 1050, 1100, 1500]
