@@ -232,6 +232,83 @@ def test_video_options_enter_the_identity_only_when_given(tmp_path, data):
     assert config.model_copy(update={"video_fps": 1.0}).identity() != config.identity()
 
 
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def read_one(tmp_path, record, form="auto"):
+    """The validated record of one JSON line in ``form``, or its RecordError."""
+    from shardkit.inputs import RawItem, open_input
+
+    path = write_jsonl(tmp_path / "one.jsonl", [record])
+    return open_input(str(path), form).record(RawItem(1, json.dumps(record).encode()))
+
+
+def kinds(record) -> list[str]:
+    return [part.type for part in record.messages[0].content]
+
+
+def test_placeholders_lists_and_refusals_of_videos_in_each_form(tmp_path):
+    from shardkit.errors import RecordError
+
+    q = [{"role": "user", "content": "<image>What?"}, answer("x")]
+    # media without a placeholder go before the first user text, images before videos (LLaMA-Factory's rule)
+    assert kinds(read_one(tmp_path, {"messages": q, "images": ["a.jpg"], "videos": ["v.mp4"]})) == [
+        "video", "image", "text"]  # fmt: skip
+    plain = [{"role": "user", "content": "What?"}, answer("x")]
+    assert kinds(read_one(tmp_path, {"messages": plain, "images": ["a.jpg"], "videos": ["v.mp4"]})) == [
+        "image", "video", "text"]  # fmt: skip
+    llava = {"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nDescribe."},
+                                                {"from": "gpt", "value": "x"}]}  # fmt: skip
+    record = read_one(tmp_path, llava)
+    assert kinds(record) == ["video", "text"] and record.messages[0].content[1].text == "Describe."
+    swift_frames = {"messages": [{"role": "user", "content": "<video>Moves?"}, answer("x")],
+                    "videos": [[{"path": "f0.png"}, "f1.png"]]}  # fmt: skip
+    assert read_one(tmp_path, swift_frames).videos()[0].frames == ["f0.png", "f1.png"]
+    qwen_frames = {"messages": [user({"type": "video", "video": ["f0.png", "f1.png"], "fps": 4}), answer("x")]}
+    assert read_one(tmp_path, qwen_frames).videos()[0].fps == 4
+    refused = [
+        ({"messages": [{"role": "user", "content": "<video><video>Why?"}, answer("x")], "videos": ["v.mp4"]},
+         "invalid_record", "2 <video> placeholders but 1 videos"),
+        ({"messages": [user({"type": "video", "video": "v.mp4", "fps": 4}), answer("x")]}, "invalid_record",
+         "'fps' gives the rate of a list of frames"),
+        ({"messages": [user(text("Why?")), {"role": "assistant", "content": [{"type": "video", "video": "v.mp4"}]}]},
+         "invalid_record", "videos belong in user messages"),
+        ({"messages": [user({"type": "video_url", "video_url": {"url": "v.mp4"}}), answer("x")]},
+         "video_not_supported", 'give a video as {"type": "video", "video": path}'),
+        ({"query": "<video>Why?", "response": "x", "videos": ["v.mp4"]}, "video_not_supported",
+         "videos are read in the qwen"),
+        ({"prompt": "<video>Why?", "completion": "x", "videos": ["v.mp4"]}, "video_not_supported",
+         "videos are read in the qwen"),
+        ({"messages": [{"role": "user", "content": "<audio>Why?"}, answer("x")], "audios": ["a.wav"]},
+         "audio_not_supported", "never audio"),
+    ]  # fmt: skip
+    for record, code, reason in refused:
+        with pytest.raises(RecordError) as caught:
+            read_one(tmp_path, record)
+        assert (caught.value.code, reason in caught.value.reason) == (code, True), caught.value.reason
+
+
+def test_dedup_compares_the_videos_bytes(tmp_path, data):
+    record = RECORDS[1]
+    other = {**record, "videos": ["clips/a.mp4"]}  # the same text and image, another clip
+    path = write_jsonl(data.parent / "dedup.jsonl", [record, record, other])
+    manifest = build(BuildConfig.create(input=str(path), out=str(tmp_path / "d"), dedup=True), progress=False)
+    assert manifest.rejects_by_code == {"duplicate": 1} and manifest.num_videos == 2
+
+
+def test_a_changed_clip_builds_its_task_again(tmp_path, data):
+    folder = tmp_path / "in"
+    write_clip(folder / "clip.mp4", 20, 10, 48, 64)
+    path = one_clip(folder, "clip.mp4", "resume.jsonl")
+    config = BuildConfig.create(input=str(path), out=str(tmp_path / "b"))
+    before = build(config, progress=False)
+    write_clip(folder / "clip.mp4", 30, 10, 48, 64)  # 3 s now
+    after = build(config, progress=False)
+    assert before.sha256 != after.sha256
+    (video,) = samples_of(tmp_path / "b")[1].info["videos"]
+    assert video["source_frames"] == 30 and video["duration"] == pytest.approx(3.0)
+
+
 # --- tokens and pixels against transformers ----------------------------------------------------
 
 
