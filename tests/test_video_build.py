@@ -592,6 +592,18 @@ def test_packed_losses_equal_each_sample_alone(builds, family):
     assert packed == pytest.approx(alone, abs=1e-4)
 
 
+def test_a_mix_of_an_image_build_and_a_video_build_collates_its_videos(builds, make_build, small_dataset):
+    from shardkit.load.mix import MixStream
+
+    images = make_build(small_dataset.jsonl, model="qwen2_5_vl", samples_per_shard=8)
+    stream = MixStream([images, builds["qwen2_5_vl"]], batch_size=64, seed=0)
+    assert stream.source.manifest.video is not None
+    collate = Collator.for_build(stream.source.manifest)
+    batch = collate(next(iter(stream)))
+    assert (batch["mm_token_type_ids"] == 2).sum() == (batch["input_ids"] == VIDEO_PAD).sum() > 0
+    assert batch["second_per_grid_ts"].shape[0] == batch["video_grid_thw"].shape[0]
+
+
 def test_token_budgets_and_packing_count_video_tokens(builds):
     """The index's token counts hold the video tokens, so budgets and packing plan whole samples with them."""
     source = BuildSource(builds["qwen2_5_vl"])
