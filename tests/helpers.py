@@ -66,6 +66,19 @@ def write_clip(path, frames, rate, height, width, codec="mpeg4", pix_fmt="yuv420
     return path
 
 
+def write_audio(path) -> Path:
+    """A WAV file (a tenth of a second of silence) written with PyAV: a container with no video stream."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return Path(path)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for the servers and process groups tests start)."""
     with socket.socket() as s:

@@ -26,7 +26,7 @@ from shardkit.video import (
     probe,
     smart_resize_clip,
 )
-from tests.helpers import pattern, write_clip
+from tests.helpers import pattern, write_audio, write_clip
 
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'shardkit[video]'")
 
@@ -246,13 +246,7 @@ def test_unreadable_files(tmp_path, clips):
 
 
 def test_no_video_stream(tmp_path):
-    path = tmp_path / "audio.wav"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=8000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-        frame.sample_rate = 8000
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+    path = write_audio(tmp_path / "audio.wav")
     with pytest.raises(RecordError) as caught:
         probe(path)
     assert caught.value.code == "video_no_stream"

@@ -29,7 +29,7 @@ from shardkit.load.source import BuildSource
 from shardkit.shards import read_manifest
 from shardkit.testing import tiny_qwen2_vl_config, tiny_qwen3_vl_config
 from shardkit.video import VideoGrid, frame_list_meta, probe
-from tests.helpers import FIXTURES, write_clip, write_image, write_jsonl
+from tests.helpers import FIXTURES, write_audio, write_clip, write_image, write_jsonl
 
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'shardkit[video]'")
 
@@ -72,15 +72,6 @@ RECORDS = [
 REJECTED = {7: "video_unreadable", 8: "video_no_stream", 9: "video_too_short", 10: "video_missing"}
 # the clips each sample's videos come from, in order (None: the frame list)
 SOURCES = {1: ["a.mp4"], 2: ["b.mp4"], 3: ["d.mp4"], 4: [None], 5: ["a.mp4", "b.mp4"], 6: ["long.mp4"]}
-
-
-def write_audio(path):
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("pcm_s16le", rate=8000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-        frame.sample_rate = 8000
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode())
 
 
 @pytest.fixture(scope="module")

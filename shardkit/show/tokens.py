@@ -10,6 +10,7 @@ tokens (``<|im_start|>``, ``<|vision_start|>``, ...) keep their names.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,10 +138,17 @@ class TokenDecoder:
         as one :class:`VideoSpan`)."""
         ids, weights = sample.input_ids, sample.weights
         images, videos = sample.stored.images, sample.stored.videos
-        spans: dict[int, ImageSpan] = {image.token_start: _span(n, image, weights) for n, image in enumerate(images, 1)}
+        spans = {
+            image.token_start: _span(n, image, image.token_start, image.num_tokens, image.grid_thw, weights)
+            for n, image in enumerate(images, 1)
+        }
         for n, video in enumerate(videos, 1):
-            for block, (start, _) in enumerate(video.spans, 1):
-                spans[start] = _video_span(n, video, block, weights)
+            t, h, w = video.grid_thw
+            grid = (1, h, w) if len(video.spans) > 1 else (t, h, w)  # a Qwen3-VL block is one temporal patch
+            blocks, frames = len(video.spans), len(video.frame_indices)
+            for block, (start, count) in enumerate(video.spans, 1):
+                extra = {"block": block, "blocks": blocks, "frames": frames}
+                spans[start] = _span(n, video, start, count, grid, weights, VideoSpan, **extra)
         runs = [(i.token_start, i.num_tokens) for i in images] + [(s, c) for v in videos for s, c in v.spans]
         texts = self.texts(np.delete(ids, _positions(runs)))
         turns: list[Turn] = []
@@ -168,35 +176,27 @@ def _positions(runs: list[tuple[int, int]]) -> np.ndarray:
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
 
 
-def _video_span(number: int, video: StoredVideo, block: int, weights: np.ndarray) -> VideoSpan:
-    start, count = video.spans[block - 1]
-    t, h, w = video.grid_thw
-    return VideoSpan(
+def _span(
+    number: int,
+    media: StoredImage | StoredVideo,
+    start: int,
+    count: int,
+    grid: Sequence[int],
+    weights: np.ndarray,
+    kind: type[ImageSpan] = ImageSpan,
+    **extra: int,
+) -> ImageSpan:
+    """The item of ``count`` pad tokens from ``start``, of an image or a video (``kind=VideoSpan``, ``extra``)."""
+    return kind(
         number=number,
-        width=video.width,
-        height=video.height,
-        original_width=video.original_width,
-        original_height=video.original_height,
-        grid_thw=(1, h, w) if len(video.spans) > 1 else (t, h, w),
+        width=media.width,
+        height=media.height,
+        original_width=media.original_width,
+        original_height=media.original_height,
+        grid_thw=tuple(grid),
         num_tokens=count,
         trained=int(np.count_nonzero(weights[start : start + count] > 0)),
-        block=block,
-        blocks=len(video.spans),
-        frames=len(video.frame_indices),
-    )
-
-
-def _span(number: int, image: StoredImage, weights: np.ndarray) -> ImageSpan:
-    start, count = image.token_start, image.num_tokens
-    return ImageSpan(
-        number=number,
-        width=image.width,
-        height=image.height,
-        original_width=image.original_width,
-        original_height=image.original_height,
-        grid_thw=tuple(image.grid_thw),
-        num_tokens=count,
-        trained=int(np.count_nonzero(weights[start : start + count] > 0)),
+        **extra,
     )
 
 
