@@ -341,6 +341,16 @@ def test_tokens_equal_the_chat_template_with_each_video_expanded(builds, tokeniz
         assert ":<" in tokenizer.convert_ids_to_tokens(sample.input_ids.tolist())
 
 
+def test_tinkers_qwen3_vl_format_writes_videos_as_the_template_does(builds, data, make_build, tokenizer):
+    """The qwen3_vl format (Tinker's, for local training: Tinker takes no video) writes each video's timestamps and
+    blocks as qwen3_vl_hf does; the texts differ only as the two formats do (the template's last newline)."""
+    tinker = samples_of(make_build(data, model="qwen3_vl", max_length=MAX_LENGTH))
+    for line, sample in samples_of(builds["qwen3_vl_hf"]).items():
+        ours = tinker[line]
+        assert tokenizer.decode(ours.input_ids.tolist()) + "\n" == tokenizer.decode(sample.input_ids.tolist())
+        assert [v["spans"] for v in ours.info["videos"]] == [v["spans"] for v in sample.info["videos"]]
+
+
 @pytest.fixture(scope="module")
 def transformers_with_videos():
     if importlib.util.find_spec("torchvision") is None:
