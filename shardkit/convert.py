@@ -7,18 +7,33 @@ tokenizes its chat in the family's format, opens its images and plans their
 sizes on the grid (fitting ``max_length`` with ``--overlength fit``: the
 videos' frames, then their resolution, then the images'), cuts to
 ``max_length``, encodes the images as JPEGs and decodes each clip once for
-the frames it keeps. ``build`` and ``validate`` both convert through it, so
-they reject the same records for the same reasons.
+the frames it keeps. A record with grounding boxes (objects, placeholders, or a
+family's box syntax in its text) has its images opened first, and its texts
+written for their stored sizes (:class:`BoxWriter`) before it is rendered.
+``build`` and ``validate`` both convert through it, so they reject the same
+records for the same reasons.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from shardkit.boxes import (
+    BBOX,
+    REF_OBJECT,
+    Grounded,
+    ImageSize,
+    box_spans,
+    ground,
+    mentions_boxes,
+    parse_objects,
+    stored_boxes,
+)
 from shardkit.config import BuildConfig, Overlength
 from shardkit.errors import ConfigError, RecordError
 from shardkit.images import ImageRoot, SourceImage, encode_jpeg, image_label
@@ -26,7 +41,7 @@ from shardkit.inputs import InputFormat, RawItem, open_input
 from shardkit.ledger import Ledger, file_stamp, record_read
 from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
 from shardkit.render import Expanded, Rendered, Renderer, targets
-from shardkit.schema import ImagePart, Record, VideoPart
+from shardkit.schema import ImagePart, Record, TextPart, VideoPart
 from shardkit.shards import Sample
 from shardkit.video import Clip, VideoGrid, VideoPlan, frame_list_meta, probe
 
@@ -78,18 +93,28 @@ class Converter:
         self._check_text_length(record)
         clips = self._open_videos(record.videos(), ledger)
         plans = [self._video_grid().plan(clip.meta) for clip in clips]
-        rendered = self.renderer.render(record, self.config.train_on, plans)
-        self._check_text_tokens(rendered.num_text_tokens)
         refs = [part.image for part in record.images()]
+        grounded = record.objects is not None or mentions_boxes(record_texts(record))
+        if not grounded:  # rendered first: a record's text is checked before its images are read
+            rendered = self.renderer.render(record, self.config.train_on, plans)
+            self._check_text_tokens(rendered.num_text_tokens)
         opened = self._open_images(refs, ledger)
         originals = [(opened[ref].height, opened[ref].width) for ref in refs]
+        boxes = BoxWriter(self, record, [opened[ref] for ref in refs]) if grounded else None
+        if boxes is not None:  # written for the full sizes: a bound of the text's tokens for the plan
+            record, rendered = boxes.render(self.grid.plan(originals), plans)
+            self._check_text_tokens(rendered.num_text_tokens)
         if clips:
             planned, plans, rendered, fitted = self._plan_with_videos(record, originals, clips, plans, rendered)
         else:
             planned, fitted = self._plan(originals, rendered.num_text_tokens)
+        if boxes is not None and fitted:  # absolute coordinates follow the planned sizes (digits, tokens, only fall)
+            record, rendered = boxes.render(planned, plans)
         blocks = [tokens for plan in plans for tokens in _blocks(plan)]
         expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned], blocks)
         input_ids, weights = self._cut(expanded)
+        if boxes is not None and len(input_ids) < len(expanded.input_ids):
+            boxes.check_cut(expanded, len(input_ids))
         trained = int((weights > 0).sum())
         turns = sum(targets(record, self.config.train_on))
         if not trained:
@@ -108,6 +133,8 @@ class Converter:
         }
         if record.id is not None:
             info["id"] = plain_json(record.id, "id")
+        if boxes is not None:
+            boxes.record(info)
         videos: list[list[bytes]] = []
         if clips:
             quality = self.config.jpeg_quality
@@ -374,6 +401,121 @@ class Converter:
         elif ref.startswith(("http://", "https://")):
             record_read(ledger, ref, {}, data)
         return data
+
+
+class BoxWriter:
+    """A record's grounding (:mod:`shardkit.boxes`) for one conversion: its objects parsed once, then its texts
+    written for each size its images are given (the full size bounds the tokens ``--overlength fit`` plans with;
+    the planned size is what is stored), and what the sample's JSON records of it.
+
+    Refused: objects or placeholders for a family that takes no boxes (``boxes_not_supported``).
+    """
+
+    def __init__(self, convert: Converter, record: Record, images: list[SourceImage]):
+        config = convert.config
+        self.convert, self.original, self.images = convert, record, images
+        self.style = config.boxes
+        self.texts = record_texts(record)
+        self.names = record_text_names(record)
+        if self.style is None:
+            if record.objects is not None or any(p in t for t in self.texts for p in (BBOX, REF_OBJECT)):
+                raise RecordError(
+                    f"the record has grounding boxes, and the family {config.family.name} takes none",
+                    "boxes_not_supported",
+                )
+            self.grounding = None
+        else:
+            self.grounding = parse_objects(record.objects, self.texts, len(images))
+        self.grounded: Grounded | None = None
+        self.sizes: list[ImageSize] = []
+
+    def render(self, planned: list[tuple[int, int]], videos: Sequence[VideoPlan] = ()) -> tuple[Record, Rendered]:
+        """The record with its texts written for the images at ``planned`` (height, width) sizes, and its render
+        (with its videos' plans, whose timestamps are text)."""
+        if self.style is None or self.grounding is None:
+            return self.original, self.convert.renderer.render(self.original, self.convert.config.train_on, videos)
+        self.sizes = [
+            ImageSize(image.width, image.height, w, h, image.orientation)
+            for image, (h, w) in zip(self.images, planned, strict=True)
+        ]
+        config = self.convert.config
+        self.grounded = ground(
+            self.texts,
+            self.grounding,
+            self.sizes,
+            self.style,
+            boxes_in=config.box_orientation,
+            refuse=config.text_boxes == "refuse",
+            names=self.names,
+        )
+        record = with_texts(self.original, self.grounded.texts)
+        return record, self.convert.renderer.render(record, config.train_on, videos)
+
+    @property
+    def active(self) -> bool:
+        """Whether the record has boxes or points, as objects or in its text."""
+        return self.grounded is not None and bool(self.grounded.written or self.grounded.text_boxes)
+
+    def check_cut(self, expanded: Expanded, kept: int) -> None:
+        """``box_truncated`` when ``--overlength truncate`` cut through a written box, point or ref: the text after
+        the last image is decoded whole and as kept, and the cut must fall outside every box's span."""
+        if not self.active:
+            return
+        start = max((s + n for s, n in expanded.image_spans), default=0)
+        decode = self.convert.renderer.backend.decode
+        ids = [int(i) for i in expanded.input_ids[start:]]
+        text = decode(ids, skip_special_tokens=False)
+        cut = len(decode(ids[: kept - start], skip_special_tokens=False))
+        for begin, end in box_spans(text):
+            if begin < cut < end:
+                raise RecordError(
+                    f"too long: cutting to max_length {self.convert.config.max_length} (--overlength truncate) would "
+                    f"cut through {text[begin:end]!r}",
+                    "box_truncated",
+                )
+
+    def record(self, info: dict[str, Any]) -> None:
+        """Add to the sample's JSON, when the record has boxes: its objects as given, each shape's original and
+        written coordinates (:func:`~shardkit.boxes.stored_boxes`), how many boxes its text held and how many of
+        those were rescaled, and each image's EXIF orientation where it is not 1."""
+        if not self.active:
+            return
+        assert self.grounded is not None and self.grounding is not None and self.style is not None
+        if self.original.objects is not None:
+            info["objects"] = plain_json(self.original.objects, "objects")
+        info["boxes"] = stored_boxes(self.grounding, self.grounded.written, self.style.scale)
+        info["text_boxes"] = {"found": self.grounded.text_boxes, "rescaled": self.grounded.rescaled}
+        for image, size in zip(info["images"], self.sizes, strict=True):
+            if size.orientation != 1:
+                image["orientation"] = size.orientation
+
+
+def record_texts(record: Record) -> list[str]:
+    """The record's text parts, in conversation order."""
+    return [p.text for m in record.messages for p in m.content if isinstance(p, TextPart)]
+
+
+def record_text_names(record: Record) -> list[str]:
+    """How errors name each of :func:`record_texts`: ``messages[i]``."""
+    return [f"messages[{i}]" for i, m in enumerate(record.messages) for p in m.content if isinstance(p, TextPart)]
+
+
+def with_texts(record: Record, texts: list[str]) -> Record:
+    """``record`` with its text parts replaced by ``texts``, in order (the record unchanged when they are equal)."""
+    if texts == record_texts(record):
+        return record
+    new = iter(texts)
+    messages = [
+        m.model_copy(
+            update={
+                "content": [
+                    p.model_copy(update={"text": next(new)}) if isinstance(p, TextPart) else p for p in m.content
+                ]
+            }  # fmt: skip
+        )
+        for m in record.messages
+    ]
+    return record.model_copy(update={"messages": messages})
 
 
 def stored_messages(record: Record) -> list[dict[str, Any]]:

@@ -15,6 +15,12 @@ relative to DIR, which LLaMA-Factory resolves against its ``dataset_dir``
 LLaMA-Factory's own resizing when its ``image_max_pixels`` is at least the
 largest stored image (:attr:`ExportSummary.largest_image_pixels`).
 
+Messages are written as the build stored them, so grounding boxes are the
+coordinates written for the stored images. A build with absolute ones
+(Qwen2.5-VL) is refused unless ``image_max_pixels`` and ``image_min_pixels``
+say LLaMA-Factory will keep every stored image as it is
+(:func:`check_absolute_boxes`).
+
 A sample LLaMA-Factory would misread is left out and reported, never written:
 text containing a placeholder (``<image>``, ``<video>``, ``<audio>``: it would
 be counted as one), or turns that are not user/assistant in alternation from
@@ -33,9 +39,10 @@ from typing import Any
 from pydantic import Field
 
 from shardkit.errors import ConfigError, InputError, OutputError, RecordError, ShardError
+from shardkit.families import FAMILIES
 from shardkit.load.source import BuildSource
 from shardkit.options import Options
-from shardkit.shards import Sample, read_manifest
+from shardkit.shards import Manifest, Sample, read_manifest
 from shardkit.storage import atomic_write, join, open_fs, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -46,10 +53,27 @@ PLACEHOLDERS = (IMAGE_PLACEHOLDER, "<video>", "<audio>")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+#: LLaMA-Factory's defaults (``hparams/model_args.py``): it resizes an image over the first or under the second
+LLAMAFACTORY_IMAGE_MAX_PIXELS, LLAMAFACTORY_IMAGE_MIN_PIXELS = 768 * 768, 32 * 32
+
+
 class ExportOptions(Options):
     """The options of ``shardkit export``."""
 
     name: str = Field("shardkit", description="the data set's name in dataset_info.json")
+    image_max_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="the image_max_pixels LLaMA-Factory will train with; a build with absolute box coordinates "
+        "(qwen2_5_vl) is exported only when it is at least the build's --max-pixels, so that no stored image is "
+        f"resized under its boxes (LLaMA-Factory's default: {LLAMAFACTORY_IMAGE_MAX_PIXELS})",
+    )
+    image_min_pixels: int = Field(
+        LLAMAFACTORY_IMAGE_MIN_PIXELS,
+        ge=1,
+        description="the image_min_pixels LLaMA-Factory will train with; for absolute box coordinates it must be at "
+        "most the build's --min-pixels",
+    )
     progress: bool | None = Field(
         None, description="a progress bar on stderr (default: when stderr is a terminal; --no-progress: none)"
     )
@@ -138,6 +162,7 @@ def export_llamafactory(build: str, out: str, **options: Any) -> ExportSummary:
             f"data set name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit"
         )
     manifest = read_manifest(build)
+    check_absolute_boxes(manifest, export)
     fs, folder = open_fs(out)
     info_path = join(folder, DATASET_INFO)
     dataset_info = _read_dataset_info(fs, info_path)
@@ -173,6 +198,30 @@ def export_llamafactory(build: str, out: str, **options: Any) -> ExportSummary:
     dataset_info[name] = dataset_info_entry(name)
     write_bytes(fs, info_path, (json.dumps(dataset_info, indent=2, ensure_ascii=False) + "\n").encode())
     return ExportSummary(name, samples, images, largest, skipped)
+
+
+def check_absolute_boxes(manifest: Manifest, export: ExportOptions) -> None:
+    """:class:`ConfigError` for a build whose boxes are absolute pixels of its stored images (Qwen2.5-VL) unless
+    LLaMA-Factory, run with ``export``'s ``image_max_pixels`` and ``image_min_pixels``, keeps every stored image
+    as it is: LLaMA-Factory resizes an image outside those bounds and leaves the coordinates in its text as they are
+    (it has no grounding support: hiyouga/LLaMA-Factory#7240)."""
+    family = FAMILIES.get(manifest.config.model)
+    if not manifest.num_grounded or family is None or family.box_style is None or family.box_style.scale != "abs":
+        return
+    config = manifest.config.model_dump()
+    low, high = config.get("min_pixels"), config.get("max_pixels")
+    asked = export.image_max_pixels
+    if not isinstance(low, int) or not isinstance(high, int):
+        raise ConfigError("the build's manifest records no min_pixels / max_pixels: rebuild it")
+    if asked is None or asked < high or export.image_min_pixels > low:
+        raise ConfigError(
+            f"the build holds {manifest.num_grounded} boxes and points in absolute pixels of its stored images "
+            f"({family.name}), and LLaMA-Factory resizes an image over its image_max_pixels (default "
+            f"{LLAMAFACTORY_IMAGE_MAX_PIXELS}) or under its image_min_pixels (default {LLAMAFACTORY_IMAGE_MIN_PIXELS}) "
+            "without moving the coordinates in the text: train with image_max_pixels >= "
+            f"{high} and image_min_pixels <= {low} (the build's bounds) and say so with --image-max-pixels {high}"
+            + (f" --image-min-pixels {low}" if export.image_min_pixels > low else "")
+        )
 
 
 def _read_dataset_info(fs: Any, path: str) -> dict[str, Any]:

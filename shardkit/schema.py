@@ -173,7 +173,8 @@ NO_ANSWER = "no_answer"
 
 
 class Record(BaseModel):
-    """One training sample: a conversation with images and videos (any number) and optional free-form ``meta``.
+    """One training sample: a conversation with images and videos (any number), optional free-form ``meta`` and
+    grounding ``objects``.
 
     It ends with the assistant's answer: a record whose last message is a user (or system) turn is a prompt
     for generation (GRPO, evaluation), not a training sample, and is rejected as ``no_answer``.
@@ -183,6 +184,14 @@ class Record(BaseModel):
     messages: list[Message] = Field(min_length=1)
     meta: dict[str, Any] | None = None
     id: str | int | None = None
+    objects: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        None,
+        description="grounding boxes and points, written for the model's family at build: ms-swift's form "
+        '{"ref": [...], "bbox": [[x1, y1, x2, y2] | [x, y], ...], "bbox_type": "real" | "norm1", "image_id": [...]} '
+        "with <ref-object> and <bbox> placeholders in the text, or a list of "
+        '{"bbox_2d": [x1, y1, x2, y2] | "point_2d": [x, y], "label": ..., "image": i} in pixels of the original '
+        "image, placed by <objects> (the whole answer) or <bbox> / <ref-object>; checked by shardkit.boxes",
+    )
 
     @model_validator(mode="after")
     def _check_turns(self) -> Record:

@@ -1,10 +1,10 @@
 """``shardkit stats``: what is in a build, from its manifest and shards.
 
 The seed's statistics (samples, images, images per sample, top diagnoses from
-``meta``) plus token-length and image-size distributions, rejects by reason
-and how many samples were fitted or truncated, and, in a build with videos,
-frames and tokens per clip (and per second of video). Image bytes are checked,
-never decoded.
+``meta``) plus token-length and image-size distributions, rejects by reason,
+how many samples were fitted or truncated, the grounding boxes and points
+written (and rejected), and, in a build with videos, frames and tokens per clip
+(and per second of video). Image bytes are checked, never decoded.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from shardkit.boxes import REJECT_CODES as BOX_REJECTS
 from shardkit.load.source import BuildSource
 from shardkit.options import Options
 from shardkit.shards import Manifest, read_manifest
@@ -94,6 +95,10 @@ def build_stats(location: str, **options: Any) -> dict[str, Any]:
         "images_per_sample_counts": dict(sorted(Counter(per_sample).items())),
         "fitted": manifest.num_fitted,
         "truncated": manifest.num_truncated,
+        "boxes": manifest.num_boxes,
+        "points": manifest.num_points,
+        "text_boxes": manifest.num_text_boxes,
+        "box_rejects": {code: n for code, n in manifest.rejects_by_code.items() if code in BOX_REJECTS},
         "tokens": manifest.num_tokens,
         "trained_tokens": manifest.num_trained_tokens,
         "tokens_per_sample": _distribution(tokens),
@@ -148,6 +153,12 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"  Video length:          {dist(stats['video_seconds'], ' s')}",
             f"  Video tokens a second: {dist(stats['video_tokens_per_second'])}",
         ]
+    if stats["boxes"] or stats["points"] or stats["text_boxes"] or stats["box_rejects"]:
+        rejected = ", ".join(f"{k}: {v}" for k, v in stats["box_rejects"].items()) or "none"
+        lines.append(
+            f"  Grounding:             {counted(stats['boxes'], 'box', 'boxes')} and "
+            f"{counted(stats['points'], 'point')} from objects, {stats['text_boxes']} in the text; rejected: {rejected}"
+        )
     if stats["top_labels"]:  # only for a meta key the samples have
         lines.append(f"  Unique {stats['meta_key']} values: {stats['unique_labels']}")
         lines.append(f"  Top {len(stats['top_labels'])} {stats['meta_key']} values:")

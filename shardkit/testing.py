@@ -1,4 +1,4 @@
-"""Tiny randomly initialised Qwen2-VL and Qwen3-VL models, and a small Qwen-style tokenizer, for tests and
+"""Tiny randomly initialised Qwen2-VL, Qwen3-VL and Qwen3.5 models, and small Qwen-style tokenizers, for tests and
 benchmarks without model weights.
 
 With the real 151,936-token vocabulary the embedding and output layers are 97% of a tiny model's weights and
@@ -186,4 +186,85 @@ def tiny_qwen3_vl_config(moe: bool = False, initializer_range: float = 0.02, tok
         text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
     else:
         from transformers import Qwen3VLConfig as Config
+    return Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+
+
+#: the vision token ids of the Qwen3.5 vocabulary (transformers' ``Qwen3_5Config``)
+QWEN3_5_VISION_TOKEN_IDS = {
+    "image_token_id": 248056,
+    "video_token_id": 248057,
+    "vision_start_token_id": 248053,
+    "vision_end_token_id": 248054,
+}
+QWEN3_5_VOCAB_SIZE = 248320
+
+
+def write_tiny_qwen3_5_tokenizer(folder: str | os.PathLike, vocab_size: int = TINY_VOCAB_SIZE) -> str:
+    """Write a ``vocab_size``-token Qwen3.5-style tokenizer into ``folder`` (loadable with ``--tokenizer folder``):
+    the first BPE ranks of the offline Qwen3.5 vocabulary (the 256 bytes come first, so every text encodes), built as
+    the real one is (:func:`shardkit.tokenizer.qwen3_5.backend_from_ranks`), then its 33 added tokens (``<think>``
+    and the tool tokens included) renumbered to follow. Deterministic."""
+    from shardkit.tokenizer import qwen3_5
+
+    plain = vocab_size - len(qwen3_5.ADDED_TOKENS)
+    if plain <= 256:
+        raise ValueError(f"vocab_size must exceed {256 + len(qwen3_5.ADDED_TOKENS)}, got {vocab_size}")
+    ranks = qwen3_5.read_ranks(qwen3_5.ranks_path().read_bytes())
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    qwen3_5.write_folder(qwen3_5.backend_from_ranks({t: r for t, r in ranks.items() if r < plain}), out)
+    return str(out)
+
+
+def tiny_qwen3_5_config(moe: bool = False, initializer_range: float = 0.02, tokenizer: Any = None):
+    """A tiny randomly initialisable Qwen3.5 (or, with ``moe``, Qwen3.5-MoE) config: one Gated DeltaNet
+    (linear-attention) layer then one full-attention layer, a one-block vision tower on the real grid (patch 16,
+    merge 2, no deepstack), interleaved M-RoPE on a quarter of each head; its vocabulary the real one (248,320 rows)
+    or, with ``tokenizer`` (a folder such as :func:`write_tiny_qwen3_5_tokenizer` writes, or a loaded tokenizer),
+    that tokenizer's size and vision token ids."""
+    if tokenizer is None:
+        vocabulary = {"vocab_size": QWEN3_5_VOCAB_SIZE, **QWEN3_5_VISION_TOKEN_IDS}
+    else:
+        vocabulary = _vocabulary(tokenizer)
+    text = {
+        "vocab_size": vocabulary["vocab_size"],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "layer_types": ["linear_attention", "full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
+        "max_position_embeddings": 4096,
+        "initializer_range": initializer_range,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
+                            "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        **{key: vocabulary[key] for key in _TEXT_TOKENS if key in vocabulary},
+    }  # fmt: skip
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 64,
+        "initializer_range": initializer_range,
+    }
+    if moe:
+        from transformers import Qwen3_5MoeConfig as Config
+
+        text |= {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
+                 "num_experts_per_tok": 2}  # fmt: skip
+    else:
+        from transformers import Qwen3_5Config as Config
+
+        text["intermediate_size"] = 128
+    token_ids = {key: vocabulary[key] for key in QWEN3_5_VISION_TOKEN_IDS}
     return Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)

@@ -25,6 +25,18 @@ def pytest_report_header(config) -> str:
     return ", ".join(f"{name} {of(name)}" for name in ("transformers", "tokenizers", "torch", "tinker-cookbook"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shardkit_cache(tmp_path_factory):
+    """A cache folder of the session's own (``SHARDKIT_CACHE_DIR``, inherited by the processes tests start): the
+    offline Qwen3.5 tokenizer is built there, never into the user's cache."""
+    from shardkit.tokenizer import qwen3_5
+
+    folder = tmp_path_factory.mktemp("shardkit-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(qwen3_5.CACHE_ENV, str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def make_build(tmp_path_factory):
     """The one way the tests build: ``make_build(input, **options)`` builds the input at path ``input`` with

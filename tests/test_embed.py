@@ -76,6 +76,12 @@ def loss_and_grads(model, inputs):
 def test_cached_embeddings_give_the_live_frozen_towers_loss_and_gradients(family_model, small_build, cache, batching):
     family, folder = family_model
     model = model_class(family).from_pretrained(folder, dtype=torch.float32)
+    assert_cached_gives_the_live_loss_and_gradients(model, small_build, cache, batching)
+
+
+def assert_cached_gives_the_live_loss_and_gradients(model, small_build, cache, batching):
+    """The first batch (``batching``: ShardStream's options) of ``small_build`` gives ``model`` with its vision tower
+    frozen the same loss and gradients from the embeddings in ``cache`` as from the pixels."""
     vision_tower(model).requires_grad_(False)
     manifest = read_manifest(small_build)
     live_batches = iter(ShardStream(small_build, seed=1, **batching))

@@ -21,13 +21,14 @@ from shardkit.load.tinker import DatumBatches, sample_to_datum
 from tests.helpers import conversation, qwen3_image_processor, write_image, write_jsonl
 
 
-def cookbook_datum(record, images, tokenizer, reduction):
-    """The cookbook's Datum of ``record``, every assistant turn trained (shardkit's default --train-on)."""
+def cookbook_datum(record, images, tokenizer, reduction, renderer_name="qwen3_vl_instruct"):
+    """The cookbook's Datum of ``record`` by its renderer ``renderer_name``, every assistant turn trained (shardkit's
+    default --train-on)."""
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
     from tinker_cookbook.supervised.data import conversation_to_datum
 
     processor = qwen3_image_processor()
-    renderer = get_renderer("qwen3_vl_instruct", tokenizer, processor)
+    renderer = get_renderer(renderer_name, tokenizer, processor)
     pictures = iter(images)
     messages = []
     for m in record["messages"]:
@@ -63,13 +64,19 @@ def assert_same_datum(ours, theirs):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_datums_equal_tinker_cookbook(qwen3_build, small_dataset, tokenizer, reduction):
+    assert_datums_equal_the_cookbooks(qwen3_build, small_dataset, tokenizer, reduction, "qwen3_vl_instruct")
+
+
+def assert_datums_equal_the_cookbooks(build, small_dataset, tokenizer, reduction, renderer_name):
+    """Every sample of ``build`` (of ``small_dataset``) as a Datum equals the cookbook's, by ``renderer_name``."""
     records = {i + 1: json.loads(line) for i, line in enumerate(small_dataset.jsonl.read_text().splitlines()) if line}
     checked = 0
-    for batch in ShardStream(str(qwen3_build), batch_size=8, shuffle=False):
+    for batch in ShardStream(str(build), batch_size=8, shuffle=False):
         for sample in batch:
             images = [Image.open(io.BytesIO(j)) for j in sample.images]
             ours = sample_to_datum(sample, reduction=reduction)
-            assert_same_datum(ours, cookbook_datum(records[sample.info["line"]], images, tokenizer, reduction))
+            theirs = cookbook_datum(records[sample.info["line"]], images, tokenizer, reduction, renderer_name)
+            assert_same_datum(ours, theirs)
             assert [c.data for c in ours.model_input.chunks if isinstance(c, tinker.types.ImageChunk)] == sample.images
             checked += 1
     assert checked == len(small_dataset.good_lines)

@@ -32,8 +32,8 @@ def template() -> str:
 def template_ids(tokenizer, template, messages, counts):
     """``apply_chat_template``'s tokens, each image pad expanded to its count."""
     ids = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
-    counts = iter(counts)
-    return [t for token in ids for t in ([PAD] * next(counts) if token == PAD else [token])]
+    pad, counts = tokenizer.convert_tokens_to_ids("<|image_pad|>"), iter(counts)
+    return [t for token in ids for t in ([pad] * next(counts) if token == pad else [token])]
 
 
 # --- tokens ---------------------------------------------------------------------------------
@@ -99,6 +99,12 @@ def qwen3_processor(tokenizer, backend):
 
 @pytest.mark.parametrize("backend", IMAGE_BACKENDS)
 def test_batch_equals_qwen3vl_processor_on_the_template(hf_build, small_dataset, tokenizer, template, backend):
+    assert_batch_equals_the_processor(hf_build, small_dataset, tokenizer, template, backend)
+
+
+def assert_batch_equals_the_processor(hf_build, small_dataset, tokenizer, template, backend):
+    """A batch of 4 samples of ``hf_build`` (a build of ``small_dataset`` in the published template's format) equals
+    ``Qwen3VLProcessor``'s output on the template's text and the stored images."""
     import io
 
     from PIL import Image
@@ -181,10 +187,15 @@ def memorisable_qwen3(make_build, memorisable_data, tiny_tokenizer) -> str:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
     """Tiny random Qwen3-VL and Qwen3-VL-MoE checkpoints, saved as a model folder is."""
+    return saved_checkpoints(tmp_path_factory, "tiny-qwen3", lambda moe: random_qwen3_vl(moe, tokenizer=tiny_tokenizer))
+
+
+def saved_checkpoints(tmp_path_factory, prefix: str, make) -> dict[str, str]:
+    """``{"dense": folder, "moe": folder}`` of the models ``make(moe)`` gives, saved as model folders are."""
     out = {}
     for name, moe in (("dense", False), ("moe", True)):
-        folder = tmp_path_factory.mktemp(f"tiny-qwen3-{name}")
-        random_qwen3_vl(moe, tokenizer=tiny_tokenizer).save_pretrained(folder)
+        folder = tmp_path_factory.mktemp(f"{prefix}-{name}")
+        make(moe).save_pretrained(folder)
         out[name] = str(folder)
     return out
 
@@ -218,17 +229,17 @@ def test_lora_on_qwen3_vl_learns(tmp_path, memorisable_qwen3, checkpoints):
     assert adapter["base_model_name_or_path"] == checkpoints["dense"]
 
 
-@pytest.mark.slow
-def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable_qwen3, checkpoints):
+def assert_resumes_with_the_same_losses(tmp_path, data, model):
+    """A run of ``model`` on ``data`` stopped after step 3 of 4 and resumed gives the losses of one never stopped."""
     options = {"max_steps": 4, "save_every": 2, "batch_size": 2, "grad_accum": 2}
-    _, uninterrupted = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="whole", **options)
+    _, uninterrupted = run(tmp_path, data, model, name="whole", **options)
 
     def crash(step, record):
         if step == 3:
             raise KeyboardInterrupt
 
-    config = TrainConfig.create(data=memorisable_qwen3, model=checkpoints["dense"], output=str(tmp_path / "broken"),
-                                lr=1e-2, num_workers=0, warmup_ratio=0.1, **options)  # fmt: skip
+    config = TrainConfig.create(data=data, model=model, output=str(tmp_path / "broken"), lr=1e-2, num_workers=0,
+                                warmup_ratio=0.1, **options)  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         train(config, on_step=crash)
     resumed = train(config.model_copy(update={"resume": True}))
@@ -237,9 +248,19 @@ def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable_qwen3, chec
 
 
 @pytest.mark.slow
+def test_qwen3_vl_resumes_with_the_same_losses(tmp_path, memorisable_qwen3, checkpoints):
+    assert_resumes_with_the_same_losses(tmp_path, memorisable_qwen3, checkpoints["dense"])
+
+
+@pytest.mark.slow
 def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable_qwen3, checkpoints):
+    assert_packed_torchrun_resumes(tmp_path, memorisable_qwen3, checkpoints["moe"])
+
+
+def assert_packed_torchrun_resumes(tmp_path, data, model):
+    """Two CPU processes under torchrun train ``model`` on ``data`` packed for 2 steps, then resume to step 3."""
     output = tmp_path / "ddp"
-    args = ["-m", "shardkit.cli", "-q", "train", "--data", memorisable_qwen3, "--model", checkpoints["moe"],
+    args = ["-m", "shardkit.cli", "-q", "train", "--data", data, "--model", model,
             "--output", str(output), "--num-workers", "0", "--lr", "1e-3", "--pack",
             "--batch-tokens", "256", "--max-steps"]  # fmt: skip
     first = subprocess.run([*torchrun(2), *args, "2"], capture_output=True, text=True, timeout=600)
@@ -253,14 +274,21 @@ def test_qwen3_vl_moe_under_torchrun_resumes(tmp_path, memorisable_qwen3, checkp
 
 @pytest.mark.slow
 def test_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable_qwen3, checkpoints):
-    # the mean over every target token of the step, whatever the micro-batches (Qwen3-VL's own loss would not be)
-    _, whole = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="whole", max_steps=1, batch_size=8)
-    _, accumulated = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="acc", max_steps=1, grad_accum=2)
-    _, packed = run(tmp_path, memorisable_qwen3, checkpoints["dense"], name="packed", max_steps=1, batch_size=None,
-                    batch_tokens=512, pack=True, grad_accum=8)  # fmt: skip
+    assert_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, memorisable_qwen3, checkpoints["dense"])
+
+
+def assert_accumulated_and_packed_steps_give_the_loss_of_one_batch(tmp_path, data, model):
+    """The loss of one step over ``data``'s 8 samples is the mean over every target token of the step, whatever the
+    micro-batches (Qwen3-VL's own loss would not be): one batch, two accumulated, 8 packed micro-batches of 512
+    tokens. Returns the losses of the one batch and of the packed step."""
+    _, whole = run(tmp_path, data, model, name="whole", max_steps=1, batch_size=8)
+    _, accumulated = run(tmp_path, data, model, name="acc", max_steps=1, grad_accum=2)
+    _, packed = run(tmp_path, data, model, name="packed", max_steps=1, batch_size=None, batch_tokens=512, pack=True,
+                    grad_accum=8)  # fmt: skip
     assert accumulated[0]["samples"] == packed[0]["samples"] == 8
     assert accumulated[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
     assert packed[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
+    return whole[0]["loss"], packed[0]["loss"]
 
 
 @pytest.mark.slow

@@ -169,6 +169,20 @@ def test_a_tokenizer_without_vision_tokens_is_refused():
 SIZES = {"a.jpg": (256, 320), "b.jpg": (512, 288), "c.jpg": (256, 256)}  # (height, width), on the 32-pixel grid
 
 
+def cookbook_tokens(model_input, pad: int) -> tuple[list[int], list[int]]:
+    """A cookbook ``ModelInput``'s tokens, each image chunk as ``pad`` repeated its token count, and those counts."""
+    import tinker
+
+    tokens, counts = [], []
+    for chunk in model_input.chunks:
+        if isinstance(chunk, tinker.types.ImageChunk):
+            tokens += [pad] * chunk.expected_tokens
+            counts.append(chunk.expected_tokens)
+        else:
+            tokens += list(chunk.tokens)
+    return tokens, counts
+
+
 def tinker_messages(data: dict) -> list[dict]:
     out = []
     for message in data["messages"]:
@@ -191,7 +205,6 @@ def tinker_messages(data: dict) -> list[dict]:
 @pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
 def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name):
     pytest.importorskip("tinker_cookbook", reason="not in bin/test's newest-transformers environment (it pins <=5.5.4)")
-    import tinker
     from tinker_cookbook.renderers import TrainOnWhat, get_renderer
 
     data = CONVERSATIONS[index]
@@ -204,14 +217,7 @@ def test_qwen3_vl_equals_tinker_cookbook(tokenizer, index, train_on, tinker_name
     model_input, weights = reference.build_supervised_example(
         tinker_messages(data), train_on_what=TrainOnWhat[tinker_name]
     )
-    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    tokens, expected_counts = [], []
-    for chunk in model_input.chunks:
-        if isinstance(chunk, tinker.types.ImageChunk):
-            tokens += [pad] * chunk.expected_tokens
-            expected_counts.append(chunk.expected_tokens)
-        else:
-            tokens += list(chunk.tokens)
+    tokens, expected_counts = cookbook_tokens(model_input, tokenizer.convert_tokens_to_ids("<|image_pad|>"))
     assert expected_counts == counts
     assert ours.input_ids.tolist() == tokens
     assert ours.weights.tolist() == weights.tolist()

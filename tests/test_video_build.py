@@ -287,6 +287,18 @@ def test_dedup_compares_the_videos_bytes(tmp_path, data):
     assert manifest.rejects_by_code == {"duplicate": 1} and manifest.num_videos == 2
 
 
+def test_the_qwen3_5_families_refuse_videos_and_build_the_rest(tmp_path, data):
+    image_only = {
+        "messages": [{"role": "user", "content": "<image>Look."}, answer("A dog.")],
+        "images": ["images/dog.png"],
+    }
+    path = write_jsonl(data.parent / "qwen3_5.jsonl", [RECORDS[1], image_only])
+    config = BuildConfig.create(input=str(path), out=str(tmp_path / "q"), model="qwen3_5")
+    manifest = build(config, progress=False, workers=1)
+    assert manifest.rejects_by_code == {"video_not_supported": 1} and manifest.num_samples == 1
+    assert "qwen3_5 family takes none" in rejects(tmp_path / "q")[1]["reason"]
+
+
 def test_a_changed_clip_builds_its_task_again(tmp_path, data):
     folder = tmp_path / "in"
     write_clip(folder / "clip.mp4", 20, 10, 48, 64)

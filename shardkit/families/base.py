@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardkit.boxes import Style
 from shardkit.render import ChatTokens, Renderer
 from shardkit.tokenizer import DEFAULT_TOKENIZER
 
@@ -51,11 +52,16 @@ class Family:
     images: bool = True
     video: bool = False
     boxes: bool = False
-    write_boxes: Callable[..., str] | None = None
-    """How the chat format writes a bounding box in text; None while the family takes no boxes (``boxes=False``)."""
+    box_style: Style | None = None
+    """How the family writes a box or point in text by default (:data:`shardkit.boxes.STYLES`): its coordinate scale
+    (absolute pixels of the stored image, or 0-1000) and syntax; None when it takes no boxes (``boxes=False``)."""
 
     tinker_renderer: str | None = None
     """The tinker-cookbook renderer whose tokens this family's equal (None: none; Tinker does not train it)."""
+
+    def __post_init__(self) -> None:
+        if self.boxes != (self.box_style is not None):
+            raise ValueError(f"family {self.name}: boxes={self.boxes} needs a box_style exactly when it takes boxes")
 
     @property
     def factor(self) -> int:

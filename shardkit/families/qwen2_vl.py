@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from shardkit.boxes import STYLES
 from shardkit.families.base import Family
 from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import Record
@@ -48,6 +49,9 @@ QWEN2_VL = Family(
     processor_class="Qwen2VLProcessor",
     image_processor_class="Qwen2VLImageProcessor",
     video=True,
+    # boxes relative 0-1000 in box tokens, <|box_start|>(x1,y1),(x2,y2)<|box_end|> (paper 2409.12191, 2.2.1)
+    boxes=True,
+    box_style=STYLES["qwen2_vl"],
 )
 
 # Qwen2-VL's template, grid and normalisation; <tool_call> ... <|file_sep|> (151657-151664) are added tokens of
@@ -58,4 +62,6 @@ QWEN2_5_VL = replace(
     last_added_id=151664,
     model_classes={"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
     processor_class="Qwen2_5_VLProcessor",
+    # absolute pixels of the image the model sees, as its cookbook's JSON answers (spatial_understanding.ipynb)
+    box_style=STYLES["qwen2_5_vl"],
 )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from shardkit.boxes import STYLES
 from shardkit.families.base import Family
 from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import Record
@@ -68,6 +69,9 @@ QWEN3_VL = Family(
     image_processor_class="Qwen2VLImageProcessor",
     video=True,
     tinker_renderer="qwen3_vl_instruct",
+    # relative 0-1000 again, in its cookbook's JSON answers (2d_grounding.ipynb; paper 2511.21631, 3.2.4)
+    boxes=True,
+    box_style=STYLES["qwen3_vl"],
 )
 
 # the published template: the same grid and classes; Tinker's tokens differ where text meets a header

@@ -8,7 +8,8 @@ Three row shapes, chosen by the columns:
   ``{"type": "image", "index": 0}``) and an ``images`` (list) or ``image``
   column, as TRL and LLaMA-Factory write them; or TRL's ``prompt`` and
   ``completion`` columns (see :class:`~shardkit.inputs.jsonl.Trl`), as in
-  ``trl-lib/llava-instruct-mix``;
+  ``trl-lib/llava-instruct-mix``; an ``objects`` column holds grounding boxes (ms-swift's struct of ``ref``,
+  ``bbox``, ``bbox_type``, ``image_id``, or a list of ``bbox_2d`` / ``point_2d`` objects: :mod:`shardkit.boxes`);
 - the_cauldron: ``images`` and ``texts``, a list of ``{"user", "assistant"}``
   pairs, one turn pair each;
 - one image with an answer: an image column (the ``Image`` feature, stored as
@@ -60,6 +61,7 @@ QUESTION_NAMES = ("question", "query", "prompt", "instruction")
 CHAT_NAMES = ("messages", "conversations", "conversation")
 PAIRS_NAME = "texts"
 PROMPT, COMPLETION = "prompt", "completion"
+OBJECTS_NAME = "objects"  # ms-swift's grounding column (shardkit.boxes)
 
 
 class HFDataset(InputFormat):
@@ -98,7 +100,10 @@ class HFDataset(InputFormat):
             completion = not chat and PROMPT in names and COMPLETION in names
             if chat or pairs or completion:
                 images = given["image"] or next((n for n in IMAGES_NAMES if n in names), None)
-                return Columns(image=images, chat=chat, pairs=None if chat else pairs, completion=completion)
+                objects = OBJECTS_NAME if OBJECTS_NAME in names else None
+                return Columns(
+                    image=images, chat=chat, pairs=None if chat else pairs, completion=completion, objects=objects
+                )
         image = (
             given["image"]
             or next((n for n in names if _feature_type(features.get(n)) == "Image"), None)
@@ -180,6 +185,8 @@ class HFDataset(InputFormat):
             turns = [{"role": role, "content": pair.get(role)} for pair in pairs for role in ("user", "assistant")]
         refuse_unsupported({"messages": turns}, line)
         record = {"messages": to_messages(turns, images, line, placeholders=rule), "meta": {"row": line}}
+        if columns.objects and row[columns.objects] is not None:
+            record["objects"] = _without_nulls(row[columns.objects])
         return refuse_placeholders(validate_record(record, line), line)
 
     def image_root(self) -> str:
@@ -187,10 +194,20 @@ class HFDataset(InputFormat):
         return self.location if fs.isdir(path) else parent(self.location)
 
 
+def _without_nulls(objects: Any) -> Any:
+    """A grounding cell without the fields Arrow fills with null where a row lacks them (a struct's missing
+    ``bbox_type`` / ``image_id``, or ``point_2d`` next to ``bbox_2d`` in a list of structs)."""
+    if isinstance(objects, dict):
+        return {k: v for k, v in objects.items() if v is not None}
+    if isinstance(objects, list):
+        return [_without_nulls(item) if isinstance(item, dict) else item for item in objects]
+    return objects
+
+
 @dataclass(frozen=True)
 class Columns:
     """The columns a row is read from: ``chat``, ``pairs`` or ``prompt`` and ``completion`` (``completion``) with
-    ``image`` (a list), or ``image`` and ``answer``."""
+    ``image`` (a list) and, optionally, ``objects`` (grounding), or ``image`` and ``answer``."""
 
     image: str | None = None
     answer: str | None = None
@@ -200,11 +217,12 @@ class Columns:
     pairs: str | None = None
     completion: bool = False
     label: bool = False
+    objects: str | None = None
 
     def names(self) -> list[str]:
         """The columns to read, in order."""
         trl = (PROMPT, COMPLETION) if self.completion else ()
-        return [c for c in (self.image, self.chat, self.pairs, *trl, self.question, self.answer) if c]
+        return [c for c in (self.image, self.chat, self.pairs, *trl, self.question, self.answer, self.objects) if c]
 
 
 def _row_images(value: Any, column: str, row: int) -> list[str]:

@@ -316,6 +316,8 @@ class JsonInput(InputFormat):
             out["meta"] = meta
         if data.get("id") is not None:
             out["id"] = data["id"]  # the schema checks its type
+        if "objects" in getattr(self, "known", ()) and data.get("objects") is not None:
+            out["objects"] = data["objects"]  # ms-swift's grounding boxes (shardkit.boxes reads them)
         return refuse_placeholders(validate_record(out, line), line, video=self.takes_video)
 
 
@@ -343,10 +345,11 @@ class ShareGPT(JsonInput):
     ``{"messages": [{"role": "user", "content": "<image>What is this?"}, ...], "images": ["a.jpg"]}``,
     or with ``"conversations": [{"from": "human", "value": ...}]``, or ms-swift's ``"conversation"`` of
     ``{"human": ..., "assistant": ...}`` pairs; an optional ``"system"`` string, ``"id"`` and
-    ``"meta"`` object; a message's ``"loss": true|false`` (ms-swift) says whether it is trained. Each placeholder
-    takes the next image (video), in order, the text around it kept as it is; their numbers must match. A video
-    is a clip's path or a list of frame images (ms-swift's ``"videos": [["f1.jpg", "f2.jpg"]]``). Other top-level
-    keys that hold data are refused (``unknown_key``) unless named in ``keep_keys``, which keeps them in ``meta``.
+    ``"meta"`` object; a message's ``"loss": true|false`` (ms-swift) says whether it is trained; ms-swift's
+    grounding ``"objects"`` (:mod:`shardkit.boxes`). Each placeholder takes the next image (video), in order, the
+    text around it kept as it is; their numbers must match. A video is a clip's path or a list of frame images
+    (ms-swift's ``"videos": [["f1.jpg", "f2.jpg"]]``). Other top-level keys that hold data are refused
+    (``unknown_key``) unless named in ``keep_keys``, which keeps them in ``meta``.
     """
 
     name = "sharegpt"
@@ -357,7 +360,7 @@ class ShareGPT(JsonInput):
     video_key: ClassVar[str] = "videos"
     #: top-level keys read as the record
     known: ClassVar[frozenset[str]] = frozenset(
-        {"messages", "conversations", "conversation", "images", "videos", "system", "id", "meta"}
+        {"messages", "conversations", "conversation", "images", "videos", "system", "id", "meta", "objects"}
     )
     #: how ``<image>`` in a text is read
     placeholders: ClassVar[Placeholders] = Placeholders.KEEP
@@ -458,11 +461,11 @@ class Trl(JsonInput):
 
 class Swift(JsonInput):
     """ms-swift's query-response form: ``{"system": ..., "query": "<image>What is it?", "response": "A cat.",
-    "history": [["query 1", "response 1"]], "images": ["a.jpg"]}``; ``<image>`` placeholders as in ``sharegpt``.
-    A query without a response is ``no_answer``."""
+    "history": [["query 1", "response 1"]], "images": ["a.jpg"]}``; ``<image>`` placeholders and grounding
+    ``"objects"`` as in ``sharegpt``. A query without a response is ``no_answer``."""
 
     name = "swift"
-    known = frozenset({"query", "response", "history", "system", "images", "id", "meta"})
+    known = frozenset({"query", "response", "history", "system", "images", "id", "meta", "objects"})
 
     def convert(self, data: dict[str, Any], line: int) -> Record:
         images = record_images(data, "images", line)

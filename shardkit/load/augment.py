@@ -5,6 +5,10 @@ key, image index)`` alone, so a sample gets the same changes in the same epoch
 whatever the worker, batch, rank or resume, and other changes in another epoch.
 The image keeps its size (rotation does not expand it; uncovered corners get
 the fill colour), so its grid and token count stay those of the build.
+
+Rotation moves pixels under a sample's grounding boxes, whose coordinates are
+written in its tokens: it is refused for builds and samples with boxes
+(:meth:`Augment.check_boxes`); brightness and contrast leave them where they are.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ class Augment:
             raise ConfigError(f"augment: probability must be within [0, 1], got {self.probability}")
         if self.seed < 0:
             raise ConfigError(f"augment: seed must be >= 0, got {self.seed}")
+
+    def check_boxes(self, boxes: int, where: str) -> None:
+        """:class:`ConfigError` when this augmentation rotates and ``where`` (a build, a sample) holds ``boxes``
+        grounding boxes or points."""
+        if self.rotation > 0 and boxes:
+            raise ConfigError(
+                f"augment: {where} carries {boxes} grounding boxes or points, whose coordinates are written in its "
+                f"tokens; rotation ({self.rotation:g} degrees) would move the pixels under them. Set rotation=0 "
+                "(brightness and contrast are fine)"
+            )
 
     def generator(self, epoch: int, key: str, index: int) -> np.random.Generator:
         """The random generator of image ``index`` of sample ``key`` in ``epoch``."""

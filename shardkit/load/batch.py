@@ -237,7 +237,8 @@ class Collator:
     With ``augment``, each image is changed at random before it is cut into
     patches, as drawn for the sample, the image and :attr:`epoch` (which
     :class:`~shardkit.load.torch.TorchLoader` sets; see :mod:`shardkit.load.augment`); rotation
-    leaves the normalisation mean, zero after normalising, in the corners. Video frames are not augmented.
+    leaves the normalisation mean, zero after normalising, in the corners, and is refused for samples with
+    grounding boxes. Video frames are not augmented.
     """
 
     def __init__(
@@ -273,7 +274,10 @@ class Collator:
 
     @classmethod
     def for_build(cls, manifest: Manifest, **options: Any) -> Collator:
-        """A collator with the grid, normalisation and token ids recorded in ``manifest``."""
+        """A collator with the grid, normalisation and token ids recorded in ``manifest``; :class:`ConfigError` for
+        an ``augment`` that rotates a build with grounding boxes."""
+        if options.get("augment") is not None:
+            options["augment"].check_boxes(manifest.num_grounded, "the build")
         family, tokens = manifest.config.family, manifest.config.special_tokens
         defaults: dict[str, Any] = {
             "patch_size": family.patch_size,
@@ -379,6 +383,9 @@ class Collator:
             if len(sample.images) != len(sample.info["images"]):
                 raise ShardError(f"sample {sample.key} holds {len(sample.images)} images, its metadata describes "
                                  f"{len(sample.info['images'])}")  # fmt: skip
+            if self.augment is not None:
+                found = sample.info.get("text_boxes", {}).get("found", 0)
+                self.augment.check_boxes(len(sample.info.get("boxes", ())) + found, f"sample {sample.key}")
             for index, jpeg in enumerate(sample.images):
                 image: bytes | Image.Image = jpeg
                 if self.augment is not None:

@@ -21,7 +21,7 @@ import io
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import xxhash
@@ -44,6 +44,29 @@ class StoredImage(BaseModel):
     grid_thw: list[int] = Field(min_length=3, max_length=3)
     token_start: int = Field(ge=0)
     num_tokens: int = Field(ge=0)
+    orientation: int = Field(1, ge=1, le=8)
+    """The EXIF orientation of the source file (recorded, where not 1, for samples with boxes: their frame)."""
+
+
+class StoredBox(BaseModel):
+    """What a sample's JSON records of one grounding box or point (:func:`shardkit.boxes.stored_boxes`)."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+    image: int = Field(ge=0)
+    label: str | None = None
+    kind: Literal["box", "point"]
+    source: list[int | float]
+    space: Literal["real", "norm1", "norm1000"]
+    written: list[int]
+    scale: Literal["abs", "rel1000"]
+
+
+class TextBoxes(BaseModel):
+    """How many boxes and points a sample's text held already, and how many of them were rescaled."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+    found: int = Field(ge=0)
+    rescaled: int = Field(ge=0)
 
 
 class StoredVideo(BaseModel):
@@ -87,6 +110,10 @@ class SampleInfo(BaseModel):
     messages: list[Any] | None = None
     fitted: bool = False
     truncated_tokens: int = Field(0, ge=0)
+    objects: Any = None
+    """The record's grounding objects as given (samples with boxes only)."""
+    boxes: list[StoredBox] = []
+    text_boxes: TextBoxes | None = None
 
 
 @dataclass

@@ -278,6 +278,9 @@ def assemble(
                 trained_turns=result.trained_turns,
                 fitted=result.fitted,
                 truncated=result.truncated,
+                boxes=result.boxes,
+                points=result.points,
+                text_boxes=result.text_boxes,
             )
         index_entry = index.close()
     manifest = Manifest(
@@ -291,6 +294,9 @@ def assemble(
         num_rejected=sum(codes.values()),
         num_fitted=counts["fitted"],
         num_truncated=counts["truncated"],
+        num_boxes=counts["boxes"],
+        num_points=counts["points"],
+        num_text_boxes=counts["text_boxes"],
         rejects_by_code=dict(sorted(codes.items())),
         shards=entries,
         index=IndexFile(**index_entry),

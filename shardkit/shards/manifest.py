@@ -17,7 +17,15 @@ import re
 from functools import cached_property
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from shardkit.errors import ShardError, ShardMissingError
 from shardkit.shards.files import reading_error
@@ -26,6 +34,8 @@ from shardkit.storage import join, open_fs, write_bytes
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: the manifest's counts of grounding boxes, in its JSON only where not 0
+GROUNDING_COUNTS = ("num_boxes", "num_points", "num_text_boxes")
 
 
 def _in_build_folder(path: str) -> str:
@@ -153,6 +163,13 @@ class Manifest(FolderManifest):
     num_rejected: int
     num_fitted: int
     num_truncated: int
+    num_boxes: int = 0
+    """Grounding boxes written from records' objects; this and the two counts below are left out of the JSON while
+    0, so that builds without boxes keep their bytes."""
+    num_points: int = 0
+    """Grounding points written from records' objects."""
+    num_text_boxes: int = 0
+    """Boxes and points the records' texts held already (rescaled or checked)."""
     rejects_by_code: dict[str, int]
     shards: list[ShardEntry]
     index: IndexFile
@@ -169,6 +186,19 @@ class Manifest(FolderManifest):
     def to_json(self) -> bytes:
         unset = {name for name in self.WHEN_SET if not getattr(self, name)}
         return (json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, indent=2) + "\n").encode()
+
+    @model_serializer(mode="wrap")
+    def _grounding_counts_when_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in GROUNDING_COUNTS:
+            if not data.get(key):
+                data.pop(key, None)
+        return data
+
+    @property
+    def num_grounded(self) -> int:
+        """Boxes and points in the build, from objects and already in text: what rotation would move."""
+        return self.num_boxes + self.num_points + self.num_text_boxes
 
     @cached_property
     def sha256(self) -> str:

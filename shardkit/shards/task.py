@@ -52,6 +52,9 @@ class TaskResult(TaskRecord):
     trained_turns: int = 0
     fitted: int = 0
     truncated: int = 0
+    boxes: int = 0
+    points: int = 0
+    text_boxes: int = 0
     seconds: float = 0.0
     read: Ledger = {}
     traceback: str | None = None
@@ -66,6 +69,10 @@ class TaskResult(TaskRecord):
         self.trained_turns += sample.info["num_trained_turns"]
         self.fitted += bool(sample.info["fitted"])
         self.truncated += bool(sample.info["truncated_tokens"])
+        kinds = [box["kind"] for box in sample.info.get("boxes", ())]
+        self.boxes += kinds.count("box")
+        self.points += kinds.count("point")
+        self.text_boxes += sample.info.get("text_boxes", {}).get("found", 0)
 
 
 class TaskShardWriter:

@@ -2,7 +2,8 @@
 
 The build (local or any fsspec URL, tar or Parquet) is read through
 :class:`~shardkit.load.source.BuildSource`; a deterministic choice of samples
-(or the ones named by key) is shown with its stored images, its tokens decoded
+(or the ones named by key) is shown with its stored images (their grounding boxes
+and points drawn over them, with their labels), its tokens decoded
 by the build's tokenizer with trained tokens highlighted, and its facts; a
 summary with charts sits on top and, on request, the rejected records below.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
+from shardkit.families import FAMILIES
 from shardkit.load.source import BuildSource
 from shardkit.options import Options
 from shardkit.show.data import build_decoder, image_root_of, read_rejects, read_samples
@@ -60,7 +62,9 @@ def make_page(location: str, **options: Any) -> Page:
     show = ShowOptions.create(**options)
     source, decoder, chosen = _chosen(location, show)
     summary = summary_html(location, source.manifest, chosen, source.index.num_tokens)
-    cards = [card_html(sample, decoder) for sample in chosen]
+    family = FAMILIES.get(source.manifest.config.model)
+    scale = family.box_style.scale if family is not None and family.box_style is not None else None
+    cards = [card_html(sample, decoder, scale) for sample in chosen]
     section, rows = "", 0
     if show.rejects:
         found, total = read_rejects(location, source.manifest, image_root=show.image_root)

@@ -19,11 +19,14 @@ from html import escape
 
 import numpy as np
 
+from shardkit.boxes import Scale
 from shardkit.shards import BuildInfo, Manifest, Sample
 from shardkit.shards.base import StoredImage, StoredVideo
+from shardkit.show.boxes import Drawn, drawn_boxes
 from shardkit.show.charts import histogram_svg
 from shardkit.show.data import Reject
 from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn, VideoSpan, visible
+from shardkit.words import counted
 
 STRIP_FRAMES = 32  # most frames of one video a card shows
 STRIP_SIDE = 112  # longest side of a frame in a strip, pixels
@@ -42,6 +45,9 @@ h1 small{font-weight:400;color:#666;font-size:13px;margin-left:8px}
 .facts{color:#555;font-size:12px;margin-bottom:8px}.badge{background:#fde2b6;border-radius:3px;padding:0 5px}
 .images{display:flex;gap:10px;overflow-x:auto;align-items:flex-start}.images figure{margin:0;display:table}
 .images figcaption{font-size:11px;color:#555;display:table-caption;caption-side:bottom}
+.frame{position:relative;line-height:0}.frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
+.boxes rect,.boxes circle{fill:none;stroke:#ff2d55;stroke-width:var(--s)}.boxes .text rect{stroke-dasharray:6 3}
+.boxes circle{fill:#ff2d55}.boxes text{fill:#fff;stroke:#ff2d55;stroke-width:var(--s);paint-order:stroke}
 .turn{margin:8px 0;border-left:3px solid #ccc;padding-left:8px}.role{font-weight:600;font-size:12px;color:#356}
 .toks{font:12px/1.6 ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
 .toks span{border-right:1px solid #e4e4e4}.toks .s{color:#999}
@@ -103,6 +109,7 @@ def summary_html(location: str, manifest: Manifest, samples: list[Sample], token
         ("rejected", m.num_rejected),
         ("fitted", m.num_fitted),
         ("truncated", m.num_truncated),
+        *([("boxes and points", m.num_grounded)] if m.num_grounded else []),
         (f"{m.format} shards", len(m.shards)),
         ("shown here", len(samples)),
     ]
@@ -145,15 +152,49 @@ def _turn_html(turn: Turn) -> str:
     return f'<div class="turn"><div class="role">{role}</div><div class="toks">{items}</div></div>'
 
 
-def _figure_html(number: int, image: StoredImage, jpeg: bytes) -> str:
+def _boxes_svg(image: StoredImage, drawn: list[Drawn]) -> str:
+    """An SVG over the stored image, in its pixels: each box a rectangle and each point a dot, with its label (boxes
+    already in the text dashed)."""
+    if not drawn:
+        return ""
+    w, h = image.width, image.height
+    line, font = max(2.0, max(w, h) / 300), max(12.0, max(w, h) / 45)
+    shapes = []
+    for d in drawn:
+        if d.kind == "box":
+            x1, y1, x2, y2 = d.pixels
+            shape = f'<rect x="{x1:g}" y="{y1:g}" width="{x2 - x1:g}" height="{y2 - y1:g}"/>'
+            x, y = x1, y1
+        else:
+            x, y = d.pixels
+            shape = f'<circle cx="{x:g}" cy="{y:g}" r="{2 * line:g}"/>'
+        label = "" if d.label is None else _text(d.label)
+        below = y < font * 1.2  # a label at the top edge goes inside the box
+        caption = f'<text x="{x + line:g}" y="{y + font if below else y - line:g}">{label}</text>' if label else ""
+        coords = ",".join(f"{v:g}" for v in d.pixels)
+        shapes.append(
+            f'<g class="{d.kind} {d.source}" data-kind="{d.kind}" data-source="{d.source}" data-label="{label}" '
+            f'data-pixels="{coords}">{shape}{caption}</g>'
+        )
+    return (
+        f'<svg class="boxes" viewBox="0 0 {w:d} {h:d}" preserveAspectRatio="none" style="--s:{line:g}px;'
+        f'font:{font:g}px sans-serif">{"".join(shapes)}</svg>'
+    )
+
+
+def _figure_html(number: int, image: StoredImage, jpeg: bytes, drawn: list[Drawn] = ()) -> str:
     t, h, w = image.grid_thw
     caption = (
         f"image {number} · stored {image.width}×{image.height} (original {image.original_width}×"
         f"{image.original_height}) · grid {t}×{h}×{w} · {image.num_tokens} tokens · {image.source}"
     )
+    if drawn:
+        kinds = [d.kind for d in drawn]
+        caption += f" · {counted(kinds.count('box'), 'box', 'boxes')}, {counted(kinds.count('point'), 'point')}"
     return (
-        f'<figure><img src="{_data_uri(jpeg)}" width="{image.width:d}" height="{image.height:d}" '
-        f'alt="image {number}"><figcaption>{_text(caption)}</figcaption></figure>'
+        f'<figure><div class="frame"><img src="{_data_uri(jpeg)}" width="{image.width:d}" '
+        f'height="{image.height:d}" alt="image {number}">{_boxes_svg(image, list(drawn))}</div>'
+        f"<figcaption>{_text(caption)}</figcaption></figure>"
     )
 
 
@@ -183,9 +224,11 @@ def _strip_html(number: int, video: StoredVideo, frames: list[bytes]) -> str:
     return f'<div class="video" data-video="{number}"><p>{_text(about)}</p>{stamps}{strip}</div>'
 
 
-def card_html(sample: Sample, decoder: TokenDecoder) -> str:
-    """One sample: images, videos (strips of their frames), facts, the conversation as tokens, meta."""
+def card_html(sample: Sample, decoder: TokenDecoder, scale: Scale | None = None) -> str:
+    """One sample: images (with its grounding boxes drawn; boxes in its text read in ``scale``, the family's), videos
+    (strips of their frames), facts, the conversation as tokens, meta."""
     info = sample.stored
+    drawn = drawn_boxes(sample, scale)
     badges = []
     if info.fitted:
         lowered = "videos and images lowered" if info.videos else "images lowered in resolution"
@@ -199,7 +242,8 @@ def card_html(sample: Sample, decoder: TokenDecoder) -> str:
         + " ".join(badges)
     )
     figures = "".join(
-        _figure_html(n, i, jpeg) for n, (i, jpeg) in enumerate(zip(info.images, sample.images, strict=True), 1)
+        _figure_html(n, i, jpeg, [d for d in drawn if d.image == n - 1])
+        for n, (i, jpeg) in enumerate(zip(info.images, sample.images, strict=True), 1)
     )
     strips = "".join(
         _strip_html(n, v, frames) for n, (v, frames) in enumerate(zip(info.videos, sample.videos, strict=True), 1)

@@ -1,11 +1,13 @@
-"""The local torch trainer: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE) from shards, one process or many (torchrun).
+"""The local torch trainer: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (dense, MoE) from shards, one process or many
+(torchrun).
 
 Full fine-tune or LoRA (peft, an optional extra), AdamW, linear warmup then
 cosine decay, gradient clipping, gradient accumulation with the loss averaged
 over every target token of the step (across micro-batches and ranks), bf16
 autocast on CUDA, optional gradient checkpointing, optional packing (``pack``:
 samples packed whole into one sequence of up to ``batch_tokens`` tokens per
-micro-batch, attention kept within each sample), optional load-time image
+micro-batch, attention kept within each sample, and Qwen3.5's linear-attention
+layers run per sample: :func:`~shardkit.model.packing.prepare_packing`), optional load-time image
 augmentation (``augment``: :class:`~shardkit.load.augment.Augment`'s default
 strengths, seeded by ``seed``), a frozen vision tower and merger
 (``freeze_vision_tower``), optionally fed by cached image embeddings
@@ -59,13 +61,19 @@ from shardkit.model import (
     setup_distributed,
     vision_tower,
 )
+from shardkit.model.packing import prepare_packing
 from shardkit.shards import Manifest
 from shardkit.train import SourceCounter, TrainConfig, claim_output, keep_metrics_until, planned_steps
 from shardkit.train.evaluate import EvalResult, combine, eval_batches, rank_share
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+#: the language model's linear layers LoRA adapts, never the vision tower's: attention, MLP (a MoE's shared expert;
+#: its routed experts are 3-D parameters, not linear layers) and Qwen3.5's Gated DeltaNet projections
+LORA_TARGETS = (
+    r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+    r"|in_proj_qkv|in_proj_z|in_proj_a|in_proj_b|out_proj)$"
+)
 
 
 # -- distributed -------------------------------------------------------------------------
@@ -253,6 +261,8 @@ def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
     """The model to train, checked against the build (and the cached embeddings), frozen and wrapped as asked."""
     model = load_model(config.model, config.attn_implementation)
     check_fits_build(model, stream.source.manifest.config)
+    if config.pack:
+        prepare_packing(model)
     if config.freeze_vision_tower:
         vision_tower(model).requires_grad_(False)
     if config.image_embeddings:

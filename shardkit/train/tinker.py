@@ -1,8 +1,9 @@
-"""The Tinker trainer: LoRA fine-tuning of a Qwen3-VL model through Thinking Machines' Tinker API.
+"""The Tinker trainer: LoRA fine-tuning of a Qwen3-VL, Qwen3.5, Qwen3.6 or Qwen3.8 model through Thinking Machines'
+Tinker API.
 
-Datums come from :class:`~shardkit.load.tinker.DatumBatches` (a build made
-with ``--model qwen3_vl``). Each step submits ``forward_backward`` with the
-``cross_entropy`` loss and ``optim_step`` back to back, and only then waits for
+Datums come from :class:`~shardkit.load.tinker.DatumBatches` (a build whose family renders as the base model's
+tinker-cookbook renderer does: :func:`check_base_model`, the lineup in :data:`TINKER_VL_MODELS`). Each step submits
+``forward_backward`` with the ``cross_entropy`` loss and ``optim_step`` back to back, and only then waits for
 the previous step's results, so the service always has the next step queued
 (the pipelining the SDK documentation recommends). The learning rate follows
 linear warmup then cosine decay. With ``eval_data``, every ``eval_every``
@@ -39,6 +40,91 @@ from shardkit.train.evaluate import EvalResult, combine, eval_batches
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "tinker_state.json"
+
+#: Tinker's vision-language base models and the renderers tinker-cookbook 0.5.8 recommends for each, its default
+#: first (``model_info.py``, the models with ``is_vl``); a build trains one when its family's ``tinker_renderer`` is
+#: among them
+TINKER_VL_MODELS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(
+        ("Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Instruct"),
+        ("qwen3_vl_instruct",),
+    ),
+    **dict.fromkeys(
+        (
+            "Qwen/Qwen3.5-4B",
+            "Qwen/Qwen3.5-9B",
+            "Qwen/Qwen3.5-27B",
+            "Qwen/Qwen3.5-35B-A3B",
+            "Qwen/Qwen3.5-397B-A17B",
+            "Qwen/Qwen3.6-27B",
+            "Qwen/Qwen3.6-35B-A3B",
+        ),
+        ("qwen3_5", "qwen3_5_disable_thinking", "qwen3_5_preserve_thinking"),
+    ),  # fmt: skip
+    "Qwen/Qwen3.8-27B": (
+        "qwen3_8_xhigh_reasoning",
+        "qwen3_8_disable_thinking",
+        "qwen3_8_medium_reasoning",
+        "qwen3_8_low_reasoning",
+    ),
+    **dict.fromkeys(("Qwen/Qwen3.5-9B-Base", "Qwen/Qwen3.5-35B-A3B-Base"), ("role_colon",)),
+    "moonshotai/Kimi-K2.5": ("kimi_k25", "kimi_k25_disable_thinking"),
+    "moonshotai/Kimi-K2.6": ("kimi_k26", "kimi_k26_disable_thinking", "kimi_k26_preserve_thinking"),
+    "nvidia/NVIDIA-Nemotron-3.5-Super-VL-120B-A12B-BF16": (
+        "nemotron3_ultra",
+        "nemotron3_ultra_disable_thinking",
+        "nemotron3_ultra_medium_thinking",
+        "nemotron3_ultra_preserve_thinking",
+    ),
+    **dict.fromkeys(("thinkingmachines/Inkling", "thinkingmachines/Inkling-Small"), ("tml_v0",)),
+}
+
+#: why no family renders as these renderers (the default renderers of the models above that shardkit does not serve)
+NOT_SERVED: dict[str, str] = {
+    "role_colon": "the cookbook's role_colon renderer (the Base models) takes no images: it raises on an image part",
+    "kimi_k25": "another tokenizer and chat format (Kimi's), not Qwen's",
+    "kimi_k26": "another tokenizer and chat format (Kimi's), not Qwen's",
+    "nemotron3_ultra": "another tokenizer and chat format (Nemotron's), not Qwen's",
+    "tml_v0": "Thinking Machines' own format, rendered by the tml-renderers package, not Qwen's",
+}
+
+
+def base_model_renderers(base_model: str) -> tuple[str, ...]:
+    """The tinker-cookbook renderers recommended for ``base_model`` (a ``:checkpoint`` suffix ignored): from
+    :data:`TINKER_VL_MODELS`, else from the installed cookbook's ``model_info``; refused when neither knows it."""
+    name = base_model.split(":", 1)[0]
+    if name in TINKER_VL_MODELS:
+        return TINKER_VL_MODELS[name]
+    try:
+        from tinker_cookbook.model_info import get_model_attributes
+
+        return tuple(get_model_attributes(name).recommended_renderers)
+    except Exception:  # not installed, or the cookbook does not know the model (KeyError, ConfigurationError)
+        raise ConfigError(
+            f"--base-model {base_model}: shardkit does not know which renderer Tinker trains it with; the models it "
+            f"knows are {', '.join(TINKER_VL_MODELS)} (tinker-cookbook 0.5.8; with tinker-cookbook installed, the "
+            "ones its model_info names)"
+        ) from None
+
+
+def check_base_model(family: str, base_model: str, data: str) -> None:
+    """Refuse a build (at ``data``, made for ``family``) whose tokens are not those of any renderer tinker-cookbook
+    recommends for ``base_model``: Tinker would train the model on another chat format than its own."""
+    from shardkit.families import FAMILIES, get_family
+
+    renderers = base_model_renderers(base_model)
+    own = get_family(family).tinker_renderer
+    if own in renderers:
+        return
+    fits = [f.name for f in FAMILIES.values() if f.tinker_renderer in renderers]
+    have = f"renders as tinker-cookbook's {own}" if own else "has no Tinker renderer's tokens"
+    if fits:
+        advice = f"build with --model {' or --model '.join(fits)}"
+    else:
+        advice = f"shardkit has no family for it ({NOT_SERVED.get(renderers[0], 'not a Qwen chat format')})"
+    raise ConfigError(
+        f"{data} was built for {family}, which {have}; Tinker trains {base_model} with {', '.join(renderers)}: {advice}"
+    )
 
 
 def learning_rate(step: int, total: int, warmup: int, base: float) -> float:
@@ -216,11 +302,7 @@ def train_tinker(
     service = service or default_service()
     stream = config.open_stream(batch_size=config.batch_size, seed=config.seed)
     data = ", ".join(config.data) or config.mix
-    family = stream.source.manifest.config.family.name
-    from shardkit.families import get_family
-
-    if get_family(family).tinker_renderer is None:
-        raise ConfigError(f"{data} was built for {family}; Tinker trains Qwen3-VL: build with --model qwen3_vl")
+    check_base_model(stream.source.manifest.config.family.name, config.base_model, data)
     batches = DatumBatches(stream)
     total_steps = planned_steps(config, stream)
     evaluation = (

