@@ -52,7 +52,7 @@ from shardkit.shards.folder import (
     save_result,
     unclaim_manifest,
 )
-from shardkit.shards.manifest import BuildInfo, SpecialTokens
+from shardkit.shards.manifest import BuildInfo, SpecialTokens, VideoSettings
 from shardkit.shards.task import TaskResult, TaskShardWriter
 from shardkit.storage import join, open_fs, write_bytes
 from shardkit.tokenizer import TokenizerInfo, load_fast_tokenizer
@@ -313,7 +313,7 @@ def _build_split(config: BuildConfig, source: InputFormat, scan: InputScan, run:
             return read_manifest(config.out)
         tasks = _run_tasks(fs, folder, SplitTasks(source, config, scan.duplicates, done), scan, run)
         info = _build_info(identity, tokenizer_info, convert.renderer, tokenizer.pad_token_id)
-        return _assemble(fs, folder, config, tasks, info)
+        return _assemble(fs, folder, config, tasks, info, _video_settings(config, convert.renderer))
 
 
 def _finished_tasks(fs: Any, folder: str, root: ImageRoot, complete: bool) -> set[int] | None:
@@ -451,7 +451,27 @@ def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Re
     return BuildInfo.model_validate({**identity, "tokenizer": tokenizer.name, "special_tokens": special})
 
 
-def _assemble(fs: Any, folder: str, config: BuildConfig, tasks: SplitTasks, info: BuildInfo) -> Manifest:
+def _video_settings(config: BuildConfig, renderer: Renderer) -> VideoSettings | None:
+    """How the build samples and sizes videos, as its manifest records them where it holds any."""
+    if not config.family.video:
+        return None
+    grid = config.video_grid
+    return VideoSettings(
+        processor=grid.processor,
+        fps=grid.fps,
+        min_frames=grid.min_frames,
+        max_frames=grid.max_frames,
+        min_pixels=grid.min_pixels,
+        max_pixels=grid.max_pixels,
+        pixels_over=grid.pixels_over,
+        tokens_per_second=grid.tokens_per_second,
+        video_pad=renderer.ids["video_pad"],
+    )
+
+
+def _assemble(
+    fs: Any, folder: str, config: BuildConfig, tasks: SplitTasks, info: BuildInfo, video: VideoSettings | None
+) -> Manifest:
     """Write the manifest (and rejects, stats, index) from the saved task results, and log the outcome."""
     manifest = assemble(
         fs,
@@ -461,6 +481,7 @@ def _assemble(fs: Any, folder: str, config: BuildConfig, tasks: SplitTasks, info
         format=config.format.value,
         config=info,
         created_by=f"shardkit {__version__}",
+        video=video,
     )
     logger.info(
         "built %s in %s (%d rejected) into %s",

@@ -233,8 +233,11 @@ def _build(args: argparse.Namespace) -> int:
     code = EXIT_OK
     for split, manifest in manifests.items():
         out = f"{config.out.rstrip('/')}/{split}" if split else config.out
+        videos = ""
+        if manifest.num_videos:
+            videos = f"{counted(manifest.num_videos, 'video')} ({counted(manifest.num_video_frames, 'frame')}), "
         print(
-            f"{counted(manifest.num_samples, 'sample')}, {counted(manifest.num_images, 'image')}, "
+            f"{counted(manifest.num_samples, 'sample')}, {counted(manifest.num_images, 'image')}, {videos}"
             f"{counted(manifest.num_tokens, 'token')} in {counted(len(manifest.shards), manifest.format + ' shard')} "
             f"-> {out}"
         )
@@ -245,8 +248,9 @@ def _build(args: argparse.Namespace) -> int:
             )
         if manifest.num_fitted:
             print(
-                f"{counted(manifest.num_fitted, 'sample')} had their images lowered in resolution to fit "
-                f"--max-length {config.max_length}"
+                f"{counted(manifest.num_fitted, 'sample')} had their "
+                f"{'videos and images lowered in frames or' if manifest.num_videos else 'images lowered in'} "
+                f"resolution to fit --max-length {config.max_length}"
             )
         if manifest.num_rejected:
             print(

@@ -21,6 +21,10 @@ from shardkit.images import DEFAULT_MAX_IMAGE_BYTES, Grid
 from shardkit.inputs import FORMATS
 from shardkit.options import Options
 from shardkit.render import TrainOn
+from shardkit.video import VideoGrid
+
+#: video options recorded in a build's identity only where given (a build that sets none keeps its bytes)
+VIDEO_OPTIONS = ("video_fps", "video_max_frames")
 
 #: the options of grounding boxes, recorded in a build's identity only when set to something else than their default
 GROUNDING_OPTIONS = ("box_orientation", "text_boxes", "box_style")
@@ -37,7 +41,8 @@ class Overlength(StrEnum):
     """What to do with a sample longer than ``max_length``."""
 
     FIT = "fit"
-    """Lower the sample's image resolution (down to min_pixels, on the grid) until it fits."""
+    """Lower the sample's videos (their frames, then their resolution) and image resolution (down to min_pixels, on
+    the grid) until it fits."""
     DROP = "drop"
     """Reject the sample with a reason."""
     TRUNCATE = "truncate"
@@ -156,6 +161,12 @@ class BuildConfig(Options):
     samples_per_shard: int = Field(1000, ge=1, description="input records per shard")
     max_shard_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="start a new shard part past this size")
     jpeg_quality: int = Field(90, ge=1, le=100, description="quality of the stored JPEGs")
+    video_fps: float | None = Field(
+        None, gt=0, description="video frames sampled per second of a clip (default: 2, as the Qwen-VL processors)"
+    )
+    video_max_frames: int | None = Field(
+        None, ge=2, description="most frames kept of one video (default: 768, as the Qwen-VL processors)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BuildConfig:
@@ -165,6 +176,8 @@ class BuildConfig(Options):
         object.__setattr__(self, "min_pixels", self.min_pixels or family.min_pixels)
         object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
         Grid(family.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
+        if family.video:
+            self.video_grid  # noqa: B018 -- raises on bad video options
         if self.box_style is not None:
             style = get_style(self.box_style)
             if family.box_style is None:
@@ -194,6 +207,11 @@ class BuildConfig(Options):
     def grid(self) -> Grid:
         return Grid(self.family.factor, int(self.min_pixels or 0), int(self.max_pixels or 0))
 
+    @property
+    def video_grid(self) -> VideoGrid:
+        """How the family's video processor samples and sizes a clip, with ``video_fps`` and ``video_max_frames``."""
+        return VideoGrid.for_family(self.model, fps=self.video_fps, max_frames=self.video_max_frames)
+
     def input_options(self) -> dict[str, Any]:
         """Options of the input form (prompt and columns)."""
         return {
@@ -206,9 +224,11 @@ class BuildConfig(Options):
         }
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the output's bytes (the output location excluded); the grounding options only
-        where they differ from their defaults, so that builds made before them keep their identity."""
-        unset = {name for name in GROUNDING_OPTIONS if getattr(self, name) == type(self).model_fields[name].default}
+        """The options that decide the output's bytes (the output location excluded): the video options where
+        given, the grounding options where they differ from their defaults, so that builds made before them keep
+        their identity."""
+        unset = {name for name in VIDEO_OPTIONS if getattr(self, name) is None}
+        unset |= {name for name in GROUNDING_OPTIONS if getattr(self, name) == type(self).model_fields[name].default}
         return self.model_dump(mode="json", exclude={"out", "input", "image_root", *unset})
 
 

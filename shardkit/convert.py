@@ -1,10 +1,13 @@
 """One record's conversion: a raw input item -> a :class:`~shardkit.shards.Sample`, or its reject.
 
 :class:`Converter` reads the record in its input form, checks it
-(:mod:`shardkit.record_checks`), renders and tokenizes its chat in the
-family's format, opens its images and plans their sizes on the grid (fitting
-``max_length`` with ``--overlength fit``), cuts to ``max_length`` and encodes
-the images as JPEGs. A record with grounding boxes (objects, placeholders, or a
+(:mod:`shardkit.record_checks`), opens its videos and plans their frames
+(:mod:`shardkit.video`: a clip is probed, not decoded, here), renders and
+tokenizes its chat in the family's format, opens its images and plans their
+sizes on the grid (fitting ``max_length`` with ``--overlength fit``: the
+videos' frames, then their resolution, then the images'), cuts to
+``max_length``, encodes the images as JPEGs and decodes each clip once for
+the frames it keeps. A record with grounding boxes (objects, placeholders, or a
 family's box syntax in its text) has its images opened first, and its texts
 written for their stored sizes (:class:`BoxWriter`) before it is rendered.
 ``build`` and ``validate`` both convert through it, so they reject the same
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,14 +35,15 @@ from shardkit.boxes import (
     stored_boxes,
 )
 from shardkit.config import BuildConfig, Overlength
-from shardkit.errors import RecordError
+from shardkit.errors import ConfigError, RecordError
 from shardkit.images import ImageRoot, SourceImage, encode_jpeg, image_label
 from shardkit.inputs import InputFormat, RawItem, open_input
 from shardkit.ledger import Ledger, file_stamp, record_read
 from shardkit.record_checks import check_answers, check_text, max_token_chars, min_tokens, plain_json, text_chars
 from shardkit.render import Expanded, Rendered, Renderer, targets
-from shardkit.schema import ImagePart, Record, TextPart
+from shardkit.schema import ImagePart, Record, TextPart, VideoPart
 from shardkit.shards import Sample
+from shardkit.video import Clip, VideoGrid, VideoPlan, frame_list_meta, probe
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class Converter:
         self.input = open_input(config.input, config.input_format, **config.input_options())
         self.renderer: Renderer = config.family.renderer(tokenizer)
         self.grid = config.grid
+        self.video_grid: VideoGrid | None = config.video_grid if config.family.video else None
         self.root = image_root(config, self.input)
         self.token_chars = max_token_chars(tokenizer)
 
@@ -68,6 +74,8 @@ class Converter:
             return self._convert(raw, {} if ledger is None else ledger)
         except RecordError as exc:
             raise exc.at(raw.number, raw.source_line) from None
+        except ConfigError:  # the build's own (PyAV missing for a video): stops the build with its one line
+            raise
         except RecursionError:
             raise RecordError("nested too deeply to be read", "invalid_json").at(raw.number, raw.source_line) from None
         except Exception as exc:  # a case no check foresaw: a bug, reported with its traceback
@@ -83,21 +91,27 @@ class Converter:
         record = self._record(raw)
         meta = plain_json(record.meta)
         self._check_text_length(record)
+        clips = self._open_videos(record.videos(), ledger)
+        plans = [self._video_grid().plan(clip.meta) for clip in clips]
         refs = [part.image for part in record.images()]
         grounded = record.objects is not None or mentions_boxes(record_texts(record))
         if not grounded:  # rendered first: a record's text is checked before its images are read
-            rendered = self.renderer.render(record, self.config.train_on)
+            rendered = self.renderer.render(record, self.config.train_on, plans)
             self._check_text_tokens(rendered.num_text_tokens)
         opened = self._open_images(refs, ledger)
         originals = [(opened[ref].height, opened[ref].width) for ref in refs]
         boxes = BoxWriter(self, record, [opened[ref] for ref in refs]) if grounded else None
         if boxes is not None:  # written for the full sizes: a bound of the text's tokens for the plan
-            record, rendered = boxes.render(self.grid.plan(originals))
+            record, rendered = boxes.render(self.grid.plan(originals), plans)
             self._check_text_tokens(rendered.num_text_tokens)
-        planned, fitted = self._plan(originals, rendered.num_text_tokens)
+        if clips:
+            planned, plans, rendered, fitted = self._plan_with_videos(record, originals, clips, plans, rendered)
+        else:
+            planned, fitted = self._plan(originals, rendered.num_text_tokens)
         if boxes is not None and fitted:  # absolute coordinates follow the planned sizes (digits, tokens, only fall)
-            record, rendered = boxes.render(planned)
-        expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned])
+            record, rendered = boxes.render(planned, plans)
+        blocks = [tokens for plan in plans for tokens in _blocks(plan)]
+        expanded = rendered.expand([self.grid.tokens(h, w) for h, w in planned], blocks)
         input_ids, weights = self._cut(expanded)
         if boxes is not None and len(input_ids) < len(expanded.input_ids):
             boxes.check_cut(expanded, len(input_ids))
@@ -121,9 +135,140 @@ class Converter:
             info["id"] = plain_json(record.id, "id")
         if boxes is not None:
             boxes.record(info)
-        sample = Sample(info["key"], info, input_ids, weights, self._encode(opened, refs, planned))
+        videos: list[list[bytes]] = []
+        if clips:
+            quality = self.config.jpeg_quality
+            stored = [clip.stored_frames(plan, quality) for clip, plan in zip(clips, plans, strict=True)]
+            videos = [frames for frames, _ in stored]
+            times = [decoded for _, decoded in stored]
+            info["videos"] = self._videos_info(clips, plans, times, expanded.video_spans)
+        sample = Sample(info["key"], info, input_ids, weights, self._encode(opened, refs, planned), videos)
         sample.info_json  # noqa: B018 -- made here, so a value JSON cannot hold is this record's reject
         return sample
+
+    def _video_grid(self) -> VideoGrid:
+        """The family's video rule; ``video_not_supported`` where the family takes no video."""
+        if self.video_grid is None:
+            raise RecordError(
+                f"the record has a video, and the {self.config.family.name} family takes none", "video_not_supported"
+            )
+        return self.video_grid
+
+    def _open_videos(self, parts: list[VideoPart], ledger: Ledger) -> list[Clip]:
+        """The record's videos, opened (a clip read and probed, a frame list's images opened), none decoded."""
+        if parts:
+            self._video_grid()
+        clips = []
+        for part in parts:
+            if part.frames is None:
+                data = self._read_video(part.video, ledger)  # type: ignore[arg-type]
+                label = image_label(part.video)  # type: ignore[arg-type]
+                clips.append(Clip(label, probe(data, ref=label), data=data))
+                continue
+            frames = tuple(
+                SourceImage(self._read(ref, ledger), ref, max_pixels=self.config.max_image_pixels)
+                for ref in part.frames
+            )
+            meta = frame_list_meta([(f.height, f.width) for f in frames], part.fps)
+            label = f"{image_label(part.frames[0])} ... {image_label(part.frames[-1])} ({len(frames)} frames)"
+            clips.append(Clip(label, meta, frames=frames))
+        return clips
+
+    def _read_video(self, ref: str, ledger: Ledger) -> bytes:
+        """A clip's bytes, read as an image's are (inside the root, a regular file, within --max-image-bytes); the
+        reasons say video."""
+        try:
+            return self._read(ref, ledger)
+        except RecordError as exc:
+            code = exc.code.replace("image_", "video_", 1) if exc.code.startswith("image_") else exc.code
+            reason = exc.reason.replace("image", "video", 1).replace("download images", "download videos")
+            detail = {("video" if k == "image" else k): v for k, v in (exc.detail or {}).items()}
+            raise RecordError(reason, code, detail=detail) from None
+
+    def _plan_with_videos(
+        self,
+        record: Record,
+        originals: list[tuple[int, int]],
+        clips: list[Clip],
+        plans: list[VideoPlan],
+        rendered: Rendered,
+    ) -> tuple[list[tuple[int, int]], list[VideoPlan], Rendered, bool]:
+        """Image sizes, video plans and the rendering of a sample with videos; under ``--overlength fit`` lowered
+        until it fits ``max_length``: the videos first (frames, then resolution; :meth:`VideoGrid.fit`) with the
+        images at their full size, else with the images at their least, which then take back what the videos
+        leave. Qwen3-VL's timestamps are text that changes with the frames: the chat is rendered again, and a
+        budget the new text overruns is lowered by that much."""
+        config, grid, video_grid = self.config, self.grid, self._video_grid()
+        full = grid.plan(originals)
+        full_tokens = sum(grid.tokens(h, w) for h, w in full)
+        if config.overlength is not Overlength.FIT:
+            return full, plans, rendered, False
+        if rendered.num_text_tokens + full_tokens + sum(p.tokens for p in plans) <= config.max_length:
+            return full, plans, rendered, False
+        least = [grid.size(h, w, grid.min_pixels) for h, w in originals]
+        least_tokens = sum(grid.tokens(h, w) for h, w in least)
+        text = rendered.num_text_tokens
+        for _ in range(4):
+            budget = config.max_length - text
+            fitted = None
+            for image_tokens in (full_tokens, least_tokens):
+                fitted = _fit_videos(video_grid, [c.meta for c in clips], plans, budget - image_tokens)
+                if fitted is not None:
+                    break
+            if fitted is None:
+                break
+            images = full if image_tokens == full_tokens else grid.plan(originals, budget - _tokens(fitted))
+            if images is None:  # pragma: no cover -- the least sizes fit by the choice above
+                break
+            again = self.renderer.render(record, config.train_on, fitted)
+            total = again.num_text_tokens + sum(grid.tokens(h, w) for h, w in images) + _tokens(fitted)
+            if total <= config.max_length:
+                return images, fitted, again, True
+            text += total - config.max_length  # the new timestamps are longer: take it off the budget
+        raise RecordError(
+            f"too long: {rendered.num_text_tokens} text tokens plus its {len(originals)} images at min_pixels "
+            f"({least_tokens} tokens) and {len(clips)} videos at their least (2 frames at min_pixels) exceed "
+            f"max_length {config.max_length}",
+            "too_long",
+        )
+
+    def _videos_info(
+        self,
+        clips: list[Clip],
+        plans: list[VideoPlan],
+        decoded_times: list[list[float | None]],
+        spans: list[tuple[int, int]],
+    ) -> list[dict[str, Any]]:
+        """What the sample's JSON says of each video (:class:`~shardkit.shards.base.StoredVideo`)."""
+        out = []
+        blocks = iter(spans)
+        for clip, plan, times in zip(clips, plans, decoded_times, strict=True):
+            meta = clip.meta
+            own = [list(next(blocks)) for _ in _blocks(plan)]
+            spg = plan.second_per_grid_t
+            out.append(
+                {
+                    "source": clip.label,
+                    "frame_list": meta.frame_list,
+                    "source_frames": meta.frames,
+                    "source_fps": float(meta.fps),
+                    "duration": float(meta.duration),
+                    "original_width": meta.width,
+                    "original_height": meta.height,
+                    "width": plan.size[1],
+                    "height": plan.size[0],
+                    "frame_indices": list(plan.indices),
+                    "frame_times": [float(t) for t in plan.times],
+                    "decoded_times": times,
+                    "grid_thw": list(plan.grid),
+                    "second_per_grid_t": None if spg is None else float(spg),
+                    "timestamps": list(plan.timestamps),
+                    "spans": own,
+                    "token_start": own[0][0],
+                    "num_tokens": plan.tokens,
+                }
+            )
+        return out
 
     def _record(self, raw: RawItem) -> Record:
         """The item's validated record, its text and answers checked."""
@@ -179,11 +324,12 @@ class Converter:
                 f"too long: {len(input_ids)} tokens, over max_length {config.max_length} (--overlength drop)",
                 "too_long",
             )
-        image_end = max((start + n for start, n in expanded.image_spans), default=0)
+        image_end = max((start + n for start, n in expanded.image_spans + expanded.video_spans), default=0)
         if image_end > config.max_length:
+            media = "video" if any(s + n == image_end for s, n in expanded.video_spans) else "image"
             raise RecordError(
                 f"too long: {len(input_ids)} tokens, and cutting to max_length {config.max_length} would cut "
-                f"through image tokens (they end at {image_end})",
+                f"through {media} tokens (they end at {image_end})",
                 "too_long",
             )
         return input_ids[: config.max_length], weights[: config.max_length]
@@ -283,10 +429,11 @@ class BoxWriter:
         self.grounded: Grounded | None = None
         self.sizes: list[ImageSize] = []
 
-    def render(self, planned: list[tuple[int, int]]) -> tuple[Record, Rendered]:
-        """The record with its texts written for the images at ``planned`` (height, width) sizes, and its render."""
+    def render(self, planned: list[tuple[int, int]], videos: Sequence[VideoPlan] = ()) -> tuple[Record, Rendered]:
+        """The record with its texts written for the images at ``planned`` (height, width) sizes, and its render
+        (with its videos' plans, whose timestamps are text)."""
         if self.style is None or self.grounding is None:
-            return self.original, self.convert.renderer.render(self.original, self.convert.config.train_on)
+            return self.original, self.convert.renderer.render(self.original, self.convert.config.train_on, videos)
         self.sizes = [
             ImageSize(image.width, image.height, w, h, image.orientation)
             for image, (h, w) in zip(self.images, planned, strict=True)
@@ -302,7 +449,7 @@ class BoxWriter:
             names=self.names,
         )
         record = with_texts(self.original, self.grounded.texts)
-        return record, self.convert.renderer.render(record, config.train_on)
+        return record, self.convert.renderer.render(record, config.train_on, videos)
 
     @property
     def active(self) -> bool:
@@ -372,20 +519,52 @@ def with_texts(record: Record, texts: list[str]) -> Record:
 
 
 def stored_messages(record: Record) -> list[dict[str, Any]]:
-    """The conversation as stored with a sample: text parts as they are, image parts by their index."""
+    """The conversation as stored with a sample: text parts as they are, image (video) parts by their index."""
     images = iter(range(len(record.images())))
+    videos = iter(range(len(record.videos())))
     return [
         {
             "role": m.role,
             "content": [
                 {"type": "image", "index": next(images)}
                 if isinstance(p, ImagePart)
+                else {"type": "video", "index": next(videos)}
+                if isinstance(p, VideoPart)
                 else {"type": "text", "text": p.text}
                 for p in m.content
             ],
         }
         for m in record.messages
     ]
+
+
+def _blocks(plan: VideoPlan) -> list[int]:
+    """The ``<|video_pad|>`` tokens of each of a video's blocks: one block, or one per temporal patch (Qwen3-VL)."""
+    if not plan.timestamps:
+        return [plan.tokens]
+    return [plan.tokens // len(plan.timestamps)] * len(plan.timestamps)
+
+
+def _tokens(plans: list[VideoPlan]) -> int:
+    return sum(plan.tokens for plan in plans)
+
+
+def _fit_videos(grid: VideoGrid, metas: list[Any], plans: list[VideoPlan], budget: int) -> list[VideoPlan] | None:
+    """The videos' plans within ``budget`` tokens together, each given its share by its full size (the plan as it
+    is where it fits); None when one cannot fit its share."""
+    full = _tokens(plans)
+    if full <= budget:
+        return plans
+    if budget <= 0:
+        return None
+    fitted = []
+    for meta, plan in zip(metas, plans, strict=True):
+        share = budget * plan.tokens // full
+        lowered = grid.fit(meta, share)
+        if lowered is None:
+            return None
+        fitted.append(lowered)
+    return fitted
 
 
 def sample_key(line: int) -> str:

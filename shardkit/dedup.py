@@ -1,4 +1,4 @@
-"""Finding duplicate records (``--dedup``): the same text and image bytes as an earlier record."""
+"""Finding duplicate records (``--dedup``): the same text, image and video bytes as an earlier record."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from shardkit.errors import RecordError
 from shardkit.images import ImageRoot
 from shardkit.inputs import InputFormat, RawItem
-from shardkit.schema import ImagePart, InlineImage
+from shardkit.schema import ImagePart, InlineImage, VideoPart
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ class DuplicateScan:
 
 
 def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) -> DuplicateScan:
-    """The records whose text and image bytes repeat an earlier record's, in one pass over the input.
+    """The records whose text, image and video bytes repeat an earlier record's, in one pass over the input.
 
-    Images are read, not decoded, and each distinct image is read once.
+    Images and videos are read, not decoded, and each distinct file is read once.
     A record that is itself invalid (it does not parse, an image cannot be
     read) is left for the build to reject; any other error propagates.
     """
@@ -48,7 +48,13 @@ def find_duplicates(source: InputFormat, images: ImageRoot, threads: int = 8) ->
             for message in record.messages:
                 digest.update(message.role.encode() + b"\0")
                 for part in message.content:
-                    content = image_digest(part.image) if isinstance(part, ImagePart) else part.text.encode()
+                    if isinstance(part, ImagePart):
+                        content = image_digest(part.image)
+                    elif isinstance(part, VideoPart):  # a clip's bytes, or its frame images' (and their rate)
+                        refs = [part.video] if part.frames is None else part.frames
+                        content = b"video" + b"".join(image_digest(ref) for ref in refs) + str(part.fps).encode()
+                    else:
+                        content = part.text.encode()
                     digest.update(content + b"\0")
             return item.number, digest.digest()
         except (RecordError, RecursionError, OSError, ValueError):  # the record's own fault: the build rejects it

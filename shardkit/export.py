@@ -119,6 +119,12 @@ def llamafactory_messages(sample: Sample) -> list[dict[str, str]]:
                 pieces.append(IMAGE_PLACEHOLDER)
                 images += 1
                 continue
+            if part["type"] == "video":
+                raise RecordError(
+                    "the sample has a video: export writes images only (its frames are a shardkit build's; "
+                    "LLaMA-Factory would decode the clip again), so it is left out",
+                    "llamafactory_video",
+                )
             found = [p for p in PLACEHOLDERS if p in part["text"]]
             if found:
                 raise RecordError(

@@ -1,7 +1,8 @@
 """Pydantic models of one input record: the Qwen2-VL conversation JSONL line.
 
 ``{"messages": [{"role": "user", "content": [{"type": "image", "image": "images/a.jpg"},
-{"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}], "meta": {...}}``
+{"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}], "meta": {...}}``;
+a video is a ``{"type": "video", "video": "clips/a.mp4"}`` part (or a list of frame images).
 
 Models are strict where a typo would otherwise pass silently (unknown keys are
 errors); ``meta`` is free-form and kept as it is. :func:`format_validation_error`
@@ -82,7 +83,34 @@ class ImagePart(BaseModel):
     ]
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoPart(BaseModel):
+    """A video inside a message: a clip (a path relative to the dataset root, as an image's, or a ``data:`` URI),
+    or its frames already sampled (a list of image paths, ms-swift's and LLaMA-Factory's form), ``fps`` frames a
+    second (default 2; for a clip the sampling rate is the build's ``--video-fps``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["video"]
+    video: str | list[str]
+    fps: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoPart:
+        frames = self.video if isinstance(self.video, list) else None
+        if frames is None and not self.video:
+            raise ValueError("a video part needs a path (or a list of frame images)")
+        if frames is not None and (not frames or not all(frames)):
+            raise ValueError("a video given as frames needs at least one frame image, each a path")
+        if frames is None and self.fps is not None:
+            raise ValueError("'fps' gives the rate of a list of frames; a clip is sampled at the build's --video-fps")
+        return self
+
+    @property
+    def frames(self) -> list[str] | None:
+        """The frame images of a video given as a list, else None (a clip)."""
+        return self.video if isinstance(self.video, list) else None
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ImageUrl(BaseModel):
@@ -136,13 +164,17 @@ class Message(BaseModel):
     def images(self) -> list[ImagePart]:
         return [p for p in self.content if isinstance(p, ImagePart)]
 
+    def videos(self) -> list[VideoPart]:
+        return [p for p in self.content if isinstance(p, VideoPart)]
+
 
 #: the error type (and reject code) of a record whose last message is not the assistant's answer
 NO_ANSWER = "no_answer"
 
 
 class Record(BaseModel):
-    """One training sample: a conversation with 1..N images, optional free-form ``meta`` and grounding ``objects``.
+    """One training sample: a conversation with images and videos (any number), optional free-form ``meta`` and
+    grounding ``objects``.
 
     It ends with the assistant's answer: a record whose last message is a user (or system) turn is a prompt
     for generation (GRPO, evaluation), not a training sample, and is rejected as ``no_answer``.
@@ -176,11 +208,17 @@ class Record(BaseModel):
         for i, m in enumerate(self.messages):
             if m.role != "user" and m.images():
                 raise ValueError(f"message {i} ({m.role}) has an image; images belong in user messages")
+            if m.role != "user" and m.videos():
+                raise ValueError(f"message {i} ({m.role}) has a video; videos belong in user messages")
         return self
 
     def images(self) -> list[ImagePart]:
         """All image parts, in order of appearance."""
         return [p for m in self.messages for p in m.images()]
+
+    def videos(self) -> list[VideoPart]:
+        """All video parts, in order of appearance."""
+        return [p for m in self.messages for p in m.videos()]
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -195,7 +233,7 @@ def format_validation_error(error: ValidationError) -> str:
             )
         elif kind == "union_tag_invalid":
             tag = item["ctx"].get("tag")
-            msg = f"unsupported content type {tag!r} (expected 'image' or 'text')"
+            msg = f"unsupported content type {tag!r} (expected 'image', 'video' or 'text')"
         elif kind == "union_tag_not_found":
             msg = "content part has no 'type'"
         elif kind == "model_type" and not item["loc"]:

@@ -2,8 +2,9 @@
 
 The seed's statistics (samples, images, images per sample, top diagnoses from
 ``meta``) plus token-length and image-size distributions, rejects by reason,
-how many samples were fitted or truncated, and the grounding boxes and points
-written (and rejected). Image bytes are checked, never decoded.
+how many samples were fitted or truncated, the grounding boxes and points
+written (and rejected), and, in a build with videos, frames and tokens per clip
+(and per second of video). Image bytes are checked, never decoded.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def build_stats(location: str, **options: Any) -> dict[str, Any]:
     asked = StatsOptions.create(**options)
     manifest: Manifest = read_manifest(location)
     tokens, trained, per_sample, pixels, image_tokens, originals = [], [], [], [], [], []
+    frames, video_tokens, seconds = [], [], []
     labels: Counter[str] = Counter()
     meta_keys: set[str] = set()
     for sample in BuildSource(location, manifest=manifest).samples(images=False):
@@ -56,12 +58,26 @@ def build_stats(location: str, **options: Any) -> dict[str, Any]:
             pixels.append(image["width"] * image["height"])
             image_tokens.append(image["num_tokens"])
             originals.append(image["original_width"] * image["original_height"])
+        for video in info.get("videos", ()):
+            frames.append(len(video["frame_indices"]))
+            video_tokens.append(video["num_tokens"])
+            seconds.append(video["duration"])
         meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
         meta_keys.update(meta)
         value = meta.get(asked.meta_key)
         if isinstance(value, (str, int, float, bool)):
             labels[str(value)] += 1
     config = manifest.config
+    videos = {}
+    if manifest.num_videos:
+        videos = {
+            "videos": manifest.num_videos,
+            "video_frames": manifest.num_video_frames,
+            "frames_per_video": _distribution(frames),
+            "tokens_per_video": _distribution(video_tokens),
+            "video_seconds": _distribution(seconds),
+            "video_tokens_per_second": _distribution([n / s for n, s in zip(video_tokens, seconds, strict=True) if s]),
+        }
     return {
         "location": location,
         "format": manifest.format,
@@ -94,6 +110,7 @@ def build_stats(location: str, **options: Any) -> dict[str, Any]:
         "meta_keys": sorted(meta_keys),
         "unique_labels": len(labels),
         "top_labels": labels.most_common(asked.top),
+        **videos,
     }
 
 
@@ -128,6 +145,14 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"  Stored image size:     {dist(stats['stored_image_megapixels'], ' MP')}",
         f"  Original image size:   {dist(stats['original_image_megapixels'], ' MP')}",
     ]
+    if stats.get("videos"):  # a build with videos
+        lines[7:7] = [
+            f"  Videos:                {stats['videos']} ({stats['video_frames']} frames stored)",
+            f"  Frames per video:      {dist(stats['frames_per_video'])}",
+            f"  Tokens per video:      {dist(stats['tokens_per_video'])}",
+            f"  Video length:          {dist(stats['video_seconds'], ' s')}",
+            f"  Video tokens a second: {dist(stats['video_tokens_per_second'])}",
+        ]
     if stats["boxes"] or stats["points"] or stats["text_boxes"] or stats["box_rejects"]:
         rejected = ", ".join(f"{k}: {v}" for k, v in stats["box_rejects"].items()) or "none"
         lines.append(

@@ -180,7 +180,7 @@ def _bad_records(root: Path) -> list[tuple[bytes, str]]:
             ).encode(),
             "invalid_record",
         ),
-        (_record({"type": "video", "video": "images/clip.mp4"}), "video_not_supported"),
+        (_record({"type": "video", "video": "images/clip.mp4"}), "video_missing"),  # a clip that is not there
         (json.dumps({"messages": [{"role": "user", "content": "Is anyone there?"}]}).encode(), "no_answer"),
         (_record(_image("images/does_not_exist.jpg")), "image_missing"),
         (_record(_image("../outside.jpg")), "image_outside_root"),

@@ -124,6 +124,7 @@ def tiny_qwen2_vl_config(family: str = "qwen2_vl", initializer_range: float = 0.
             "window_size": 56,
             "fullatt_block_indexes": [1],
             "in_chans": 3,
+            "tokens_per_second": 2,  # the published checkpoints' (the config class's default is 4)
         }
     text = {
         "vocab_size": vocabulary["vocab_size"],

@@ -1,5 +1,5 @@
-"""Helpers the tests import: real Pillow images and JSONL files written for a test, the processors compared with,
-ports and torchrun for the servers and process groups tests start. (Fixtures are in conftest.py.)"""
+"""Helpers the tests import: real Pillow images, PyAV clips and JSONL files written for a test, the processors
+compared with, ports and torchrun for the servers and process groups tests start. (Fixtures are in conftest.py.)"""
 
 from __future__ import annotations
 
@@ -33,6 +33,50 @@ def write_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format=fmt, **save)
     return path
+
+
+def pattern(i: int, height: int, width: int) -> np.ndarray:
+    """Frame ``i`` of a test clip: a colour ramp that moves with ``i``, so frames differ everywhere (and lossless
+    clips keep it)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 7 + i * 23) % 256, (y * 5 + i * 11) % 256, (x + y + i * 40) % 256], -1).astype(np.uint8)
+
+
+def write_clip(path, frames, rate, height, width, codec="mpeg4", pix_fmt="yuv420p", pts_ms=None):
+    """A clip of ``frames`` :func:`pattern` frames written with PyAV; ``pts_ms`` gives a variable frame rate (times
+    in milliseconds)."""
+    import fractions
+
+    import av
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if codec == "mpeg4":
+            stream.options = {"qscale": "2"}
+        if pts_ms is not None:
+            stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(pattern(i, height, width), format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[i], fractions.Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def write_audio(path) -> Path:
+    """A WAV file (a tenth of a second of silence) written with PyAV: a container with no video stream."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return Path(path)
 
 
 def free_port() -> int:

@@ -249,7 +249,8 @@ def test_newlines_around_image_follow_the_project_of_each_form(tmp_path, tokeniz
 # -- one file, several forms ----------------------------------------------------------------
 
 # ms-swift's Custom-dataset.md, "Multimodal" / "Supervised Fine-tuning": one JSONL whose first record is text only,
-# the next with images and <image> placeholders, then audio and video records (image paths made relative here)
+# the next with images and <image> placeholders, then audio and video records (image paths made relative here; the
+# video record is read, and rejected here for its clip, which is not written: tests/test_video_build.py builds videos)
 SWIFT_SFT = [
     {"messages": [{"role": "user", "content": "Where is the capital of Zhejiang?"},
                   {"role": "assistant", "content": "The capital of Zhejiang is Hangzhou."}]},
@@ -305,7 +306,7 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
         assert sample.input_ids.tolist() == template_tokens(tokenizer, qwen2_vl_template, messages, sample)
     assert sizes(samples[2]) == [SIZES[0], SIZES[1]]
     found = rejects(tmp_path / "swift")
-    assert {line: r["code"] for line, r in found.items()} == {3: "audio_not_supported", 4: "video_not_supported"}
+    assert {line: r["code"] for line, r in found.items()} == {3: "audio_not_supported", 4: "video_missing"}
 
     samples = samples_of(BuildConfig.create(input=str(internvl), out=str(tmp_path / "internvl")))
     assert sorted(samples) == [1, 2, 3] and sizes(samples[2]) == [SIZES[2]] and len(sizes(samples[3])) == 5
@@ -323,9 +324,10 @@ def test_one_file_may_mix_forms_each_record_read_in_its_own(tmp_path, tokenizer,
     command = ["build", str(swift), "--out", str(tmp_path / "named"), "--input-format", "qwen", "--no-progress"]
     assert main(command) == 1
     err = capsys.readouterr().err
-    assert "1 record is in other input forms (sharegpt 1; e.g. line 2: a ShareGPT record" in err
+    # the image record and the image-and-video record (the qwen form reads videos as parts)
+    assert "2 records are in other input forms (sharegpt 2; e.g. line 2: a ShareGPT record" in err
     assert "--input-format qwen reads its own form only: --input-format auto reads each record in its own form" in err
-    assert rejects(tmp_path / "named")[2]["code"] == "other_form"
+    assert rejects(tmp_path / "named")[2]["code"] == rejects(tmp_path / "named")[4]["code"] == "other_form"
     assert [s.info["line"] for s in BuildSource(str(tmp_path / "named")).samples()] == [1]
 
 
@@ -660,19 +662,19 @@ def test_ms_swift_query_response_and_conversation(tmp_path, tokenizer, qwen2_vl_
 
 TURNS = [{"role": "user", "content": "<image>Why?"}, {"role": "assistant", "content": "Because."}]
 REFUSED = [
-    # LLaMA-Factory's mllm_video_demo.json and mllm_audio_demo.json
+    # LLaMA-Factory's mllm_video_demo.json (read: its clip is not here) and mllm_audio_demo.json (refused)
     ({"messages": [{"content": "<video>Why is this video funny?", "role": "user"},
                    {"content": "Because a baby is reading.", "role": "assistant"}],
-      "videos": ["mllm_demo_data/1.mp4"]}, "video_not_supported"),
+      "videos": ["mllm_demo_data/1.mp4"]}, "video_missing"),
     ({"messages": [{"content": "<audio>What's that sound?", "role": "user"},
                    {"content": "Glass shattering.", "role": "assistant"}],
       "audios": ["mllm_demo_data/1.mp3"]}, "audio_not_supported"),
-    # a leftover placeholder without its list, a singular key
+    # a leftover placeholder without its list, a singular key (LLaVA's, beside ShareGPT's images)
     ({"messages": [{"role": "user", "content": "<video>Why?"}, {"role": "assistant", "content": "x"}]},
-     "video_not_supported"),
+     "invalid_record"),
     ({"messages": [{"role": "user", "content": "<audio>Why?"}, {"role": "assistant", "content": "x"}]},
      "audio_not_supported"),
-    ({"messages": TURNS, "images": ["a.jpg"], "video": "clip.mp4"}, "video_not_supported"),
+    ({"messages": TURNS, "images": ["a.jpg"], "video": "clip.mp4"}, "other_form"),
     ({"messages": TURNS, "images": ["a.jpg"], "audio": "clip.wav"}, "audio_not_supported"),
     # ms-swift's DPO record, TRL's and LLaMA-Factory's preference pairs
     ({"messages": TURNS, "images": ["a.jpg"], "rejected_response": "I don't know."}, "preference_pair"),
@@ -682,7 +684,7 @@ REFUSED = [
     ({"messages": TURNS, "images": ["a.jpg"], "tools": '[{"name": "search"}]'}, "unknown_key"),
 ]  # fmt: skip
 QWEN_REFUSED = [
-    ([{"type": "video", "video": "clip.mp4"}, text("What happens?")], "video_not_supported"),
+    ([{"type": "video", "video": "clip.mp4"}, text("What happens?")], "video_missing"),  # read: no clip here
     ([{"type": "video_url", "video_url": {"url": "clip.mp4"}}], "video_not_supported"),
     ([{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}], "audio_not_supported"),
     ([{"type": "audio", "audio": "a.wav"}], "audio_not_supported"),
@@ -703,7 +705,7 @@ def test_video_audio_preference_and_unknown_keys_are_refused(tmp_path):
     )
     cases = [
         (sharegpt, [code for _, code in REFUSED], 1),
-        (qwen, [c for _, c in QWEN_REFUSED] + ["video_not_supported"], 0),
+        (qwen, [c for _, c in QWEN_REFUSED] + ["video_missing"], 0),
     ]
     for path, codes, good_records in cases:
         expected = {i + 1 + good_records: code for i, code in enumerate(codes)}
@@ -713,7 +715,9 @@ def test_video_audio_preference_and_unknown_keys_are_refused(tmp_path):
         assert {line: r["code"] for line, r in rejects(tmp_path / path.stem).items()} == expected
         assert manifest.num_samples == good_records
     reasons = [p["reason"] for p in validate(str(sharegpt)).problems]
-    assert "shardkit builds image-text samples only" in reasons[0] and "'videos'" in reasons[0]
+    assert reasons[0] == "video not found: mllm_demo_data/1.mp4"
+    assert "the record has audio ('audios'); shardkit builds image, video and text samples, never audio" in reasons[1]
+    assert "1 <video> placeholders but 0 videos" in reasons[2]
     assert "preference pair ('rejected_response')" in reasons[6]
     assert "unknown top-level key 'tools'" in reasons[8] and "--keep-keys tools" in reasons[8]
 

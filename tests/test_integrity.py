@@ -202,9 +202,9 @@ def test_a_50_mb_text_is_rejected_without_being_tokenized(tmp_path, monkeypatch,
     tokenized = []
     real = convert_module.Renderer.render
 
-    def counting(self, record, train_on):
+    def counting(self, record, train_on, *videos):
         tokenized.append(sum(len(getattr(p, "text", "")) for m in record.messages for p in m.content))
-        return real(self, record, train_on)
+        return real(self, record, train_on, *videos)
 
     monkeypatch.setattr(convert_module.Renderer, "render", counting)
     build(config(data, tmp_path / "out"), progress=False, workers=1)  # in this process, where calls are counted

@@ -62,8 +62,8 @@ def test_images_in_order_and_meta_kept():
         ({"messages": []}, "messages: List should have at least 1 item"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role: unknown role 'bot'"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]},
-            "messages[0].content[0]: unsupported content type 'video'",
+            {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]},
+            "messages[0].content[0]: unsupported content type 'audio' (expected 'image', 'video' or 'text')",
         ),
         (
             {"messages": [{"role": "user", "content": [{"text": "x"}]}]},

@@ -48,6 +48,7 @@ QWEN2_VL = Family(
     model_classes={"qwen2_vl": "Qwen2VLForConditionalGeneration"},
     processor_class="Qwen2VLProcessor",
     image_processor_class="Qwen2VLImageProcessor",
+    video=True,
     # boxes relative 0-1000 in box tokens, <|box_start|>(x1,y1),(x2,y2)<|box_end|> (paper 2409.12191, 2.2.1)
     boxes=True,
     box_style=STYLES["qwen2_vl"],

@@ -269,6 +269,8 @@ QWEN3_5 = replace(
     last_added_id=LAST_ADDED_ID,
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
     tinker_renderer="qwen3_5",
+    # Qwen3.5's video processor and its text are not checked against transformers yet: refused (video_not_supported)
+    video=False,
 )
 QWEN3_5_DISABLE_THINKING = replace(
     QWEN3_5,

@@ -67,6 +67,7 @@ QWEN3_VL = Family(
     model_classes={"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"},
     processor_class="Qwen3VLProcessor",
     image_processor_class="Qwen2VLImageProcessor",
+    video=True,
     tinker_renderer="qwen3_vl_instruct",
     # relative 0-1000 again, in its cookbook's JSON answers (2d_grounding.ipynb; paper 2511.21631, 3.2.4)
     boxes=True,

@@ -108,7 +108,7 @@ def open_location(path: str):
 def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
     """Validate a record given as a dict or JSON text; :class:`RecordError` with a plain reason.
 
-    Video, audio and preference-pair records are refused with their own codes
+    Audio, ``video_url`` parts and preference-pair records are refused with their own codes
     (see :func:`refuse_unsupported`), never built as text-only samples.
     """
     try:
@@ -120,19 +120,20 @@ def validate_record(data: dict[str, Any] | str | bytes, line: int) -> Record:
         kind = exc.errors()[0]["type"]
         code = {"json_invalid": "invalid_json", NO_ANSWER: NO_ANSWER}.get(kind, "invalid_record")
         if code != "invalid_json":
-            refuse_unsupported(data if isinstance(data, dict) else json.loads(data), line)
+            refuse_unsupported(data if isinstance(data, dict) else json.loads(data), line, video=True)
         raise RecordError(format_validation_error(exc), code, line) from None
     return record
 
 
-#: top-level keys that carry another modality, and which (its reject code is "<modality>_not_supported")
+#: top-level keys that carry another modality, and which (its reject code is "<modality>_not_supported");
+#: the forms that read videos (``video=True``) take the video keys themselves
 MEDIA_KEYS = {
     "videos": "video",
     "video": "video",
     "audios": "audio",
     "audio": "audio",
 }
-#: content part types of another modality, and which
+#: content part types of another modality, and which (``video`` parts are read where a form takes videos)
 MEDIA_PARTS = {
     "video": "video",
     "video_url": "video",
@@ -145,21 +146,19 @@ PREFERENCE_KEYS = ("rejected_response", "rejected_messages", "rejected_images", 
 PLACEHOLDERS = {"<video>": "video", "<audio>": "audio"}
 
 
-def refuse_unsupported(data: Any, line: int) -> None:
-    """:class:`RecordError` when ``data`` (one raw record) holds video, audio or a preference pair.
+def refuse_unsupported(data: Any, line: int, *, video: bool = False) -> None:
+    """:class:`RecordError` when ``data`` (one raw record) holds audio, a preference pair, or a video its form
+    does not read (``video``: the form reads ``videos``/``video`` keys and ``video`` parts).
 
-    shardkit builds supervised image-text samples only; such a record would
-    otherwise lose its media or its rejected answer silently.
+    shardkit builds supervised image, video and text samples; such a record
+    would otherwise lose its media or its rejected answer silently.
     """
     if not isinstance(data, dict):
         return
     for key, modality in MEDIA_KEYS.items():
-        if data.get(key):
-            raise RecordError(
-                f"the record has {modality} ({key!r}); shardkit builds image-text samples only",
-                f"{modality}_not_supported",
-                line,
-            )
+        if data.get(key) and not (video and modality == "video"):
+            reason = f"the record has {modality} ({key!r}); {_TAKES[modality]}"
+            raise RecordError(reason, f"{modality}_not_supported", line)
     for key in PREFERENCE_KEYS:
         if key in data:
             raise RecordError(
@@ -172,17 +171,25 @@ def refuse_unsupported(data: Any, line: int) -> None:
         content = turn.get("content") if isinstance(turn, dict) else None
         for part in content if isinstance(content, list) else []:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind in MEDIA_PARTS:
+            if kind in MEDIA_PARTS and not (video and kind == "video"):
                 modality = MEDIA_PARTS[kind]
+                how = ' (give a video as {"type": "video", "video": path})' if kind == "video_url" else ""
                 raise RecordError(
-                    f"messages[{i}] has a {kind!r} part; shardkit builds image-text samples only",
-                    f"{modality}_not_supported",
-                    line,
+                    f"messages[{i}] has a {kind!r} part{how}; {_TAKES[modality]}", f"{modality}_not_supported", line
                 )
 
 
-def refuse_placeholders(record: Record, line: int) -> Record:
-    """``record``, or :class:`RecordError` when a text holds a ``<video>`` or ``<audio>`` placeholder.
+#: what shardkit reads of each modality, for the reasons above
+_TAKES = {
+    "audio": "shardkit builds image, video and text samples, never audio",
+    "video": "videos are read in the qwen ('video' parts), sharegpt ('videos' and <video>) and llava ('video') forms "
+    "only",
+}
+
+
+def refuse_placeholders(record: Record, line: int, *, video: bool = False) -> Record:
+    """``record``, or :class:`RecordError` when a text holds an ``<audio>`` placeholder, or a ``<video>`` one
+    where the form reads no videos (``video=False``).
 
     For the forms where these strings are placeholders (ShareGPT, LLaVA, Hugging Face conversations);
     in the Qwen form they are plain text.
@@ -191,9 +198,9 @@ def refuse_placeholders(record: Record, line: int) -> Record:
         for part in message.content:
             text = getattr(part, "text", "")
             for placeholder, modality in PLACEHOLDERS.items():
-                if placeholder in text:
+                if placeholder in text and not (video and modality == "video"):
                     raise RecordError(
-                        f"messages[{i}] has a {placeholder} placeholder; shardkit builds image-text samples only",
+                        f"messages[{i}] has a {placeholder} placeholder; {_TAKES[modality]}",
                         f"{modality}_not_supported",
                         line,
                     )

@@ -15,11 +15,14 @@ the project the form comes from (:class:`Placeholders`). The number of
 placeholders must equal the number of images; a conversation with images and
 no placeholder at all has them before the first user message's text (the rule
 of LLaMA-Factory, ms-swift and TRL, which LLaMA-Factory's ``mllm_demo.json``
-relies on).
+relies on). Where a form reads videos, ``<video>`` and the record's videos
+(a clip's path, or a list of frame images) follow the same rules, the videos
+after the images when both go first.
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any
 
@@ -34,6 +37,7 @@ ROLES = {
     "system": "system",
 }
 PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 PAIR_USER = ("human", "user")
 PAIR_ASSISTANT = ("assistant", "gpt", "bot")
 
@@ -59,18 +63,27 @@ def to_messages(
     *,
     system: Any = None,
     placeholders: Placeholders = Placeholders.KEEP,
+    videos: list[Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The Qwen form's messages for ``turns`` with ``images`` (paths, URIs or ``{bytes, path}``) in order."""
+    """The Qwen form's messages for ``turns`` with ``images`` (paths, URIs or ``{bytes, path}``) in order, and
+    ``videos`` (paths, or lists of frame images) where the form reads them (None: ``<video>`` stays text, for the
+    caller to refuse)."""
     if not isinstance(turns, list):
         raise RecordError("missing 'messages' (or 'conversations') list", "invalid_record", line)
     turns = [t for turn in turns for t in _unpair(turn)]
-    slots = sum(_count_slots(turn, placeholders) for turn in turns)
-    if slots == 0 and images:
-        turns = _images_first(turns, len(images))
-        slots = len(images)
-    if slots != len(images):
-        raise RecordError(f"{slots} {PLACEHOLDER} placeholders but {len(images)} images", "invalid_record", line)
-    remaining = iter(images)
+    media = {"image": images} if videos is None else {"image": images, "video": videos}
+    first: dict[str, int] = {}
+    for kind, items in media.items():
+        slots = sum(_count_slots(turn, placeholders, kind) for turn in turns)
+        if slots == 0 and items:
+            first[kind] = len(items)
+        elif slots != len(items):
+            raise RecordError(
+                f"{slots} {PLACEHOLDERS[kind]} placeholders but {len(items)} {kind}s", "invalid_record", line
+            )
+    if first:
+        turns = _media_first(turns, first)
+    remaining = {kind: iter(items) for kind, items in media.items()}
     messages: list[dict[str, Any]] = []
     if isinstance(system, str) and system:
         messages.append({"role": "system", "content": system})
@@ -94,6 +107,10 @@ def to_messages(
             message["loss"] = turn["loss"]
         messages.append(message)
     return messages
+
+
+#: each kind of media's placeholder in a string
+PLACEHOLDERS = {"image": PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
 
 
 def prompt_completion_turns(prompt: Any, completion: Any, line: int) -> list[Any]:
@@ -202,33 +219,37 @@ def _unpair(turn: Any) -> list[Any]:
     return [{"role": "user", "content": turn[user]}, {"role": "assistant", "content": turn[assistant]}]
 
 
-def _images_first(turns: list[Any], count: int) -> list[Any]:
-    """With no placeholder at all, the images go before the first user message's text (as LLaMA-Factory does)."""
+def _media_first(turns: list[Any], counts: dict[str, int]) -> list[Any]:
+    """With no placeholder of a kind at all, its media go before the first user message's text (as LLaMA-Factory
+    does): ``counts`` of each such kind, images before videos."""
+    slots = [{"type": kind} for kind in ("image", "video") for _ in range(counts.get(kind, 0))]
     out = list(turns)
     for i, turn in enumerate(out):
         if isinstance(turn, dict) and ROLES.get(turn.get("role", turn.get("from"))) == "user":
             key = "content" if "content" in turn else "value"
             content = turn.get(key)
             if isinstance(content, str):
-                out[i] = {**turn, key: [{"type": "image"}] * count + [_text_part(content)]}
+                out[i] = {**turn, key: slots + [_text_part(content)]}
             elif isinstance(content, list):
-                out[i] = {**turn, key: [{"type": "image"}] * count + content}
+                out[i] = {**turn, key: slots + content}
             return out
     return out
 
 
-def _count_slots(turn: Any, placeholders: Placeholders) -> int:
+def _count_slots(turn: Any, placeholders: Placeholders, kind: str) -> int:
     content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
     counted = placeholders is not Placeholders.TEXT
+    mark = PLACEHOLDERS[kind]
     if isinstance(content, str):
-        return content.count(PLACEHOLDER) if counted else 0
+        return content.count(mark) if counted else 0
     if isinstance(content, list):
-        return sum(1 if _is_slot(part) else _text(part).count(PLACEHOLDER) if counted else 0 for part in content)
+        return sum(1 if _is_slot(part, kind) else _text(part).count(mark) if counted else 0 for part in content)
     return 0
 
 
-def _is_slot(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type") == "image" and part.get("image") is None
+def _is_slot(part: Any, kind: str) -> bool:
+    """Whether ``part`` is an empty ``{"type": kind}`` part, which takes the next item of the record's list."""
+    return isinstance(part, dict) and part.get("type") == kind and part.get(kind) is None
 
 
 def _text(part: Any) -> str:
@@ -240,14 +261,18 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
 
 
-def _text_parts(text: str, images: Any, rule: Placeholders) -> list[dict[str, Any]]:
-    """A string's parts under ``rule``: text, and an image for each placeholder."""
+def _text_parts(text: str, media: dict[str, Any], rule: Placeholders) -> list[dict[str, Any]]:
+    """A string's parts under ``rule``: text, and an image (a video) for each placeholder of the kinds in
+    ``media`` (each kind's next items)."""
     if rule is Placeholders.TEXT:
         return [_text_part(text)] if text else []
+    marks = {PLACEHOLDERS[kind]: kind for kind in media}
     parts: list[dict[str, Any]] = []
-    for j, piece in enumerate(text.split(PLACEHOLDER)):
-        if j:
-            parts.append({"type": "image", "image": next(images)})
+    for piece in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+        if piece in marks:
+            kind = marks[piece]
+            parts.append({"type": kind, kind: next(media[kind])})
+            continue
         if rule is Placeholders.STRIP:
             piece = piece.strip()
         if piece:
@@ -255,9 +280,10 @@ def _text_parts(text: str, images: Any, rule: Placeholders) -> list[dict[str, An
     return parts
 
 
-def _part(part: Any, images: Any, rule: Placeholders) -> list[Any]:
-    if _is_slot(part):
-        return [{"type": "image", "image": next(images)}]
+def _part(part: Any, media: dict[str, Any], rule: Placeholders) -> list[Any]:
+    for kind in media:
+        if _is_slot(part, kind):
+            return [{"type": kind, kind: next(media[kind])}]
     if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str | None):
-        return _text_parts(part.get("text") or "", images, rule)  # drops Hugging Face's "index": null
+        return _text_parts(part.get("text") or "", media, rule)  # drops Hugging Face's "index": null
     return [part]

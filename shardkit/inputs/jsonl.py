@@ -60,19 +60,20 @@ DESCRIPTIONS = {
 def form_of(data: dict[str, Any]) -> str:
     """The form a record's keys name. Without ``messages``/``conversations``/``conversation``: ``trl``
     (``prompt``/``completion``) or ``swift`` (``query``/``response``/``history``). Then ``llava`` (``image``
-    without ``images``), ``llamafactory_v1`` (message parts with a ``value``, or a ``loss_weight``), ``sharegpt``
-    (``images``, ``conversations``, ``conversation`` or a ``system`` key), else ``qwen``. ``<image>`` in a text
-    is not a key: :class:`JsonAuto` reads it as a placeholder."""
+    without ``images``, or ``video`` without ``videos`` or ``images``), ``llamafactory_v1`` (message parts with a
+    ``value``, or a ``loss_weight``), ``sharegpt`` (``images``, ``videos``, ``conversations``, ``conversation``
+    or a ``system`` key), else ``qwen``. ``<image>`` in a text is not a key: :class:`JsonAuto` reads it as a
+    placeholder."""
     if not any(key in data for key in TURN_KEYS):
         if "prompt" in data or "completion" in data:
             return "trl"
         if "query" in data or "response" in data or "history" in data:
             return "swift"
-    if "image" in data and "images" not in data:
+    if ("image" in data and "images" not in data) or ("video" in data and not {"videos", "images"} & data.keys()):
         return "llava"
     if _is_lf_v1(data.get("messages")):
         return "llamafactory_v1"
-    if any(key in data for key in ("images", "conversations", "conversation", "system")):
+    if any(key in data for key in ("images", "videos", "conversations", "conversation", "system")):
         return "sharegpt"
     return "qwen"
 
@@ -239,6 +240,8 @@ class JsonInput(InputFormat):
 
     #: other forms whose records this one reads as its own
     also_reads: ClassVar[frozenset[str]] = frozenset()
+    #: whether the form reads videos (its video keys, ``video`` parts and ``<video>`` placeholders)
+    takes_video: ClassVar[bool] = False
 
     @functools.cached_property
     def is_array(self) -> bool:
@@ -264,7 +267,7 @@ class JsonInput(InputFormat):
 
     def record(self, item: RawItem) -> Record:
         data = parse_record(item)
-        refuse_unsupported(data, item.number)
+        refuse_unsupported(data, item.number, video=self.takes_video)
         found = form_of(data)
         if found != self.name and found not in self.also_reads:
             raise other_form(found, self.name, item.number)
@@ -306,8 +309,8 @@ class JsonInput(InputFormat):
         return meta
 
     def finish(self, messages: list[dict[str, Any]], data: dict[str, Any], meta: dict[str, Any], line: int) -> Record:
-        """The validated record of ``messages`` with the record's ``meta`` and ``id``; ``<video>``/``<audio>``
-        placeholders refused."""
+        """The validated record of ``messages`` with the record's ``meta`` and ``id``; ``<audio>`` placeholders
+        refused, and ``<video>`` ones left in a form that reads no videos."""
         out: dict[str, Any] = {"messages": messages}
         if meta:
             out["meta"] = meta
@@ -315,10 +318,11 @@ class JsonInput(InputFormat):
             out["id"] = data["id"]  # the schema checks its type
         if "objects" in getattr(self, "known", ()) and data.get("objects") is not None:
             out["objects"] = data["objects"]  # ms-swift's grounding boxes (shardkit.boxes reads them)
-        return refuse_placeholders(validate_record(out, line), line)
+        return refuse_placeholders(validate_record(out, line), line, video=self.takes_video)
 
 
-OTHER_FORM = {"image": "llava", "images": "sharegpt"}  # the image key of the other placeholder form
+OTHER_FORM = {"image": "llava", "images": "sharegpt", "video": "llava", "videos": "sharegpt"}  # the media keys of
+# the other placeholder form
 
 
 class QwenJsonl(JsonInput):
@@ -326,6 +330,7 @@ class QwenJsonl(JsonInput):
     ``<image>`` in a text is plain text."""
 
     name = "qwen"
+    takes_video = True
 
     def convert(self, data: dict[str, Any], line: int) -> Record:
         if "messages" not in data:
@@ -334,24 +339,28 @@ class QwenJsonl(JsonInput):
 
 
 class ShareGPT(JsonInput):
-    """LLaMA-Factory's and ms-swift's multimodal form: ``<image>`` placeholders in the text and an ``images`` list.
+    """LLaMA-Factory's and ms-swift's multimodal form: ``<image>`` (``<video>``) placeholders in the text and an
+    ``images`` (``videos``) list.
 
     ``{"messages": [{"role": "user", "content": "<image>What is this?"}, ...], "images": ["a.jpg"]}``,
     or with ``"conversations": [{"from": "human", "value": ...}]``, or ms-swift's ``"conversation"`` of
     ``{"human": ..., "assistant": ...}`` pairs; an optional ``"system"`` string, ``"id"`` and
     ``"meta"`` object; a message's ``"loss": true|false`` (ms-swift) says whether it is trained; ms-swift's
-    grounding ``"objects"`` (:mod:`shardkit.boxes`). Each placeholder takes the next image, in order, the text
-    around it kept as it is; their numbers must match. Other top-level keys that hold data are refused
+    grounding ``"objects"`` (:mod:`shardkit.boxes`). Each placeholder takes the next image (video), in order, the
+    text around it kept as it is; their numbers must match. A video is a clip's path or a list of frame images
+    (ms-swift's ``"videos": [["f1.jpg", "f2.jpg"]]``). Other top-level keys that hold data are refused
     (``unknown_key``) unless named in ``keep_keys``, which keeps them in ``meta``.
     """
 
     name = "sharegpt"
     also_reads = frozenset({"qwen"})
-    #: the top-level key of the images
+    takes_video = True
+    #: the top-level keys of the images and of the videos
     image_key: ClassVar[str] = "images"
+    video_key: ClassVar[str] = "videos"
     #: top-level keys read as the record
     known: ClassVar[frozenset[str]] = frozenset(
-        {"messages", "conversations", "conversation", "images", "system", "id", "meta", "objects"}
+        {"messages", "conversations", "conversation", "images", "videos", "system", "id", "meta", "objects"}
     )
     #: how ``<image>`` in a text is read
     placeholders: ClassVar[Placeholders] = Placeholders.KEEP
@@ -361,13 +370,16 @@ class ShareGPT(JsonInput):
         if turns is None:
             raise no_conversation(data, line)
         images = record_images(data, self.image_key, line)
+        videos = record_videos(data, self.video_key, line)
         meta = self.extra_meta(data, self.known, line)
-        messages = to_messages(turns, images, line, system=data.get("system"), placeholders=self.placeholders)
+        system = data.get("system")
+        messages = to_messages(turns, images, line, system=system, placeholders=self.placeholders, videos=videos)
         return self.finish(messages, data, meta, line)
 
 
 class Llava(ShareGPT):
-    """The LLaVA / InternVL / Qwen2-VL-Finetune form: ``image`` (a path or a list) and ``conversations``.
+    """The LLaVA / InternVL / Qwen2-VL-Finetune form: ``image`` (a path or a list) and ``conversations``; ``video``
+    (a path or a list of them) with ``<video>``, as LLaVA-Video and Qwen2-VL-Finetune write it.
 
     ``{"id": "1", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
     {"from": "gpt", "value": "A cat."}]}``, one per line or a JSON array; InternVL's image sizes (``width`` and
@@ -379,9 +391,11 @@ class Llava(ShareGPT):
     name = "llava"
     also_reads = frozenset({"qwen", "sharegpt"})  # text-only conversations: no image key says which
     image_key = "image"
+    video_key = "video"
     known = frozenset(
-        {"id", "image", "conversations", "messages", "system", "meta", "width", "height", "width_list", "height_list"}
-    )
+        {"id", "image", "video", "conversations", "messages", "system", "meta", "width", "height", "width_list",
+         "height_list"}
+    )  # fmt: skip
     placeholders = Placeholders.STRIP
 
 
@@ -393,6 +407,27 @@ def record_images(data: dict[str, Any], key: str, line: int) -> list[Any]:
         raise RecordError(f"{key!r} must be a list of image paths", "invalid_record", line)
     # ms-swift's {"path": ...}; {"bytes": "<base64>"} is read by the schema
     return [i["path"] if isinstance(i, dict) and not i.get("bytes") and i.get("path") else i for i in images]
+
+
+def record_videos(data: dict[str, Any], key: str, line: int) -> list[str | list[str]]:
+    """The record's videos under ``key`` (a path, or a list of them), in order; a video given as its frames is a
+    list of image paths (``{"path": ...}`` entries read as their path)."""
+    videos = data.get(key) or []
+    videos = [videos] if isinstance(videos, str) else videos
+    out: list[str | list[str]] = []
+    for video in videos if isinstance(videos, list) else [None]:
+        if isinstance(video, list):
+            frames = [f["path"] if isinstance(f, dict) and isinstance(f.get("path"), str) else f for f in video]
+            if all(isinstance(f, str) for f in frames):
+                out.append(frames)
+                continue
+        elif isinstance(video, str):
+            out.append(video)
+            continue
+        raise RecordError(
+            f"{key!r} must be a list of videos, each a path or a list of frame image paths", "invalid_record", line
+        )
+    return out
 
 
 class Trl(JsonInput):
@@ -467,11 +502,12 @@ class JsonAuto(JsonInput):
 
     def record(self, item: RawItem) -> Record:
         data = parse_record(item)
-        refuse_unsupported(data, item.number)
         found = form_of(data)
         if found == "qwen" and _has_placeholder(data):
             found = "sharegpt"
-        return self.forms[found].convert(data, item.number)
+        form = self.forms[found]
+        refuse_unsupported(data, item.number, video=form.takes_video)
+        return form.convert(data, item.number)
 
 
 JSON_FORMS: tuple[type[JsonInput], ...] = (QwenJsonl, ShareGPT, Llava, Trl, Swift, LlamaFactoryV1)

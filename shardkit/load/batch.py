@@ -14,6 +14,19 @@ With ``pixels="uint8"`` the batch carries ``pixel_patches`` instead (one byte
 per value, no temporal copy: an eighth of the float32 size), and
 :meth:`Collator.to_device` normalises and expands them on the device.
 
+Videos (a build that holds them: ``manifest.video``) add ``pixel_values_videos``
+(each video's stored frames, the last repeated to fill an odd count's last
+temporal patch, cut into the processor's patches: two frames per temporal
+patch), ``video_grid_thw`` and, for Qwen2.5-VL, ``second_per_grid_ts``
+(float32); ``mm_token_type_ids`` is 2 on ``<|video_pad|>``. With
+``pixels="uint8"`` they travel as ``video_patches`` (a quarter of the float32
+size), normalised on the device. A batch with a video also carries its M-RoPE
+``position_ids`` (``(3, rows, length)``, or packing's four rows), so that the
+model trains on the positions of Qwen's release code whatever transformers is
+installed: transformers 5.3 to 5.5 misplace the temporal positions of any Qwen2-VL
+or Qwen2.5-VL video, and 5.6 on start the text after such a video at its
+spatial extent rather than after its last position (see :func:`mrope_positions`).
+
 Packed batches (a list of sequences, each a list of samples, from a stream with
 ``pack_tokens``) become rows of whole samples one after another, with no
 ``attention_mask`` and instead:
@@ -195,30 +208,98 @@ def _huge_page_tensor(count: int) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.float32, count=count, offset=offset)
 
 
-def mrope_positions(length: int, images: Sequence[dict[str, Any]], merge_size: int) -> np.ndarray:
+def vision_runs(
+    images: Sequence[dict[str, Any]],
+    videos: Sequence[dict[str, Any]] = (),
+    tokens_per_second: float | None = None,
+) -> list[tuple[int, int, tuple[int, int, int], float]]:
+    """A sample's runs of vision tokens in token order: ``(start, count, grid_thw, temporal step)`` each.
+
+    An image is one run of grid ``(1, H, W)``. A Qwen2-VL / Qwen2.5-VL video is one run of its grid, its temporal
+    patches ``tokens_per_second * second_per_grid_t`` positions apart (Qwen2.5-VL, computed in float32 as
+    transformers does) or one (Qwen2-VL); a Qwen3-VL video is one run of ``(1, H, W)`` per temporal patch (its
+    timestamps are text between them), as ``get_rope_index`` splits it.
+    """
+    runs = [(image["token_start"], image["num_tokens"], tuple(image["grid_thw"]), 1.0) for image in images]
+    for video in videos:
+        t, h, w = video["grid_thw"]
+        if len(video["spans"]) > 1 or video.get("timestamps"):
+            runs += [(start, count, (1, h, w), 1.0) for start, count in video["spans"]]
+            continue
+        step = 1.0
+        if tokens_per_second is not None and video.get("second_per_grid_t") is not None:
+            step = float(np.float32(tokens_per_second) * np.float32(video["second_per_grid_t"]))
+        (start, count), *_ = video["spans"]
+        runs.append((start, count, (t, h, w), step))
+    return sorted(runs)
+
+
+def mrope_positions(
+    length: int,
+    images: Sequence[dict[str, Any]],
+    merge_size: int,
+    videos: Sequence[dict[str, Any]] = (),
+    tokens_per_second: float | None = None,
+) -> np.ndarray:
     """A sample's M-RoPE position ids ``(3, length)`` (temporal, height, width), as the model computes them.
 
-    ``images`` are the sample's ``info["images"]`` (``token_start``,
-    ``num_tokens``, ``grid_thw``). Text tokens count up on all three axes; an
-    image's tokens sit on its merged grid from the current position, and the
-    text after it continues from the current position plus the grid's longer side.
+    ``images`` and ``videos`` are the sample's ``info["images"]`` and ``info["videos"]`` (see :func:`vision_runs`).
+    Text tokens count up on all three axes. A run of grid ``(T, H, W)`` sits at ``(s + floor(t * step), s + i,
+    s + j)`` for its temporal patch ``t`` and merged cell ``(i, j)`` in that order, ``s`` the current position;
+    the text after it continues from its largest position plus one, as Qwen's release code (and transformers up
+    to 5.2, and vLLM) place it. For an image, every Qwen3-VL video and a Qwen2/2.5-VL video whose temporal reach
+    is below its grid's longer side that is ``s`` plus that side, ``get_rope_index``'s rule in transformers 5.6 and
+    later; a longer Qwen2/2.5-VL video there gets the release rule, which those versions differ from (the README's
+    "Video positions").
     """
     out = np.empty((3, length), dtype=np.int64)
     position = cursor = 0
-    for image in images:
-        start, count = image["token_start"], image["num_tokens"]
+    for start, count, (t, h, w), step in vision_runs(images, videos, tokens_per_second):
         out[:, cursor:start] = position + np.arange(start - cursor)
         position += start - cursor
-        t, h, w = image["grid_thw"][0], image["grid_thw"][1] // merge_size, image["grid_thw"][2] // merge_size
+        h, w = h // merge_size, w // merge_size
         if t * h * w != count:
-            raise ValueError(f"an image of grid {image['grid_thw']} has {count} tokens, expected {t * h * w}")
-        out[0, start : start + count] = position
-        out[1, start : start + count] = position + np.repeat(np.arange(h), w * t)
-        out[2, start : start + count] = position + np.tile(np.arange(w), h * t)
-        position += max(h, w)
+            raise ValueError(f"a vision run of grid {[t, h * merge_size, w * merge_size]} has {count} tokens, "
+                             f"expected {t * h * w}")  # fmt: skip
+        temporal = (np.arange(t, dtype=np.float32) * np.float32(step)).astype(np.int64)
+        tt, hh, ww = np.meshgrid(temporal, np.arange(h), np.arange(w), indexing="ij")
+        out[:, start : start + count] = position + np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)])
+        position += max(int(temporal[-1]), h - 1, w - 1) + 1
         cursor = start + count
     out[:, cursor:] = position + np.arange(length - cursor)
     return out
+
+
+def video_patches(frames: Sequence[bytes], grid_thw: Sequence[int], patch_size: int, merge_size: int) -> np.ndarray:
+    """A stored video (its JPEG frames) as uint8 patches ``(T * N, 3, 2, patch, patch)``, the processor's order:
+    temporal patch ``t`` holds frames ``2t`` and ``2t + 1`` (the last frame repeated to fill an odd count), each cut
+    as :func:`image_patches` cuts an image."""
+    t, gh, gw = grid_thw
+    if len(frames) not in (2 * t - 1, 2 * t):
+        raise ShardError(f"a video of grid {list(grid_thw)} holds {len(frames)} frames, not {2 * t - 1} or {2 * t}")
+    n = gh * gw
+    out = np.empty((t, n, 3, 2, patch_size, patch_size), dtype=np.uint8)
+    for i, jpeg in enumerate(frames):
+        out[i // 2, :, :, i % 2] = image_patches(jpeg, patch_size, merge_size)
+    if len(frames) % 2:
+        out[-1, :, :, 1] = out[-1, :, :, 0]
+    return out.reshape(t * n, 3, 2, patch_size, patch_size)
+
+
+def normalise_video_patches(
+    patches: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 video patches ``(M, 3, 2, p, p)`` -> the processor's ``pixel_values_videos`` ``(M, 3 * 2 * p * p)``:
+    ``x / (255 std) - mean / std``, wherever ``patches`` lives."""
+    m, channels, frames, p, _ = patches.shape
+    scale = torch.tensor([1 / (255 * s) for s in std], device=patches.device).view(1, channels, 1, 1, 1)
+    bias = torch.tensor([-a / s for a, s in zip(mean, std, strict=True)], device=patches.device).view(
+        1, channels, 1, 1, 1
+    )
+    out = _output((m, channels, frames, p, p), patches.device)
+    out.copy_(patches)
+    out.mul_(scale).add_(bias)
+    return out.view(m, channels * frames * p * p).to(dtype)
 
 
 def _transformers_needs_token_types() -> bool:
@@ -239,7 +320,7 @@ class Collator:
     patches, as drawn for the sample, the image and :attr:`epoch` (which
     :class:`~shardkit.load.torch.TorchLoader` sets; see :mod:`shardkit.load.augment`); rotation
     leaves the normalisation mean, zero after normalising, in the corners, and is refused for samples with
-    grounding boxes.
+    grounding boxes. Video frames are not augmented.
     """
 
     def __init__(
@@ -255,6 +336,8 @@ class Collator:
         pixels: Literal["float32", "uint8"] = "float32",
         mm_token_type_ids: bool | None = None,
         augment: Augment | None = None,
+        video_token_id: int | None = None,
+        tokens_per_second: float | None = None,
     ):
         if pixels not in ("float32", "uint8"):
             raise ValueError(f"pixels must be 'float32' or 'uint8', got {pixels!r}")
@@ -264,6 +347,7 @@ class Collator:
         self.pixels = pixels
         self.mm_token_type_ids = _transformers_needs_token_types() if mm_token_type_ids is None else mm_token_type_ids
         self.augment = augment
+        self.video_token_id, self.tokens_per_second = video_token_id, tokens_per_second
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -287,6 +371,11 @@ class Collator:
             # padding is masked out of attention and loss: without a pad token, any id but the image pad serves
             "pad_token_id": tokens.vision_end if tokens.pad is None else tokens.pad,
         }
+        if manifest.video is not None:
+            defaults |= {
+                "video_token_id": manifest.video.video_pad,
+                "tokens_per_second": manifest.video.tokens_per_second,
+            }
         return cls(**{**defaults, **options})
 
     def __call__(self, samples: Sequence[Sample] | Sequence[Sequence[Sample]]) -> dict[str, Any]:
@@ -303,8 +392,30 @@ class Collator:
             attention_mask[row, :n] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if self.mm_token_type_ids:
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).to(torch.long) * attention_mask
-        return self._add_images(batch, samples)
+            batch["mm_token_type_ids"] = self._token_types(input_ids) * attention_mask
+        if any(sample.videos for sample in samples):
+            batch["position_ids"] = self._positions(samples, longest)
+        return self._add_videos(self._add_images(batch, samples), samples)
+
+    def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``mm_token_type_ids``: 1 on ``<|image_pad|>``, 2 on ``<|video_pad|>``, 0 elsewhere."""
+        types = (input_ids == self.image_token_id).to(torch.long)
+        if self.video_token_id is not None:
+            types += 2 * (input_ids == self.video_token_id).to(torch.long)
+        return types
+
+    def sample_positions(self, sample: Sample) -> np.ndarray:
+        """One sample's M-RoPE positions ``(3, tokens)`` (:func:`mrope_positions`)."""
+        info = sample.info
+        n = len(sample.input_ids)
+        return mrope_positions(n, info["images"], self.merge_size, info.get("videos", ()), self.tokens_per_second)
+
+    def _positions(self, samples: Sequence[Sample], length: int) -> torch.Tensor:
+        """``(3, rows, length)`` M-RoPE positions of right-padded rows, zero on padding (as the model computes)."""
+        out = np.zeros((3, len(samples), length), dtype=np.int64)
+        for row, sample in enumerate(samples):
+            out[:, row, : len(sample.input_ids)] = self.sample_positions(sample)
+        return torch.from_numpy(out)
 
     def _packed(self, sequences: Sequence[Sequence[Sample]]) -> dict[str, Any]:
         longest = max(sum(len(s.input_ids) for s in sequence) for sequence in sequences)
@@ -320,9 +431,7 @@ class Collator:
                 input_ids[row, start:end], labels[row, start:end] = _ids_and_labels(sample)
                 labels[row, start] = IGNORE_INDEX
                 position_ids[0, row, start:end] = torch.arange(n)
-                position_ids[1:, row, start:end] = torch.from_numpy(
-                    mrope_positions(n, sample.info["images"], self.merge_size)
-                )
+                position_ids[1:, row, start:end] = torch.from_numpy(self.sample_positions(sample))
                 start = end
             padding = torch.arange(1, longest - start + 1)
             position_ids[:, row, start:] = position_ids[:, row, start - 1 : start] + padding
@@ -339,7 +448,8 @@ class Collator:
             "max_length_k": max_length,
             "use_cache": False,
         }
-        return self._add_images(batch, [s for sequence in sequences for s in sequence])
+        samples = [s for sequence in sequences for s in sequence]
+        return self._add_videos(self._add_images(batch, samples), samples)
 
     def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
         """Add the samples' images, in token order, to ``batch``."""
@@ -378,6 +488,25 @@ class Collator:
         batch["image_grid_thw"] = torch.as_tensor(grids, dtype=torch.long)
         return batch
 
+    def _add_videos(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
+        """Add the samples' videos, in token order: their patches, grids and (Qwen2.5-VL) seconds per grid step."""
+        videos = [(info, frames) for s in samples for info, frames in _videos_of(s)]
+        if not videos:
+            return batch
+        uint8 = torch.from_numpy(
+            np.concatenate([video_patches(frames, info["grid_thw"], self.patch_size, self.merge_size)
+                            for info, frames in videos])
+        )  # fmt: skip
+        if self.pixels == "uint8":
+            batch["video_patches"] = uint8
+        else:
+            batch["pixel_values_videos"] = normalise_video_patches(uint8, self.image_mean, self.image_std)
+        batch["video_grid_thw"] = torch.as_tensor([info["grid_thw"] for info, _ in videos], dtype=torch.long)
+        if self.tokens_per_second is not None:
+            spg = [info["second_per_grid_t"] for info, _ in videos]
+            batch["second_per_grid_ts"] = torch.as_tensor(np.asarray(spg, dtype=np.float32))
+        return batch
+
     def count(self, batch: dict[str, Any]) -> tuple[int, int]:
         """``(samples, tokens)`` of a collated batch, padding left out."""
         if "attention_mask" in batch:
@@ -392,7 +521,7 @@ class Collator:
         out = {
             k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
-            if k != "pixel_patches"
+            if k not in ("pixel_patches", "video_patches")
         }
         if "pixel_patches" in batch:
             patches = batch["pixel_patches"].to(device, non_blocking=True)
@@ -401,7 +530,24 @@ class Collator:
             )
         elif "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(dtype)
+        if "video_patches" in batch:
+            patches = batch["video_patches"].to(device, non_blocking=True)
+            out["pixel_values_videos"] = normalise_video_patches(patches, self.image_mean, self.image_std, dtype)
+        elif "pixel_values_videos" in out:
+            out["pixel_values_videos"] = out["pixel_values_videos"].to(dtype)
         return out
+
+
+def _videos_of(sample: Sample) -> list[tuple[dict[str, Any], list[bytes]]]:
+    """A sample's videos: each one's JSON with its stored frames; :class:`ShardError` when they do not match."""
+    infos = sample.info.get("videos", [])
+    if len(sample.videos) != len(infos):
+        raise ShardError(f"sample {sample.key} holds {len(sample.videos)} videos, its metadata describes {len(infos)}")
+    for info, frames in zip(infos, sample.videos, strict=True):
+        if len(frames) != len(info["frame_indices"]):
+            raise ShardError(f"sample {sample.key}: a video holds {len(frames)} frames, its metadata "
+                             f"{len(info['frame_indices'])}")  # fmt: skip
+    return list(zip(infos, sample.videos, strict=True))
 
 
 def _ids_and_labels(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,14 +573,6 @@ class EmbeddingCollator(Collator):
         if "attention_mask" in batch:
             batch["position_ids"] = self._positions(samples, batch["input_ids"].shape[1])  # type: ignore[arg-type]
         return batch
-
-    def _positions(self, samples: Sequence[Sample], length: int) -> torch.Tensor:
-        """``(3, rows, length)`` M-RoPE positions of right-padded rows, zero on padding (as the model computes)."""
-        out = np.zeros((3, len(samples), length), dtype=np.int64)
-        for row, sample in enumerate(samples):
-            n = len(sample.input_ids)
-            out[:, row, :n] = mrope_positions(n, sample.info["images"], self.merge_size)
-        return torch.from_numpy(out)
 
     def _add_images(self, batch: dict[str, Any], samples: Sequence[Sample]) -> dict[str, Any]:
         """Add every image's cached embeddings, in token order, as ``image_embeds``."""

@@ -29,6 +29,12 @@ from shardkit.shards.files import reading_error
 from shardkit.shards.index import SampleIndex, load_index
 from shardkit.storage import join, open_fs
 
+#: why a build with videos has no embeddings cache
+NO_VIDEO_EMBEDDINGS = (
+    "the image embeddings cache holds images only (a video's features, from pairs of frames, are not cached); "
+    "train a build with videos without --image-embeddings"
+)
+
 
 class EmbeddedSource:
     """The samples of ``build`` (a location, or a :class:`BuildSource`) by id, with the cached image embeddings at
@@ -38,6 +44,8 @@ class EmbeddedSource:
     def __init__(self, build: str | BuildSource, embeddings: str, *, verify: bool = False):
         self.build = build if isinstance(build, BuildSource) else BuildSource(build, verify=verify)
         self.location, self.manifest, self.index = self.build.location, self.build.manifest, self.build.index
+        if self.manifest.num_videos:
+            raise ConfigError(f"{self.location} holds {self.manifest.num_videos} videos: {NO_VIDEO_EMBEDDINGS}")
         self.embeddings_location = embeddings
         self.embeddings: EmbeddingManifest = read_embedding_manifest(embeddings)
         if self.embeddings.build.manifest_sha256 != self.manifest.sha256:

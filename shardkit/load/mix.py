@@ -131,7 +131,10 @@ class MixSource:
         for location, source in zip(locations, self.sources, strict=True):
             if not len(source):
                 raise ConfigError(f"{location} has no samples: it cannot take a share of the mix")
-        self.manifest = self.sources[0].manifest  # the collator's settings: the same in every build
+        # the collator's settings, the same in every build (family and tokenizer agree); a build with videos gives
+        # its video settings (the <|video_pad|> id, Qwen2.5-VL's position step) to the samples of all
+        manifests = [s.manifest for s in self.sources]
+        self.manifest = next((m for m in manifests if m.num_videos), manifests[0])
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
         shard_offsets = np.cumsum([0] + [len(s.shard_sizes) for s in self.sources])
         indexes = [s.index for s in self.sources]

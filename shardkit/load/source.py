@@ -153,11 +153,12 @@ class BuildSource:
         return sample
 
     def samples(self, *, images: bool = True) -> Iterator[Sample]:
-        """Every sample in manifest order, checked; ``images=False`` leaves out their image bytes."""
+        """Every sample in manifest order, checked; ``images=False`` leaves out their image and video frame bytes."""
         for sample_id in range(len(self)):
             sample = self.get(sample_id)
             if not images:
                 sample.images = []
+                sample.videos = []
             yield sample
         self.close()
 

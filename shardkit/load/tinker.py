@@ -6,7 +6,8 @@ with each image's pad tokens replaced by an ``ImageChunk`` (the stored JPEG,
 ``expected_tokens`` = its pad count), shifted right by one token; the loss
 inputs are ``target_tokens`` (the sequence shifted left, 0 at image positions)
 and ``weights`` (shifted likewise, divided by their sum with
-``reduction="mean"``, cookbook's default). No image is decoded.
+``reduction="mean"``, cookbook's default). No image is decoded. A build with
+videos is refused: Tinker's model input has image and text chunks, no video.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ from shardkit.errors import ConfigError
 from shardkit.load.stream import ShardStream, StreamBatches
 from shardkit.shards import Sample
 
+#: why a video cannot become a Datum, and what to do instead
+NO_VIDEO = (
+    "Tinker takes no video (its model input has image and text chunks only); train the build locally "
+    "(shardkit train --backend local), or build Tinker's data without the video records"
+)
+
 
 def sample_to_datum(sample: Sample, *, reduction: Literal["mean", "none"] = "mean") -> tinker.Datum:
     """One stored sample as a training Datum for Tinker's ``cross_entropy`` loss."""
     if reduction not in ("mean", "none"):
         raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if sample.videos or sample.info.get("videos"):
+        raise ConfigError(f"sample {sample.key} has a video: {NO_VIDEO}")
     ids = sample.input_ids.astype(np.int64)
     targets = ids.copy()
     segments: list[tuple[int, int, bytes | None]] = []  # (start, end, jpeg or None for text)
@@ -67,6 +76,8 @@ class DatumBatches(StreamBatches):
     def __init__(self, stream: ShardStream, *, reduction: Literal["mean", "none"] = "mean"):
         if stream.batching.pack_tokens is not None:
             raise ConfigError("Tinker takes one Datum per sample: batch the stream by batch_size or max_tokens")
+        if videos := getattr(stream.source.manifest, "num_videos", 0):
+            raise ConfigError(f"{stream.source.location} holds {videos} videos: {NO_VIDEO}")
         self.stream = stream
         self.reduction = reduction
 

@@ -1,10 +1,15 @@
 """Rendering a conversation into tokens with one loss weight per token.
 
 A family's renderer turns a :class:`~shardkit.schema.Record` into a list of
-:class:`Piece` s (text with a weight, or an image slot) in the family's chat
+:class:`Piece` s (text with a weight, an image slot, or a video) in the family's chat
 format. :meth:`Renderer.render` tokenizes them with the real tokenizer, giving
-a :class:`Rendered` that holds one placeholder token per image; once the image
-sizes are known, :meth:`Rendered.expand` puts each image's pad tokens in place.
+a :class:`Rendered` that holds one placeholder token per image (and per video
+block); once the image sizes are known, :meth:`Rendered.expand` puts each
+image's (block's) pad tokens in place. A video is written as its
+:class:`~shardkit.video.VideoPlan` says: one ``<|vision_start|><|video_pad|><|vision_end|>``
+block (Qwen2-VL, Qwen2.5-VL), or a ``<t seconds>`` timestamp and a block per
+temporal patch (Qwen3-VL), the timestamps encoded with the text before them as
+``Qwen3VLProcessor`` does.
 
 What trains is decided in one place, :func:`targets` (by :class:`TrainOn` and a
 message's own ``loss``); image tokens, headers and the injected default system
@@ -17,15 +22,16 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from shardkit.errors import ConfigError, RecordError
-from shardkit.schema import ImagePart, Record
+from shardkit.schema import ImagePart, Record, VideoPart
 from shardkit.tokenizer import without_added_tokens_above
+from shardkit.video import VideoPlan
 
 
 class TrainOn(StrEnum):
@@ -48,7 +54,8 @@ class TrainOn(StrEnum):
 
 @dataclass(frozen=True)
 class Piece:
-    """A span of rendered text and its weight, or an image slot (``image=True``).
+    """A span of rendered text and its weight, or an image slot (``image=True``), or a video (``video=True``, no
+    text: :meth:`Renderer.render` writes it as its plan says).
 
     ``new_unit`` forces a tokenization boundary before the piece, for families
     whose reference renderer encodes headers and contents separately.
@@ -58,41 +65,48 @@ class Piece:
     weight: float = 0.0
     image: bool = False
     new_unit: bool = False
+    video: bool = False
 
 
 @dataclass(frozen=True)
 class Expanded:
-    """Final token ids, weights and image spans ``(start, length)`` of one sample."""
+    """Final token ids, weights, image spans ``(start, length)`` and video block spans of one sample."""
 
     input_ids: np.ndarray
     weights: np.ndarray
     image_spans: list[tuple[int, int]]
+    video_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Rendered:
-    """Tokens and weights with a single placeholder token at each image slot."""
+    """Tokens and weights with a single placeholder token at each image slot and each video block."""
 
     tokens: np.ndarray
     weights: np.ndarray
     image_slots: np.ndarray
+    video_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def num_text_tokens(self) -> int:
-        """Tokens other than image pads (vision start/end markers included)."""
-        return len(self.tokens) - len(self.image_slots)
+        """Tokens other than image and video pads (vision start/end markers and timestamps included)."""
+        return len(self.tokens) - len(self.image_slots) - len(self.video_slots)
 
-    def expand(self, image_tokens: Sequence[int]) -> Expanded:
-        """Replace each placeholder by its image's run of pad tokens."""
+    def expand(self, image_tokens: Sequence[int], video_tokens: Sequence[int] = ()) -> Expanded:
+        """Replace each placeholder by its image's (video block's) run of pad tokens."""
         if len(image_tokens) != len(self.image_slots):
             raise ValueError(f"{len(self.image_slots)} image slots, {len(image_tokens)} token counts")
+        if len(video_tokens) != len(self.video_slots):
+            raise ValueError(f"{len(self.video_slots)} video blocks, {len(video_tokens)} token counts")
         repeats = np.ones(len(self.tokens), dtype=np.int64)
         repeats[self.image_slots] = image_tokens
+        repeats[self.video_slots] = video_tokens
         input_ids = np.repeat(self.tokens, repeats)
         weights = np.repeat(self.weights, repeats)
-        starts = self.image_slots + np.concatenate([[0], np.cumsum(np.asarray(image_tokens) - 1)[:-1]]).astype(np.int64)
-        spans = [(int(s), int(n)) for s, n in zip(starts, image_tokens, strict=True)]
-        return Expanded(input_ids.astype(np.int32), weights.astype(np.float32), spans)
+        starts = np.concatenate([[0], np.cumsum(repeats)[:-1]])
+        image_spans = [(int(starts[i]), int(n)) for i, n in zip(self.image_slots, image_tokens, strict=True)]
+        video_spans = [(int(starts[i]), int(n)) for i, n in zip(self.video_slots, video_tokens, strict=True)]
+        return Expanded(input_ids.astype(np.int32), weights.astype(np.float32), image_spans, video_spans)
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,7 @@ class ChatTokens:
     vision_start: str = "<|vision_start|>"
     vision_end: str = "<|vision_end|>"
     image_pad: str = "<|image_pad|>"
+    video_pad: str = "<|video_pad|>"
     #: tokens a record's text may not hold (they would be read as markup)
     reserved: tuple[str, ...] = (
         "<|im_start|>",
@@ -179,14 +194,25 @@ class Renderer(ABC):
         return out
 
     def content_pieces(self, record: Record, index: int, weight: float) -> list[Piece]:
-        """A message's parts: text with ``weight``, images wrapped in vision markers (never weighted)."""
+        """A message's parts: text with ``weight``, images wrapped in vision markers and videos (never weighted)."""
         tokens, out = self.tokens, []
         for part in record.messages[index].content:
             if isinstance(part, ImagePart):
                 out += [Piece(tokens.vision_start), Piece(tokens.image_pad, image=True), Piece(tokens.vision_end)]
+            elif isinstance(part, VideoPart):
+                out.append(Piece("", video=True))
             else:
                 out.append(Piece(part.text, weight))
         return out
+
+    def video_pieces(self, plan: VideoPlan) -> list[Piece]:
+        """A video as the processors write it: one vision block of ``<|video_pad|>`` (one placeholder here), or,
+        where the plan has timestamps (Qwen3-VL), a timestamp and a block per temporal patch (never weighted)."""
+        tokens = self.tokens
+        block = [Piece(tokens.vision_start), Piece(tokens.video_pad), Piece(tokens.vision_end)]
+        if not plan.timestamps:
+            return block
+        return [piece for stamp in plan.timestamps for piece in (Piece(stamp), *block)]
 
     def check_text(self, record: Record) -> None:
         """Reject text that contains the family's reserved tokens (they would be read as markup)."""
@@ -199,16 +225,28 @@ class Renderer(ABC):
                         "reserved_token",
                     )
 
-    def render(self, record: Record, train_on: TrainOn) -> Rendered:
-        """Tokenize the conversation, its text checked for reserved tokens; each image is one placeholder token
-        for now. What trains is decided by :func:`targets`."""
+    def render(self, record: Record, train_on: TrainOn, videos: Sequence[VideoPlan] = ()) -> Rendered:
+        """Tokenize the conversation, its text checked for reserved tokens; each image (video block) is one
+        placeholder token for now. ``videos`` are the plans of the record's videos, in order (their timestamps are
+        text). What trains is decided by :func:`targets`."""
         self.check_text(record)
         weights = [1.0 if target else 0.0 for target in targets(record, train_on)]
+        plans = iter(videos)
         units: list[list[Piece]] = []
-        for piece in self.pieces(record, weights):
-            if piece.new_unit or not units:
-                units.append([])
-            units[-1].append(piece)
+        for marked in self.pieces(record, weights):
+            written = [marked]
+            if marked.video:
+                plan = next(plans, None)
+                if plan is None:
+                    raise ValueError(f"the record has more videos than the {len(videos)} plans given")
+                written = self.video_pieces(plan)
+                written[0] = replace(written[0], new_unit=marked.new_unit)
+            for piece in written:
+                if piece.new_unit or not units:
+                    units.append([])
+                units[-1].append(piece)
+        if next(plans, None) is not None:
+            raise ValueError(f"{len(videos)} video plans for a record of {len(record.videos())} videos")
         tokens: list[np.ndarray] = []
         weights_of_tokens: list[np.ndarray] = []
         for unit in units:
@@ -220,6 +258,7 @@ class Renderer(ABC):
             tokens=all_tokens,
             weights=np.concatenate(weights_of_tokens).astype(np.float32),
             image_slots=np.flatnonzero(all_tokens == self.ids["image_pad"]),
+            video_slots=np.flatnonzero(all_tokens == self.ids["video_pad"]),
         )
 
     def _encode_unit(self, unit: list[Piece]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,10 @@
 A sample is its key, a JSON dict (source line, meta, image sizes and grids,
 token counts), ``input_ids`` (int32), ``weights`` (float32: the weight of
 token i as a training target, so ``labels[i] = input_ids[i]`` where weight > 0
-else -100) and its images as JPEG bytes in order of appearance. Readers take
-the JSON through its typed model, :class:`SampleInfo`.
+else -100), its images as JPEG bytes in order of appearance and, where it has
+videos, each video's sampled frames as JPEG bytes (unpadded: a model's temporal
+patch repeats the last frame of an odd count). Readers take the JSON through
+its typed model, :class:`SampleInfo`.
 
 Every sample gets a checksum when it is written (xxh3-64, recorded in the
 index; what it covers is the format's: see each writer), and readers given it
@@ -67,6 +69,33 @@ class TextBoxes(BaseModel):
     rescaled: int = Field(ge=0)
 
 
+class StoredVideo(BaseModel):
+    """What a sample's JSON records of one of its videos: the clip (frames, rate, duration, size), the frames kept
+    (their indices in the clip, their times as the processors count them, ``index / source_fps``, and as decoded),
+    the size they are stored at, the grid, Qwen2.5-VL's ``second_per_grid_t``, Qwen3-VL's timestamps, and where its
+    tokens are: ``spans`` (``[start, count]`` of each ``<|video_pad|>`` run: one, or one per temporal patch)."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+    source: str = ""
+    frame_list: bool = False
+    source_frames: int = Field(ge=1)
+    source_fps: float = Field(gt=0)
+    duration: float = Field(ge=0)
+    original_width: int = Field(ge=1)
+    original_height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    frame_indices: list[int] = Field(min_length=1)
+    frame_times: list[float]
+    decoded_times: list[float | None]
+    grid_thw: list[int] = Field(min_length=3, max_length=3)
+    second_per_grid_t: float | None = None
+    timestamps: list[str] = []
+    spans: list[list[int]] = Field(min_length=1)
+    token_start: int = Field(ge=0)
+    num_tokens: int = Field(ge=0)
+
+
 class SampleInfo(BaseModel):
     """A sample's JSON, typed (strict: a number is a JSON number); what readers of a build rely on."""
 
@@ -77,6 +106,7 @@ class SampleInfo(BaseModel):
     num_tokens: int = Field(ge=0)
     num_trained_tokens: int = Field(ge=0)
     images: list[StoredImage]
+    videos: list[StoredVideo] = []
     messages: list[Any] | None = None
     fitted: bool = False
     truncated_tokens: int = Field(0, ge=0)
@@ -95,6 +125,7 @@ class Sample:
     input_ids: np.ndarray
     weights: np.ndarray
     images: list[bytes] = field(default_factory=list)
+    videos: list[list[bytes]] = field(default_factory=list)
 
     @functools.cached_property
     def stored(self) -> SampleInfo:
@@ -111,7 +142,8 @@ class Sample:
     @property
     def payload_bytes(self) -> int:
         """Bytes this sample adds to a shard, before container overhead."""
-        return self.input_ids.nbytes + self.weights.nbytes + sum(map(len, self.images)) + len(self.info_json)
+        frames = sum(len(frame) for video in self.videos for frame in video)
+        return self.input_ids.nbytes + self.weights.nbytes + sum(map(len, self.images)) + frames + len(self.info_json)
 
 
 def checksum_of(data: bytes | memoryview) -> int:
@@ -120,13 +152,20 @@ def checksum_of(data: bytes | memoryview) -> int:
 
 
 def content_checksum(
-    key: str, info_json: bytes, input_ids: np.ndarray, weights: np.ndarray, images: list[bytes]
+    key: str,
+    info_json: bytes,
+    input_ids: np.ndarray,
+    weights: np.ndarray,
+    images: list[bytes],
+    videos: list[list[bytes]] = (),  # type: ignore[assignment]
 ) -> int:
-    """The checksum of a sample's values: key, JSON text, int32 ids, float32 weights, images, each length-prefixed."""
+    """The checksum of a sample's values: key, JSON text, int32 ids, float32 weights, images, then the videos'
+    frames, each length-prefixed (the JSON says how many frames each video has)."""
     digest = xxhash.xxh3_64()
     ids = np.ascontiguousarray(input_ids, dtype="<i4")
     weights = np.ascontiguousarray(weights, dtype="<f4")
-    for part in (key.encode(), info_json, memoryview(ids).cast("B"), memoryview(weights).cast("B"), *images):
+    frames = [frame for video in videos for frame in video]
+    for part in (key.encode(), info_json, memoryview(ids).cast("B"), memoryview(weights).cast("B"), *images, *frames):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.intdigest()
@@ -171,8 +210,9 @@ class ShardFile(ABC):
     Use as a context manager: leaving with an exception discards the partial file.
     """
 
-    def __init__(self, fs: Any, path: str):
+    def __init__(self, fs: Any, path: str, *, videos: bool = False):
         self.path = path
+        self.videos = videos  # whether the file can hold videos (a format whose layout depends on it)
         self.locations: list[tuple[int, int, int]] = []
         self.tokens: list[int] = []
         self._file = AtomicFile(fs, path)
@@ -236,6 +276,11 @@ class ShardWriter(ShardFile):
     @abstractmethod
     def write(self, sample: Sample) -> None:
         """Append one sample (and record its location, checksum and token count)."""
+
+    def accepts(self, sample: Sample) -> bool:
+        """Whether ``sample`` can go in this file (a file made without videos takes none, where the format's layout
+        depends on it)."""
+        return True
 
 
 class ShardReader(ABC):

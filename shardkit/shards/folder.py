@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from shardkit.errors import OutputError
 from shardkit.shards.index import INDEX_NAME, IndexWriter
-from shardkit.shards.manifest import MANIFEST_NAME, BuildInfo, IndexFile, Manifest, ShardEntry
+from shardkit.shards.manifest import MANIFEST_NAME, BuildInfo, IndexFile, Manifest, ShardEntry, VideoSettings
 from shardkit.shards.task import SHARD_NAME, TaskRecord, TaskResult
 from shardkit.storage import PARTIAL_SUFFIX, atomic_write, is_local, join, write_bytes
 
@@ -238,9 +238,18 @@ def task_results(fs: Any, folder: str, tasks: int, model: type[R]) -> Iterator[R
 
 
 def assemble(
-    fs: Any, folder: str, tasks: int, *, records: int, format: str, config: BuildInfo, created_by: str
+    fs: Any,
+    folder: str,
+    tasks: int,
+    *,
+    records: int,
+    format: str,
+    config: BuildInfo,
+    created_by: str,
+    video: VideoSettings | None = None,
 ) -> Manifest:
-    """Write rejects, shard stats, the index and, last, the manifest, from the results of ``tasks`` tasks."""
+    """Write rejects, shard stats, the index and, last, the manifest, from the results of ``tasks`` tasks;
+    ``video``, the build's video settings, is recorded where the build holds videos."""
     counts: Counter[str] = Counter()
     codes: Counter[str] = Counter()
     entries: list[ShardEntry] = []
@@ -262,6 +271,8 @@ def assemble(
                 stats.write(json.dumps({**entry.model_dump(), **task, "task_seconds": result.seconds}).encode() + b"\n")
             counts.update(
                 images=result.images,
+                videos=result.videos,
+                video_frames=result.video_frames,
                 tokens=result.tokens,
                 trained_tokens=result.trained_tokens,
                 trained_turns=result.trained_turns,
@@ -291,6 +302,9 @@ def assemble(
         index=IndexFile(**index_entry),
         config=config,
         created_by=created_by,
+        num_videos=counts["videos"],
+        num_video_frames=counts["video_frames"],
+        video=video if counts["videos"] else None,
     )
     manifest.write(fs, folder)
     cleanup(fs, folder)

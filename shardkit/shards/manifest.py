@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 from functools import cached_property
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -115,6 +115,24 @@ class BuildInfo(BaseModel):
     max_image_pixels: int
 
 
+class VideoSettings(BaseModel):
+    """How a build's videos were sampled and sized (``manifest.video``, in builds that hold videos): the video
+    processor whose rules were followed, frames sampled per second and their bounds, the pixel bounds (per frame,
+    or over the clip's frames together: ``pixels_over``), Qwen2.5-VL's ``tokens_per_second`` (the temporal
+    position step) and the ``<|video_pad|>`` token id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    processor: str
+    fps: float = Field(gt=0)
+    min_frames: int = Field(ge=1)
+    max_frames: int = Field(ge=1)
+    min_pixels: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+    pixels_over: Literal["frame", "clip"]
+    tokens_per_second: float | None = None
+    video_pad: int
+
+
 class FolderManifest(BaseModel):
     """Base of the JSON file that completes a folder (a build, an embeddings cache): written last, keys sorted."""
 
@@ -157,6 +175,17 @@ class Manifest(FolderManifest):
     index: IndexFile
     config: BuildInfo
     created_by: str
+    num_videos: int = 0
+    num_video_frames: int = 0
+    video: VideoSettings | None = None
+    """How the videos were sampled and sized; None in a build without videos."""
+
+    #: fields written only where they hold something (a build without videos keeps the bytes it had before them)
+    WHEN_SET: ClassVar[tuple[str, ...]] = ("num_videos", "num_video_frames", "video")
+
+    def to_json(self) -> bytes:
+        unset = {name for name in self.WHEN_SET if not getattr(self, name)}
+        return (json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, indent=2) + "\n").encode()
 
     @model_serializer(mode="wrap")
     def _grounding_counts_when_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

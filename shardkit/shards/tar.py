@@ -1,7 +1,8 @@
 """WebDataset tar shards, readable by plain ``webdataset`` without shardkit.
 
 Per sample: ``KEY.json``, ``KEY.input_ids.npy``, ``KEY.weights.npy`` and
-``KEY.img0.jpg``, ``KEY.img1.jpg``, ... Members carry a fixed mtime, owner and
+``KEY.img0.jpg``, ``KEY.img1.jpg``, ..., and video ``k``'s frames as
+``KEY.vid{k}.0000.jpg``, ``KEY.vid{k}.0001.jpg``, ... Members carry a fixed mtime, owner and
 mode, so the same samples give byte-identical tars. A sample's checksum covers
 the bytes of its members, headers included: ``[offset, offset + size)``.
 """
@@ -27,6 +28,7 @@ from shardkit.shards.base import (
 )
 
 _IMAGE = re.compile(r"img(\d+)\.jpg")
+_FRAME = re.compile(r"vid(\d+)\.(\d+)\.jpg")
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -63,6 +65,9 @@ class TarShardWriter(TarArchive, ShardWriter):
         }
         for i, image in enumerate(sample.images):
             members[f"img{i}.jpg"] = image
+        for k, frames in enumerate(sample.videos):
+            for j, frame in enumerate(frames):
+                members[f"vid{k}.{j:04d}.jpg"] = frame
         data = b"".join(tar_member(f"{sample.key}.{name}", members[name]) for name in sorted(members))
         self._append(data, checksum_of(data), len(sample.input_ids))
 
@@ -110,10 +115,15 @@ def _first_key(data: bytes) -> str | None:
 def _to_sample(group: dict[str, Any]) -> Sample:
     info = json.loads(group["json"])
     found = {int(m.group(1)): value for name, value in group.items() if (m := _IMAGE.fullmatch(name))}
+    frames: dict[int, dict[int, bytes]] = {}
+    for name, value in group.items():
+        if m := _FRAME.fullmatch(name):
+            frames.setdefault(int(m.group(1)), {})[int(m.group(2))] = value
     return Sample(
         key=group["__key__"],
         info=info,
         input_ids=npy_load(group["input_ids.npy"]),
         weights=npy_load(group["weights.npy"]),
         images=[found[i] for i in sorted(found)],
+        videos=[[frames[k][j] for j in sorted(frames[k])] for k in sorted(frames)],
     )

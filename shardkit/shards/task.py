@@ -45,6 +45,8 @@ class TaskResult(TaskRecord):
     rejects: list[dict[str, Any]] = []
     records: int = 0
     images: int = 0
+    videos: int = 0
+    video_frames: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     trained_turns: int = 0
@@ -60,6 +62,8 @@ class TaskResult(TaskRecord):
     def add(self, sample: Sample) -> None:
         """Count a written sample."""
         self.images += len(sample.images)
+        self.videos += len(sample.videos)
+        self.video_frames += sum(map(len, sample.videos))
         self.tokens += len(sample.input_ids)
         self.trained_tokens += sample.info["num_trained_tokens"]
         self.trained_turns += sample.info["num_trained_turns"]
@@ -76,7 +80,8 @@ class TaskShardWriter:
 
     A part is closed, and the next begun, when the next sample would take it
     over ``max_bytes`` of sample payload (a sample is never split; a part holds
-    at least one). ``close()`` publishes the last part and returns them all.
+    at least one), or when the next sample has videos and the part, begun
+    without, cannot take them (Parquet's videos column). ``close()`` publishes the last part and returns them all.
     Use as a context manager: leaving with an exception discards the part
     being written.
     """
@@ -91,11 +96,12 @@ class TaskShardWriter:
     def write(self, sample: Sample) -> None:
         """Append ``sample`` to the current part, or to a new one when it would overflow."""
         size = sample.payload_bytes
-        if self._part is not None and self._part_bytes + size > self.max_bytes:
+        if self._part is not None and (self._part_bytes + size > self.max_bytes or not self._part.accepts(sample)):
             self._close_part()
         if self._part is None:
             name = shard_name(self.task, len(self.parts), self.writer.suffix)
-            self._part, self._part_bytes = self.writer(self.fs, join(self.folder, name)), 0
+            self._part = self.writer(self.fs, join(self.folder, name), videos=bool(sample.videos))
+            self._part_bytes = 0
         self._part.write(sample)
         self._part_bytes += size
 

@@ -1,5 +1,9 @@
 """The HTML page of ``shardkit show``: one static file, images inline, every piece of user data escaped.
 
+A sample's videos are shown as strips of their stored frames, each captioned with its time in the clip (as the
+processors count it, ``index / fps``) and its frame index; a long video shows :data:`STRIP_FRAMES` of them, evenly
+spaced, and says so.
+
 Samples are read through their typed model (:class:`~shardkit.shards.base.SampleInfo`:
 a number is a number). A Content-Security-Policy in the page forbids loading
 anything from outside it: only ``data:`` images, the page's own style, and the
@@ -17,12 +21,15 @@ import numpy as np
 
 from shardkit.boxes import Scale
 from shardkit.shards import BuildInfo, Manifest, Sample
-from shardkit.shards.base import StoredImage
+from shardkit.shards.base import StoredImage, StoredVideo
 from shardkit.show.boxes import Drawn, drawn_boxes
 from shardkit.show.charts import histogram_svg
 from shardkit.show.data import Reject
-from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn, visible
+from shardkit.show.tokens import ImageSpan, Token, TokenDecoder, Turn, VideoSpan, visible
 from shardkit.words import counted
+
+STRIP_FRAMES = 32  # most frames of one video a card shows
+STRIP_SIDE = 112  # longest side of a frame in a strip, pixels
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:16px;color:#222;background:#fafafa}
@@ -46,6 +53,9 @@ h1 small{font-weight:400;color:#666;font-size:13px;margin-left:8px}
 .toks span{border-right:1px solid #e4e4e4}.toks .s{color:#999}
 .toks .w{background:rgba(255,150,0,var(--w,1));border-right-color:#e0a050}.toks .w.s{color:#6a3d00}
 .chip{display:inline-block;background:#dfe8f7;color:#234;border-radius:9px;padding:0 7px;margin:1px;font-size:11px}
+.video{margin:8px 0}.strip{display:flex;gap:4px;overflow-x:auto}.strip figure{margin:0;display:table}
+.strip figcaption,.video>p{font-size:11px;color:#555;margin:2px 0}
+.strip figcaption{display:table-caption;caption-side:bottom}
 .nl{color:#bbb}details pre{font-size:11px;margin:4px 0}
 table.rejects{border-collapse:collapse;font-size:12px}table.rejects td,th{border-top:1px solid #ddd;padding:4px 8px}
 th{text-align:left}
@@ -92,6 +102,7 @@ def summary_html(location: str, manifest: Manifest, samples: list[Sample], token
     counts = [
         ("samples", m.num_samples),
         ("images", m.num_images),
+        *([("videos", m.num_videos), ("video frames", m.num_video_frames)] if m.num_videos else []),
         ("tokens", m.num_tokens),
         ("trained tokens", m.num_trained_tokens),
         ("records read", m.num_records),
@@ -128,8 +139,9 @@ def _token_html(token: Token) -> str:
 
 def _chip_html(span: ImageSpan) -> str:
     grid = ",".join(map(str, span.grid_thw))
+    kind = "video" if isinstance(span, VideoSpan) else "image"
     return (
-        f'<span class="chip" data-image="{span.number}" data-grid="{_text(grid)}" '
+        f'<span class="chip" data-{kind}="{span.number}" data-grid="{_text(grid)}" '
         f'data-tokens="{span.num_tokens:d}" data-trained="{span.trained:d}">{_text(span.label)}</span>'
     )
 
@@ -186,23 +198,55 @@ def _figure_html(number: int, image: StoredImage, jpeg: bytes, drawn: list[Drawn
     )
 
 
+def _strip_html(number: int, video: StoredVideo, frames: list[bytes]) -> str:
+    """One video: what it is, then a strip of its stored frames (at most :data:`STRIP_FRAMES`), each with its time."""
+    t, h, w = video.grid_thw
+    shown = list(range(len(frames)))
+    if len(shown) > STRIP_FRAMES:
+        shown = sorted({round(i * (len(frames) - 1) / (STRIP_FRAMES - 1)) for i in range(STRIP_FRAMES)})
+    scale = STRIP_SIDE / max(video.width, video.height)
+    width, height = max(1, round(video.width * scale)), max(1, round(video.height * scale))
+    sampled = f"{len(frames)} of {video.source_frames} frames ({video.source_fps:g} fps, {video.duration:g} s)"
+    about = (
+        f"video {number} · {video.source} · {sampled} · stored {video.width}×{video.height} (original "
+        f"{video.original_width}×{video.original_height}) · grid {t}×{h}×{w} · {video.num_tokens} tokens"
+        + (f" · {len(shown)} frames shown" if len(shown) < len(frames) else "")
+    )
+    figures = []
+    for j in shown:
+        caption = f"{video.frame_times[j]:.2f} s · frame {video.frame_indices[j]}"
+        figures.append(
+            f'<figure><img src="{_data_uri(frames[j])}" width="{width:d}" height="{height:d}" '
+            f'alt="video {number} frame {j + 1}"><figcaption>{_text(caption)}</figcaption></figure>'
+        )
+    stamps = f"<p>timestamps: {_text(' '.join(video.timestamps))}</p>" if video.timestamps else ""
+    strip = f'<div class="strip">{"".join(figures)}</div>'
+    return f'<div class="video" data-video="{number}"><p>{_text(about)}</p>{stamps}{strip}</div>'
+
+
 def card_html(sample: Sample, decoder: TokenDecoder, scale: Scale | None = None) -> str:
-    """One sample: images (with its grounding boxes drawn; boxes in its text read in ``scale``, the family's), facts,
-    the conversation as tokens, meta."""
+    """One sample: images (with its grounding boxes drawn; boxes in its text read in ``scale``, the family's), videos
+    (strips of their frames), facts, the conversation as tokens, meta."""
     info = sample.stored
     drawn = drawn_boxes(sample, scale)
     badges = []
     if info.fitted:
-        badges.append('<span class="badge">fitted: images lowered in resolution</span>')
+        lowered = "videos and images lowered" if info.videos else "images lowered in resolution"
+        badges.append(f'<span class="badge">fitted: {lowered}</span>')
     if info.truncated_tokens:
         badges.append(f'<span class="badge">truncated: {info.truncated_tokens:d} tokens cut</span>')
     facts = (
         f"source line {info.line:d} · {info.num_tokens:d} tokens, "
-        f"{info.num_trained_tokens:d} trained · {len(info.images)} images " + " ".join(badges)
+        f"{info.num_trained_tokens:d} trained · {len(info.images)} images "
+        + (f"· {len(info.videos)} videos " if info.videos else "")
+        + " ".join(badges)
     )
     figures = "".join(
         _figure_html(n, i, jpeg, [d for d in drawn if d.image == n - 1])
         for n, (i, jpeg) in enumerate(zip(info.images, sample.images, strict=True), 1)
+    )
+    strips = "".join(
+        _strip_html(n, v, frames) for n, (v, frames) in enumerate(zip(info.videos, sample.videos, strict=True), 1)
     )
     turns = "".join(_turn_html(turn) for turn in decoder.turns(sample))
     meta = _text(json.dumps(info.meta, indent=1, ensure_ascii=False, sort_keys=True))
@@ -210,7 +254,7 @@ def card_html(sample: Sample, decoder: TokenDecoder, scale: Scale | None = None)
     return (
         f'<section class="card" data-key="{key}" data-trained="{info.num_trained_tokens:d}">'
         f'<h2>{key}</h2><div class="facts">{facts}</div>'
-        f'<div class="images">{figures}</div>{turns}'
+        f'<div class="images">{figures}</div>{strips}{turns}'
         f"<details open><summary>meta</summary><pre>{meta}</pre></details></section>"
     )
 

@@ -1,4 +1,5 @@
-"""A stored sample as its reader sees it: turns of decoded tokens with weights, image spans as one item each.
+"""A stored sample as its reader sees it: turns of decoded tokens with weights, image (video block) spans as one item
+each.
 
 Each token is decoded on its own (byte-level BPE: the token's bytes, through an
 incremental UTF-8 decoder, so a character split across tokens appears whole on
@@ -9,13 +10,14 @@ tokens (``<|im_start|>``, ``<|vision_start|>``, ...) keep their names.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from shardkit.shards import Sample
-from shardkit.shards.base import StoredImage
+from shardkit.shards.base import StoredImage, StoredVideo
 
 TURN_START = "<|im_start|>"
 
@@ -77,6 +79,22 @@ class ImageSpan:
 
 
 @dataclass(frozen=True)
+class VideoSpan(ImageSpan):
+    """The run of ``<|video_pad|>`` tokens of one video block, shown as one item: a whole video (Qwen2-VL,
+    Qwen2.5-VL), or one temporal patch of it (Qwen3-VL, whose blocks its timestamps separate)."""
+
+    block: int = 1  # 1-based, in the video
+    blocks: int = 1
+    frames: int = 0  # frames stored
+
+    @property
+    def label(self) -> str:
+        if self.blocks > 1:
+            return f"video {self.number} · {self.block}/{self.blocks} · {self.num_tokens} tokens"
+        return f"video {self.number} · {self.width}×{self.height} · {self.frames} frames · {self.num_tokens} tokens"
+
+
+@dataclass(frozen=True)
 class Turn:
     """The tokens from one ``<|im_start|>`` to the next, with the role its header names."""
 
@@ -116,11 +134,23 @@ class TokenDecoder:
         return [visible(text) for text in out]
 
     def turns(self, sample: Sample) -> list[Turn]:
-        """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan`."""
+        """The sample's tokens split into turns, each image's tokens as one :class:`ImageSpan` (each video block's
+        as one :class:`VideoSpan`)."""
         ids, weights = sample.input_ids, sample.weights
-        images = sample.stored.images
-        spans = {image.token_start: _span(n, image, weights) for n, image in enumerate(images, 1)}
-        texts = self.texts(np.delete(ids, _image_positions(images)))
+        images, videos = sample.stored.images, sample.stored.videos
+        spans = {
+            image.token_start: _span(n, image, image.token_start, image.num_tokens, image.grid_thw, weights)
+            for n, image in enumerate(images, 1)
+        }
+        for n, video in enumerate(videos, 1):
+            t, h, w = video.grid_thw
+            grid = (1, h, w) if len(video.spans) > 1 else (t, h, w)  # a Qwen3-VL block is one temporal patch
+            blocks, frames = len(video.spans), len(video.frame_indices)
+            for block, (start, count) in enumerate(video.spans, 1):
+                extra = {"block": block, "blocks": blocks, "frames": frames}
+                spans[start] = _span(n, video, start, count, grid, weights, VideoSpan, **extra)
+        runs = [(i.token_start, i.num_tokens) for i in images] + [(s, c) for v in videos for s, c in v.spans]
+        texts = self.texts(np.delete(ids, _positions(runs)))
         turns: list[Turn] = []
         items: list[Token | ImageSpan] = []
         position, text_index = 0, 0
@@ -141,22 +171,32 @@ class TokenDecoder:
         return turns
 
 
-def _image_positions(images: list[StoredImage]) -> np.ndarray:
-    ranges = [np.arange(i.token_start, i.token_start + i.num_tokens) for i in images]
+def _positions(runs: list[tuple[int, int]]) -> np.ndarray:
+    ranges = [np.arange(start, start + count) for start, count in runs]
     return np.concatenate(ranges) if ranges else np.zeros(0, dtype=np.int64)
 
 
-def _span(number: int, image: StoredImage, weights: np.ndarray) -> ImageSpan:
-    start, count = image.token_start, image.num_tokens
-    return ImageSpan(
+def _span(
+    number: int,
+    media: StoredImage | StoredVideo,
+    start: int,
+    count: int,
+    grid: Sequence[int],
+    weights: np.ndarray,
+    kind: type[ImageSpan] = ImageSpan,
+    **extra: int,
+) -> ImageSpan:
+    """The item of ``count`` pad tokens from ``start``, of an image or a video (``kind=VideoSpan``, ``extra``)."""
+    return kind(
         number=number,
-        width=image.width,
-        height=image.height,
-        original_width=image.original_width,
-        original_height=image.original_height,
-        grid_thw=tuple(image.grid_thw),
+        width=media.width,
+        height=media.height,
+        original_width=media.original_width,
+        original_height=media.original_height,
+        grid_thw=tuple(grid),
         num_tokens=count,
         trained=int(np.count_nonzero(weights[start : start + count] > 0)),
+        **extra,
     )
 
 
