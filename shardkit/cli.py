@@ -349,9 +349,13 @@ def _train_config(args: argparse.Namespace) -> Any:
     return model.create(**options)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from shardkit.model import rank_world
+def _first_rank() -> bool:
+    """Whether this process is rank 0 of its torchrun (``RANK``), or runs alone: asked once a command has left the
+    process group (``shardkit.model.leave_distributed``)."""
+    return os.environ.get("RANK", "0") == "0"
 
+
+def _train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     if args.backend == "tinker":
         from shardkit.train.tinker import train_tinker
@@ -361,7 +365,7 @@ def _train(args: argparse.Namespace) -> int:
         from shardkit.train.local import train
 
         history = train(config)
-    if history and rank_world()[0] == 0:
+    if history and _first_rank():
         last = history[-1]
         print(f"trained to step {last['step']} (loss {last['loss']:.4f}); outputs in {config.output}")
     return EXIT_OK
@@ -370,11 +374,10 @@ def _train(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from shardkit.embed import EmbedConfig
     from shardkit.embed.run import embed
-    from shardkit.model import rank_world
 
     config = EmbedConfig.create(**given(args, EmbedConfig))
     manifest = embed(config, progress=False if args.no_progress else None)
-    if rank_world()[0] == 0:
+    if _first_rank():
         print(
             f"{counted(manifest.num_images, 'image')}, {counted(manifest.num_image_tokens, 'image token')} "
             f"({manifest.dtype}, hidden {manifest.vision.hidden_size}) in {counted(len(manifest.shards), 'shard')} -> "

@@ -24,7 +24,14 @@ from shardkit.errors import ConfigError, ShardError
 from shardkit.load.batch import Collator
 from shardkit.load.embeddings import NO_VIDEO_EMBEDDINGS
 from shardkit.load.source import BuildSource
-from shardkit.model import check_fits_build, load_model, setup_distributed, vision_fingerprint, vision_tower
+from shardkit.model import (
+    check_fits_build,
+    leave_distributed,
+    load_model,
+    setup_distributed,
+    vision_fingerprint,
+    vision_tower,
+)
 from shardkit.shards import Sample
 from shardkit.shards.embeddings import (
     EMBEDDINGS_NAME,
@@ -159,6 +166,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
             config.dtype,
         ):
             logger.info("%s already holds these embeddings", config.out)
+            leave_distributed()
             return done
     if rank == 0:
         claim(fs, out, identity, overwrite=config.overwrite, manifest_name=EMBEDDINGS_NAME)
@@ -180,6 +188,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
     if rank == 0:
         manifest = _assemble(fs, out, source, tower, config)
     _barrier()
+    leave_distributed()
     return manifest if rank == 0 else read_embedding_manifest(config.out)
 
 

@@ -61,7 +61,26 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, torch.devic
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        global _joined
+        _joined = True
     return (*rank_world(), device)
+
+
+_joined = False  # whether setup_distributed made this process's group (leave_distributed ends only that one)
+
+
+def leave_distributed() -> None:
+    """Leave the process group :func:`setup_distributed` joined, every rank together, while the interpreter is whole:
+    a process that exits still in a gloo group can abort in its teardown (SIGABRT, pytorch/pytorch#179291). A group
+    the caller made is left to the caller. Called when a command ends well only: after an error the other ranks may
+    be inside a collective, and destroying the group then can hang."""
+    import torch
+
+    global _joined
+    if _joined and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _joined = False
 
 
 # -- the model -------------------------------------------------------------------------------

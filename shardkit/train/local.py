@@ -56,6 +56,7 @@ from shardkit.model import (
     check_fits_build,
     check_fits_embeddings,
     check_token_ids,
+    leave_distributed,
     load_model,
     rank_world,
     setup_distributed,
@@ -492,6 +493,7 @@ def train(config: TrainConfig, *, on_step: Callable[[int, dict[str, Any]], None]
         _plot_loss(log.path, output / "loss.png")
     if world > 1:
         torch.distributed.barrier()
+    leave_distributed()
     return history
 
 
