@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from shardkit.load import ShardStream
 from shardkit.load.torch import TorchLoader
+from shardkit.model import leave_distributed, setup_distributed
 
 
 def keys(samples):
@@ -22,7 +23,7 @@ def keys(samples):
 
 
 def main(build: str, out: str, state: str | None = None) -> None:
-    dist.init_process_group("gloo")
+    setup_distributed("gloo")
     rank = dist.get_rank()
     loader = TorchLoader(ShardStream(build, batch_size=2, seed=11), collate=keys, num_workers=1)
     start = 0
@@ -40,7 +41,7 @@ def main(build: str, out: str, state: str | None = None) -> None:
             assert step.item() == dist.get_world_size()
             seen += batch
     Path(out, f"rank{rank}.json").write_text(json.dumps({"keys": seen, "state": loader.state_dict()}))
-    dist.destroy_process_group()
+    leave_distributed()  # the ranks in turn: gloo can abort when two tear down at once
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from shardkit.load.mix import MixStream
 from shardkit.load.torch import TorchLoader
+from shardkit.model import leave_distributed, setup_distributed
 
 
 def keys(samples):
@@ -15,14 +16,14 @@ def keys(samples):
 
 
 def main(big: str, small: str, out: str) -> None:
-    dist.init_process_group("gloo")
+    setup_distributed("gloo")
     stream = MixStream([big, small], weights=[2, 1], epoch_size=30, batch_size=3, seed=4)
     loader = TorchLoader(stream, collate=keys, num_workers=2)
     loader.set_epoch(1)
     seen = [k for batch in loader for k in batch]
     record = {"keys": seen, "sources": stream.source_counts.tolist()}
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    leave_distributed()  # the ranks in turn: gloo can abort when two tear down at once
 
 
 if __name__ == "__main__":

@@ -67,20 +67,44 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, torch.devic
 
 
 _joined = False  # whether setup_distributed made this process's group (leave_distributed ends only that one)
+_left = 0  # how many groups this process has left (a key of its own in the store for each)
 
 
 def leave_distributed() -> None:
-    """Leave the process group :func:`setup_distributed` joined, every rank together, while the interpreter is whole:
-    a process that exits still in a gloo group can abort in its teardown (SIGABRT, pytorch/pytorch#179291). A group
-    the caller made is left to the caller. Called when a command ends well only: after an error the other ranks may
-    be inside a collective, and destroying the group then can hang."""
-    import torch
+    """Leave the process group :func:`setup_distributed` joined, one rank after another, while the interpreter is
+    whole. A group the caller made is left to the caller.
 
-    global _joined
-    if _joined and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    _joined = False
+    Gloo's connections are torn down when a group is destroyed, or when the process exits still in it; a rank whose
+    teardown meets a peer's closing connection can abort (SIGABRT, "terminate called without an active exception":
+    pytorch/gloo#155; at exit, pytorch/pytorch#179291). So after a barrier the ranks destroy the group in turn, the
+    highest first: each waits, in the rendezvous store (``MASTER_ADDR:MASTER_PORT``, not the group), for the rank
+    above it to have left, so no rank's teardown overlaps another's. Called when a command ends well only: after an
+    error the other ranks may be inside a collective, and destroying the group then can hang.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    global _joined, _left
+    if not (_joined and dist.is_initialized()):
+        _joined = False
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # every rank is done with the group
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(minutes=10),
+    )
+    run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    prefix = f"shardkit/left/{run}/{_left}"
+    if rank < world - 1:
+        store.wait([f"{prefix}/{rank + 1}"])
+    dist.destroy_process_group()
+    _joined, _left = False, _left + 1
+    if rank > 0:
+        store.set(f"{prefix}/{rank}", "1")
 
 
 # -- the model -------------------------------------------------------------------------------
