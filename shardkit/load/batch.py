@@ -518,11 +518,7 @@ class Collator:
         self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype = torch.float32
     ) -> dict[str, Any]:
         """Move a batch to ``device``; uint8 ``pixel_patches`` become ``pixel_values`` there."""
-        out = {
-            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()
-            if k not in ("pixel_patches", "video_patches")
-        }
+        out = moved({k: v for k, v in batch.items() if k not in ("pixel_patches", "video_patches")}, device)
         if "pixel_patches" in batch:
             patches = batch["pixel_patches"].to(device, non_blocking=True)
             out["pixel_values"] = expand_patches(
@@ -536,6 +532,11 @@ class Collator:
         elif "pixel_values_videos" in out:
             out["pixel_values_videos"] = out["pixel_values_videos"].to(dtype)
         return out
+
+
+def moved(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A batch with its tensors on ``device`` (copied without waiting where the device allows it)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _videos_of(sample: Sample) -> list[tuple[dict[str, Any], list[bytes]]]:

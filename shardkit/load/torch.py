@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from shardkit.load.batch import Collator, EmbeddingCollator
+from shardkit.load.batch import Collator, EmbeddingCollator, moved
 from shardkit.load.embeddings import EmbeddedSource
 from shardkit.load.stream import ShardStream, StreamBatches
 
@@ -88,7 +88,7 @@ class TorchLoader(StreamBatches):
         pixel_collator = isinstance(collate, Collator) and not isinstance(collate, EmbeddingCollator)
         if self.device is not None:
             if not pixel_collator:
-                return collate, lambda batch: _moved(batch, self.device)
+                return collate, lambda batch: moved(batch, self.device)
             return _as_uint8(collate), lambda batch: collate.to_device(batch, self.device)
         if pixel_collator and collate.pixels == "float32" and self.num_workers > 0:
             return _as_uint8(collate), lambda batch: collate.to_device(batch, "cpu")
@@ -125,8 +125,3 @@ def _as_uint8(collate: Collator) -> Collator:
     out = copy.copy(collate)
     out.pixels = "uint8"
     return out
-
-
-def _moved(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A batch's tensors on ``device``."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
