@@ -99,7 +99,7 @@ def _load(name: str, offline: bool = False) -> tuple[Any, TokenizerInfo]:
         tokenizer = qwen3_5.load_qwen3_5_tokenizer()
     elif Path(source).expanduser().exists():
         tokenizer = _from_pretrained(name, str(Path(source).expanduser()))
-    elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+    elif _is_path(source):
         raise ConfigError(f"tokenizer folder {name} does not exist")
     else:
         tokenizer = _from_cache(name) if offline else _from_hub(name)
@@ -144,12 +144,17 @@ def _local_folder(name: str) -> Path | None:
     source = Path(str(bundled_tokenizer_dir()) if name == DEFAULT_TOKENIZER else name).expanduser()
     if source.is_dir():
         return source
-    if source.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+    if source.exists() or _is_path(name):
         return None  # not a folder: _load names the problem
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(name, "tokenizer.json")
     return Path(found).parent if isinstance(found, str) else None
+
+
+def _is_path(name: str) -> bool:
+    """Whether ``name`` is written as a path, not as a Hugging Face id (``owner/name``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def cache_key(folder: Path) -> str:
