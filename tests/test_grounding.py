@@ -417,6 +417,23 @@ def test_rotation_is_refused_for_builds_and_samples_with_boxes(grounding_data, t
         direct(samples[:1])
 
 
+def test_train_augment_leaves_rotation_out_for_data_with_boxes(grounding_data, text_data, make_build, caplog):
+    from shardkit.train.local import TrainConfig, _open_data
+
+    def augment_of(data: list[str]) -> Augment:
+        config = TrainConfig.create(data=data, model="unused", output="unused", augment=True, num_workers=0)
+        return _open_data(config)[1].augment
+
+    plain_data = write_jsonl(grounding_data.parent / "plain.jsonl", [text_record("sheep.jpg", "A sheep.")])
+    plain, boxes, text = (make_build(d, model="qwen2_vl") for d in (plain_data, grounding_data, text_data))
+    assert augment_of([plain]) == Augment(seed=0)  # no boxes: the default strengths, rotation included
+    assert not caplog.records
+    for data, count in (([boxes], 11), ([text], 2), ([plain, boxes], 11)):  # a mix: its builds' boxes in all
+        caplog.clear()
+        assert augment_of(data) == Augment(seed=0, rotation=0)
+        assert f"carries {count} grounding boxes or points, so its images are not rotated" in caplog.text
+
+
 def test_stats_count_boxes(grounding_data, text_data, make_build):
     stats = build_stats(make_build(grounding_data, model="qwen3_vl"))
     assert (stats["boxes"], stats["points"], stats["text_boxes"], stats["box_rejects"]) == (9, 2, 0, {})

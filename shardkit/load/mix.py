@@ -154,6 +154,11 @@ class MixSource:
         """Samples per build."""
         return [len(s) for s in self.sources]
 
+    @property
+    def num_grounded(self) -> int:
+        """Grounding boxes and points in all the builds of the mix."""
+        return sum(s.num_grounded for s in self.sources)
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 

@@ -120,6 +120,11 @@ class BuildSource:
     def shard_sizes(self) -> list[int]:
         return [s.num_samples for s in self.manifest.shards]
 
+    @property
+    def num_grounded(self) -> int:
+        """Grounding boxes and points in the build (:attr:`Manifest.num_grounded`)."""
+        return self.manifest.num_grounded
+
     def __len__(self) -> int:
         return self.manifest.num_samples
 

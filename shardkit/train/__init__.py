@@ -162,8 +162,8 @@ class TrainConfig(TrainOptions):
     )
     augment: bool = Field(
         False,
-        description="torch: randomly rotate (up to 10 degrees) and change brightness and contrast (up to 20%) of each "
-        "image at load time, drawn anew each epoch; resume stays exact",
+        description="torch: randomly rotate (up to 10 degrees; not data with grounding boxes) and change brightness "
+        "and contrast (up to 20%) of each image at load time, drawn anew each epoch; resume stays exact",
     )
     freeze_vision_tower: bool = Field(
         False, description="torch: the vision tower and its merger get no gradient (with or without --image-embeddings)"

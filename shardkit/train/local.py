@@ -50,7 +50,7 @@ from shardkit.load import BuildSource, ShardStream
 from shardkit.load.augment import Augment
 from shardkit.load.batch import Collator, EmbeddingCollator
 from shardkit.load.embeddings import EmbeddedSource
-from shardkit.load.mix import check_compatible
+from shardkit.load.mix import MixSource, check_compatible
 from shardkit.load.torch import TorchLoader
 from shardkit.model import (
     check_fits_build,
@@ -253,9 +253,24 @@ def _open_data(config: TrainConfig) -> tuple[Any, Any, TorchLoader]:
         collator = EmbeddingCollator.for_build(stream.source.manifest)
     else:
         stream = config.open_stream(**options)
-        augment = Augment(seed=config.seed) if config.augment else None
+        augment = _augment(config, stream.source)
         collator = Collator.for_build(stream.source.manifest, pixels="uint8", augment=augment)
     return stream, collator, TorchLoader(stream, collate=collator, num_workers=config.num_workers)
+
+
+def _augment(config: TrainConfig, source: BuildSource | MixSource) -> Augment | None:
+    """``--augment``'s augmentation: :class:`Augment`'s default strengths, but no rotation for data with grounding
+    boxes or points (their coordinates are written in its tokens: rotation would move the pixels under them)."""
+    if not config.augment:
+        return None
+    if source.num_grounded:
+        logger.warning(
+            "--augment: the data carries %d grounding boxes or points, so its images are not rotated (only their "
+            "brightness and contrast change)",
+            source.num_grounded,
+        )
+        return Augment(seed=config.seed, rotation=0)
+    return Augment(seed=config.seed)
 
 
 def _prepare_model(config: TrainConfig, stream: Any) -> torch.nn.Module:
