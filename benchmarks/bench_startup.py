@@ -7,11 +7,19 @@ in a new process (interpreter, imports, the tokenizer read from the cache folder
 ``build()`` in this process, which has built it before (imports done, tokenizer loaded). Both with the default
 workers (every core) and with ``--workers 1``. The cache folder is warm, as after a user's first build. Target: the
 command line within 1.5x of the warm process (min over the rounds). Results: ``results/startup.json``.
+
+Each round also times what a new process pays before it can convert a record, in a fresh interpreter each: starting
+Python, importing the third-party libraries a build uses (numpy, Pillow, pyarrow, pydantic, fsspec, tokenizers),
+importing shardkit's build modules, and reading the tokenizer from the cache folder. All four hold the GIL on one
+core, and every process that converts records needs all of them, so ``floor`` is the ratio a command line would have
+if it paid nothing else: (warm build + those costs) / warm build; ``floor_without_shardkit_imports`` leaves out
+shardkit's own imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -22,6 +30,29 @@ from common import WORK, machine, save
 
 TARGET = 1.5
 FOLDER = WORK / "startup"
+#: run in a fresh interpreter: the seconds of each fixed cost of a new build process, as JSON
+FIXED_COSTS = """
+import json, time
+started = time.perf_counter()
+import concurrent.futures, multiprocessing, fsspec, numpy, PIL.Image, PIL.JpegImagePlugin, pyarrow.parquet, pydantic
+import tokenizers, tqdm
+third_party = time.perf_counter()
+import shardkit.build, shardkit.cli
+imported = time.perf_counter()
+from shardkit.tokenizer import load_fast_tokenizer
+load_fast_tokenizer()
+print(json.dumps({"third_party_imports_s": third_party - started, "shardkit_imports_s": imported - third_party,
+                  "tokenizer_read_s": time.perf_counter() - imported}))
+"""
+
+
+def fixed_costs() -> dict[str, float]:
+    """One fresh interpreter's fixed costs (:data:`FIXED_COSTS`), its start (``python -c pass``) included."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    costs = {"interpreter_s": time.perf_counter() - started}
+    done = subprocess.run([sys.executable, "-c", FIXED_COSTS], check=True, capture_output=True, text=True)
+    return costs | json.loads(done.stdout)
 
 
 def main() -> dict:
@@ -64,6 +95,17 @@ def main() -> dict:
         print(f"{name}: command line {min(cold):.2f} s (median {statistics.median(cold):.2f}), warm process "
               f"{min(warm):.2f} s (median {statistics.median(warm):.2f}): {min(cold) / min(warm):.2f}x "
               f"(target <= {TARGET}x)")  # fmt: skip
+    costs = [fixed_costs() for _ in range(args.rounds)]
+    fixed = {name: round(min(c[name] for c in costs), 3) for name in costs[0]}
+    warm = out["default_workers"]["warm_process_s"]["min"]
+    shardkit_imports = fixed["shardkit_imports_s"]
+    out["fixed_costs_s"] = fixed | {"total": round(sum(fixed.values()), 3)}
+    out["floor"] = round((warm + sum(fixed.values())) / warm, 2)
+    out["floor_without_shardkit_imports"] = round((warm + sum(fixed.values()) - shardkit_imports) / warm, 2)
+    print(
+        f"fixed costs of a new process (min): {fixed}; floor {out['floor']}x, without shardkit's imports "
+        f"{out['floor_without_shardkit_imports']}x"
+    )
     out["ratio_command_line_vs_warm"] = out["default_workers"]["ratio_command_line_vs_warm"]  # target 10
     return out
 

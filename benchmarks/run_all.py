@@ -81,6 +81,13 @@ def chart(rows: list[dict], path: Path) -> None:
 def table(rows: list[dict], info: dict, sections: dict) -> str:
     build, loader, tinker, cache = sections["build"], sections["loader"], sections["tinker"], sections["embed"]
     image, tv, startup = sections["image"], info["torchvision_versions"], sections["startup"]
+    fixed = startup["fixed_costs_s"]
+    one = startup["workers_1"]["ratio_command_line_vs_warm"]
+    verdict = (
+        f"target 10 is below this {info['cores']}-core machine's floor with the default workers"
+        if startup["floor_without_shardkit_imports"] > 1.5
+        else "the floor is within target 10"
+    ) + f" ({one:.2f} x with `--workers 1`)"
     lines = [
         f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB), "
         f"Python {info['python']}, with `.venv/bin/python benchmarks/run_all.py` (the raw figures are in "
@@ -126,12 +133,16 @@ def table(rows: list[dict], info: dict, sections: dict) -> str:
         f"{startup['workers_1']['command_line_s']['min']:.2f} s and "
         f"{startup['workers_1']['warm_process_s']['min']:.2f} s);"
         " the tokenizer is read from the cache folder (see Tokenizer). Before the start-up work the command line took"
-        " 8.3 s against 1.6 s (5.1 x). What a new process still pays, profiled (`-X importtime`, cProfile): about"
-        " 0.6 s of imports (0.26 s numpy, pydantic, fsspec, pyarrow and Pillow; the rest shardkit's modules, their"
-        " pydantic models among them) and 0.36 s to load the tokenizer's Rust backend (its 151,387 merges take half;"
-        " the call holds the GIL, so no thread can overlap it), one core's work before the tasks start, while the warm"
-        " build's tasks, cut into slices across both cores, take 0.9 s: target 10 is missed with the default workers"
-        " and nearly met with one. Against LLaMA-Factory: see below.",
+        " 8.3 s against 1.6 s (5.1 x). What a new process pays before it converts a record, measured in fresh"
+        f" interpreters: starting Python {fixed['interpreter_s']:.2f} s, the third-party imports of a build (numpy,"
+        f" Pillow, pyarrow, pydantic, fsspec, tokenizers) {fixed['third_party_imports_s']:.2f} s, shardkit's own"
+        f" modules {fixed['shardkit_imports_s']:.2f} s (their pydantic models, mostly) and reading the tokenizer"
+        f" {fixed['tokenizer_read_s']:.2f} s. Each holds the GIL on one core and every process that converts records"
+        " needs all four, so a command line that paid nothing else would be at"
+        f" {startup['floor']:.2f} x, and at {startup['floor_without_shardkit_imports']:.2f} x if shardkit's imports"
+        f" cost nothing: {verdict}. Most of the floor is the tokenizer: `tokenizers` builds its BPE model (151,643"
+        " tokens, 151,387 merges) in about 0.3 s however it is given (`tokenizer.json`, vocab and merges files,"
+        " Python objects). Against LLaMA-Factory: see below.",
         "",
         f"Frozen vision tower ({cache['model']}): a step takes {cache['live_frozen_step_s']:.2f} s fed pixels, "
         f"{cache['cached_step_s']:.2f} s fed cached embeddings; `shardkit embed` runs at "
