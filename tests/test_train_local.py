@@ -15,7 +15,8 @@ from shardkit.synthetic import make_clinical_dataset
 from shardkit.testing import TINY_VOCAB_SIZE
 from shardkit.train import local
 from shardkit.train.local import TrainConfig, train
-from tests.helpers import metrics, torchrun
+from tests.helpers import metrics, torchrun, write_jsonl
+from tests.test_grounding import PICTURES, SWIFT_RECORDS, picture
 
 pytestmark = pytest.mark.slow  # trains tiny models
 
@@ -119,6 +120,20 @@ def test_an_augmented_run_stopped_mid_epoch_resumes_with_the_same_pixels_and_los
     epoch0 = {tuple(f["input_ids"].flatten().tolist()): f["pixel_values"] for f in uninterrupted[:8]}
     epoch1 = [(tuple(f["input_ids"].flatten().tolist()), f["pixel_values"]) for f in uninterrupted[8:]]
     assert all(ids in epoch0 and not torch.equal(epoch0[ids], pixels) for ids, pixels in epoch1)
+
+
+def test_augment_on_a_build_with_boxes_trains_unrotated(tmp_path, tiny_model, tiny_tokenizer, make_build, fed, caplog):
+    for name, (size, blocks) in PICTURES.items():
+        picture(tmp_path / name, size, blocks)
+    data = write_jsonl(tmp_path / "swift.jsonl", SWIFT_RECORDS)
+    boxes = make_build(data, model="qwen2_vl", tokenizer=tiny_tokenizer, max_pixels=56 * 56)
+    args = ["train", "--data", boxes, "--model", tiny_model, "--max-steps", "1", "--num-workers", "0"]
+    assert main([*args, "--output", str(tmp_path / "augmented"), "--augment"]) == 0
+    assert "carries 11 grounding boxes or points, so its images are not rotated" in caplog.text
+    assert main([*args, "--output", str(tmp_path / "plain")]) == 0
+    augmented, plain = fed
+    assert torch.equal(augmented["input_ids"], plain["input_ids"])
+    assert not torch.equal(augmented["pixel_values"], plain["pixel_values"])  # brightness and contrast still change
 
 
 def test_packed_training_gives_the_padded_loss_and_learns(tmp_path, memorisable, tiny_model):
