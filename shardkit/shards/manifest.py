@@ -34,8 +34,9 @@ from shardkit.storage import join, open_fs, write_bytes
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-#: the manifest's counts of grounding boxes, in its JSON only where not 0
-GROUNDING_COUNTS = ("num_boxes", "num_points", "num_text_boxes")
+#: the manifest's fields written only where they hold something (not 0, not None): builds without boxes or videos
+#: keep the bytes they had before those were counted
+WHEN_SET = ("num_boxes", "num_points", "num_text_boxes", "num_videos", "num_video_frames", "video")
 
 
 def _in_build_folder(path: str) -> str:
@@ -180,17 +181,10 @@ class Manifest(FolderManifest):
     video: VideoSettings | None = None
     """How the videos were sampled and sized; None in a build without videos."""
 
-    #: fields written only where they hold something (a build without videos keeps the bytes it had before them)
-    WHEN_SET: ClassVar[tuple[str, ...]] = ("num_videos", "num_video_frames", "video")
-
-    def to_json(self) -> bytes:
-        unset = {name for name in self.WHEN_SET if not getattr(self, name)}
-        return (json.dumps(self.model_dump(mode="json", exclude=unset), sort_keys=True, indent=2) + "\n").encode()
-
     @model_serializer(mode="wrap")
-    def _grounding_counts_when_any(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
-        for key in GROUNDING_COUNTS:
+        for key in WHEN_SET:
             if not data.get(key):
                 data.pop(key, None)
         return data
