@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shardkit.tokenizer.qwen3_5 import CONFIG_TOKEN_IDS
+
 #: the vision token ids of the real Qwen vocabulary (the same in every family)
 VISION_TOKEN_IDS = {
     "image_token_id": 151655,
@@ -189,13 +191,8 @@ def tiny_qwen3_vl_config(moe: bool = False, initializer_range: float = 0.02, tok
     return Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
 
 
-#: the vision token ids of the Qwen3.5 vocabulary (transformers' ``Qwen3_5Config``)
-QWEN3_5_VISION_TOKEN_IDS = {
-    "image_token_id": 248056,
-    "video_token_id": 248057,
-    "vision_start_token_id": 248053,
-    "vision_end_token_id": 248054,
-}
+#: the vision token ids of the Qwen3.5 vocabulary (transformers' ``Qwen3_5Config``), by config key
+QWEN3_5_VISION_TOKEN_IDS = {key: CONFIG_TOKEN_IDS[token] for key, token in _VISION_TOKENS.items()}
 QWEN3_5_VOCAB_SIZE = 248320
 
 
