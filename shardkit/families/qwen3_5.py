@@ -173,15 +173,9 @@ class Qwen3_5Base(Renderer):
         return [replace(system, injected=injected), *turns[1:]]
 
     def content(self, turn: _Turn) -> list[Piece]:
-        """A turn's injected text (weight 0), then its parts: text with its weight, images in vision markers."""
-        tokens = self.tokens
-        out = [Piece(turn.injected)] if turn.injected else []
-        for part in turn.parts:
-            if isinstance(part, ImagePart):
-                out += [Piece(tokens.vision_start), Piece(tokens.image_pad, image=True), Piece(tokens.vision_end)]
-            else:
-                out.append(Piece(part.text, turn.weight))
-        return out + [Piece(tokens.im_end, turn.weight)]
+        """A turn's injected text (weight 0), then its parts (:meth:`content_pieces`) and ``<|im_end|>``."""
+        injected = [Piece(turn.injected)] if turn.injected else []
+        return [*injected, *self.content_pieces(turn.parts, turn.weight), Piece(self.tokens.im_end, turn.weight)]
 
 
 class Qwen3_5Renderer(Qwen3_5Base):

@@ -41,7 +41,7 @@ class Qwen3VLRenderer(Renderer):
         for i, (message, weight) in enumerate(zip(record.messages, weights, strict=True)):
             newline = "\n" if i else ""
             out.append(Piece(f"{newline}{self.tokens.im_start}{message.role}\n", new_unit=True))
-            content = self.content_pieces(record, i, weight) + [Piece(self.tokens.im_end, weight)]
+            content = self.content_pieces(message.content, weight) + [Piece(self.tokens.im_end, weight)]
             out += [replace(content[0], new_unit=True), *content[1:]]
         return out
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from shardkit.errors import ConfigError, RecordError
-from shardkit.schema import ImagePart, Record, VideoPart
+from shardkit.schema import ImagePart, Record, TextPart, VideoPart
 from shardkit.tokenizer import without_added_tokens_above
 from shardkit.video import VideoPlan
 
@@ -187,16 +187,16 @@ class Renderer(ABC):
         """Each message as the published Qwen chat templates write it, ``<|im_start|>{role}\\n{content}<|im_end|>\\n``,
         one string tokenized at once; a trained message's content and ``<|im_end|>`` carry weight."""
         out: list[Piece] = []
-        for i, (message, weight) in enumerate(zip(record.messages, weights, strict=True)):
+        for message, weight in zip(record.messages, weights, strict=True):
             out.append(Piece(f"{self.tokens.im_start}{message.role}\n"))
-            out += self.content_pieces(record, i, weight)
+            out += self.content_pieces(message.content, weight)
             out += [Piece(self.tokens.im_end, weight), Piece("\n")]
         return out
 
-    def content_pieces(self, record: Record, index: int, weight: float) -> list[Piece]:
+    def content_pieces(self, parts: Sequence[TextPart | ImagePart | VideoPart], weight: float) -> list[Piece]:
         """A message's parts: text with ``weight``, images wrapped in vision markers and videos (never weighted)."""
         tokens, out = self.tokens, []
-        for part in record.messages[index].content:
+        for part in parts:
             if isinstance(part, ImagePart):
                 out += [Piece(tokens.vision_start), Piece(tokens.image_pad, image=True), Piece(tokens.vision_end)]
             elif isinstance(part, VideoPart):
