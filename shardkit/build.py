@@ -453,9 +453,9 @@ def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Re
 
 def _video_settings(config: BuildConfig, renderer: Renderer) -> VideoSettings | None:
     """How the build samples and sizes videos, as its manifest records them where it holds any."""
-    if not config.family.video:
-        return None
     grid = config.video_grid
+    if grid is None:
+        return None
     return VideoSettings(
         processor=grid.processor,
         fps=grid.fps,

@@ -176,8 +176,7 @@ class BuildConfig(Options):
         object.__setattr__(self, "min_pixels", self.min_pixels or family.min_pixels)
         object.__setattr__(self, "max_pixels", self.max_pixels or family.max_pixels)
         Grid(family.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
-        if family.video:
-            self.video_grid  # noqa: B018 -- raises on bad video options
+        self.video_grid  # noqa: B018 -- raises on bad video options
         if self.box_style is not None:
             style = get_style(self.box_style)
             if family.box_style is None:
@@ -208,9 +207,11 @@ class BuildConfig(Options):
         return Grid(self.family.factor, int(self.min_pixels or 0), int(self.max_pixels or 0))
 
     @property
-    def video_grid(self) -> VideoGrid:
-        """How the family's video processor samples and sizes a clip, with ``video_fps`` and ``video_max_frames``."""
-        return VideoGrid.for_family(self.model, fps=self.video_fps, max_frames=self.video_max_frames)
+    def video_grid(self) -> VideoGrid | None:
+        """How the family's video processor samples and sizes a clip, with ``video_fps`` and ``video_max_frames``
+        (None: the family takes no video)."""
+        grid = self.family.video_grid
+        return None if grid is None else grid.with_options(fps=self.video_fps, max_frames=self.video_max_frames)
 
     def input_options(self) -> dict[str, Any]:
         """Options of the input form (prompt and columns)."""

@@ -64,7 +64,7 @@ class Converter:
         self.input = open_input(config.input, config.input_format, **config.input_options())
         self.renderer: Renderer = config.family.renderer(tokenizer)
         self.grid = config.grid
-        self.video_grid: VideoGrid | None = config.video_grid if config.family.video else None
+        self.video_grid = config.video_grid
         self.root = image_root(config, self.input)
         self.token_chars = max_token_chars(tokenizer)
 

@@ -32,7 +32,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -52,14 +52,6 @@ Processor = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 #: Qwen2.5-VL's ``vision_config.tokens_per_second`` in its published checkpoints (the config class's default is 4):
 #: a temporal patch's position step is this times its ``second_per_grid_t``
 QWEN2_5_VL_TOKENS_PER_SECOND = 2
-
-# family -> (its video processor, patch size, min_pixels, max_pixels): per frame for Qwen2/2.5, over the clip for Qwen3
-FAMILY_DEFAULTS: dict[str, tuple[Processor, int, int, int]] = {
-    "qwen2_vl": ("qwen2_vl", 14, 128 * 28 * 28, 768 * 28 * 28),
-    "qwen2_5_vl": ("qwen2_5_vl", 14, 128 * 28 * 28, 768 * 28 * 28),
-    "qwen3_vl": ("qwen3_vl", 16, 4096, 25165824),
-    "qwen3_vl_hf": ("qwen3_vl", 16, 4096, 25165824),
-}
 
 Source = str | os.PathLike | bytes
 
@@ -105,7 +97,8 @@ class Frame:
 
 @dataclass(frozen=True)
 class VideoGrid:
-    """How a family's video processor samples and sizes a clip (:meth:`for_family` gives the defaults).
+    """How a family's video processor samples and sizes a clip (each family's at its processor's defaults:
+    :attr:`Family.video_grid <shardkit.families.base.Family.video_grid>`; :meth:`with_options` sets a build's).
 
     ``min_pixels``/``max_pixels`` bound each frame for Qwen2-VL and Qwen2.5-VL, the frames together for Qwen3-VL.
     Qwen3-VL's processor reads ``min_frames``/``max_frames`` from its settings, never from a call.
@@ -133,29 +126,23 @@ class VideoGrid:
             )
         Grid(self.factor, self.min_pixels, self.max_pixels)  # raises on bad bounds
 
-    @classmethod
-    def for_family(
-        cls,
-        family: str,
+    def with_options(
+        self,
         *,
         fps: float | None = None,
         max_frames: int | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
     ) -> VideoGrid:
-        """The video rule of a model family (by name), with ``--video-fps``/``--video-max-frames``-style overrides."""
-        try:
-            processor, patch_size, lo, hi = FAMILY_DEFAULTS[family]
-        except KeyError:
-            raise ConfigError(f"model family {family!r} has no video support") from None
-        return cls(
-            processor,
-            patch_size,
-            min_pixels or lo,
-            max_pixels or hi,
-            fps=fps or DEFAULT_FPS,
-            min_frames=min(MIN_FRAMES, max_frames or MAX_FRAMES),
-            max_frames=max_frames or MAX_FRAMES,
+        """This rule with ``--video-fps``/``--video-max-frames``-style overrides (None: this rule's own)."""
+        max_frames = max_frames or self.max_frames
+        return replace(
+            self,
+            fps=fps or self.fps,
+            min_frames=min(self.min_frames, max_frames),
+            max_frames=max_frames,
+            min_pixels=min_pixels or self.min_pixels,
+            max_pixels=max_pixels or self.max_pixels,
         )
 
     @property
@@ -479,7 +466,6 @@ def _ffmpeg_reason(exc: BaseException) -> str:
 __all__ = [
     "DEFAULT_FPS",
     "Clip",
-    "FAMILY_DEFAULTS",
     "Frame",
     "VideoGrid",
     "VideoMeta",

@@ -8,11 +8,14 @@ import json
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from shardkit.families import get_family
 from shardkit.synthetic import photo_like
+from shardkit.video import VideoGrid
 
 FIXTURES = Path(__file__).parent / "fixtures"
 S3_SECRET = "s3cr3t-never-printed-7f3a"
@@ -119,6 +122,11 @@ def qwen3_image_processor(backend: str = "pil"):
         patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
         size={"shortest_edge": 65536, "longest_edge": 16777216},
     )  # fmt: skip
+
+
+def video_grid(family: str, **options: Any) -> VideoGrid:
+    """``family``'s video rule (:attr:`Family.video_grid`), with :meth:`VideoGrid.with_options` overrides."""
+    return get_family(family).video_grid.with_options(**options)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

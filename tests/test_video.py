@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from shardkit.errors import ConfigError, RecordError
+from shardkit.families import get_family
 from shardkit.images import encode_jpeg
 from shardkit.video import (
     VideoGrid,
@@ -26,7 +27,7 @@ from shardkit.video import (
     probe,
     smart_resize_clip,
 )
-from tests.helpers import pattern, write_audio, write_clip
+from tests.helpers import pattern, video_grid, write_audio, write_clip
 
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'shardkit[video]'")
 
@@ -91,7 +92,7 @@ def test_decode_gives_exactly_the_frames_asked_for(clips):
 
 def test_decode_matches_a_full_decode_with_b_frames(clips):
     everything = decode_all(clips["ntsc_h264"])
-    plan = VideoGrid.for_family("qwen3_vl").plan(probe(clips["ntsc_h264"]))
+    plan = video_grid("qwen3_vl").plan(probe(clips["ntsc_h264"]))
     frames = list(decode_frames(clips["ntsc_h264"], plan.indices))
     assert [f.index for f in frames] == list(plan.indices) == [0, 10, 19, 29]
     assert all(np.array_equal(f.rgb, everything[f.index]) for f in frames)
@@ -108,7 +109,7 @@ def test_variable_frame_rate_times(clips):
     """Every processor times frame i as i / average rate; the decoded frame carries its true time beside it."""
     meta = probe(clips["vfr"])
     assert meta.frames == 10 and meta.fps == pytest.approx(200 / 27)
-    plan = VideoGrid.for_family("qwen3_vl").plan(meta)
+    plan = video_grid("qwen3_vl").plan(meta)
     frames = list(decode_frames(clips["vfr"], plan.indices))
     assert [f.time for f in frames] == pytest.approx([VFR_PTS[i] / 1000 for i in plan.indices])
     assert plan.times == pytest.approx([i * 27 / 200 for i in plan.indices])
@@ -119,32 +120,30 @@ def test_variable_frame_rate_times(clips):
 
 def test_plans_on_known_clips(clips):
     meta = probe(clips["2s_10fps"])
-    q25 = VideoGrid.for_family("qwen2_5_vl").plan(meta)
+    q25 = video_grid("qwen2_5_vl").plan(meta)
     assert (q25.indices, q25.grid, q25.tokens, q25.second_per_grid_t) == ((0, 5, 10, 15), (2, 20, 28), 280, 1.0)
     assert q25.times == (0.0, 0.5, 1.0, 1.5) and q25.size == (280, 392) and q25.timestamps == ()
-    q2 = VideoGrid.for_family("qwen2_vl").plan(meta)
+    q2 = video_grid("qwen2_vl").plan(meta)
     assert q2.second_per_grid_t is None and (q2.indices, q2.grid) == (q25.indices, q25.grid)
-    q3 = VideoGrid.for_family("qwen3_vl").plan(meta)
+    q3 = video_grid("qwen3_vl").plan(meta)
     assert (q3.indices, q3.grid, q3.tokens) == ((0, 6, 13, 19), (2, 6, 8), 24)
     assert q3.timestamps == ("<0.3 seconds>", "<1.6 seconds>") and q3.second_per_grid_t is None
     q3_class = VideoGrid("qwen3_vl", 16, 131072, 786432).plan(meta)  # the processor class's own bounds
     assert q3_class.grid == (2, 10, 14)
 
-    spg = [
-        VideoGrid.for_family("qwen2_5_vl").plan(probe(clips[n])).second_per_grid_t for n in ("45f_30fps", "7f_25fps")
-    ]
+    spg = [video_grid("qwen2_5_vl").plan(probe(clips[n])).second_per_grid_t for n in ("45f_30fps", "7f_25fps")]
     assert spg == pytest.approx([0.75, 0.14])
-    odd = VideoGrid.for_family("qwen3_vl").plan(probe(clips["5.5s_10fps"]))
+    odd = video_grid("qwen3_vl").plan(probe(clips["5.5s_10fps"]))
     assert odd.frames == 11 and odd.grid[0] == 6 and len(odd.timestamps) == 6
 
 
 def test_fps_and_max_frames_options(clips):
     meta = probe(clips["10s_6fps"])
-    assert VideoGrid.for_family("qwen2_vl").plan(meta).frames == 20
-    assert VideoGrid.for_family("qwen2_vl", max_frames=6).plan(meta).frames == 6
-    assert VideoGrid.for_family("qwen3_vl", max_frames=7).plan(meta).frames == 7
-    assert VideoGrid.for_family("qwen3_vl", fps=1).plan(meta).indices == (0, 7, 13, 20, 26, 33, 39, 46, 52, 59)
-    assert VideoGrid.for_family("qwen2_vl", fps=0.2).plan(meta).frames == 4  # min_frames
+    assert video_grid("qwen2_vl").plan(meta).frames == 20
+    assert video_grid("qwen2_vl", max_frames=6).plan(meta).frames == 6
+    assert video_grid("qwen3_vl", max_frames=7).plan(meta).frames == 7
+    assert video_grid("qwen3_vl", fps=1).plan(meta).indices == (0, 7, 13, 20, 26, 33, 39, 46, 52, 59)
+    assert video_grid("qwen2_vl", fps=0.2).plan(meta).frames == 4  # min_frames
 
 
 def test_qwen2_indices_equal_torch_arange():
@@ -167,7 +166,7 @@ def test_qwen2_indices_equal_torch_arange():
 
 def test_qwen3_sizes_are_stable_under_the_processor_rule():
     """The processor on the stored frames keeps their size, also where its own first size would move again."""
-    grid = VideoGrid.for_family("qwen3_vl")
+    grid = video_grid("qwen3_vl")
     rng = np.random.default_rng(0)
     for _ in range(3000):
         height = int(rng.integers(20, 2400))
@@ -185,15 +184,15 @@ def test_frame_list():
     """ms-swift's list of frame images: every frame kept at the given (or default 2) fps, never sampled again."""
     meta = frame_list_meta([(40, 56)] * 5)
     assert (meta.frames, meta.fps, meta.duration, meta.frame_list) == (5, 2.0, 2.5, True)
-    q3 = VideoGrid.for_family("qwen3_vl").plan(meta)
+    q3 = video_grid("qwen3_vl").plan(meta)
     assert q3.indices == (0, 1, 2, 3, 4) and q3.grid[0] == 3
     assert q3.timestamps == ("<0.2 seconds>", "<1.2 seconds>", "<2.0 seconds>")
-    q25 = VideoGrid.for_family("qwen2_5_vl").plan(meta)
+    q25 = video_grid("qwen2_5_vl").plan(meta)
     assert q25.frames == 5 and q25.grid[0] == 3 and q25.second_per_grid_t == 1.0
-    assert VideoGrid.for_family("qwen2_5_vl").plan(frame_list_meta([(40, 56)] * 5, fps=4)).second_per_grid_t == 0.5
-    capped = VideoGrid.for_family("qwen2_vl", max_frames=3).plan(meta)
+    assert video_grid("qwen2_5_vl").plan(frame_list_meta([(40, 56)] * 5, fps=4)).second_per_grid_t == 0.5
+    capped = video_grid("qwen2_vl", max_frames=3).plan(meta)
     assert capped.indices == (0, 2) and capped.frames == 2  # Qwen2: an even count when frames are dropped
-    assert VideoGrid.for_family("qwen3_vl", max_frames=3).plan(meta).indices == (0, 2, 4)
+    assert video_grid("qwen3_vl", max_frames=3).plan(meta).indices == (0, 2, 4)
 
 
 # --- token budgets
@@ -205,7 +204,7 @@ def area(size: tuple[int, int]) -> int:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_fit_qwen2_lowers_frames_then_resolution(family):
-    grid = VideoGrid.for_family(family)
+    grid = video_grid(family)
     meta = VideoMeta(60, 6.0, 10.0, 480, 640)
     full = grid.plan(meta)
     per_patch = full.tokens // full.grid[0]
@@ -257,10 +256,10 @@ def test_too_short_and_truncated(tmp_path, clips):
     meta = probe(one)
     for family in FAMILIES:
         with pytest.raises(RecordError) as caught:
-            VideoGrid.for_family(family).plan(meta)
+            video_grid(family).plan(meta)
         assert caught.value.code == "video_too_short"
     with pytest.raises(RecordError) as caught:
-        VideoGrid.for_family("qwen3_vl").plan(frame_list_meta([(32, 32)]))
+        video_grid("qwen3_vl").plan(frame_list_meta([(32, 32)]))
     assert caught.value.code == "video_too_short"
     with pytest.raises(RecordError) as caught:
         list(decode_frames(clips["7f_25fps"], [3, 9]))
@@ -272,20 +271,21 @@ def test_frame_list_and_settings_errors():
         frame_list_meta([(40, 56), (40, 56), (56, 40)])
     assert caught.value.code == "video_frame_sizes"
     with pytest.raises(RecordError) as caught:
-        VideoGrid.for_family("qwen2_vl").plan(VideoMeta(8, 2.0, 4.0, 2, 500))
+        video_grid("qwen2_vl").plan(VideoMeta(8, 2.0, 4.0, 2, 500))
     assert caught.value.code == "video_aspect"
     for bad in (dict(fps=-1.0), dict(max_frames=1), dict(min_pixels=10**7, max_pixels=10**6)):
         with pytest.raises(ConfigError):
-            VideoGrid.for_family("qwen3_vl", **bad)
-    with pytest.raises(ConfigError, match="no video support"):
-        VideoGrid.for_family("llava")
+            video_grid("qwen3_vl", **bad)
+    assert get_family("qwen3_5").video_grid is None  # a family that takes no video has no rule
+    with pytest.raises(ConfigError, match="unknown model family 'llava'"):
+        video_grid("llava")
 
 
 def test_missing_pyav_names_the_extra(monkeypatch, clips):
     monkeypatch.setitem(sys.modules, "av", None)
     with pytest.raises(ConfigError, match=r"pip install 'shardkit\[video\]'"):
         probe(clips["2s_10fps"])
-    assert VideoGrid.for_family("qwen3_vl").plan(frame_list_meta([(32, 32)] * 4)).frames == 4  # planning needs no PyAV
+    assert video_grid("qwen3_vl").plan(frame_list_meta([(32, 32)] * 4)).frames == 4  # planning needs no PyAV
 
 
 # --- parity with transformers' processors (torchvision: .venv-newest)
@@ -358,7 +358,7 @@ def test_plan_equals_the_video_processor(processors, clips, family, name):
     their indices: the same grid, so the processor keeps the stored size."""
     meta = probe(clips[name])
     frames = decode_all(clips[name])
-    for grid in (VideoGrid.for_family(family), VideoGrid.for_family(family, fps=3.0, max_frames=6)):
+    for grid in (video_grid(family), video_grid(family, fps=3.0, max_frames=6)):
         plan = grid.plan(meta)
         vp = video_processor(processors, grid)
         metadata = {"total_num_frames": meta.frames, "fps": meta.fps}
@@ -376,7 +376,7 @@ def test_tokens_timestamps_and_second_per_grid_equal_the_processor(processors, c
     equal the plan's, from the raw clip and from the stored frames."""
     meta = probe(clips[name])
     frames = decode_all(clips[name])
-    grid = VideoGrid.for_family(family)
+    grid = video_grid(family)
     plan = grid.plan(meta)
     proc = full_processor(processors, grid, tokenizer)
     text = "Look: <|vision_start|><|video_pad|><|vision_end|> What happens?"
@@ -401,7 +401,7 @@ def test_frame_list_equals_the_processor(processors, tokenizer, family):
     """Frame images with their fps as metadata (transformers refuses to sample a list): all kept, same grid/text."""
     frames = np.stack([pattern(i, 40, 56) for i in range(5)])
     meta = frame_list_meta([(40, 56)] * 5)
-    grid = VideoGrid.for_family(family)
+    grid = video_grid(family)
     plan = grid.plan(meta)
     metadata = {"total_num_frames": 5, "fps": 2.0, "frames_indices": list(range(5))}
     proc = full_processor(processors, grid, tokenizer)
@@ -418,7 +418,7 @@ def test_fitted_plans_are_what_the_processor_gives_at_those_limits(processors, c
     """A plan lowered to a budget is the processor's own plan at the lowered limits, and stays put when stored."""
     meta = probe(clips["fit"])
     frames = decode_all(clips["fit"])
-    grid = VideoGrid.for_family(family, min_pixels=None if family == "qwen3_vl" else 3136)
+    grid = video_grid(family, min_pixels=None if family == "qwen3_vl" else 3136)
     full = grid.plan(meta)
     assert full.grid[0] == 4
     metadata = {"total_num_frames": meta.frames, "fps": meta.fps}

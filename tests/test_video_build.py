@@ -28,8 +28,8 @@ from shardkit.load.batch import Collator
 from shardkit.load.source import BuildSource
 from shardkit.shards import read_manifest
 from shardkit.testing import tiny_qwen2_vl_config, tiny_qwen3_vl_config
-from shardkit.video import VideoGrid, frame_list_meta, probe
-from tests.helpers import FIXTURES, write_audio, write_clip, write_image, write_jsonl
+from shardkit.video import frame_list_meta, probe
+from tests.helpers import FIXTURES, video_grid, write_audio, write_clip, write_image, write_jsonl
 
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install 'shardkit[video]'")
 
@@ -135,7 +135,7 @@ def test_every_form_builds_its_videos_and_the_broken_ones_are_rejected(builds, d
     assert rejects(folder)[10]["reason"] == "video not found: clips/missing.mp4"
     samples = samples_of(folder)
     assert sorted(samples) == list(SOURCES)
-    grid = VideoGrid.for_family(family)
+    grid = video_grid(family)
     settings = manifest.video
     assert (settings.processor, settings.fps, settings.max_frames, settings.min_pixels, settings.max_pixels) == (
         grid.processor, 2.0, 768, grid.min_pixels, grid.max_pixels)  # fmt: skip
@@ -377,7 +377,7 @@ def full_processor(transformers, family, tokenizer):
     from tests.helpers import image_processor_class, qwen3_image_processor
     from tests.test_video import video_processor
 
-    grid = VideoGrid.for_family(family)
+    grid = video_grid(family)
     images = qwen3_image_processor() if family == "qwen3_vl_hf" else image_processor_class()(patch_size=14)
     cls = {"qwen2_vl": transformers.Qwen2VLProcessor, "qwen2_5_vl": transformers.Qwen2_5_VLProcessor}.get(
         family, transformers.Qwen3VLProcessor
@@ -663,7 +663,7 @@ def test_fit_lowers_frames_then_resolution_before_it_drops(tmp_path, fit_data, f
     else:  # Qwen3-VL budgets the clip: the same frames, smaller
         assert lowered["frame_indices"] == video["frame_indices"] and lowered["width"] < video["width"]
         assert len(lowered["timestamps"]) == len(video["timestamps"])
-    plan = VideoGrid.for_family(family).fit(probe(fit_data / "long.mp4"), lowered["num_tokens"])
+    plan = video_grid(family).fit(probe(fit_data / "long.mp4"), lowered["num_tokens"])
     assert lowered["frame_indices"] == list(plan.indices) and lowered["grid_thw"] == list(plan.grid)
     dropped = build(BuildConfig.create(input=str(path), out=str(tmp_path / "drop"), model=family, max_length=budget,
                                        overlength="drop"), progress=False)  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 from shardkit.boxes import Style
 from shardkit.render import ChatTokens, Renderer
 from shardkit.tokenizer import DEFAULT_TOKENIZER
+from shardkit.video import VideoGrid
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +51,8 @@ class Family:
 
     # what it can take
     images: bool = True
-    video: bool = False
+    video_grid: VideoGrid | None = None
+    """How its video processor samples and sizes a clip, at the processor's defaults (None: it takes no video)."""
     boxes: bool = False
     box_style: Style | None = None
     """How the family writes a box or point in text by default (:data:`shardkit.boxes.STYLES`): its coordinate scale
@@ -62,6 +64,18 @@ class Family:
     def __post_init__(self) -> None:
         if self.boxes != (self.box_style is not None):
             raise ValueError(f"family {self.name}: boxes={self.boxes} needs a box_style exactly when it takes boxes")
+        grid = self.video_grid
+        if grid is not None and (grid.patch_size, grid.merge_size, grid.temporal_patch_size) != (
+            self.patch_size,
+            self.merge_size,
+            self.temporal_patch_size,
+        ):
+            raise ValueError(f"family {self.name}: its video grid's patches differ from its images'")
+
+    @property
+    def video(self) -> bool:
+        """Whether the family takes videos."""
+        return self.video_grid is not None
 
     @property
     def factor(self) -> int:

@@ -18,9 +18,12 @@ from shardkit.boxes import STYLES
 from shardkit.families.base import Family
 from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import Record
+from shardkit.video import VideoGrid
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: Qwen2VLVideoProcessor's defaults: each frame within 128 to 768 tokens of 28 x 28 pixels
+QWEN2_VL_VIDEO = VideoGrid("qwen2_vl", 14, 128 * 28 * 28, 768 * 28 * 28)
 
 
 class Qwen2VLRenderer(Renderer):
@@ -48,7 +51,7 @@ QWEN2_VL = Family(
     model_classes={"qwen2_vl": "Qwen2VLForConditionalGeneration"},
     processor_class="Qwen2VLProcessor",
     image_processor_class="Qwen2VLImageProcessor",
-    video=True,
+    video_grid=QWEN2_VL_VIDEO,
     # boxes relative 0-1000 in box tokens, <|box_start|>(x1,y1),(x2,y2)<|box_end|> (paper 2409.12191, 2.2.1)
     boxes=True,
     box_style=STYLES["qwen2_vl"],
@@ -62,6 +65,7 @@ QWEN2_5_VL = replace(
     last_added_id=151664,
     model_classes={"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"},
     processor_class="Qwen2_5_VLProcessor",
+    video_grid=replace(QWEN2_VL_VIDEO, processor="qwen2_5_vl"),
     # absolute pixels of the image the model sees, as its cookbook's JSON answers (spatial_understanding.ipynb)
     box_style=STYLES["qwen2_5_vl"],
 )

@@ -264,7 +264,7 @@ QWEN3_5 = replace(
     model_classes={"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"},
     tinker_renderer="qwen3_5",
     # Qwen3.5's video processor and its text are not checked against transformers yet: refused (video_not_supported)
-    video=False,
+    video_grid=None,
 )
 QWEN3_5_DISABLE_THINKING = replace(
     QWEN3_5,

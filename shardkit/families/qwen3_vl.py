@@ -31,6 +31,7 @@ from shardkit.boxes import STYLES
 from shardkit.families.base import Family
 from shardkit.render import ChatTokens, Piece, Renderer
 from shardkit.schema import Record
+from shardkit.video import VideoGrid
 
 
 class Qwen3VLRenderer(Renderer):
@@ -67,7 +68,8 @@ QWEN3_VL = Family(
     model_classes={"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"},
     processor_class="Qwen3VLProcessor",
     image_processor_class="Qwen2VLImageProcessor",
-    video=True,
+    # Qwen3VLVideoProcessor's defaults: the clip's frames together within 4,096 to 25,165,824 pixels
+    video_grid=VideoGrid("qwen3_vl", 16, 4096, 25165824),
     tinker_renderer="qwen3_vl_instruct",
     # relative 0-1000 again, in its cookbook's JSON answers (2d_grounding.ipynb; paper 2511.21631, 3.2.4)
     boxes=True,
