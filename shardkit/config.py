@@ -23,11 +23,9 @@ from shardkit.options import Options
 from shardkit.render import TrainOn
 from shardkit.video import VideoGrid
 
-#: video options recorded in a build's identity only where given (a build that sets none keeps its bytes)
-VIDEO_OPTIONS = ("video_fps", "video_max_frames")
-
-#: the options of grounding boxes, recorded in a build's identity only when set to something else than their default
-GROUNDING_OPTIONS = ("box_orientation", "text_boxes", "box_style")
+#: the options of videos and grounding boxes, recorded in a build's identity only when set to something else than
+#: their default (builds made before them keep their identity, and their bytes)
+WHEN_SET = ("video_fps", "video_max_frames", "box_orientation", "text_boxes", "box_style")
 
 
 class ShardFormat(StrEnum):
@@ -225,11 +223,9 @@ class BuildConfig(Options):
         }
 
     def identity(self) -> dict[str, Any]:
-        """The options that decide the output's bytes (the output location excluded): the video options where
-        given, the grounding options where they differ from their defaults, so that builds made before them keep
-        their identity."""
-        unset = {name for name in VIDEO_OPTIONS if getattr(self, name) is None}
-        unset |= {name for name in GROUNDING_OPTIONS if getattr(self, name) == type(self).model_fields[name].default}
+        """The options that decide the output's bytes (the output location excluded), those of :data:`WHEN_SET`
+        only where they differ from their defaults, so that builds made before them keep their identity."""
+        unset = {name for name in WHEN_SET if getattr(self, name) == type(self).model_fields[name].default}
         return self.model_dump(mode="json", exclude={"out", "input", "image_root", *unset})
 
 
