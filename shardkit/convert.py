@@ -165,10 +165,8 @@ class Converter:
                 label = image_label(part.video)  # type: ignore[arg-type]
                 clips.append(Clip(label, probe(data, ref=label), data=data))
                 continue
-            frames = tuple(
-                SourceImage(self._read(ref, ledger), ref, max_pixels=self.config.max_image_pixels)
-                for ref in part.frames
-            )
+            opened = self._open_images(part.frames, ledger)
+            frames = tuple(opened[ref] for ref in part.frames)
             meta = frame_list_meta([(f.height, f.width) for f in frames], part.fps)
             label = f"{image_label(part.frames[0])} ... {image_label(part.frames[-1])} ({len(frames)} frames)"
             clips.append(Clip(label, meta, frames=frames))
