@@ -201,7 +201,7 @@ class Converter:
         full_tokens = sum(grid.tokens(h, w) for h, w in full)
         if config.overlength is not Overlength.FIT:
             return full, plans, rendered, False
-        if rendered.num_text_tokens + full_tokens + sum(p.tokens for p in plans) <= config.max_length:
+        if rendered.num_text_tokens + full_tokens + _tokens(plans) <= config.max_length:
             return full, plans, rendered, False
         least = [grid.size(h, w, grid.min_pixels) for h, w in originals]
         least_tokens = sum(grid.tokens(h, w) for h, w in least)
