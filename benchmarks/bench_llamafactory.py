@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, WORK
+from common import RESULTS, WORK, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
@@ -63,28 +63,22 @@ INSTALL = (
 # --- the workers: each runs in its side's environment, imports only its side -----------------------------------------
 
 
-def shardkit_pipeline(paths: dict, loader_workers: int, fresh: Path, pixels: str = "float32"):
-    """shardkit's build of the demo JSONL into ``fresh`` and its loader over it."""
+def shardkit_pipeline(paths: dict, loader_workers: int, fresh: Path):
+    """shardkit's build of the demo JSONL into ``fresh`` and its loader over it (float32 ``pixel_values``), and a
+    maker of other loaders over the same build."""
     from shardkit.build import build
     from shardkit.config import BuildConfig
     from shardkit.load import ShardStream
-    from shardkit.load.batch import Collator
-    from shardkit.load.torch import TorchLoader
 
     build(BuildConfig.create(input=paths["jsonl"], out=str(fresh)), progress=False)
     stream = ShardStream(str(fresh), batch_size=BATCH, seed=SEED)
-    collate = Collator.for_build(stream.source.manifest, pixels=pixels)
-    loader = TorchLoader(stream, collate=collate, num_workers=loader_workers)
-
-    def epoch(number: int) -> int:
-        loader.set_epoch(number)
-        return sum(1 for _ in loader)
-
-    return epoch, lambda pixels: shardkit_loader(stream, loader_workers, pixels)
+    return shardkit_loader(stream, loader_workers, "float32"), lambda pixels: shardkit_loader(
+        stream, loader_workers, pixels
+    )
 
 
 def shardkit_loader(stream, loader_workers: int, pixels: str):
-    """Another loader over the same build, with ``pixels`` (the uint8 batches a GPU run gets)."""
+    """A loader over the build of ``stream``, with ``pixels`` (float32, or the uint8 batches a GPU run gets)."""
     from shardkit.load.batch import Collator
     from shardkit.load.torch import TorchLoader
 
@@ -143,7 +137,7 @@ def llamafactory_dataset(paths: dict, fresh: Path, loader_workers: int):
     return dataset, collator, module["tokenizer"]
 
 
-def llamafactory_pipeline(paths: dict, loader_workers: int, fresh: Path, pixels: str = "float32"):
+def llamafactory_pipeline(paths: dict, loader_workers: int, fresh: Path):
     """LLaMA-Factory's preprocessing into ``fresh`` and a DataLoader as the HF Trainer makes it (random order)."""
     import torch
 
@@ -172,32 +166,33 @@ def worker(side: str, paths: dict, loader_workers: int, epochs: int, spawned: fl
     prepared = time.time()
     batches = epoch(0)
     cold = time.time() - spawned
-    later = []
-    for number in range(1, epochs):
-        started = time.perf_counter()
-        epoch(number)
-        later.append(time.perf_counter() - started)
     out = {
         "batches": batches,
         "interpreter_s": running - spawned,
         "cold_prepare_s": prepared - running,  # imports, then the build or the preprocessing
         "cold_first_epoch_s": cold,
-        "later_epoch_s": later,
+        "later_epoch_s": later_epochs(epoch, epochs),
     }
     if other is not None:  # shardkit: the same build read as uint8 batches
         uint8 = other("uint8")
         uint8(0)
-        out["later_epoch_uint8_s"] = []
-        for number in range(1, epochs):
-            started = time.perf_counter()
-            uint8(number)
-            out["later_epoch_uint8_s"].append(time.perf_counter() - started)
+        out["later_epoch_uint8_s"] = later_epochs(uint8, epochs)
     started = time.perf_counter()
     epoch, _ = pipeline(paths, loader_workers, folder / "warm")
     out["warm_prepare_s"] = time.perf_counter() - started
     epoch(0)
     out["warm_first_epoch_s"] = time.perf_counter() - started
     return out
+
+
+def later_epochs(epoch, epochs: int) -> list[float]:
+    """The seconds of each of epochs 1 to ``epochs - 1`` of ``epoch`` (its first run before)."""
+    seconds = []
+    for number in range(1, epochs):
+        started = time.perf_counter()
+        epoch(number)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def llamafactory_tokens(paths: dict, folder: Path) -> list[dict]:
@@ -321,10 +316,6 @@ def check_tokens(python: str, paths: dict) -> dict:
         extra += len(more)
         trained += len(ours_trained)
     return {"samples": len(ours), "tokens_equal": True, "trained_tokens": trained, "extra_trained_newlines": extra}
-
-
-def spread(values: list[float], digits: int = 3) -> dict:
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits)}
 
 
 def summarise(rounds: list[dict]) -> dict:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from common import WORK, machine, save
+from common import WORK, machine, save, spread
 
 TARGET = 1.5
 FOLDER = WORK / "startup"
@@ -91,8 +91,8 @@ def main() -> dict:
                     warm.append(time.perf_counter() - started)
         name = "default_workers" if workers is None else f"workers_{workers}"
         out[name] = {
-            "command_line_s": {"min": round(min(cold), 3), "median": round(statistics.median(cold), 3)},
-            "warm_process_s": {"min": round(min(warm), 3), "median": round(statistics.median(warm), 3)},
+            "command_line_s": spread(cold),
+            "warm_process_s": spread(warm),
             "ratio_command_line_vs_warm": round(min(cold) / min(warm), 2),
             "ratio_median": round(statistics.median(cold) / statistics.median(warm), 2),
         }

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,11 @@ def best_of(fn, repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def spread(values: list[float], digits: int = 3) -> dict:
+    """The min and the median of ``values``, rounded."""
+    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits)}
 
 
 def peak_rss_mib() -> float:
