@@ -274,14 +274,17 @@ def mrope_positions(
 def video_patches(frames: Sequence[bytes], grid_thw: Sequence[int], patch_size: int, merge_size: int) -> np.ndarray:
     """A stored video (its JPEG frames) as uint8 patches ``(T * N, 3, 2, patch, patch)``, the processor's order:
     temporal patch ``t`` holds frames ``2t`` and ``2t + 1`` (the last frame repeated to fill an odd count), each cut
-    as :func:`image_patches` cuts an image."""
+    as :func:`image_patches` cuts an image; the frames decode on torch's intra-op threads (:func:`parallel_map`)."""
     t, gh, gw = grid_thw
     if len(frames) not in (2 * t - 1, 2 * t):
         raise ShardError(f"a video of grid {list(grid_thw)} holds {len(frames)} frames, not {2 * t - 1} or {2 * t}")
     n = gh * gw
     out = np.empty((t, n, 3, 2, patch_size, patch_size), dtype=np.uint8)
-    for i, jpeg in enumerate(frames):
-        out[i // 2, :, :, i % 2] = image_patches(jpeg, patch_size, merge_size)
+
+    def cut(i: int) -> None:
+        out[i // 2, :, :, i % 2] = image_patches(frames[i], patch_size, merge_size)
+
+    parallel_map(cut, range(len(frames)))
     if len(frames) % 2:
         out[-1, :, :, 1] = out[-1, :, :, 0]
     return out.reshape(t * n, 3, 2, patch_size, patch_size)
