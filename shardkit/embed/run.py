@@ -20,9 +20,9 @@ import torch
 
 from shardkit import __version__
 from shardkit.embed import EmbedConfig
-from shardkit.errors import ConfigError, ShardError
+from shardkit.errors import ShardError
 from shardkit.load.batch import Collator
-from shardkit.load.embeddings import NO_VIDEO_EMBEDDINGS
+from shardkit.load.embeddings import refuse_videos
 from shardkit.load.source import BuildSource
 from shardkit.model import (
     check_fits_build,
@@ -147,8 +147,7 @@ def embed(config: EmbedConfig, *, progress: bool | None = None) -> EmbeddingMani
 
     rank, world, device = setup_distributed("gloo")  # the ranks only wait for each other
     source = BuildSource(config.build)
-    if source.manifest.num_videos:
-        raise ConfigError(f"{config.build} holds {source.manifest.num_videos} videos: {NO_VIDEO_EMBEDDINGS}")
+    refuse_videos(source)
     compute = DTYPES[config.dtype] if device.type == "cuda" else torch.float32
     visual, tower = _load_vision(config.model, source.manifest.config, device, compute)
     identity = {

@@ -36,6 +36,12 @@ NO_VIDEO_EMBEDDINGS = (
 )
 
 
+def refuse_videos(build: BuildSource) -> None:
+    """:class:`ConfigError` when ``build`` holds videos: they have no embeddings (:data:`NO_VIDEO_EMBEDDINGS`)."""
+    if build.manifest.num_videos:
+        raise ConfigError(f"{build.location} holds {build.manifest.num_videos} videos: {NO_VIDEO_EMBEDDINGS}")
+
+
 class EmbeddedSource:
     """The samples of ``build`` (a location, or a :class:`BuildSource`) by id, with the cached image embeddings at
     ``embeddings`` in place of their images; refuses a cache made from another build. ``verify=True`` checks every
@@ -44,8 +50,7 @@ class EmbeddedSource:
     def __init__(self, build: str | BuildSource, embeddings: str, *, verify: bool = False):
         self.build = build if isinstance(build, BuildSource) else BuildSource(build, verify=verify)
         self.location, self.manifest, self.index = self.build.location, self.build.manifest, self.build.index
-        if self.manifest.num_videos:
-            raise ConfigError(f"{self.location} holds {self.manifest.num_videos} videos: {NO_VIDEO_EMBEDDINGS}")
+        refuse_videos(self.build)
         self.embeddings_location = embeddings
         self.embeddings: EmbeddingManifest = read_embedding_manifest(embeddings)
         if self.embeddings.build.manifest_sha256 != self.manifest.sha256:
