@@ -313,7 +313,7 @@ def _build_split(config: BuildConfig, source: InputFormat, scan: InputScan, run:
             return read_manifest(config.out)
         tasks = _run_tasks(fs, folder, SplitTasks(source, config, scan.duplicates, done), scan, run)
         info = _build_info(identity, tokenizer_info, convert.renderer, tokenizer.pad_token_id)
-        return _assemble(fs, folder, config, tasks, info, _video_settings(config, convert.renderer))
+        return _assemble(fs, folder, config, tasks, info, _video_settings(convert))
 
 
 def _finished_tasks(fs: Any, folder: str, root: ImageRoot, complete: bool) -> set[int] | None:
@@ -451,9 +451,10 @@ def _build_info(identity: dict[str, Any], tokenizer: TokenizerInfo, renderer: Re
     return BuildInfo.model_validate({**identity, "tokenizer": tokenizer.name, "special_tokens": special})
 
 
-def _video_settings(config: BuildConfig, renderer: Renderer) -> VideoSettings | None:
-    """How the build samples and sizes videos, as its manifest records them where it holds any."""
-    grid = config.video_grid
+def _video_settings(convert: Converter) -> VideoSettings | None:
+    """How the build samples and sizes videos (its converter's rule), as its manifest records them where it holds
+    any."""
+    grid = convert.video_grid
     if grid is None:
         return None
     return VideoSettings(
@@ -465,7 +466,7 @@ def _video_settings(config: BuildConfig, renderer: Renderer) -> VideoSettings | 
         max_pixels=grid.max_pixels,
         pixels_over=grid.pixels_over,
         tokens_per_second=grid.tokens_per_second,
-        video_pad=renderer.ids["video_pad"],
+        video_pad=convert.renderer.ids["video_pad"],
     )
 
 
